@@ -1,0 +1,195 @@
+"""Typer app: parse options, call one function per command, map errors to exit codes."""
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+
+from .common import DiffcliError
+
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="diffcli: train, sample and guide diffusion models.\n\n"
+                       "Example: diffcli sample --labels all --n 20 --out digits")
+
+_state = {"debug": False}
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    _state["debug"] = debug
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """One line on stderr and a non-zero exit for every expected failure; a traceback only with --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except DiffcliError as e:
+            if _state["debug"]:
+                traceback.print_exc()
+            _fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130)
+        except MemoryError:
+            _fail("out of memory; try a smaller --batch-size or image size", 1)
+        except OSError as e:
+            if _state["debug"]:
+                traceback.print_exc()
+            _fail(f"{e.strerror or e}{': ' + str(e.filename) if getattr(e, 'filename', None) else ''}", 1)
+        except Exception as e:  # a bug: still one line unless --debug
+            if _state["debug"]:
+                raise
+            _fail(f"internal error ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                  "rerun with --debug for the traceback", 1)
+
+    return wrapper
+
+
+def _not_implemented(name: str) -> None:
+    _fail(f"`diffcli {name}` is not implemented yet", 2)
+
+
+# ---------------------------------------------------------------- train
+
+@app.command()
+@handle_errors
+def train(
+    out: Path = typer.Option(Path("runs/edm"), "--out", help="Run folder: checkpoints, grids, log, run.json."),
+    dataset: str = typer.Option("mnist", help="mnist, fashion-mnist, cifar10 or folder:PATH."),
+    data_root: str = typer.Option("data", help="Where torchvision-layout datasets live (or are downloaded to)."),
+    split: str = typer.Option("train", help="train or test split of the dataset."),
+    image_size: Optional[int] = typer.Option(None, help="Resize images to this size (default: native)."),
+    channels: Optional[int] = typer.Option(None, help="1 or 3 for folder datasets (default: from the files)."),
+    unconditional: bool = typer.Option(False, "--unconditional", help="Ignore labels."),
+    p_uncond: float = typer.Option(0.2, help="Label dropout probability (one model does CFG)."),
+    net: str = typer.Option("small", help="Architecture preset: small, tiny, base."),
+    channels_mult: Optional[str] = typer.Option(None, "--block-channels", help="Override block widths, e.g. 32,64,96."),
+    steps: int = typer.Option(10_000, help="Total optimizer steps (a resumed run may raise it)."),
+    batch: int = typer.Option(64, help="Global batch size (split across torchrun processes)."),
+    lr: float = typer.Option(1e-3, help="Adam learning rate."),
+    lr_warmup: int = typer.Option(200, help="Linear warm-up steps."),
+    ema_halflife_kimg: float = typer.Option(20.0, help="EMA half-life in thousands of images."),
+    seed: int = typer.Option(0),
+    ckpt_every: int = typer.Option(500, help="Checkpoint every N steps (0: only at the end)."),
+    grid_every: int = typer.Option(1000, help="Sample grid every N steps (0: never)."),
+    log_every: int = typer.Option(50, help="Loss log line every N steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --out."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps."),
+    quiet: bool = typer.Option(False, "--quiet"),
+) -> None:
+    """Train an EDM model (class-conditional with label dropout, or unconditional).
+
+    Example: diffcli train --dataset mnist --data-root data --steps 8000 --out runs/mnist
+    """
+    from .train import TrainConfig, train as run_train
+    overrides = {}
+    if channels_mult:
+        try:
+            overrides["block_out_channels"] = [int(c) for c in channels_mult.split(",")]
+        except ValueError:
+            raise DiffcliError(f"--block-channels expects comma-separated integers, got {channels_mult!r}") from None
+    cfg = TrainConfig(dataset=dataset, data_root=data_root, split=split, image_size=image_size, channels=channels,
+                      conditional=not unconditional, p_uncond=p_uncond, net=net, net_overrides=overrides,
+                      steps=steps, batch=batch, lr=lr, lr_warmup=lr_warmup, ema_halflife_kimg=ema_halflife_kimg,
+                      seed=seed, ckpt_every=ckpt_every, grid_every=grid_every, log_every=log_every)
+    result = run_train(cfg, out, resume=resume, overwrite=overwrite, device_name=device, quiet=quiet,
+                       options={"out": str(out), "resume": resume, "device": device})
+    if not quiet:
+        typer.echo(f"trained to step {result['step']} (loss {result['loss']:.4f}); model: {Path(result['out']) / 'model.safetensors'}")
+
+
+# ---------------------------------------------------------------- sample
+
+@app.command()
+@handle_errors
+def sample(
+    checkpoint: Optional[Path] = typer.Option(None, help="A diffcli model file or run folder (default: the shipped MNIST model)."),
+    n: int = typer.Option(16, "--n", help="Number of samples."),
+    labels: Optional[str] = typer.Option(None, help="Class of each sample, cycled: '0,3,7' or 'all' (default: all)."),
+    cfg: Optional[float] = typer.Option(None, "--cfg", help="CFG scale w: D_u + w (D_c - D_u); 1 = conditional, 0 = unconditional. Same as the 002 seed's alpha."),
+    sampler: str = typer.Option("heun", help="euler, heun, stochastic_heun or ddim."),
+    steps: int = typer.Option(18, help="Sampling steps (heun: 2*steps-1 network evaluations)."),
+    sigma_min: Optional[float] = typer.Option(None, help="Lowest noise level (default: the model's, 0.002)."),
+    sigma_max: Optional[float] = typer.Option(None, help="Highest noise level (default: the model's, 80)."),
+    rho: float = typer.Option(7.0, help="Karras schedule exponent."),
+    s_churn: float = typer.Option(40.0, help="stochastic_heun: EDM S_churn."),
+    s_tmin: float = typer.Option(0.05, help="stochastic_heun: EDM S_tmin."),
+    s_tmax: float = typer.Option(50.0, help="stochastic_heun: EDM S_tmax."),
+    s_noise: float = typer.Option(1.003, help="stochastic_heun: EDM S_noise."),
+    eta: float = typer.Option(0.0, help="ddim: 0 deterministic, 1 ancestral."),
+    seed: int = typer.Option(0, help="Sample i uses seed + i, whatever the batch size."),
+    batch_size: int = typer.Option(64, help="Samples per network batch."),
+    strip: bool = typer.Option(False, "--strip", help="Also write strip.png: x0_hat along the steps."),
+    nrow: Optional[int] = typer.Option(None, help="Images per grid row."),
+    out: Path = typer.Option(Path("diffcli-out/sample"), "--out", help="Output folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty output folder."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps."),
+) -> None:
+    """Sample a diffcli EDM model: PNGs, a grid, run.json, and optionally the denoising strip.
+
+    Example: diffcli sample --labels all --n 20 --cfg 2 --strip --out digits
+    """
+    from .sample import SHIPPED_CHECKPOINT, SampleConfig, run as run_sample
+    if checkpoint is None and not SHIPPED_CHECKPOINT.is_file():
+        raise DiffcliError(f"the shipped model {SHIPPED_CHECKPOINT} is missing; pass --checkpoint")
+    config = SampleConfig(checkpoint=str(checkpoint or SHIPPED_CHECKPOINT), n=n, labels=labels, cfg=cfg,
+                          sampler=sampler, steps=steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
+                          s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, eta=eta, seed=seed,
+                          batch_size=batch_size, strip=strip, nrow=nrow)
+    result = run_sample(config, out, overwrite, device, {"out": str(out), "device": device})
+    typer.echo(f"wrote {result['n']} samples, grid.png and run.json to {result['out']}")
+
+
+# ---------------------------------------------------------------- commands other issues fill in
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def seg() -> None:
+    """Smoothed Energy Guidance on Stable Diffusion / SDXL (not implemented yet)."""
+    _not_implemented("seg")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def panorama() -> None:
+    """Wide images by synchronized diffusion (not implemented yet)."""
+    _not_implemented("panorama")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def anagram() -> None:
+    """Visual anagrams with DeepFloyd IF (not implemented yet)."""
+    _not_implemented("anagram")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def pg() -> None:
+    """Particle guidance for diverse batches (not implemented yet)."""
+    _not_implemented("pg")
+
+
+@app.command(name="eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def eval_() -> None:
+    """CLIP score / FID / KID / digit metrics (not implemented yet)."""
+    _not_implemented("eval")
+
+
+def run() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,194 @@
+"""Datasets as in-memory uint8 tensors (N, C, H, W) plus labels: small enough for the models we train,
+and it makes the data order a pure function of (seed, epoch), which is what exact resume needs."""
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .common import DiffcliError
+
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "folder:PATH")
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+_IDX = {  # name -> (torchvision folder, class names)
+    "mnist": ("MNIST", [str(i) for i in range(10)]),
+    "fashion-mnist": ("FashionMNIST", ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                                       "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]),
+}
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor          # uint8 (N, C, H, W)
+    labels: torch.Tensor | None   # long (N,) or None
+    class_names: list[str]
+    name: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names) if self.labels is not None else 0
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """IDX file (optionally .gz) -> numpy array; images are magic 2051, labels 2049."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    magic = int.from_bytes(data[0:4], "big")
+    ndim = magic & 0xFF
+    if magic >> 8 != 0x08 or ndim not in (1, 3):
+        raise DiffcliError(f"{path} is not an IDX uint8 file (magic {magic})")
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DiffcliError(f"{path} is truncated ({body.size} of {int(np.prod(dims))} values)")
+    return body.reshape(dims)
+
+
+def _find_idx(root: Path, folder: str, stem: str) -> Path | None:
+    for d in (root, root / folder / "raw", root / folder):
+        for name in (stem, stem + ".gz"):
+            if (d / name).is_file():
+                return d / name
+    return None
+
+
+def _load_idx_dataset(name: str, root: Path, split: str) -> ImageSet:
+    folder, classes = _IDX[name]
+    prefix = "train" if split == "train" else "t10k"
+    stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
+    paths = [_find_idx(root, folder, s) for s in stems]
+    if None in paths:
+        _try_download(name, root, split)
+        paths = [_find_idx(root, folder, s) for s in stems]
+    if None in paths:
+        raise DiffcliError(f"{name} {split} files not found under {root} and could not be downloaded; put "
+                           f"{stems[0]}.gz and {stems[1]}.gz in {root / folder / 'raw'} (or pass --data-root)")
+    images, labels = read_idx(paths[0]), read_idx(paths[1])
+    if len(images) != len(labels):
+        raise DiffcliError(f"{name}: {len(images)} images but {len(labels)} labels")
+    return ImageSet(torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels.astype(np.int64)), classes, name)
+
+
+def _try_download(name: str, root: Path, split: str) -> None:
+    """torchvision download where a network exists; silent failure (the caller explains what to do)."""
+    import contextlib
+    import io
+    try:
+        import torchvision.datasets as tvd
+        cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}[name]
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            cls(str(root), train=(split == "train"), download=True)
+    except Exception:
+        pass
+
+
+def _load_cifar10(root: Path, split: str) -> ImageSet:
+    import torchvision.datasets as tvd
+    try:
+        ds = tvd.CIFAR10(str(root), train=(split == "train"), download=False)
+    except RuntimeError:
+        _try_download("cifar10", root, split)
+        try:
+            ds = tvd.CIFAR10(str(root), train=(split == "train"), download=False)
+        except RuntimeError:
+            raise DiffcliError(f"cifar10 not found under {root} and could not be downloaded; extract "
+                               f"cifar-10-python.tar.gz there (giving {root / 'cifar-10-batches-py'}) or pass --data-root") from None
+    images = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+    return ImageSet(images, torch.tensor(ds.targets, dtype=torch.long), list(ds.classes), "cifar10")
+
+
+def _load_folder(path: Path, image_size: int | None, channels: int | None) -> ImageSet:
+    """Images in PATH, or in PATH/<class>/ subfolders (then labelled by subfolder)."""
+    from PIL import Image, UnidentifiedImageError
+    if not path.is_dir():
+        raise DiffcliError(f"image folder not found: {path}")
+    subdirs = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    groups = [(d.name, sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTS)) for d in subdirs]
+    groups = [(n, fs) for n, fs in groups if fs]
+    labelled = bool(groups)
+    if not labelled:
+        groups = [("", sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS))]
+    if not any(fs for _, fs in groups):
+        raise DiffcliError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) in {path}")
+    mode = {1: "L", 3: "RGB", None: None}[channels]
+    arrays, labels = [], []
+    for label, (_, files) in enumerate(groups):
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    im.load()
+                    if mode is None:
+                        mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
+                    im = im.convert(mode)
+                    if image_size:
+                        im = _center_square(im).resize((image_size, image_size), Image.BICUBIC)
+                    arrays.append(np.asarray(im, dtype=np.uint8).reshape(im.height, im.width, -1))
+            except (UnidentifiedImageError, OSError) as e:
+                raise DiffcliError(f"cannot read image {f}: {e}") from e
+            labels.append(label)
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise DiffcliError(f"images in {path} have different sizes {sorted(shapes)[:3]}...; pass --image-size to resize")
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    names = [n for n, _ in groups] if labelled else []
+    return ImageSet(images, torch.tensor(labels) if labelled else None, names, f"folder:{path}")
+
+
+def _center_square(im):
+    w, h = im.size
+    s = min(w, h)
+    return im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+
+
+def load_dataset(spec: str, root: str | Path = "data", split: str = "train",
+                 image_size: int | None = None, channels: int | None = None) -> ImageSet:
+    """`mnist`, `fashion-mnist`, `cifar10` (torchvision layout under root) or `folder:PATH`."""
+    root = Path(root)
+    if split not in ("train", "test"):
+        raise DiffcliError(f"unknown split {split!r} (train or test)")
+    if spec.startswith("folder:"):
+        return _load_folder(Path(spec[len("folder:"):]), image_size, channels)
+    if spec in _IDX:
+        ds = _load_idx_dataset(spec, root, split)
+    elif spec == "cifar10":
+        ds = _load_cifar10(root, split)
+    else:
+        raise DiffcliError(f"unknown dataset {spec!r}; choose one of {', '.join(DATASETS)}")
+    if image_size and image_size != ds.images.shape[-1]:
+        ds.images = torch.nn.functional.interpolate(ds.images.float(), size=(image_size, image_size),
+                                                    mode="bilinear", antialias=True, align_corners=False
+                                                    ).round().clamp(0, 255).to(torch.uint8)
+    return ds
+
+
+def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
+    return images_uint8.float() / 127.5 - 1
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The data order of one epoch: a function of (seed, epoch) only, so a resumed run sees the same order."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+class BatchOrder:
+    """Global indices of the images in step `step`'s batch (epochs of fresh permutations, no drop)."""
+
+    def __init__(self, n: int, batch: int, seed: int):
+        self.n, self.batch, self.seed = n, batch, seed
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._cache:
+            self._cache = {e: p for e, p in self._cache.items() if e >= epoch - 1}
+            self._cache[epoch] = epoch_permutation(self.n, self.seed, epoch)
+        return self._cache[epoch]
+
+    def indices(self, step: int) -> torch.Tensor:
+        g = torch.arange(step * self.batch, (step + 1) * self.batch)
+        epochs, pos = g // self.n, g % self.n
+        return torch.stack([self._perm(int(e))[int(p)] for e, p in zip(epochs, pos)])

@@ -1,0 +1,88 @@
+"""Architectures for our own models: a configured diffusers UNet2DModel behind the F(x, c_noise, labels) signature.
+
+Preconditioning lives in denoisers.EDMPrecond; nets only map (scaled input, noise embedding, label) to output.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+# Named starting points; `diffcli train --net` picks one, --channels etc. override fields.
+PRESETS: dict[str, dict[str, Any]] = {
+    # ~2M parameters; self-attention only at the 7x7 level where it is cheap on CPU.
+    "small": dict(block_out_channels=(32, 64, 96), layers_per_block=1,
+                  down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                  up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+                  attention_head_dim=32, norm_num_groups=8),
+    # for tests: a few thousand parameters
+    "tiny": dict(block_out_channels=(8, 16), layers_per_block=1,
+                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4),
+    # closer to the 002 seed's CIFAR-10 net: attention at 16x16 and 8x8
+    "base": dict(block_out_channels=(64, 128, 128, 256), layers_per_block=2,
+                 down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+                 attention_head_dim=64, norm_num_groups=32),
+}
+
+
+def net_config(preset: str, image_size: int, channels: int, num_classes: int) -> dict[str, Any]:
+    if preset not in PRESETS:
+        raise KeyError(preset)
+    cfg = dict(PRESETS[preset])
+    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+    cfg.update(sample_size=image_size, in_channels=channels, out_channels=channels,
+               # one extra embedding row: the null label used for label dropout / CFG
+               num_class_embeds=(num_classes + 1) if num_classes else None)
+    return cfg
+
+
+class UNetF(nn.Module):
+    """UNet2DModel as F(x, c_noise, class_labels) -> tensor."""
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__()
+        from diffusers import UNet2DModel
+        self.config = dict(config)
+        self.unet = UNet2DModel(**config)
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.unet(x, c_noise, class_labels=class_labels, return_dict=False)[0]
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------- diffcli model files
+
+MODEL_FORMAT = 1
+
+
+def build_edm(meta: dict[str, Any]):
+    """EDMPrecond(UNetF) from the `model` record a checkpoint carries."""
+    from .denoisers import EDMPrecond
+    return EDMPrecond(UNetF(meta["net"]), sigma_data=meta["sigma_data"], num_classes=meta["num_classes"],
+                      sigma_min=meta.get("sigma_min", 0.002), sigma_max=meta.get("sigma_max", 80.0))
+
+
+def load_model(path, device: torch.device | str = "cpu"):
+    """A diffcli model file (or a training run folder) -> (denoiser in eval mode, model record)."""
+    from pathlib import Path
+    from .common import DiffcliError, load_checkpoint, strip_prefix
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    tensors, meta = load_checkpoint(path)
+    model_meta = meta.get("model")
+    if not model_meta or model_meta.get("kind") != "edm":
+        raise DiffcliError(f"{path} holds no diffcli EDM model (kind {model_meta and model_meta.get('kind')!r})")
+    model = build_edm(model_meta)
+    weights = strip_prefix(tensors, "net.")
+    try:
+        model.net.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise DiffcliError(f"{path}: weights do not match the recorded architecture ({str(e).splitlines()[0]})") from e
+    return model.to(device).eval().requires_grad_(False), model_meta

@@ -1,0 +1,146 @@
+"""diffcli sample: draw images from a diffcli EDM checkpoint with any sampler, optional CFG and a denoising strip."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .common import (DiffcliError, PerSampleRandn, pick_device, prepare_out_dir, save_grid, save_image,
+                     write_run_json)
+from .guidance import classifier_free
+from .nets import load_model
+from .sampling import SAMPLERS, get_sigmas_karras, nfe, run_sampler
+
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "mnist-edm.safetensors"
+
+
+@dataclass
+class SampleConfig:
+    checkpoint: str = str(SHIPPED_CHECKPOINT)
+    n: int = 16
+    labels: str | None = None
+    cfg: float | None = None
+    sampler: str = "heun"
+    steps: int = 18
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    rho: float = 7.0
+    s_churn: float = 40.0
+    s_tmin: float = 0.05
+    s_tmax: float = 50.0
+    s_noise: float = 1.003
+    eta: float = 0.0
+    seed: int = 0
+    batch_size: int = 64
+    strip: bool = False
+    nrow: int | None = None
+
+
+def parse_labels(spec: str | None, num_classes: int, n: int) -> list[int] | None:
+    """`0,3,7` or `all` -> the label of each of the n samples (cycled); None for unconditional models."""
+    if num_classes == 0:
+        if spec:
+            raise DiffcliError("--labels given but the model is unconditional")
+        return None
+    if spec is None or spec.strip() == "all":
+        base = list(range(num_classes))
+    else:
+        try:
+            base = [int(t) for t in spec.split(",") if t.strip()]
+        except ValueError:
+            raise DiffcliError(f"--labels expects comma-separated integers or 'all', got {spec!r}") from None
+        bad = [y for y in base if not 0 <= y < num_classes]
+        if bad or not base:
+            raise DiffcliError(f"labels {bad or spec!r} outside the model's classes 0..{num_classes - 1}")
+    return [base[i % len(base)] for i in range(n)]
+
+
+def validate(cfg: SampleConfig) -> None:
+    if cfg.n < 1:
+        raise DiffcliError("--n must be >= 1")
+    if cfg.steps < 1:
+        raise DiffcliError("--steps must be >= 1")
+    if cfg.batch_size < 1:
+        raise DiffcliError("--batch-size must be >= 1")
+    if cfg.sampler not in SAMPLERS:
+        raise DiffcliError(f"unknown sampler {cfg.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    for name in ("cfg", "s_churn", "s_noise", "eta", "rho"):
+        v = getattr(cfg, name)
+        if v is not None and (not math.isfinite(v) or v < 0):
+            raise DiffcliError(f"--{name.replace('_', '-')} must be a finite number >= 0")
+    if cfg.sigma_min is not None and cfg.sigma_max is not None and not 0 < cfg.sigma_min < cfg.sigma_max:
+        raise DiffcliError("need 0 < --sigma-min < --sigma-max")
+
+
+def sample_images(model, meta: dict[str, Any], cfg: SampleConfig, device: torch.device,
+                  on_step: Callable[[int], None] | None = None) -> tuple[torch.Tensor, list[int] | None, torch.Tensor | None]:
+    """All n samples (N,C,H,W in [-1,1]), their labels, and the x0_hat strip of the first batch if asked.
+
+    Sample i uses seed cfg.seed + i for its initial and its per-step noise, so it does not depend on batching.
+    """
+    labels = parse_labels(cfg.labels, meta["num_classes"], cfg.n)
+    if cfg.cfg is not None and meta["num_classes"] == 0:
+        raise DiffcliError("--cfg needs a class-conditional model; this one is unconditional")
+    scale = 1.0 if cfg.cfg is None else cfg.cfg
+    sigmas = get_sigmas_karras(cfg.steps, cfg.sigma_min or meta["sigma_min"], cfg.sigma_max or meta["sigma_max"],
+                               cfg.rho, device=device)
+    shape = (meta["channels"], meta["image_size"], meta["image_size"])
+    images, strip = [], None
+    for start in range(0, cfg.n, cfg.batch_size):
+        idx = list(range(start, min(start + cfg.batch_size, cfg.n)))
+        rng = PerSampleRandn([cfg.seed + i for i in idx], device)
+        x = rng.randn(shape) * sigmas[0]
+        if labels is None:
+            denoiser = model
+        else:
+            y = torch.tensor([labels[i] for i in idx], device=device)
+            denoiser = classifier_free(model, scale, {"class_labels": y},
+                                       {"class_labels": torch.full_like(y, model.null_label)})
+        frames: list[torch.Tensor] = []
+
+        def callback(info: dict[str, Any]) -> None:
+            if cfg.strip and start == 0:
+                frames.append(info["denoised"][:8].clamp(-1, 1).cpu())
+            if on_step:
+                on_step(len(idx))
+
+        x = run_sampler(cfg.sampler, denoiser, x, sigmas, callback=callback, noise=rng, eta=cfg.eta,
+                        s_churn=cfg.s_churn, s_tmin=cfg.s_tmin, s_tmax=cfg.s_tmax, s_noise=cfg.s_noise)
+        images.append(x.clamp(-1, 1).cpu())
+        if frames:
+            # rows: samples; columns: x0_hat after each step, then the final image
+            strip = torch.stack(frames + [images[-1][:8]], dim=1)
+    return torch.cat(images), labels, strip
+
+
+def run(cfg: SampleConfig, out: Path, overwrite: bool, device_name: str | None, options: dict[str, Any]) -> dict:
+    validate(cfg)
+    device = pick_device(device_name)
+    model, meta = load_model(cfg.checkpoint, device)
+    parse_labels(cfg.labels, meta["num_classes"], cfg.n)  # fail on bad labels before touching the output folder
+    if cfg.cfg is not None and meta["num_classes"] == 0:
+        raise DiffcliError("--cfg needs a class-conditional model; this one is unconditional")
+    out = prepare_out_dir(out, overwrite)
+    from rich.progress import Progress
+    with Progress(transient=True) as progress:
+        task = progress.add_task("sampling", total=cfg.n * cfg.steps)
+        images, labels, strip = sample_images(model, meta, cfg, device,
+                                              on_step=lambda k: progress.advance(task, k))
+    files = []
+    for i, img in enumerate(images):
+        name = f"{i:05d}-seed{cfg.seed + i}" + (f"-label{labels[i]}" if labels is not None else "") + ".png"
+        save_image(out / name, img)
+        files.append(name)
+    nrow = cfg.nrow or (meta["num_classes"] if labels is not None and cfg.labels in (None, "all") else None)
+    save_grid(out / "grid.png", images, nrow=nrow)
+    if strip is not None:
+        rows, cols = strip.shape[:2]
+        save_grid(out / "strip.png", strip.flatten(0, 1), nrow=cols)
+    write_run_json(out, "sample", {**asdict(cfg), **options}, device, model=meta,
+                   nfe_per_sample=nfe(cfg.sampler, cfg.steps) * (2 if cfg.cfg not in (None, 0.0, 1.0) else 1),
+                   samples=[{"file": f, "seed": cfg.seed + i, "label": labels[i] if labels else None}
+                            for i, f in enumerate(files)])
+    return {"out": str(out), "n": len(files)}

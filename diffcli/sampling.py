@@ -1,0 +1,150 @@
+"""Sigma schedules and samplers: pure functions over a denoiser D(x, sigma, **extra_args) -> x0_hat.
+
+Every sampler has the signature (model, x, sigmas, extra_args, callback, ...knobs) and integrates
+the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma from sigmas[0] down to sigmas[-1].
+A sampler never knows which model or guidance it runs. `callback` receives a dict
+(x, i, sigma, sigma_hat, denoised) after each step; progress bars and strips hang off it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+Callback = Callable[[dict[str, Any]], None] | None
+Noise = Callable[[torch.Tensor], torch.Tensor]
+
+SAMPLERS = ("euler", "heun", "stochastic_heun", "ddim")
+
+
+# ---------------------------------------------------------------- schedules (each ends in 0)
+
+def get_sigmas_karras(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                      device: str | torch.device = "cpu") -> torch.Tensor:
+    """EDM eq. 5: n noise levels from sigma_max to sigma_min, evenly spaced in sigma^(1/rho), then 0."""
+    if n < 1:
+        raise ValueError("need at least one step")
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
+    max_inv, min_inv = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    sigmas = (max_inv + ramp * (min_inv - max_inv)) ** rho
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).to(device=device, dtype=torch.float32)
+
+
+def get_sigmas_scheduler(scheduler: Any, steps: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The discrete sigmas a diffusers scheduler (DDIM/DDPM-style, alphas_cumprod table) visits.
+
+    The last entry is the scheduler's final level: 0 when `set_alpha_to_one`, else the sigma of
+    alphas_cumprod[0] (SD's DDIM stops there), so DDIM through our Euler step matches it exactly.
+    """
+    scheduler.set_timesteps(steps)
+    a = scheduler.alphas_cumprod.double()
+    sig = ((1 - a) / a).sqrt()
+    timesteps = scheduler.timesteps.long().cpu()
+    final_a = float(getattr(scheduler, "final_alpha_cumprod", torch.tensor(1.0)))
+    final = math.sqrt((1 - final_a) / final_a)
+    return torch.cat([sig[timesteps], torch.tensor([final], dtype=torch.float64)]).to(device=device, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- helpers
+
+def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+    """dx/dsigma of the probability-flow ODE."""
+    return (x - denoised) / sigma
+
+
+def get_ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float = 1.0):
+    """Split a step to sigma_to into a deterministic part (sigma_down) and fresh noise (sigma_up).
+
+    With eta it is exactly DDIM's eta written in sigma (VE) form.
+    """
+    if not eta or sigma_to == 0:
+        return sigma_to, torch.zeros_like(sigma_to)
+    sigma_up = torch.minimum(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2).sqrt())
+    sigma_down = (sigma_to ** 2 - sigma_up ** 2).sqrt()
+    return sigma_down, sigma_up
+
+
+def _call(model, x, sigma, extra_args):
+    return model(x, sigma * x.new_ones([x.shape[0]]), **extra_args)
+
+
+# ---------------------------------------------------------------- samplers
+
+@torch.no_grad()
+def sample_euler(model, x, sigmas, extra_args=None, callback: Callback = None):
+    """Euler on the ODE; with a diffusers schedule this is deterministic DDIM."""
+    extra_args = extra_args or {}
+    for i in range(len(sigmas) - 1):
+        denoised = _call(model, x, sigmas[i], extra_args)
+        x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+    return x
+
+
+@torch.no_grad()
+def sample_heun(model, x, sigmas, extra_args=None, callback: Callback = None):
+    """EDM Algorithm 1: Heun's 2nd order method, Euler on the step to sigma = 0 (NFE = 2N - 1)."""
+    return sample_stochastic_heun(model, x, sigmas, extra_args, callback, s_churn=0.0)
+
+
+@torch.no_grad()
+def sample_stochastic_heun(model, x, sigmas, extra_args=None, callback: Callback = None,
+                           s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
+                           s_noise: float = 1.0, noise: Noise = torch.randn_like):
+    """EDM Algorithm 2: raise sigma by gamma (adding fresh noise), then a Heun step back down."""
+    extra_args = extra_args or {}
+    n = len(sigmas) - 1
+    for i in range(n):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        gamma = min(s_churn / n, math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0.0
+        sigma_hat = sigma * (1 + gamma)
+        if gamma > 0:
+            x = x + noise(x) * s_noise * (sigma_hat ** 2 - sigma ** 2).sqrt()
+        denoised = _call(model, x, sigma_hat, extra_args)
+        d = to_d(x, sigma_hat, denoised)
+        x_next = x + d * (sigma_next - sigma_hat)
+        if sigma_next != 0:
+            d_next = to_d(x_next, sigma_next, _call(model, x_next, sigma_next, extra_args))
+            x_next = x + (d + d_next) / 2 * (sigma_next - sigma_hat)
+        x = x_next
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(model, x, sigmas, extra_args=None, callback: Callback = None, eta: float = 0.0,
+                noise: Noise = torch.randn_like):
+    """DDIM with eta in sigma form: eta = 0 is Euler (deterministic), eta = 1 is ancestral (DDPM-like)."""
+    extra_args = extra_args or {}
+    for i in range(len(sigmas) - 1):
+        denoised = _call(model, x, sigmas[i], extra_args)
+        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        x = denoised + sigma_down * to_d(x, sigmas[i], denoised)
+        if sigma_up > 0:
+            x = x + noise(x) * sigma_up
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+    return x
+
+
+def nfe(sampler: str, steps: int) -> int:
+    """Network evaluations a sampler spends on `steps` steps ending at sigma = 0."""
+    return 2 * steps - 1 if sampler in ("heun", "stochastic_heun") else steps
+
+
+def run_sampler(name: str, model, x, sigmas, extra_args=None, callback: Callback = None,
+                noise: Noise = torch.randn_like, eta: float = 0.0, s_churn: float = 0.0,
+                s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0):
+    """Dispatch by name, passing each sampler only the knobs it has."""
+    if name == "euler":
+        return sample_euler(model, x, sigmas, extra_args, callback)
+    if name == "heun":
+        return sample_heun(model, x, sigmas, extra_args, callback)
+    if name == "stochastic_heun":
+        return sample_stochastic_heun(model, x, sigmas, extra_args, callback, s_churn, s_tmin, s_tmax, s_noise, noise)
+    if name == "ddim":
+        return sample_ddim(model, x, sigmas, extra_args, callback, eta, noise)
+    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")

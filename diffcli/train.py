@@ -1,0 +1,357 @@
+"""diffcli train: EDM training (Karras et al. 2022) with EMA, atomic resumable checkpoints and DDP.
+
+Every random draw of step k comes from a generator seeded with (seed, k) and the data order of epoch e
+from (seed, e), so the state to resume is just weights, EMA, optimizer and step: a run killed at any
+point and resumed ends with the same weights as one never interrupted.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .common import (DiffcliError, PerSampleRandn, add_prefix, flatten_state, load_checkpoint, pick_device,
+                     prepare_out_dir, save_checkpoint, save_grid, strip_prefix, unflatten_state, write_run_json)
+from .data import BatchOrder, ImageSet, load_dataset, to_model_range
+from .denoisers import EDMPrecond, edm_coefficients
+from .nets import MODEL_FORMAT, PRESETS, build_edm, count_params, net_config
+from .sampling import get_sigmas_karras, sample_heun
+
+
+@dataclass
+class EDMLoss:
+    """EDM eq. 2 with ln(sigma) ~ N(P_mean, P_std^2) and weight 1/c_out^2 = (s^2 + sd^2) / (s sd)^2."""
+    P_mean: float = -1.2
+    P_std: float = 1.2
+    sigma_data: float = 0.5
+
+    def draw(self, batch: int, shape: tuple[int, ...], gen: torch.Generator):
+        """The random part of one step, drawn on CPU for the whole global batch (ranks slice their shard)."""
+        sigma = (torch.randn(batch, generator=gen) * self.P_std + self.P_mean).exp()
+        noise = torch.randn((batch, *shape), generator=gen)
+        return sigma, noise
+
+    def __call__(self, model: nn.Module, images: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,
+                 labels: torch.Tensor | None) -> torch.Tensor:
+        s = sigma.reshape(-1, 1, 1, 1)
+        weight = (s ** 2 + self.sigma_data ** 2) / (s * self.sigma_data) ** 2
+        denoised = model(images + s * noise, sigma, labels)
+        return (weight * (denoised - images) ** 2).mean()
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "mnist"
+    data_root: str = "data"
+    split: str = "train"
+    image_size: int | None = None
+    channels: int | None = None
+    conditional: bool = True
+    p_uncond: float = 0.2
+    net: str = "small"
+    net_overrides: dict[str, Any] = field(default_factory=dict)
+    steps: int = 10_000
+    batch: int = 64
+    lr: float = 1e-3
+    lr_warmup: int = 200
+    ema_halflife_kimg: float = 20.0
+    ema_rampup: float = 0.05
+    seed: int = 0
+    ckpt_every: int = 500
+    grid_every: int = 1000
+    log_every: int = 50
+
+
+def ema_beta(cfg: TrainConfig, step: int) -> float:
+    """EDM's EMA: half-life in images, ramped up with the number of images seen so far."""
+    nimg = (step + 1) * cfg.batch
+    halflife = cfg.ema_halflife_kimg * 1000
+    if cfg.ema_rampup:
+        halflife = min(halflife, nimg * cfg.ema_rampup)
+    return 0.5 ** (cfg.batch / max(halflife, 1e-8))
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def model_record(cfg: TrainConfig, ds: ImageSet, net_cfg: dict[str, Any], loss: EDMLoss, step: int) -> dict[str, Any]:
+    return {"kind": "edm", "format": MODEL_FORMAT, "net": net_cfg, "sigma_data": loss.sigma_data,
+            "sigma_min": 0.002, "sigma_max": 80.0,
+            "num_classes": ds.num_classes if cfg.conditional else 0,
+            "class_names": ds.class_names if cfg.conditional else [],
+            "image_size": int(ds.images.shape[-1]), "channels": int(ds.images.shape[1]),
+            "dataset": ds.name, "split": cfg.split, "train_step": step, "train_images": step * cfg.batch}
+
+
+class Dist:
+    """torchrun/DDP context: gloo on CPU, nccl on GPU; a no-op for one process."""
+
+    def __init__(self, device_name: str | None):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.world > 1:
+            import torch.distributed as dist
+            use_cuda = torch.cuda.is_available() and device_name not in ("cpu",)
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+            self.device = torch.device("cuda", self.local_rank) if use_cuda else torch.device("cpu")
+            if use_cuda:
+                torch.cuda.set_device(self.device)
+        else:
+            self.device = pick_device(device_name)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if flag is true on any (so all ranks stop at the same step)."""
+        if self.world == 1:
+            return flag
+        import torch.distributed as dist
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def save_state(run_dir: Path, cfg: TrainConfig, record: dict, step: int, model: EDMPrecond, ema: EDMPrecond,
+               opt: torch.optim.Optimizer) -> None:
+    """training-state.safetensors (resume) then model.safetensors (EMA weights for sampling); each atomic."""
+    opt_tensors, opt_skel = flatten_state(opt.state_dict(), "optim")
+    tensors = {**add_prefix(model.net.state_dict(), "net."), **add_prefix(ema.net.state_dict(), "ema."), **opt_tensors}
+    meta = {"model": record, "train": {"config": asdict(cfg), "step": step, "optim": opt_skel}}
+    save_checkpoint(run_dir / "training-state.safetensors", tensors, meta)
+    save_checkpoint(run_dir / "model.safetensors", add_prefix(ema.net.state_dict(), "net."), {"model": record})
+
+
+def load_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    path = run_dir / "training-state.safetensors"
+    if not path.is_file():
+        raise DiffcliError(f"nothing to resume: {path} does not exist")
+    tensors, meta = load_checkpoint(path)
+    if "train" not in meta:
+        raise DiffcliError(f"{path} is not a training state (no 'train' record)")
+    return tensors, meta
+
+
+# ---------------------------------------------------------------- the loop
+
+class _StopFlag:
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        self.requested = True
+
+
+def train(cfg: TrainConfig, out: Path, resume: bool = False, overwrite: bool = False,
+          device_name: str | None = None, quiet: bool = False, options: dict | None = None) -> dict[str, Any]:
+    """Run (or continue) a training run in folder `out`. Returns a summary; raises DiffcliError on bad input."""
+    dist = Dist(device_name)
+    try:
+        return _train(cfg, out, resume, overwrite, dist, quiet, options or {})
+    finally:
+        dist.close()
+
+
+def _validate(cfg: TrainConfig) -> None:
+    if cfg.steps < 1:
+        raise DiffcliError("--steps must be >= 1")
+    if cfg.batch < 1:
+        raise DiffcliError("--batch must be >= 1")
+    if not 0.0 <= cfg.p_uncond <= 1.0:
+        raise DiffcliError("--p-uncond must be in [0, 1]")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise DiffcliError("--lr must be a positive number")
+    if cfg.net not in PRESETS:
+        raise DiffcliError(f"unknown --net {cfg.net!r}; choose one of {', '.join(PRESETS)}")
+    for name in ("ckpt_every", "grid_every", "log_every"):
+        if getattr(cfg, name) < 0:
+            raise DiffcliError(f"--{name.replace('_', '-')} must be >= 0")
+
+
+def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, dist: Dist, quiet: bool,
+           options: dict) -> dict[str, Any]:
+    out = Path(out)
+    state_tensors, state_meta = None, None
+    if resume:
+        state_tensors, state_meta = load_state(out)
+        saved = TrainConfig(**state_meta["train"]["config"])
+        saved.steps, saved.ckpt_every, saved.grid_every, saved.log_every = \
+            cfg.steps, cfg.ckpt_every, cfg.grid_every, cfg.log_every  # a resumed run may go further
+        cfg = saved
+    _validate(cfg)
+    if cfg.batch % dist.world:
+        raise DiffcliError(f"--batch {cfg.batch} is not divisible by the {dist.world} processes")
+
+    ds = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.image_size, cfg.channels)
+    if cfg.conditional and ds.labels is None:
+        raise DiffcliError(f"{cfg.dataset} has no labels; train with --unconditional or use class subfolders")
+    size = int(ds.images.shape[-1])
+    net_cfg = net_config(cfg.net, size, int(ds.images.shape[1]), ds.num_classes if cfg.conditional else 0)
+    net_cfg.update(cfg.net_overrides)
+    factor = 2 ** (len(net_cfg["block_out_channels"]) - 1)
+    if size % factor or ds.images.shape[-2] % factor:
+        raise DiffcliError(f"image size {tuple(ds.images.shape[-2:])} is not divisible by {factor} "
+                           f"(the --net {cfg.net} downsampling factor); pass --image-size")
+
+    if not resume and dist.main:
+        if (out / "training-state.safetensors").exists() and not overwrite:
+            raise DiffcliError(f"{out} already holds a training run; pass --resume to continue it or --overwrite")
+        prepare_out_dir(out, overwrite=overwrite)
+    dist.barrier()
+
+    loss_fn = EDMLoss()
+    record = model_record(cfg, ds, net_cfg, loss_fn, 0)
+    torch.manual_seed(cfg.seed)  # initial weights
+    model = build_edm(record).to(dist.device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    start = 0
+    if state_tensors is not None:
+        model.net.load_state_dict(strip_prefix(state_tensors, "net."))
+        ema.net.load_state_dict(strip_prefix(state_tensors, "ema."))
+        opt.load_state_dict(unflatten_state(state_meta["train"]["optim"], state_tensors))
+        start = int(state_meta["train"]["step"])
+        if start >= cfg.steps:
+            raise DiffcliError(f"run in {out} is already at step {start} >= --steps {cfg.steps}; pass a larger --steps")
+    ddp = model
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        ddp = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+
+    if dist.main:
+        write_run_json(out, "train", {**options, **asdict(cfg)}, dist.device, world_size=dist.world,
+                       parameters=count_params(model.net), resumed_from=start)
+
+    images = ds.images
+    labels = ds.labels if cfg.conditional else None
+    order = BatchOrder(len(images), cfg.batch, cfg.seed)
+    shard = slice(dist.rank * cfg.batch // dist.world, (dist.rank + 1) * cfg.batch // dist.world)
+    stop = _StopFlag()
+    old_handler = signal.signal(signal.SIGINT, stop) if _is_main_thread() else None
+    progress = _Progress(cfg, start, quiet or not dist.main)
+    log_path = out / "log.jsonl"
+    t0, step, last_loss = time.time(), start, float("nan")
+    try:
+        for step in range(start, cfg.steps):
+            idx = order.indices(step)
+            gen = step_generator(cfg.seed, step)
+            sigma, noise = loss_fn.draw(cfg.batch, tuple(images.shape[1:]), gen)
+            y = None
+            if labels is not None:
+                y = labels[idx].clone()
+                y[torch.rand(cfg.batch, generator=gen) < cfg.p_uncond] = model.null_label
+                y = y[shard].to(dist.device)
+            x0 = to_model_range(images[idx][shard]).to(dist.device)
+            loss = loss_fn(ddp, x0, sigma[shard].to(dist.device), noise[shard].to(dist.device), y)
+            bad = dist.any(not torch.isfinite(loss).item())
+            if bad:
+                raise DiffcliError(f"loss became {loss.item()} at step {step}; stopped. The last good checkpoint "
+                                   f"in {out} is kept (try a lower --lr)")
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.lr_warmup, 1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            beta = ema_beta(cfg, step)
+            with torch.no_grad():
+                for pe, pm in zip(ema.parameters(), model.parameters()):
+                    pe.lerp_(pm.detach(), 1 - beta)
+            done = step + 1
+            last_loss = loss.item()
+            interrupted = dist.any(stop.requested)
+            at_ckpt = (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == cfg.steps or interrupted
+            if dist.main:
+                progress.update(done, last_loss)
+                if cfg.log_every and done % cfg.log_every == 0:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps({"step": done, "loss": last_loss, "time": round(time.time() - t0, 2)}) + "\n")
+                if at_ckpt:
+                    save_state(out, cfg, {**record, "train_step": done, "train_images": done * cfg.batch},
+                               done, model, ema, opt)
+                if cfg.grid_every and (done % cfg.grid_every == 0 or done == cfg.steps):
+                    save_grid(out / "grids" / f"step-{done:07d}.png", preview_samples(ema, record), nrow=_grid_cols(record))
+            dist.barrier()
+            if interrupted:
+                raise KeyboardInterrupt
+    finally:
+        progress.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+    return {"step": cfg.steps, "loss": last_loss, "seconds": time.time() - t0, "out": str(out)}
+
+
+def _is_main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def _grid_cols(record: dict) -> int:
+    return record["num_classes"] or 8
+
+
+@torch.no_grad()
+def preview_samples(ema: EDMPrecond, record: dict, per_class: int = 4, steps: int = 18) -> torch.Tensor:
+    """A fixed-seed Heun grid (one column per class) to watch training; never touches training RNG."""
+    c, size, k = record["channels"], record["image_size"], record["num_classes"]
+    n = per_class * (k or 8)
+    device = next(ema.parameters()).device
+    labels = torch.arange(n, device=device) % k if k else None
+    x = PerSampleRandn(range(n), device).randn((c, size, size)) * record["sigma_max"]
+    sigmas = get_sigmas_karras(steps, record["sigma_min"], record["sigma_max"], device=device)
+    return sample_heun(lambda x, s: ema(x, s, labels), x, sigmas).clamp(-1, 1)
+
+
+class _Progress:
+    """Rich bar with loss and images/s on a terminal; a plain line every log interval otherwise."""
+
+    def __init__(self, cfg: TrainConfig, start: int, disabled: bool):
+        self.cfg, self.disabled, self.start, self.t0 = cfg, disabled, start, time.time()
+        self.bar = None
+        if disabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        self.console = Console(stderr=True)
+        if self.console.is_terminal:
+            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                TextColumn("{task.fields[info]}"), console=self.console)
+            self.task = self.bar.add_task("train", total=cfg.steps, completed=start, info="")
+            self.bar.start()
+
+    def update(self, done: int, loss: float) -> None:
+        if self.disabled:
+            return
+        rate = (done - self.start) * self.cfg.batch / max(time.time() - self.t0, 1e-9)
+        info = f"loss {loss:.4f}  {rate:.0f} img/s"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, info=info)
+        elif self.cfg.log_every and done % self.cfg.log_every == 0:
+            self.console.print(f"step {done}/{self.cfg.steps}  {info}", highlight=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

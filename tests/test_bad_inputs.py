@@ -1,0 +1,80 @@
+"""Every bad input: one line on stderr naming the problem, a non-zero exit, nothing written or overwritten."""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def bad_files(tmp_path, tiny_run):
+    d = tmp_path / "bad"
+    d.mkdir()
+    good = (tiny_run / "model.safetensors").read_bytes()
+    (d / "truncated.safetensors").write_bytes(good[: len(good) // 2])
+    (d / "garbage.safetensors").write_bytes(os.urandom(2000))
+    (d / "weights.pkl").write_bytes(pickle.dumps({"a": 1}))
+    import torch
+    torch.save({"w": torch.zeros(2)}, d / "weights.pt")
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, str(d / "foreign.safetensors"))
+    (d / "afile").write_text("x")
+    return d
+
+
+CASES = [
+    # (id, args, expected fragment of the message)
+    ("unknown-dataset", ["train", "--dataset", "imagenet", "--out", "{tmp}/o"], "unknown dataset"),
+    ("missing-data-offline", ["train", "--data-root", "{tmp}/nodata", "--out", "{tmp}/o"], "could not be downloaded"),
+    ("missing-folder-dataset", ["train", "--dataset", "folder:{tmp}/nothing", "--out", "{tmp}/o"], "not found"),
+    ("train-steps-zero", ["train", "--dataset", "folder:{digits}", "--steps", "0", "--out", "{tmp}/o"], "--steps"),
+    ("train-bad-p-uncond", ["train", "--dataset", "folder:{digits}", "--p-uncond", "1.5", "--out", "{tmp}/o"], "--p-uncond"),
+    ("train-unknown-net", ["train", "--dataset", "folder:{digits}", "--net", "huge", "--out", "{tmp}/o"], "unknown --net"),
+    ("train-resume-nothing", ["train", "--dataset", "folder:{digits}", "--resume", "--out", "{tmp}/o"], "nothing to resume"),
+    ("train-existing-run", ["train", "--dataset", "folder:{digits}", "--out", "{run}"], "already holds a training run"),
+    ("unknown-sampler", ["sample", "--checkpoint", "{run}", "--sampler", "dpm", "--out", "{tmp}/o"], "unknown sampler"),
+    ("checkpoint-missing", ["sample", "--checkpoint", "{tmp}/none.safetensors", "--out", "{tmp}/o"], "not found"),
+    ("checkpoint-truncated", ["sample", "--checkpoint", "{bad}/truncated.safetensors", "--out", "{tmp}/o"], "truncated"),
+    ("checkpoint-garbage", ["sample", "--checkpoint", "{bad}/garbage.safetensors", "--out", "{tmp}/o"], "not a readable safetensors"),
+    ("checkpoint-pickle", ["sample", "--checkpoint", "{bad}/weights.pkl", "--out", "{tmp}/o"], "never unpickles"),
+    ("checkpoint-torch-save", ["sample", "--checkpoint", "{bad}/weights.pt", "--out", "{tmp}/o"], "never unpickles"),
+    ("checkpoint-foreign", ["sample", "--checkpoint", "{bad}/foreign.safetensors", "--out", "{tmp}/o"], "not a diffcli checkpoint"),
+    ("labels-outside", ["sample", "--checkpoint", "{run}", "--labels", "0,9", "--out", "{tmp}/o"], "outside the model's classes"),
+    ("labels-malformed", ["sample", "--checkpoint", "{run}", "--labels", "one", "--out", "{tmp}/o"], "comma-separated"),
+    ("cfg-unconditional", ["sample", "--checkpoint", "{urun}", "--cfg", "2", "--out", "{tmp}/o"], "class-conditional"),
+    ("labels-unconditional", ["sample", "--checkpoint", "{urun}", "--labels", "1", "--out", "{tmp}/o"], "unconditional"),
+    ("steps-zero", ["sample", "--checkpoint", "{run}", "--steps", "0", "--out", "{tmp}/o"], "--steps"),
+    ("n-zero", ["sample", "--checkpoint", "{run}", "--n", "0", "--out", "{tmp}/o"], "--n"),
+    ("cfg-negative", ["sample", "--checkpoint", "{run}", "--cfg", "-1", "--out", "{tmp}/o"], "--cfg"),
+    ("output-not-empty", ["sample", "--checkpoint", "{run}", "--out", "{run}"], "not empty"),
+    ("output-under-a-file", ["sample", "--checkpoint", "{run}", "--out", "{bad}/afile/sub"], "cannot write"),
+    ("output-is-a-file", ["sample", "--checkpoint", "{run}", "--out", "{bad}/afile"], "not a folder"),
+    ("unknown-device", ["sample", "--checkpoint", "{run}", "--device", "tpu9", "--out", "{tmp}/o"], "device"),
+    ("not-implemented", ["seg", "a cat"], "not implemented yet"),
+]
+
+
+@pytest.mark.parametrize("case_id,args,fragment", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case_id, args, fragment, tmp_path, tiny_run, tiny_uncond_run, digit_folder, bad_files):
+    subs = {"tmp": tmp_path / "w", "run": tiny_run, "urun": tiny_uncond_run, "digits": digit_folder, "bad": bad_files}
+    (tmp_path / "w").mkdir()
+    args = [a.format(**subs) for a in args]
+    watched = [tiny_run, tiny_uncond_run, bad_files, tmp_path / "w"]
+    before = [snapshot(d) for d in watched]
+    proc = run_cli(*args)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+    after = [snapshot(d) for d in watched]
+    assert before == after, "a failed command changed files"
+    assert not (tmp_path / "w" / "o").exists()

@@ -1,0 +1,66 @@
+"""Sampling a diffcli checkpoint: determinism, batch-size invariance, labels, CFG, strip and run.json."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli
+from diffcli.nets import load_model
+from diffcli.sample import SampleConfig, sample_images
+
+
+def test_same_seed_same_bytes(tmp_path, tiny_run):
+    for name in ("a", "b"):
+        run_cli("sample", "--checkpoint", tiny_run, "--n", 4, "--steps", 3, "--sampler", "stochastic_heun",
+                "--seed", 7, "--out", tmp_path / name, "--device", "cpu", check=True)
+    files = sorted(p.name for p in (tmp_path / "a").glob("*.png"))
+    assert len(files) == 5  # 4 samples + grid
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+@pytest.mark.parametrize("sampler", ["heun", "stochastic_heun", "ddim"])
+def test_sample_i_does_not_depend_on_batch_size(tiny_run, sampler):
+    model, meta = load_model(tiny_run)
+    base = dict(n=5, steps=4, sampler=sampler, eta=1.0, seed=11)
+    whole, labels, _ = sample_images(model, meta, SampleConfig(**base, batch_size=5), torch.device("cpu"))
+    ones, labels1, _ = sample_images(model, meta, SampleConfig(**base, batch_size=1), torch.device("cpu"))
+    pairs, _, _ = sample_images(model, meta, SampleConfig(**base, batch_size=2), torch.device("cpu"))
+    assert labels == labels1 == [0, 1, 2, 0, 1]
+    assert torch.allclose(whole, ones, atol=1e-5) and torch.allclose(whole, pairs, atol=1e-5)
+    other, _, _ = sample_images(model, meta, SampleConfig(**{**base, "seed": 12}, batch_size=5), torch.device("cpu"))
+    assert not torch.allclose(whole, other)
+
+
+def test_cfg_scale_changes_samples_and_one_is_conditional(tiny_run):
+    model, meta = load_model(tiny_run)
+    dev = torch.device("cpu")
+    plain, _, _ = sample_images(model, meta, SampleConfig(n=3, steps=3), dev)
+    one, _, _ = sample_images(model, meta, SampleConfig(n=3, steps=3, cfg=1.0), dev)
+    two, _, _ = sample_images(model, meta, SampleConfig(n=3, steps=3, cfg=3.0), dev)
+    assert torch.equal(plain, one) and not torch.allclose(plain, two)
+
+
+def test_outputs_labels_strip_and_run_json(tmp_path, tiny_run):
+    out = tmp_path / "s"
+    run_cli("sample", "--checkpoint", tiny_run, "--n", 4, "--labels", "2,0", "--steps", 3, "--cfg", 2,
+            "--strip", "--out", out, check=True)
+    names = sorted(p.name for p in out.glob("0*.png"))
+    assert names == ["00000-seed0-label2.png", "00001-seed1-label0.png", "00002-seed2-label2.png",
+                     "00003-seed3-label0.png"]
+    from PIL import Image
+    strip = Image.open(out / "strip.png")
+    # 4 rows (samples) x (3 steps + final) columns of 8 px images with 2 px padding
+    assert strip.size == (2 + 4 * 10, 2 + 4 * 10)
+    record = json.loads((out / "run.json").read_text())
+    assert record["command"] == "sample" and record["options"]["cfg"] == 2.0 and record["options"]["seed"] == 0
+    assert {"diffcli", "torch", "diffusers"} <= set(record["versions"]) and record["device"] == "cpu"
+    assert [s["label"] for s in record["samples"]] == [2, 0, 2, 0]
+
+
+def test_unconditional_model_samples(tmp_path, tiny_uncond_run):
+    out = tmp_path / "u"
+    run_cli("sample", "--checkpoint", tiny_uncond_run, "--n", 3, "--steps", 2, "--out", out, check=True)
+    assert sorted(p.name for p in out.glob("0*.png")) == ["00000-seed0.png", "00001-seed1.png", "00002-seed2.png"]
