@@ -134,6 +134,7 @@ def sample(
     eta: float = typer.Option(0.0, help="ddim: 0 deterministic, 1 ancestral."),
     seed: int = typer.Option(0, help="Sample i uses seed + i, whatever the batch size."),
     batch_size: int = typer.Option(64, help="Samples per network batch."),
+    dtype: Optional[str] = typer.Option(None, help="Network precision: fp32 (default), fp16 or bf16 (GPU)."),
     strip: bool = typer.Option(False, "--strip", help="Also write strip.png: x0_hat along the steps."),
     nrow: Optional[int] = typer.Option(None, help="Images per grid row."),
     out: Path = typer.Option(Path("diffcli-out/sample"), "--out", help="Output folder."),
@@ -150,7 +151,7 @@ def sample(
     config = SampleConfig(checkpoint=str(checkpoint or SHIPPED_CHECKPOINT), n=n, labels=labels, cfg=cfg,
                           sampler=sampler, steps=steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
                           s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, eta=eta, seed=seed,
-                          batch_size=batch_size, strip=strip, nrow=nrow)
+                          batch_size=batch_size, dtype=dtype, strip=strip, nrow=nrow)
     result = run_sample(config, out, overwrite, device, {"out": str(out), "device": device})
     typer.echo(f"wrote {result['n']} samples, grid.png and run.json to {result['out']}")
 

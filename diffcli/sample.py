@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from .common import (DiffcliError, PerSampleRandn, pick_device, prepare_out_dir, save_grid, save_image,
+from .common import (DiffcliError, PerSampleRandn, pick_device, pick_dtype, prepare_out_dir, save_grid, save_image,
                      write_run_json)
 from .guidance import classifier_free
 from .nets import load_model
@@ -35,6 +35,7 @@ class SampleConfig:
     eta: float = 0.0
     seed: int = 0
     batch_size: int = 64
+    dtype: str | None = None
     strip: bool = False
     nrow: int | None = None
 
@@ -119,7 +120,9 @@ def sample_images(model, meta: dict[str, Any], cfg: SampleConfig, device: torch.
 def run(cfg: SampleConfig, out: Path, overwrite: bool, device_name: str | None, options: dict[str, Any]) -> dict:
     validate(cfg)
     device = pick_device(device_name)
+    dtype = pick_dtype(cfg.dtype or "fp32", device)
     model, meta = load_model(cfg.checkpoint, device)
+    model.net.to(dtype)
     parse_labels(cfg.labels, meta["num_classes"], cfg.n)  # fail on bad labels before touching the output folder
     if cfg.cfg is not None and meta["num_classes"] == 0:
         raise DiffcliError("--cfg needs a class-conditional model; this one is unconditional")

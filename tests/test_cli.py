@@ -1,0 +1,42 @@
+"""The installed app: seven commands, examples in help, the shipped checkpoints load and sample."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import run_cli
+from diffcli.classifier import SHIPPED_CLASSIFIER, load_classifier
+from diffcli.nets import load_model
+from diffcli.sample import SHIPPED_CHECKPOINT, SampleConfig, sample_images
+
+COMMANDS = ("train", "sample", "seg", "panorama", "anagram", "pg", "eval")
+
+
+def test_help_lists_all_commands():
+    proc = run_cli("--help", check=True)
+    for name in COMMANDS:
+        assert name in proc.stdout
+
+
+@pytest.mark.parametrize("name", ["train", "sample"])
+def test_command_help_shows_example(name):
+    assert "Example: diffcli " + name in run_cli(name, "--help", check=True).stdout
+
+
+@pytest.mark.parametrize("name", ["seg", "panorama", "anagram", "pg", "eval"])
+def test_unfinished_commands_exit_2(name):
+    proc = run_cli(name, "x")
+    assert proc.returncode == 2 and "not implemented yet" in proc.stderr
+
+
+def test_shipped_model_loads_and_samples_digits():
+    model, meta = load_model(SHIPPED_CHECKPOINT)
+    assert meta["num_classes"] == 10 and meta["image_size"] == 28 and meta["channels"] == 1
+    assert SHIPPED_CHECKPOINT.stat().st_size < 20e6
+    images, labels, _ = sample_images(model, meta, SampleConfig(n=10, steps=10), torch.device("cpu"))
+    assert images.shape == (10, 1, 28, 28) and labels == list(range(10))
+    # the shipped classifier reads the shipped model's digits as the labels they were drawn for
+    clf = load_classifier(SHIPPED_CLASSIFIER)
+    with torch.no_grad():
+        pred = clf(images).argmax(1)
+    assert (pred == torch.tensor(labels)).float().mean() >= 0.8, pred.tolist()
