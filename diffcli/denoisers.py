@@ -55,7 +55,8 @@ class EDMPrecond(nn.Module):
         c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
         if self.num_classes and class_labels is None:
             class_labels = torch.full((x.shape[0],), self.null_label, device=x.device, dtype=torch.long)
-        net_dtype = next(self.net.parameters()).dtype  # fp16/bf16 nets get cast inputs; the ODE stays fp32
+        params = self.net.parameters() if isinstance(self.net, nn.Module) else iter(())
+        net_dtype = next(params, x).dtype  # fp16/bf16 nets get cast inputs; the ODE stays fp32
         f = self.net((c_in * x).to(net_dtype), c_noise.flatten().to(net_dtype), class_labels)
         return c_skip * x + c_out * f.to(torch.float32)
 
