@@ -87,6 +87,7 @@ def train(
     ckpt_every: int = typer.Option(500, help="Checkpoint every N steps (0: only at the end)."),
     grid_every: int = typer.Option(1000, help="Sample grid every N steps (0: never)."),
     log_every: int = typer.Option(50, help="Loss log line every N steps."),
+    precision: Optional[str] = typer.Option(None, help="fp32 (default) or bf16 autocast; on --resume, changes the run's."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --out."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps."),
@@ -108,7 +109,7 @@ def train(
                       steps=steps, batch=batch, lr=lr, lr_warmup=lr_warmup, ema_halflife_kimg=ema_halflife_kimg,
                       seed=seed, ckpt_every=ckpt_every, grid_every=grid_every, log_every=log_every)
     result = run_train(cfg, out, resume=resume, overwrite=overwrite, device_name=device, quiet=quiet,
-                       options={"out": str(out), "resume": resume, "device": device})
+                       options={"out": str(out), "resume": resume, "device": device}, precision=precision)
     if not quiet:
         typer.echo(f"trained to step {result['step']} (loss {result['loss']:.4f}); model: {Path(result['out']) / 'model.safetensors'}")
 

@@ -233,7 +233,7 @@ def flatten_state(obj: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], 
             t, s = flatten_state(v, f"{prefix}.{i}")
             tensors.update(t)
             skel_list.append(s)
-        return tensors, {"__list__": skel_list}
+        return tensors, {"__list__": skel_list, "__tuple__": isinstance(obj, tuple)}
     return tensors, {"__value__": obj}
 
 
@@ -244,7 +244,8 @@ def unflatten_state(skel: Any, tensors: dict[str, torch.Tensor]) -> Any:
         conv = int if skel.get("__intkeys__") else str
         return {conv(k): unflatten_state(v, tensors) for k, v in skel["__dict__"].items()}
     if "__list__" in skel:
-        return [unflatten_state(v, tensors) for v in skel["__list__"]]
+        items = [unflatten_state(v, tensors) for v in skel["__list__"]]
+        return tuple(items) if skel.get("__tuple__") else items
     return skel["__value__"]
 
 

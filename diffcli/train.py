@@ -69,6 +69,7 @@ class TrainConfig:
     ckpt_every: int = 500
     grid_every: int = 1000
     log_every: int = 50
+    precision: str = "fp32"  # or bf16: autocast for the forward/backward, fp32 weights and optimizer
 
 
 def ema_beta(cfg: TrainConfig, step: int) -> float:
@@ -167,11 +168,15 @@ class _StopFlag:
 
 
 def train(cfg: TrainConfig, out: Path, resume: bool = False, overwrite: bool = False,
-          device_name: str | None = None, quiet: bool = False, options: dict | None = None) -> dict[str, Any]:
-    """Run (or continue) a training run in folder `out`. Returns a summary; raises DiffcliError on bad input."""
+          device_name: str | None = None, quiet: bool = False, options: dict | None = None,
+          precision: str | None = None) -> dict[str, Any]:
+    """Run (or continue) a training run in folder `out`. Returns a summary; raises DiffcliError on bad input.
+
+    `precision` (fp32/bf16) overrides the config's, also on resume; None keeps the run's own.
+    """
     dist = Dist(device_name)
     try:
-        return _train(cfg, out, resume, overwrite, dist, quiet, options or {})
+        return _train(cfg, out, resume, overwrite, dist, quiet, options or {}, precision)
     finally:
         dist.close()
 
@@ -185,6 +190,8 @@ def _validate(cfg: TrainConfig) -> None:
         raise DiffcliError("--p-uncond must be in [0, 1]")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise DiffcliError("--lr must be a positive number")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise DiffcliError(f"unknown --precision {cfg.precision!r} (fp32 or bf16)")
     if cfg.net not in PRESETS:
         raise DiffcliError(f"unknown --net {cfg.net!r}; choose one of {', '.join(PRESETS)}")
     for name in ("ckpt_every", "grid_every", "log_every"):
@@ -193,14 +200,18 @@ def _validate(cfg: TrainConfig) -> None:
 
 
 def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, dist: Dist, quiet: bool,
-           options: dict) -> dict[str, Any]:
+           options: dict, precision: str | None) -> dict[str, Any]:
     out = Path(out)
+    if precision is not None and not resume:
+        cfg.precision = precision
     state_tensors, state_meta = None, None
     if resume:
         state_tensors, state_meta = load_state(out)
         saved = TrainConfig(**state_meta["train"]["config"])
         saved.steps, saved.ckpt_every, saved.grid_every, saved.log_every = \
             cfg.steps, cfg.ckpt_every, cfg.grid_every, cfg.log_every  # a resumed run may go further
+        if precision is not None:
+            saved.precision = precision
         cfg = saved
     _validate(cfg)
     if cfg.batch % dist.world:
@@ -266,7 +277,8 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, dist: Dis
                 y[torch.rand(cfg.batch, generator=gen) < cfg.p_uncond] = model.null_label
                 y = y[shard].to(dist.device)
             x0 = to_model_range(images[idx][shard]).to(dist.device)
-            loss = loss_fn(ddp, x0, sigma[shard].to(dist.device), noise[shard].to(dist.device), y)
+            with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                loss = loss_fn(ddp, x0, sigma[shard].to(dist.device), noise[shard].to(dist.device), y)
             bad = dist.any(not torch.isfinite(loss).item())
             if bad:
                 raise DiffcliError(f"loss became {loss.item()} at step {step}; stopped. The last good checkpoint "

@@ -60,6 +60,7 @@ CASES = [
     ("unknown-device", ["sample", "--checkpoint", "{run}", "--device", "tpu9", "--out", "{tmp}/o"], "device"),
     ("fp16-on-cpu", ["sample", "--checkpoint", "{run}", "--dtype", "fp16", "--device", "cpu", "--out", "{tmp}/o"], "fp16"),
     ("unknown-dtype", ["sample", "--checkpoint", "{run}", "--dtype", "fp8", "--out", "{tmp}/o"], "unknown dtype"),
+    ("train-bad-precision", ["train", "--dataset", "folder:{digits}", "--precision", "fp8", "--out", "{tmp}/o"], "--precision"),
     ("train-batch-zero", ["train", "--dataset", "folder:{digits}", "--batch", "0", "--out", "{tmp}/o"], "--batch"),
     ("not-implemented", ["seg", "a cat"], "not implemented yet"),
 ]

@@ -129,6 +129,20 @@ def test_ddp_two_processes_match_one(tmp_path, digit_folder):
     assert load_checkpoint(two / "training-state.safetensors")[1]["train"]["step"] == 4
 
 
+def test_bf16_autocast_trains_and_resume_keeps_it(tmp_path, digit_folder, straight_run):
+    out = tmp_path / "run"
+    common = ("train", "--dataset", f"folder:{digit_folder}", "--out", out, *TINY_TRAIN)
+    run_cli(*common, "--steps", "3", "--precision", "bf16", check=True)
+    run_cli(*common, "--steps", "12", "--resume", check=True)
+    tensors, meta = load_checkpoint(out / "training-state.safetensors")
+    assert meta["train"]["config"]["precision"] == "bf16" and meta["train"]["step"] == 12
+    assert all(torch.isfinite(v).all() for v in tensors.values())
+    # bf16 arithmetic really ran: the weights are close to, but not exactly, the fp32 run's
+    ref = weights(straight_run)
+    k = "net.unet.conv_in.weight"
+    assert not torch.equal(tensors[k], ref[k]) and torch.allclose(tensors[k], ref[k], atol=0.05)
+
+
 def test_batch_order_is_a_function_of_seed_and_covers_each_epoch():
     order = BatchOrder(10, 4, seed=3)
     first = torch.cat([order.indices(s) for s in range(5)])  # 20 draws = 2 epochs
