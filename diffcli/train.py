@@ -254,8 +254,9 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, dist: Dis
         ddp = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
 
     if dist.main:
+        earlier = _earlier_runs(out / "run.json") if resume else []
         write_run_json(out, "train", {**options, **asdict(cfg)}, dist.device, world_size=dist.world,
-                       parameters=count_params(model.net), resumed_from=start)
+                       parameters=count_params(model.net), resumed_from=start, earlier_sessions=earlier)
 
     images = ds.images
     labels = ds.labels if cfg.conditional else None
@@ -314,6 +315,16 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, dist: Dis
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
     return {"step": cfg.steps, "loss": last_loss, "seconds": time.time() - t0, "out": str(out)}
+
+
+def _earlier_runs(path: Path) -> list[dict]:
+    """The records of the sessions before a resume, so run.json keeps the whole history of the run."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    history = old.pop("earlier_sessions", [])
+    return history + [old]
 
 
 def _is_main_thread() -> bool:

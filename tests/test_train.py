@@ -1,6 +1,7 @@
 """Training: exact resume (after a clean stop and after SIGKILL), SIGINT, NaN guard, DDP, datasets."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -54,6 +55,8 @@ def test_resume_after_clean_stop_equals_straight_run(tmp_path, digit_folder, str
     run_cli(*common, "--steps", "5", check=True)
     run_cli(*common, "--steps", "12", "--resume", check=True)
     assert_same_weights(weights(out), weights(straight_run))
+    record = json.loads((out / "run.json").read_text())
+    assert record["resumed_from"] == 5 and record["earlier_sessions"][0]["resumed_from"] == 0
 
 
 def test_sigkill_then_resume_equals_straight_run(tmp_path, digit_folder):
