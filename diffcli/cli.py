@@ -190,7 +190,24 @@ def eval_() -> None:
 
 
 def run() -> None:
-    app()
+    """Entry point: click's usage errors become one `error:` line too (exit 2)."""
+    try:  # typer >= 0.20 vendors click
+        from typer._click import exceptions as click_exc
+    except ImportError:  # pragma: no cover
+        from click import exceptions as click_exc
+    try:
+        code = app(standalone_mode=False)
+    except click_exc.NoArgsIsHelpError as e:
+        e.show()
+        code = 2
+    except click_exc.UsageError as e:  # bad option values, unknown options or commands
+        hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+        typer.echo(f"error: {e.format_message()}{hint}", err=True)
+        code = 2
+    except typer.Abort:
+        typer.echo("interrupted", err=True)
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,10 @@ CASES = [
     ("train-bad-precision", ["train", "--dataset", "folder:{digits}", "--precision", "fp8", "--out", "{tmp}/o"], "--precision"),
     ("train-batch-zero", ["train", "--dataset", "folder:{digits}", "--batch", "0", "--out", "{tmp}/o"], "--batch"),
     ("not-implemented", ["seg", "a cat"], "not implemented yet"),
+    ("option-not-a-number", ["sample", "--n", "abc", "--out", "{tmp}/o"], "Invalid value for '--n'"),
+    ("unknown-option", ["sample", "--bogus", "--out", "{tmp}/o"], "No such option"),
+    ("unknown-command", ["generate"], "No such command"),
+    ("option-missing-value", ["sample", "--sampler"], "requires an argument"),
 ]
 
 
