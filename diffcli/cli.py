@@ -183,10 +183,43 @@ def pg() -> None:
     _not_implemented("pg")
 
 
-@app.command(name="eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def eval_() -> None:
-    """CLIP score / FID / KID / digit metrics (not implemented yet)."""
-    _not_implemented("eval")
+@app.command(name="eval")
+@handle_errors
+def eval_(
+    folder: str = typer.Argument(..., help="Folder of images to score; eval.json is written there (images are never touched)."),
+    app_name: Optional[str] = typer.Option(None, "--app", help="003 CLIP score: wide_images (<prompt>_<crop pos>.png) or ambiguous_images (<prompt>.png)."),
+    clip_model: str = typer.Option("ViT-B-32", "--clip-model", help="open_clip model name, or a JSON model config file (embed_dim, vision_cfg, text_cfg), registered at run time under its file name."),
+    clip_pretrained: str = typer.Option("openai", "--clip-pretrained", help="open_clip pretrained tag (from the cache, downloaded where a network exists) or a local weights file: safetensors or a torch state dict (read with weights_only=True)."),
+    quick_gelu: Optional[bool] = typer.Option(None, "--quick-gelu/--no-quick-gelu", help="Activation of the CLIP model (default: what the weights were trained with; a local file counts as the OpenAI weights: QuickGELU for ViT-B-32)."),
+    anagram_metrics: Optional[str] = typer.Option(None, "--anagram-metrics", metavar="PROMPTS_JSON", help="Also Visual Anagrams alignment/concealment per pair of this 003 prompt file (implies --app ambiguous_images)."),
+    drop_panoramas: bool = typer.Option(False, "--drop-panoramas", help="wide_images: leave out files with no crop position (the grader scores them; the score then differs)."),
+    fid: Optional[str] = typer.Option(None, "--fid", metavar="REF", help="FID against a reference folder, or a dataset clean-fid has statistics for (NAME[:RES[:SPLIT]], e.g. cifar10:32:train)."),
+    kid: Optional[str] = typer.Option(None, "--kid", metavar="REF", help="KID against a reference folder or dataset, as --fid."),
+    features: str = typer.Option("inception", "--features", help="FID/KID features: inception (clean-fid's) or mnist (the digit classifier's 128-d penultimate layer; offline)."),
+    classifier: Optional[str] = typer.Option(None, "--classifier", help="Digit classifier for --digits and --features mnist (default: the shipped one)."),
+    digits: bool = typer.Option(False, "--digits", help="Class accuracy against the labels in the folder's run.json, modes discovered, in-batch similarity."),
+    kid_subsets: int = typer.Option(100, "--kid-subsets", help="KID: number of random subsets (clean-fid's default)."),
+    kid_subset_size: int = typer.Option(1000, "--kid-subset-size", help="KID: largest subset size (clean-fid's default)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per network batch."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps."),
+) -> None:
+    """Score a folder: the 003 CLIP score exactly as graded, anagram metrics, FID/KID (clean-fid), digit metrics.
+
+    Example: diffcli eval results/wide_images --app wide_images
+
+    Results go to FOLDER/eval.json: a CLIP run writes the grader's layout (source_dir, the first image path of each prompt with its mean, score; indent 4); fid, kid and digits keep their own keys beside it.
+    """
+    from .eval import EvalConfig, run as run_eval
+    cfg = EvalConfig(folder=folder, app=app_name, clip_model=clip_model, clip_pretrained=clip_pretrained,
+                     quick_gelu=quick_gelu, anagram_prompts=anagram_metrics, drop_panoramas=drop_panoramas,
+                     fid=fid, kid=kid, features=features, classifier=classifier, digits=digits,
+                     kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, batch_size=batch_size, device=device)
+    result = run_eval(cfg)
+    for note in result["warnings"]:
+        typer.echo(f"warning: {note}", err=True)
+    for line in result["lines"]:
+        typer.echo(line)
+    typer.echo(f"wrote {result['eval_file']}")
 
 
 def run() -> None:
