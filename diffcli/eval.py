@@ -193,15 +193,20 @@ def group_prompts(files: Sequence[ClipFile]) -> tuple[list[str], list[str], torc
     return list(order), first_paths, torch.tensor([order[f.prompt] for f in files], dtype=torch.long)
 
 
-def read_anagram_pairs(path: str) -> dict[str, tuple[str, str]]:
-    """003's ambiguous_image_prompts.json: key -> (canonical_prompt, instance_prompt); the prompt fields count."""
+def read_json_option(path: str, option: str, what: str) -> Any:
+    """A JSON file named by an option; a missing or malformed file is a one-line error naming the option."""
     p = Path(path)
     if not p.is_file():
-        raise DiffcliError(f"--anagram-metrics prompt file not found: {path}")
+        raise DiffcliError(f"{option} {what} not found: {path}")
     try:
-        data = json.loads(p.read_text())
+        return json.loads(p.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DiffcliError(f"--anagram-metrics file {path} is not valid JSON: {e}") from None
+        raise DiffcliError(f"{option} {path} is not valid JSON: {e}") from None
+
+
+def read_anagram_pairs(path: str) -> dict[str, tuple[str, str]]:
+    """003's ambiguous_image_prompts.json: key -> (canonical_prompt, instance_prompt); the prompt fields count."""
+    data = read_json_option(path, "--anagram-metrics", "prompt file")
     pairs = {}
     for key, rec in (data.items() if isinstance(data, dict) else []):
         if not (isinstance(rec, dict) and isinstance(rec.get("canonical_prompt"), str)
@@ -243,12 +248,7 @@ def resolve_clip_model(spec: str) -> str:
     import open_clip
     if spec.endswith(".json"):
         path = Path(spec)
-        if not path.is_file():
-            raise DiffcliError(f"--clip-model config file not found: {spec}")
-        try:
-            cfg = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DiffcliError(f"--clip-model {spec} is not valid JSON: {e}") from None
+        cfg = read_json_option(spec, "--clip-model", "config file")
         if not (isinstance(cfg, dict) and all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg"))):
             raise DiffcliError(f"--clip-model {spec} is not an open_clip model config "
                                "(needs embed_dim, vision_cfg, text_cfg)")

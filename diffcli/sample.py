@@ -76,15 +76,21 @@ def validate(cfg: SampleConfig) -> None:
         raise DiffcliError("need 0 < --sigma-min < --sigma-max")
 
 
+def check_against_model(cfg: SampleConfig, meta: dict[str, Any]) -> list[int] | None:
+    """Labels and --cfg must fit the model's classes; returns each sample's label."""
+    labels = parse_labels(cfg.labels, meta["num_classes"], cfg.n)
+    if cfg.cfg is not None and meta["num_classes"] == 0:
+        raise DiffcliError("--cfg needs a class-conditional model; this one is unconditional")
+    return labels
+
+
 def sample_images(model, meta: dict[str, Any], cfg: SampleConfig, device: torch.device,
                   on_step: Callable[[int], None] | None = None) -> tuple[torch.Tensor, list[int] | None, torch.Tensor | None]:
     """All n samples (N,C,H,W in [-1,1]), their labels, and the x0_hat strip of the first batch if asked.
 
     Sample i uses seed cfg.seed + i for its initial and its per-step noise, so it does not depend on batching.
     """
-    labels = parse_labels(cfg.labels, meta["num_classes"], cfg.n)
-    if cfg.cfg is not None and meta["num_classes"] == 0:
-        raise DiffcliError("--cfg needs a class-conditional model; this one is unconditional")
+    labels = check_against_model(cfg, meta)
     scale = 1.0 if cfg.cfg is None else cfg.cfg
     sigmas = get_sigmas_karras(cfg.steps, cfg.sigma_min or meta["sigma_min"], cfg.sigma_max or meta["sigma_max"],
                                cfg.rho, device=device)
@@ -123,9 +129,7 @@ def run(cfg: SampleConfig, out: Path, overwrite: bool, device_name: str | None, 
     dtype = pick_dtype(cfg.dtype or "fp32", device)
     model, meta = load_model(cfg.checkpoint, device)
     model.net.to(dtype)
-    parse_labels(cfg.labels, meta["num_classes"], cfg.n)  # fail on bad labels before touching the output folder
-    if cfg.cfg is not None and meta["num_classes"] == 0:
-        raise DiffcliError("--cfg needs a class-conditional model; this one is unconditional")
+    check_against_model(cfg, meta)  # fail before touching the output folder
     out = prepare_out_dir(out, overwrite)
     from rich.progress import Progress
     with Progress(transient=True) as progress:
