@@ -177,10 +177,54 @@ def anagram() -> None:
     _not_implemented("anagram")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def pg() -> None:
-    """Particle guidance for diverse batches (not implemented yet)."""
-    _not_implemented("pg")
+@app.command()
+@handle_errors
+def pg(
+    prompt: Optional[str] = typer.Argument(None, help="Text prompt; with --model, sample a Stable Diffusion pipeline instead of a digit model."),
+    model: Optional[str] = typer.Option(None, "--model", help="Stable Diffusion pipeline: a local folder (save_pretrained layout) or a hub id in the cache."),
+    checkpoint: Optional[Path] = typer.Option(None, help="A diffcli model file or run folder (default: the shipped MNIST model)."),
+    n: int = typer.Option(8, "--n", help="Batch size = number of particles sampled jointly (>= 2 with PG on)."),
+    pg_factor: float = typer.Option(1.7, "--pg-factor", help="lambda in dx/dsigma = (x - D)/sigma + lambda sigma grad_x sum_j k(x_i, x_j); > 0 repels, 0 = plain sampling."),
+    kernel: str = typer.Option("rbf", help="rbf: on the sample itself (pixels, or the latent of a pipeline), median bandwidth; classifier: RBF on the digit classifier's 128-d features of x0_hat."),
+    pg_sigma_min: float = typer.Option(0.0, "--pg-sigma-min", help="Guidance schedule: PG acts only at noise levels sigma >= this."),
+    pg_sigma_max: float = typer.Option(float("inf"), "--pg-sigma-max", help="Guidance schedule: PG acts only at noise levels sigma <= this."),
+    labels: Optional[str] = typer.Option(None, help="Class of each sample, cycled: '0,3,7' or 'all' (default: unconditional)."),
+    cfg: Optional[float] = typer.Option(None, "--cfg", help="CFG scale w: D_u + w (D_c - D_u) (default: 1 for digits with --labels, 7.5 for pipelines)."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Pipelines: the prompt of the unconditional CFG branch (default: empty)."),
+    sampler: str = typer.Option("heun", help="euler, heun, stochastic_heun or ddim (with diffusers sigmas, euler = DDIM)."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: 18 for digits, 50 for pipelines)."),
+    s_churn: float = typer.Option(40.0, help="stochastic_heun: EDM S_churn."),
+    s_tmin: float = typer.Option(0.05, help="stochastic_heun: EDM S_tmin."),
+    s_tmax: float = typer.Option(50.0, help="stochastic_heun: EDM S_tmax."),
+    s_noise: float = typer.Option(1.003, help="stochastic_heun: EDM S_noise."),
+    eta: float = typer.Option(0.0, help="ddim: 0 deterministic, 1 ancestral."),
+    seed: int = typer.Option(0, help="Sample i uses seed + i (initial noise and sampler noise)."),
+    height: Optional[int] = typer.Option(None, help="Pipelines: image height (default: the UNet's sample size x 8)."),
+    width: Optional[int] = typer.Option(None, help="Pipelines: image width."),
+    compare: bool = typer.Option(False, "--compare", help="Also sample the same seeds without PG (in OUT/plain) and report diversity side by side: compare.png, compare.json."),
+    classifier: Optional[str] = typer.Option(None, "--classifier", help="Digit classifier for --kernel classifier and --compare (default: the shipped one)."),
+    dtype: Optional[str] = typer.Option(None, help="Network precision: fp32 (default), fp16 or bf16 (GPU)."),
+    out: Path = typer.Option(Path("diffcli-out/pg"), "--out", help="Output folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty output folder."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps."),
+) -> None:
+    """Particle guidance: sample a batch jointly with a repulsive kernel term, for more modes per batch.
+
+    Example: diffcli pg --n 8 --pg-factor 1.7 --compare --out pg-digits
+
+    Example: diffcli pg "a photo of a dog" --model ./sd-v1-5 --n 4 --out pg-dogs
+    """
+    from .pg import PGConfig, run as run_pg
+    config = PGConfig(checkpoint=str(checkpoint) if checkpoint else None, prompt=prompt, model=model, n=n,
+                      pg_factor=pg_factor, kernel=kernel, pg_sigma_min=pg_sigma_min, pg_sigma_max=pg_sigma_max,
+                      labels=labels, cfg=cfg, negative_prompt=negative_prompt, sampler=sampler, steps=steps,
+                      s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, eta=eta, seed=seed,
+                      height=height, width=width, dtype=dtype, classifier=classifier, compare=compare)
+    result = run_pg(config, out, overwrite, device, {"out": str(out), "device": device})
+    for line in result["lines"]:
+        typer.echo(line)
+    extra = ", plain/, compare.png, compare.json" if compare else ""
+    typer.echo(f"wrote {result['n']} samples, grid.png, run.json{extra} to {result['out']}")
 
 
 @app.command(name="eval")

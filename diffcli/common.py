@@ -7,6 +7,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -134,6 +135,37 @@ def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     except OSError as e:
         raise DiffcliError(f"cannot write to output folder {out}: {e.strerror or e}") from e
     return out
+
+
+# ---------------------------------------------------------------- names from prompts
+
+_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+
+
+def safe_name(prompt: str, max_len: int = 120) -> str:
+    """A file-name stem from a prompt that can never leave its folder: the 003 layout (spaces -> `_`).
+
+    Keeps letters, digits and `-_.,'()`; drops separators, control characters and anything else; no
+    leading dots, no Windows-reserved names, at most `max_len` characters (so `_<pos>.png` still fits).
+    """
+    chars = [c if (c.isalnum() or c in "-_.,'()") else ("_" if c.isspace() or c in "/\\" else "") for c in prompt]
+    stem = re.sub(r"_+", "_", "".join(chars)).strip("._ ")[:max_len].rstrip("._ ")
+    if not stem or stem.lower().split(".")[0] in _RESERVED:
+        stem = "prompt_" + stem if stem else "prompt"
+    return stem
+
+
+def read_prompts_file(path: str | os.PathLike) -> list[str]:
+    """One prompt a line; blank lines and `#` comments skipped (for shell scripts looping over prompt sets)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DiffcliError(f"cannot read prompts file {path}: {getattr(e, 'strerror', None) or e}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise DiffcliError(f"prompts file {path} has no prompts (one a line)")
+    return prompts
 
 
 # ---------------------------------------------------------------- images

@@ -85,10 +85,12 @@ def check_against_model(cfg: SampleConfig, meta: dict[str, Any]) -> list[int] | 
 
 
 def sample_images(model, meta: dict[str, Any], cfg: SampleConfig, device: torch.device,
-                  on_step: Callable[[int], None] | None = None) -> tuple[torch.Tensor, list[int] | None, torch.Tensor | None]:
+                  on_step: Callable[[int], None] | None = None, wrap: Callable | None = None,
+                  ) -> tuple[torch.Tensor, list[int] | None, torch.Tensor | None]:
     """All n samples (N,C,H,W in [-1,1]), their labels, and the x0_hat strip of the first batch if asked.
 
     Sample i uses seed cfg.seed + i for its initial and its per-step noise, so it does not depend on batching.
+    `wrap` turns each batch's (CFG) denoiser into another one, e.g. particle guidance over the batch.
     """
     labels = check_against_model(cfg, meta)
     scale = 1.0 if cfg.cfg is None else cfg.cfg
@@ -106,6 +108,8 @@ def sample_images(model, meta: dict[str, Any], cfg: SampleConfig, device: torch.
             y = torch.tensor([labels[i] for i in idx], device=device)
             denoiser = classifier_free(model, scale, {"class_labels": y},
                                        {"class_labels": torch.full_like(y, model.null_label)})
+        if wrap is not None:
+            denoiser = wrap(denoiser)
         frames: list[torch.Tensor] = []
 
         def callback(info: dict[str, Any]) -> None:
@@ -136,18 +140,29 @@ def run(cfg: SampleConfig, out: Path, overwrite: bool, device_name: str | None, 
         task = progress.add_task("sampling", total=cfg.n * cfg.steps)
         images, labels, strip = sample_images(model, meta, cfg, device,
                                               on_step=lambda k: progress.advance(task, k))
-    files = []
-    for i, img in enumerate(images):
-        name = f"{i:05d}-seed{cfg.seed + i}" + (f"-label{labels[i]}" if labels is not None else "") + ".png"
-        save_image(out / name, img)
-        files.append(name)
     nrow = cfg.nrow or (meta["num_classes"] if labels is not None and cfg.labels in (None, "all") else None)
-    save_grid(out / "grid.png", images, nrow=nrow)
+    files = write_samples(out, images, labels, cfg.seed, nrow)
     if strip is not None:
         rows, cols = strip.shape[:2]
         save_grid(out / "strip.png", strip.flatten(0, 1), nrow=cols)
     write_run_json(out, "sample", {**asdict(cfg), **options}, device, model=meta,
                    nfe_per_sample=nfe(cfg.sampler, cfg.steps) * (2 if cfg.cfg not in (None, 0.0, 1.0) else 1),
-                   samples=[{"file": f, "seed": cfg.seed + i, "label": labels[i] if labels else None}
-                            for i, f in enumerate(files)])
+                   samples=samples_record(files, labels, cfg.seed))
     return {"out": str(out), "n": len(files)}
+
+
+def write_samples(out: Path, images: torch.Tensor, labels: list[int] | None, seed: int,
+                  nrow: int | None = None) -> list[str]:
+    """One PNG per sample named by index, seed and label, plus grid.png; returns the file names."""
+    files = []
+    for i, img in enumerate(images):
+        name = f"{i:05d}-seed{seed + i}" + (f"-label{labels[i]}" if labels is not None else "") + ".png"
+        save_image(out / name, img)
+        files.append(name)
+    save_grid(out / "grid.png", images, nrow=nrow)
+    return files
+
+
+def samples_record(files: list[str], labels: list[int] | None, seed: int) -> list[dict[str, Any]]:
+    """The run.json `samples` list `diffcli eval --digits` reads the labels from."""
+    return [{"file": f, "seed": seed + i, "label": labels[i] if labels else None} for i, f in enumerate(files)]

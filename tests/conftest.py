@@ -69,3 +69,15 @@ def tiny_uncond_run(tmp_path_factory, digit_folder) -> Path:
     run_cli("train", "--dataset", f"folder:{digit_folder}", "--unconditional", "--steps", "2", "--out", out,
             *TINY_TRAIN, check=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    from pipes import build_tiny_sd
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    from pipes import build_tiny_sdxl
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))

@@ -1,0 +1,119 @@
+"""Pretrained diffusers pipelines as denoisers: load, encode prompts, draw and decode latents.
+
+Every command that runs a text-to-image model (seg, panorama, anagram, pg) goes through here, so SD 1.x/2.x,
+SDXL and DeepFloyd IF load, condition and decode one way. The pipeline's own `__call__` loop is never
+used: the loop is `diffcli.sampling` over `DiffusersDenoiser` with the scheduler's sigmas.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from .common import DiffcliError, PerSampleRandn
+from .denoisers import DiffusersDenoiser, ve_to_vp, vp_to_ve
+from .sampling import get_sigmas_scheduler
+
+
+def load_pipeline(spec: str, device: torch.device, dtype: torch.dtype, kind: str = "text-to-image"):
+    """`DiffusionPipeline.from_pretrained` on a hub id or a local folder; the class comes from model_index.json."""
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():  # library deprecation chatter is not the user's business
+            warnings.simplefilter("ignore")
+            pipe = DiffusionPipeline.from_pretrained(spec, dtype=dtype, safety_checker=None,
+                                                     requires_safety_checker=False)
+    except Exception as e:  # hub errors, missing folders and bad configs all come as different types
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DiffcliError(f"cannot load a {kind} pipeline from {spec!r} ({first[:200]}); without a network pass "
+                           "a local folder (a pipeline saved with save_pretrained)") from None
+    if not hasattr(pipe, "unet"):
+        raise DiffcliError(f"{spec!r} is a {type(pipe).__name__}; diffcli runs UNet pipelines (SD 1.x/2.x, SDXL, "
+                           "DeepFloyd IF); transformer models (SD3, Flux) are not supported yet")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def family(pipe) -> str:
+    """'sdxl' (two text encoders, added time ids), 'if' (pixel space, T5) or 'sd' (SD 1.x/2.x)."""
+    if getattr(pipe, "text_encoder_2", None) is not None or type(pipe).__name__.startswith("StableDiffusionXL"):
+        return "sdxl"
+    if getattr(pipe, "vae", None) is None:
+        return "if"
+    return "sd"
+
+
+def scale_factor(pipe) -> int:
+    """Pixels per latent cell (8 for SD's VAE, 1 for IF, which works in pixels)."""
+    return getattr(pipe, "vae_scale_factor", 1) if getattr(pipe, "vae", None) is not None else 1
+
+
+def default_size(pipe) -> int:
+    return pipe.unet.config.sample_size * scale_factor(pipe)
+
+
+def check_size(pipe, height: int, width: int) -> None:
+    f = scale_factor(pipe) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    for name, v in (("height", height), ("width", width)):
+        if v < f or v % f:
+            raise DiffcliError(f"--{name} {v}: this model needs a positive multiple of {f} px")
+
+
+def denoiser(pipe) -> DiffusersDenoiser:
+    return DiffusersDenoiser.from_scheduler(pipe.unet, pipe.scheduler)
+
+
+def sigmas(pipe, steps: int, device: torch.device) -> torch.Tensor:
+    """The DDIM timesteps of the pipeline's noise table as sigmas (ending in 0)."""
+    from diffusers import DDIMScheduler
+    return get_sigmas_scheduler(DDIMScheduler.from_config(pipe.scheduler.config), steps, device)
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str], negative: str | list[str] | None, height: int, width: int,
+                   device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(cond, uncond) UNet keyword arguments, one row per prompt; `guidance.classifier_free` batches them.
+
+    SDXL adds pooled text embeddings and the six micro-conditioning ids (original size, crop top-left,
+    target size); we generate at the target size with no crop, as the SDXL pipeline does by default.
+    """
+    if isinstance(negative, str):
+        negative = [negative] * len(prompts)
+    out = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
+                             do_classifier_free_guidance=True, negative_prompt=negative)
+    cond, uncond = {"encoder_hidden_states": out[0]}, {"encoder_hidden_states": out[1]}
+    if family(pipe) == "sdxl":
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=out[2].dtype)
+        time_ids = time_ids.expand(len(prompts), -1)
+        cond["added_cond_kwargs"] = {"text_embeds": out[2], "time_ids": time_ids}
+        uncond["added_cond_kwargs"] = {"text_embeds": out[3], "time_ids": time_ids}
+    return cond, uncond
+
+
+def latent_shape(pipe, height: int, width: int) -> tuple[int, int, int]:
+    f = scale_factor(pipe)
+    return pipe.unet.config.in_channels, height // f, width // f
+
+
+def initial_latents(rng: PerSampleRandn, shape: tuple[int, ...], sigma_max: torch.Tensor | float) -> torch.Tensor:
+    """Unit-variance noise as the scheduler draws it, in our x = x0 + sigma n form."""
+    return vp_to_ve(rng.randn(shape), sigma_max)
+
+
+@torch.no_grad()
+def decode(pipe, x: torch.Tensor, sigma_last: torch.Tensor | float) -> torch.Tensor:
+    """Final sample (our form) -> images (N, 3, H, W) in [-1, 1] on the CPU."""
+    latents = ve_to_vp(x, sigma_last)
+    vae = getattr(pipe, "vae", None)
+    if vae is None:  # IF: the sample is the image
+        return latents.float().clamp(-1, 1).cpu()
+    if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        vae.to(torch.float32)  # SDXL's VAE overflows in fp16
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    images = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample.float()
+    return images.clamp(-1, 1).cpu()

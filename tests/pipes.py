@@ -1,0 +1,79 @@
+"""Tiny random diffusers pipelines built in code and saved with save_pretrained (DESIGN.md section 9).
+
+Real classes, real `from_pretrained` loading; only the sizes are tiny so the suite runs on a CPU.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def tiny_tokenizer(root: Path):
+    from transformers import CLIPTokenizer
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + letters + [ch + "</w>" for ch in letters]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=77), len(tokens)
+
+
+def tiny_text_config(vocab: int, hidden: int = 16, projection: int | None = None):
+    from transformers import CLIPTextConfig
+    extra = {"projection_dim": projection} if projection else {}
+    return CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                          num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                          pad_token_id=1, **extra)
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                         norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2)
+
+
+def tiny_scheduler():
+    from diffusers import DDIMScheduler
+    return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1)
+
+
+def build_tiny_sd(root: Path, mid_attention: bool = True) -> Path:
+    """SD 1.x-shaped: 16 px images (latent 8x8, VAE factor 2), self-attention in the down/mid/up blocks."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+    tokenizer, vocab = tiny_tokenizer(root / "tok")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                layers_per_block=1, norm_num_groups=8, cross_attention_dim=16, attention_head_dim=4,
+                                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                                mid_block_type="UNetMidBlock2DCrossAttn" if mid_attention else None)
+    pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=CLIPTextModel(tiny_text_config(vocab)),
+                                   tokenizer=tokenizer, unet=unet, scheduler=tiny_scheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(root / "pipe")
+    return root / "pipe"
+
+
+def build_tiny_sdxl(root: Path) -> Path:
+    """SDXL-shaped: two text encoders (the second with projection), text_time added conditioning."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    tokenizer, vocab = tiny_tokenizer(root / "tok")
+    torch.manual_seed(0)
+    enc1 = CLIPTextModel(tiny_text_config(vocab, hidden=16))
+    enc2 = CLIPTextModelWithProjection(tiny_text_config(vocab, hidden=16, projection=16))
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                layers_per_block=1, norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
+                                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                                addition_embed_type="text_time", addition_time_embed_dim=8,
+                                projection_class_embeddings_input_dim=16 + 6 * 8)
+    pipe = StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=enc1, text_encoder_2=enc2, tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer, unet=unet, scheduler=tiny_scheduler())
+    pipe.save_pretrained(root / "pipe")
+    return root / "pipe"
