@@ -140,11 +140,14 @@ def sample(
     nrow: Optional[int] = typer.Option(None, help="Images per grid row."),
     out: Path = typer.Option(Path("diffcli-out/sample"), "--out", help="Output folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty output folder."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out: same options, samples already written are skipped."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps."),
 ) -> None:
     """Sample a diffcli EDM model: PNGs, a grid, run.json, and optionally the denoising strip.
 
     Example: diffcli sample --labels all --n 20 --cfg 2 --strip --out digits
+
+    Many GPUs: torchrun --nproc_per_node 4 -m diffcli -- sample --n 50000 --out fid-samples (each rank draws every 4th sample; the -- keeps torchrun off --n).
     """
     from .sample import SHIPPED_CHECKPOINT, SampleConfig, run as run_sample
     if checkpoint is None and not SHIPPED_CHECKPOINT.is_file():
@@ -153,8 +156,10 @@ def sample(
                           sampler=sampler, steps=steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
                           s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, eta=eta, seed=seed,
                           batch_size=batch_size, dtype=dtype, strip=strip, nrow=nrow)
-    result = run_sample(config, out, overwrite, device, {"out": str(out), "device": device})
-    typer.echo(f"wrote {result['n']} samples, grid.png and run.json to {result['out']}")
+    result = run_sample(config, out, overwrite, device, {"out": str(out), "device": device}, resume=resume)
+    if result["main"]:
+        skipped = f" ({result['skipped']} already there)" if resume else ""
+        typer.echo(f"wrote {result['n']} samples{skipped}, grid.png and run.json to {result['out']}")
 
 
 # ---------------------------------------------------------------- commands other issues fill in

@@ -200,6 +200,17 @@ def save_image(path: str | os.PathLike, x: torch.Tensor) -> None:
         _pil(to_uint8(x)).save(tmp, format="PNG")
 
 
+def load_images(paths: Iterable[str | os.PathLike]) -> torch.Tensor:
+    """PNGs written by `save_image` back to (N, C, H, W) in [-1, 1] (grey stays 1 channel): exact on uint8."""
+    from PIL import Image
+    arrays = []
+    for p in paths:
+        with Image.open(p) as im:
+            a = np.asarray(im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB"))
+        arrays.append(a[..., None] if a.ndim == 2 else a)
+    return torch.from_numpy(np.stack(arrays)).movedim(-1, 1).float() / 127.5 - 1
+
+
 def save_grid(path: str | os.PathLike, x: torch.Tensor, nrow: int | None = None) -> None:
     save_image(path, make_grid(x, nrow))
 
@@ -239,6 +250,31 @@ def write_run_json(out_dir: Path, command: str, options: dict[str, Any], device:
         **extra,
     }
     write_json(Path(out_dir) / "run.json", record)
+
+
+RESUME_IGNORES = ("out", "device", "overwrite", "resume", "batch_size", "view_batch")
+
+
+def begin_output(out: str | os.PathLike, overwrite: bool, resume: bool, options: dict[str, Any],
+                 ignore: Sequence[str] = RESUME_IGNORES) -> Path:
+    """Prepare the output folder of a command that writes many files.
+
+    With `resume`, the folder must hold the run.json of a run with the same options (those in `ignore` may
+    differ: they change speed or place, not pixels); the caller then skips outputs already written.
+    """
+    out = Path(out)
+    if not resume:
+        return prepare_out_dir(out, overwrite)
+    try:
+        before = json.loads((out / "run.json").read_text())["options"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DiffcliError(f"--resume: {out} holds no run.json of an earlier run; start without --resume") from None
+    now = json.loads(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}))
+    differ = sorted(k for k in set(before) | set(now) if k not in ignore and before.get(k) != now.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in differ[:4])
+        raise DiffcliError(f"--resume: options differ from the run in {out} ({shown}); resume with the same options")
+    return prepare_out_dir(out, True)
 
 
 # ---------------------------------------------------------------- checkpoints (safetensors only)

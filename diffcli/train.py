@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,10 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import (DiffcliError, PerSampleRandn, add_prefix, flatten_state, load_checkpoint, pick_device,
+from .common import (DiffcliError, PerSampleRandn, add_prefix, flatten_state, load_checkpoint,
                      prepare_out_dir, save_checkpoint, save_grid, strip_prefix, unflatten_state, write_run_json)
 from .data import BatchOrder, ImageSet, load_dataset, to_model_range
-from .denoisers import EDMPrecond, edm_coefficients
+from .denoisers import EDMPrecond
+from .dist import Dist
 from .nets import MODEL_FORMAT, PRESETS, build_edm, count_params, net_config
 from .sampling import get_sigmas_karras, sample_heun
 
@@ -92,47 +92,6 @@ def model_record(cfg: TrainConfig, ds: ImageSet, net_cfg: dict[str, Any], loss: 
             "class_names": ds.class_names if cfg.conditional else [],
             "image_size": int(ds.images.shape[-1]), "channels": int(ds.images.shape[1]),
             "dataset": ds.name, "split": cfg.split, "train_step": step, "train_images": step * cfg.batch}
-
-
-class Dist:
-    """torchrun/DDP context: gloo on CPU, nccl on GPU; a no-op for one process."""
-
-    def __init__(self, device_name: str | None):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if self.world > 1:
-            import torch.distributed as dist
-            use_cuda = torch.cuda.is_available() and device_name not in ("cpu",)
-            dist.init_process_group("nccl" if use_cuda else "gloo")
-            self.device = torch.device("cuda", self.local_rank) if use_cuda else torch.device("cpu")
-            if use_cuda:
-                torch.cuda.set_device(self.device)
-        else:
-            self.device = pick_device(device_name)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank if flag is true on any (so all ranks stop at the same step)."""
-        if self.world == 1:
-            return flag
-        import torch.distributed as dist
-        t = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- checkpoints

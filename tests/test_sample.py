@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 from diffcli.nets import load_model
 from diffcli.sample import SampleConfig, sample_images
 
@@ -64,3 +67,51 @@ def test_unconditional_model_samples(tmp_path, tiny_uncond_run):
     out = tmp_path / "u"
     run_cli("sample", "--checkpoint", tiny_uncond_run, "--n", 3, "--steps", 2, "--out", out, check=True)
     assert sorted(p.name for p in out.glob("0*.png")) == ["00000-seed0.png", "00001-seed1.png", "00002-seed2.png"]
+
+
+def test_resume_fills_in_what_an_interrupted_run_left_identically(tiny_run, tmp_path):
+    args = ("sample", "--checkpoint", tiny_run, "--n", "6", "--steps", "3", "--sampler", "stochastic_heun",
+            "--batch-size", "4", "--device", "cpu")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run_cli(*args, "--out", whole, check=True)
+    run_cli(*args, "--out", cut, check=True)
+    gone = sorted(cut.glob("0000[235]-*.png"))
+    for f in gone + [cut / "grid.png"]:
+        f.unlink()  # what a kill after the first batch leaves (files appear atomically, one by one)
+    proc = run_cli(*args, "--batch-size", "2", "--out", cut, "--resume", check=True)
+    assert "3 already there" in proc.stdout
+    for f in sorted(whole.glob("*.png")):
+        assert (cut / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+@pytest.mark.parametrize("change,message", [(("--steps", "4"), "steps: 3 -> 4"), (("--out", "elsewhere"), "no run.json")])
+def test_resume_refuses_other_options_or_no_run(tiny_run, tmp_path, change, message):
+    out = tmp_path / "run"
+    base = ("sample", "--checkpoint", tiny_run, "--n", "2", "--steps", "3", "--device", "cpu")
+    run_cli(*base, "--out", out, check=True)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    args = [*base, "--out", out, "--resume", *change]
+    if change[0] == "--out":
+        args = [*base, "--resume", "--out", tmp_path / change[1]]
+    proc = run_cli(*args)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
+def test_two_ranks_write_the_same_files_as_one(tiny_run, tmp_path):
+    args = ("sample", "--checkpoint", str(tiny_run), "--n", "5", "--steps", "3", "--batch-size", "2", "--device", "cpu")
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_cli(*args, "--out", one, check=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29531", "-m", "diffcli", "--", *args, "--out", str(two)],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote 5 samples") == 1  # one merged report, from rank 0
+    pngs = sorted(f.name for f in one.glob("*.png"))
+    assert pngs == sorted(f.name for f in two.glob("*.png")) and len(pngs) == 6
+    for name in pngs:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    rec = json.loads((two / "run.json").read_text())
+    assert rec["world_size"] == 2 and rec["status"] == "complete" and len(rec["samples"]) == 5
