@@ -237,6 +237,37 @@ def versions() -> dict[str, str]:
     return out
 
 
+def environment() -> dict[str, Any]:
+    """What `diffcli info` shows: versions, devices with the dtypes they run, threads, and the model caches."""
+    from importlib import metadata
+    pkgs = {}
+    for pkg in ("diffcli", "torch", "torchvision", "diffusers", "transformers", "open_clip_torch", "clean-fid",
+                "safetensors", "typer"):
+        try:
+            pkgs[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pkgs[pkg] = "not installed"
+    devices = {"cpu": f"{torch.get_num_threads()} threads; fp32, bf16"}
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        bf16 = ", bf16" if torch.cuda.is_bf16_supported() else ""
+        devices[f"cuda:{i}"] = f"{props.name}, {props.total_memory / 2 ** 30:.0f} GiB; fp32, fp16{bf16}"
+    if torch.backends.mps.is_available():
+        devices["mps"] = "fp32, fp16"
+    try:
+        from huggingface_hub import constants
+        hub = constants.HF_HUB_CACHE
+    except ImportError:
+        hub = "huggingface_hub not installed"
+    caches = {"huggingface hub (pipelines, open_clip weights)": str(hub),
+              "clean-fid (Inception weights)": str(Path(tempfile.gettempdir()) / "inception-2015-12-05.pt")}
+    shipped = Path(__file__).resolve().parent.parent / "checkpoints"
+    return {"python": f"{platform.python_version()} ({sys.executable})", "platform": platform.platform(),
+            "packages": pkgs, "devices": devices, "default device": str(pick_device(None)), "caches": caches,
+            "shipped models": sorted(p.name for p in shipped.glob("*.safetensors")) if shipped.is_dir() else [],
+            "offline": bool(os.environ.get("HF_HUB_OFFLINE"))}
+
+
 def write_run_json(out_dir: Path, command: str, options: dict[str, Any], device: torch.device | str,
                    **extra: Any) -> None:
     """Record what produced a folder: argv, every option, versions, device and time."""
