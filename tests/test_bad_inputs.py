@@ -3,11 +3,28 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+
+
+def invoke(args: list[str], capsys) -> tuple[int, str]:
+    """The console script's own entry point (`diffcli.cli:run`) in this process: the real CLI without paying
+    the interpreter start and imports once per case (tests/test_cli.py covers the installed script)."""
+    from diffcli import cli
+    argv = sys.argv
+    sys.argv = ["diffcli", *map(str, args)]
+    cli._state["debug"] = False
+    try:
+        cli.run()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv
+    return code, capsys.readouterr().err
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -62,7 +79,20 @@ CASES = [
     ("unknown-dtype", ["sample", "--checkpoint", "{run}", "--dtype", "fp8", "--out", "{tmp}/o"], "unknown dtype"),
     ("train-bad-precision", ["train", "--dataset", "folder:{digits}", "--precision", "fp8", "--out", "{tmp}/o"], "--precision"),
     ("train-batch-zero", ["train", "--dataset", "folder:{digits}", "--batch", "0", "--out", "{tmp}/o"], "--batch"),
-    ("not-implemented", ["seg", "a cat"], "not implemented yet"),
+    ("sample-resume-nothing", ["sample", "--checkpoint", "{run}", "--resume", "--out", "{tmp}/o"], "no run.json"),
+    ("pg-batch-of-one", ["pg", "--checkpoint", "{run}", "--n", "1", "--out", "{tmp}/o"], "PG needs a batch"),
+    ("pg-negative-factor", ["pg", "--checkpoint", "{run}", "--pg-factor", "-1", "--out", "{tmp}/o"], "--pg-factor"),
+    ("pg-nan-factor", ["pg", "--checkpoint", "{run}", "--pg-factor", "nan", "--out", "{tmp}/o"], "--pg-factor"),
+    ("pg-unknown-kernel", ["pg", "--checkpoint", "{run}", "--kernel", "dino", "--out", "{tmp}/o"], "unknown kernel"),
+    ("pg-prompt-without-model", ["pg", "a dog", "--out", "{tmp}/o"], "needs --model"),
+    ("pg-pipeline-missing", ["pg", "a dog", "--model", "{tmp}/no-pipe", "--out", "{tmp}/o"], "local folder"),
+    ("pg-pickled-classifier", ["pg", "--checkpoint", "{run}", "--kernel", "classifier", "--classifier",
+                               "{bad}/weights.pt", "--out", "{tmp}/o"], "never unpickles"),
+    ("eval-folder-missing", ["eval", "{tmp}/nothing", "--digits"], "folder not found"),
+    ("eval-unknown-app", ["eval", "{bad}", "--app", "wide"], "unknown --app"),
+    ("eval-reference-missing", ["eval", "{bad}", "--fid", "{tmp}/nothing", "--features", "mnist"], "reference folder not found"),
+    ("eval-unknown-features", ["eval", "{bad}", "--fid", "{bad}", "--features", "vgg"], "unknown --features"),
+    ("eval-batch-zero", ["eval", "{bad}", "--app", "wide_images", "--batch-size", "0"], "--batch-size"),
     ("option-not-a-number", ["sample", "--n", "abc", "--out", "{tmp}/o"], "Invalid value for '--n'"),
     ("unknown-option", ["sample", "--bogus", "--out", "{tmp}/o"], "No such option"),
     ("unknown-command", ["generate"], "No such command"),
@@ -71,18 +101,18 @@ CASES = [
 
 
 @pytest.mark.parametrize("case_id,args,fragment", CASES, ids=[c[0] for c in CASES])
-def test_bad_input(case_id, args, fragment, tmp_path, tiny_run, tiny_uncond_run, digit_folder, bad_files):
+def test_bad_input(case_id, args, fragment, tmp_path, tiny_run, tiny_uncond_run, digit_folder, bad_files, capsys):
     subs = {"tmp": tmp_path / "w", "run": tiny_run, "urun": tiny_uncond_run, "digits": digit_folder, "bad": bad_files}
     (tmp_path / "w").mkdir()
     args = [a.format(**subs) for a in args]
     watched = [tiny_run, tiny_uncond_run, bad_files, tmp_path / "w"]
     before = [snapshot(d) for d in watched]
-    proc = run_cli(*args)
-    assert proc.returncode != 0
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    code, stderr = invoke(args, capsys)
+    assert code != 0
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     assert fragment in lines[0], lines[0]
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in stderr
     after = [snapshot(d) for d in watched]
     assert before == after, "a failed command changed files"
     assert not (tmp_path / "w" / "o").exists()

@@ -1,0 +1,97 @@
+"""FID (shipped classifier's 128-d features) and class accuracy of the shipped EDM model against NFE, per sampler.
+
+    OMP_NUM_THREADS=2 python benchmarks/fid_vs_nfe.py --n 1000
+
+Samples come from `diffcli sample`'s own function (seeds 0..n-1, labels cycling 0-9, no CFG), are rounded to
+uint8 as the PNGs would be, and are scored against the 5k held-out real digits exactly as
+`diffcli eval --fid REF --features mnist` scores folders. Two floors: n real t10k digits against the same 5k
+(the small-sample bias at this n) and all 10k against the 5k. Prints Markdown tables and writes a PNG plot if
+matplotlib is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from diffcli.classifier import load_classifier  # noqa: E402
+from diffcli.common import to_uint8  # noqa: E402
+from diffcli.eval import frechet_distance  # noqa: E402
+from diffcli.nets import load_model  # noqa: E402
+from diffcli.sample import SHIPPED_CHECKPOINT, SampleConfig, sample_images  # noqa: E402
+from diffcli.sampling import nfe  # noqa: E402
+from mnist_data import heldout_5k, t10k  # noqa: E402
+
+STEPS = {"euler": (9, 17, 35, 79), "heun": (5, 9, 18, 40), "stochastic_heun": (5, 9, 18, 40)}
+
+
+@torch.no_grad()
+def features(classifier, grey_uint8: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+    x = grey_uint8.float() / 127.5 - 1
+    feats = torch.cat([classifier.features(x[i:i + 500]) for i in range(0, len(x), 500)])
+    logits = torch.cat([classifier(x[i:i + 500]) for i in range(0, len(x), 500)])
+    return feats.double().numpy(), logits.argmax(1)
+
+
+def fid(feats: np.ndarray, ref: np.ndarray) -> float:
+    return frechet_distance(feats, ref.mean(0), np.cov(ref, rowvar=False))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--samplers", default="euler,heun,stochastic_heun")
+    ap.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT))
+    ap.add_argument("--plot", default="docs/fid-vs-nfe.png")
+    args = ap.parse_args()
+    model, meta = load_model(args.checkpoint)
+    clf = load_classifier()
+    ref, _ = features(clf, heldout_5k()[0])
+    real, _ = features(clf, t10k()[0])
+    floors = {"all": fid(real, ref), "n": fid(real[np.random.default_rng(0).permutation(len(real))[:args.n]], ref)}
+    rows = []
+    for sampler in args.samplers.split(","):
+        for steps in STEPS[sampler]:
+            t0 = time.time()
+            images, labels, _ = sample_images(model, meta, SampleConfig(n=args.n, steps=steps, sampler=sampler,
+                                                                        batch_size=250), torch.device("cpu"))
+            grey = torch.from_numpy(to_uint8(images)).movedim(-1, 1)
+            feats, pred = features(clf, grey)
+            acc = (pred == torch.tensor(labels)).float().mean().item()
+            rows.append((sampler, steps, nfe(sampler, steps), fid(feats, ref), acc, time.time() - t0))
+            print(f"{sampler} {steps} steps: NFE {rows[-1][2]}, FID {rows[-1][3]:.2f}, acc {acc:.3f}, "
+                  f"{rows[-1][5]:.0f} s", file=sys.stderr, flush=True)
+    print(f"model {args.checkpoint} (step {meta.get('train_step')}), {args.n} samples per row (seeds 0..{args.n - 1},"
+          f" labels cycling 0-9, no CFG); reference: 5k held-out real digits, shipped classifier features\n")
+    print("| sampler | steps | NFE | FID (mnist features) | class accuracy | seconds |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for s, steps, n_fe, f, a, sec in rows:
+        print(f"| {s} | {steps} | {n_fe} | {f:.2f} | {100 * a:.1f} % | {sec:.0f} |")
+    print(f"\nfloor (real vs real): {args.n} t10k digits vs the 5k: {floors['n']:.2f}; "
+          f"all 10k t10k vs the 5k: {floors['all']:.2f}")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for sampler in args.samplers.split(","):
+        pts = [(r[2], r[3]) for r in rows if r[0] == sampler]
+        ax.plot(*zip(*pts), marker="o", label=sampler)
+    ax.axhline(floors["n"], color="grey", ls="--", lw=1, label=f"real vs real, n={args.n}")
+    ax.set(xscale="log", xlabel="NFE", ylabel="FID (mnist features)", title="shipped MNIST EDM model")
+    ax.set_xticks([9, 17, 35, 79], labels=["9", "17", "35", "79"])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
