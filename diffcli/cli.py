@@ -164,10 +164,51 @@ def sample(
 
 # ---------------------------------------------------------------- commands other issues fill in
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def seg() -> None:
-    """Smoothed Energy Guidance on Stable Diffusion / SDXL (not implemented yet)."""
-    _not_implemented("seg")
+@app.command()
+@handle_errors
+def seg(
+    prompt: Optional[str] = typer.Argument(None, help="Text prompt (or --prompts-file)."),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="One prompt a line (blank lines and # comments skipped)."),
+    model: str = typer.Option("stabilityai/stable-diffusion-xl-base-1.0", "--model", help="SD 1.x/2.x or SDXL pipeline: a hub id in the cache or a local folder (save_pretrained layout)."),
+    seg_scale: float = typer.Option(3.0, "--seg-scale", help="s in D_c + s (D_c - D_seg); 0 = plain CFG."),
+    guidance: float = typer.Option(5.0, "--guidance", help="CFG scale w (adds D_u + w (D_c - D_u) - D_c); 0 or 1 = SEG only."),
+    blur: List[str] = typer.Option(["gaussian_-1_9999999"], "--blur", help="gaussian_K_S (K -1: from S; S 0: none; S > 9999: infinite), interpolatedBoxBlur_K_A, ema_A0_A1_linear|quadratic|cosine. Repeat for one run per blur (same seeds) and a side-by-side grid."),
+    layers: List[str] = typer.Option(["mid"], "--layers", help="Self-attention layers to perturb: down, mid, up, or indexed d4, m0, u1 (repeatable or comma-separated)."),
+    regions: List[str] = typer.Option(["begin,mid,end"], "--regions", help="Thirds of the steps that run the perturbed pass (begin = noisiest)."),
+    sigma_start: float = typer.Option(float("inf"), "--sigma-start", help="Perturb only at noise levels sigma <= this."),
+    sigma_end: float = typer.Option(0.0, "--sigma-end", help="Perturb only at noise levels sigma >= this."),
+    steps: int = typer.Option(50, help="DDIM steps (the scheduler's timesteps through our sampler)."),
+    seed: int = typer.Option(0, help="Image i of each prompt uses seed + i."),
+    n: int = typer.Option(1, "--n", help="Images per prompt (one batch)."),
+    height: Optional[int] = typer.Option(None, help="Image height (default: the model's native size)."),
+    width: Optional[int] = typer.Option(None, help="Image width (non-square allowed)."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Prompt of the unconditional CFG branch (default: empty)."),
+    metrics: bool = typer.Option(False, "--metrics", help="Write metrics.csv/json: per step, L2 of attention output - input, Laplacian variance, Sobel edge entropy of --track-block."),
+    track_block: str = typer.Option("mid", "--track-block", help="Block (down, mid, up) or layer (d4, m0, u1) whose metrics --metrics logs."),
+    dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, else fp32)."),
+    out: Path = typer.Option(Path("diffcli-out/seg"), "--out", help="Output folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty output folder."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps."),
+) -> None:
+    """Smoothed Energy Guidance (SEG) on Stable Diffusion 1.x/2.x and SDXL, with gaussian, box and EMA query blurs.
+
+    Example: diffcli seg "a cat" --blur gaussian_-1_10 --blur interpolatedBoxBlur_5_0.5 --out seg-cats
+
+    Example: diffcli seg --prompts-file prompts.txt --model ./sd-v1-5 --guidance 7.5 --regions begin --n 4
+    """
+    from .common import read_prompts_file
+    from .seg import SegConfig, run as run_seg
+    if prompt is not None and prompts_file is not None:
+        raise DiffcliError("give a prompt or --prompts-file, not both")
+    prompts = read_prompts_file(prompts_file) if prompts_file is not None else ([prompt] if prompt is not None else [])
+    config = SegConfig(prompts=prompts, model=model, seg_scale=seg_scale, guidance=guidance, blurs=blur,
+                       layers=layers, regions=regions, sigma_start=sigma_start, sigma_end=sigma_end, steps=steps,
+                       seed=seed, n=n, height=height, width=width, negative_prompt=negative_prompt, dtype=dtype,
+                       metrics=metrics, track_block=track_block)
+    result = run_seg(config, out, overwrite, device, {"out": str(out), "device": device,
+                                                      "prompts_file": str(prompts_file) if prompts_file else None})
+    typer.echo(f"wrote {result['images']} images ({result['blurs']} blur{'s' if result['blurs'] > 1 else ''}), "
+               f"grid.png and run.json to {result['out']}")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -230,6 +271,23 @@ def pg(
         typer.echo(line)
     extra = ", plain/, compare.png, compare.json" if compare else ""
     typer.echo(f"wrote {result['n']} samples, grid.png, run.json{extra} to {result['out']}")
+
+
+@app.command()
+@handle_errors
+def info() -> None:
+    """Versions, devices and the dtypes they run, and where models are cached.
+
+    Example: diffcli info
+    """
+    from .common import environment
+    for key, value in environment().items():
+        if isinstance(value, dict):
+            typer.echo(f"{key}:")
+            for k, v in value.items():
+                typer.echo(f"  {k}: {v}")
+        else:
+            typer.echo(f"{key}: {', '.join(value) if isinstance(value, list) else value}")
 
 
 @app.command(name="eval")

@@ -1,7 +1,7 @@
 """Guidance combinators: functions that take a denoiser and return a denoiser."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -33,6 +33,40 @@ def classifier_free(model, scale: float, cond: dict[str, Any], uncond: dict[str,
     def denoise(x: torch.Tensor, sigma: torch.Tensor, **kw: Any) -> torch.Tensor:
         d_u, d_c = model(torch.cat([x, x]), torch.cat([sigma, sigma]), **both, **kw).chunk(2)
         return d_u + scale * (d_c - d_u)
+
+    return denoise
+
+
+def smoothed_energy(model, seg_scale: float, guidance: float, cond: dict[str, Any], uncond: dict[str, Any],
+                    state, blur_at: Callable[[torch.Tensor], Any]):
+    """SEG (Hong 2024): D_c + s (D_c - D_seg), plus the CFG term (D = D_u + w (D_c - D_u) + s (D_c - D_seg)).
+
+    D_seg is the same model with the query of chosen self-attention layers blurred. `state`
+    (`attention.SegState`) tells the processors the roles of the batch chunks and the blur; `blur_at(sigma)`
+    gives the blur for this step, or None outside the guided steps, where only the CFG passes run. All passes
+    of a step go through the model as ONE batch, the perturbed chunk last. As the official code, guidance w of 0
+    or 1 means SEG without CFG (the conditional pass only); s = 0 is plain CFG.
+    """
+    use_cfg = guidance not in (0.0, 1.0)
+    plain = classifier_free(model, guidance if use_cfg else 1.0, cond, uncond)
+    roles = ("uncond", "cond", "seg") if use_cfg else ("cond", "seg")
+    batched = cat_cond(*(uncond if role == "uncond" else cond for role in roles))
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor, **kw: Any) -> torch.Tensor:
+        blur = blur_at(sigma) if seg_scale else None
+        state.latent_hw, state.sigma = tuple(x.shape[-2:]), float(torch.as_tensor(sigma).flatten()[0])
+        if blur is None:
+            state.roles, state.blur = roles[:-1], None
+            return plain(x, sigma, **kw)
+        k = len(roles)
+        state.roles, state.blur = roles, blur
+        try:
+            parts = model(torch.cat([x] * k), torch.cat([sigma] * k), **batched, **kw).chunk(k)
+        finally:
+            state.blur = None  # a later call that forgets to set it must not blur
+        d_c, d_seg = parts[-2], parts[-1]
+        guided = parts[0] + guidance * (d_c - parts[0]) if use_cfg else d_c
+        return guided + seg_scale * (d_c - d_seg)
 
     return denoise
 
