@@ -59,10 +59,6 @@ def handle_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def _not_implemented(name: str) -> None:
-    _fail(f"`diffcli {name}` is not implemented yet", 2)
-
-
 # ---------------------------------------------------------------- train
 
 @app.command()
@@ -211,16 +207,101 @@ def seg(
                f"grid.png and run.json to {result['out']}")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def panorama() -> None:
-    """Wide images by synchronized diffusion (not implemented yet)."""
-    _not_implemented("panorama")
+@app.command()
+@handle_errors
+def panorama(
+    prompt: Optional[str] = typer.Argument(None, help="Text prompt (or --prompts-file)."),
+    prompts_file: Optional[str] = typer.Option(None, "--prompts-file", help="003 wide_image_prompts.json (prompt and eval_pos per entry), a text file (one prompt a line), or 'assignment' for the shipped 003 set (prompts/wide_image_prompts.json)."),
+    model: str = typer.Option("stabilityai/stable-diffusion-2-base", "--model", help="SD 1.x/2.x or SDXL pipeline: a local folder (save_pretrained layout) or a hub id in the cache."),
+    height: int = typer.Option(512, help="Image height in px (multiple of 8; taller than a window gives a tall image)."),
+    width: int = typer.Option(3072, help="Image width in px (multiple of 8)."),
+    window: Optional[int] = typer.Option(None, help="Window size in latent cells (default: the UNet's sample size, 64 = 512 px for SD 2 base)."),
+    stride: int = typer.Option(8, help="Window stride in latent cells (8 = 64 px); the last window is flush with the border."),
+    steps: int = typer.Option(50, help="DDIM steps."),
+    cfg: float = typer.Option(7.5, "--cfg", "--guidance", help="CFG scale w: D_u + w (D_c - D_u)."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Prompt of the unconditional CFG branch (default: empty)."),
+    seed: int = typer.Option(1, help="Seed of the canvas noise (003: 1; every prompt uses it)."),
+    sync: str = typer.Option("x0", help="What the windows agree on each step: x0 (SyncTweedies), eps, xt, or none (unsynchronized)."),
+    noise: str = typer.Option("canvas", help="Initial noise: canvas (drawn on the canvas and cropped, 003) or views (one draw per window)."),
+    view_batch: int = typer.Option(8, "--view-batch", help="Windows per network batch (x2 with CFG)."),
+    decode_stride: Optional[int] = typer.Option(None, "--decode-stride", help="Latent cells between decoded VAE tiles, averaged where they overlap (default: --stride)."),
+    decode_batch: int = typer.Option(4, "--decode-batch", help="VAE tiles decoded at once (memory does not grow with the width)."),
+    eval_pos: Optional[str] = typer.Option(None, "--eval-pos", help="x offsets (px) of window-sized crops written as <Prompt>_<pos>.png, e.g. 243,1005 (overrides the prompts file's)."),
+    dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, else fp32)."),
+    out: Path = typer.Option(Path("diffcli-out/panorama"), "--out", help="Output folder (the 003 wide_images layout)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty output folder."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps."),
+) -> None:
+    """Wide or tall images by synchronized diffusion over overlapping windows (SyncTweedies).
+
+    Example: diffcli panorama "A beach scene at sunrise with golden sands" --eval-pos 243,1005 --out wide_images
+
+    Example: diffcli panorama --prompts-file assignment --out wide_images && diffcli eval wide_images --app wide_images
+    """
+    from .panorama import PanoramaConfig, parse_positions, run as run_panorama
+    config = PanoramaConfig(prompt=prompt, prompts_file=prompts_file, model=model, height=height, width=width,
+                            window=window, stride=stride, steps=steps, cfg=cfg, negative_prompt=negative_prompt,
+                            seed=seed, sync=sync, noise=noise, view_batch=view_batch, decode_stride=decode_stride,
+                            decode_batch=decode_batch, eval_pos=parse_positions(eval_pos), dtype=dtype)
+    result = run_panorama(config, out, overwrite, device, {"out": str(out), "device": device})
+    typer.echo(f"wrote {result['images']} image(s) of {result['windows']} windows and {result['crops']} crop(s) "
+               f"to {result['out']}")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def anagram() -> None:
-    """Visual anagrams with DeepFloyd IF (not implemented yet)."""
-    _not_implemented("anagram")
+@app.command()
+@handle_errors
+def anagram(
+    prompts: Optional[List[str]] = typer.Argument(None, help="One prompt per view, in the order of --views."),
+    views: Optional[List[str]] = typer.Option(None, "--views", help="Views, one per prompt (default: identity rotate_cw): identity, flip, rotate_cw, rotate_ccw, rotate_180, negate, skew, patch_permute, pixel_permute, jigsaw, inner_rotate, square_hinge. '--views identity rotate_cw', '--views identity,rotate_cw' and repeating --views all work."),
+    prompts_file: Optional[str] = typer.Option(None, "--prompts-file", help="003 ambiguous_image_prompts.json (canonical_prompt, instance_prompt per entry): runs every pair; 'assignment' = the shipped 003 set."),
+    model: str = typer.Option("DeepFloyd/IF-I-M-v1.0", "--model", help="DeepFloyd IF stage I pipeline: a local folder or a hub id in the cache."),
+    sr_model: str = typer.Option("DeepFloyd/IF-II-M-v1.0", "--sr-model", help="DeepFloyd IF stage II pipeline, or 'none' for stage I images only."),
+    height: Optional[int] = typer.Option(None, help="Stage I height in px (default: the UNet's, 64); stage II is x4."),
+    width: Optional[int] = typer.Option(None, help="Stage I width in px (default: the height)."),
+    steps: int = typer.Option(30, help="Stage I DDIM steps."),
+    cfg: float = typer.Option(10.0, "--cfg", "--guidance", help="Stage I CFG scale."),
+    sr_steps: int = typer.Option(30, "--sr-steps", help="Stage II DDIM steps."),
+    sr_cfg: float = typer.Option(10.0, "--sr-cfg", help="Stage II CFG scale."),
+    noise_level: int = typer.Option(50, "--noise-level", help="Stage II: noise added to the upsampled stage-I image (timestep of IF's image-noising scheduler)."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Prompt of the unconditional CFG branch (default: empty)."),
+    seed: int = typer.Option(0, help="Seed of the canvas noise."),
+    sync: str = typer.Option("x0", help="What the views agree on each step: x0 (SyncTweedies), eps, xt, or none (unsynchronized)."),
+    noise: str = typer.Option("canvas", help="Initial noise: canvas (one draw seen through every view) or views (one draw per view)."),
+    view_batch: int = typer.Option(8, "--view-batch", help="Views per network batch (x2 with CFG)."),
+    view_seed: int = typer.Option(0, "--view-seed", help="Seed of the permutation views (patch_permute, pixel_permute, jigsaw)."),
+    patches: int = typer.Option(8, help="patch_permute: patches per side."),
+    pieces: int = typer.Option(4, help="jigsaw: pieces per side."),
+    squares: int = typer.Option(2, help="square_hinge: squares per side."),
+    skew: float = typer.Option(0.5, help="skew: rows of shift per column."),
+    inner_angle: float = typer.Option(90.0, "--inner-angle", help="inner_rotate: degrees the central disc turns clockwise."),
+    frames: int = typer.Option(12, help="Animation frames per transition."),
+    dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, else fp32)."),
+    out: Path = typer.Option(Path("diffcli-out/anagram"), "--out", help="Output folder (the 003 ambiguous_images layout; animations/ inside)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty output folder."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps."),
+) -> None:
+    """Visual anagrams: one image that shows each prompt under its view, by synchronized DeepFloyd IF.
+
+    Example: diffcli anagram "an oil painting of a horse" "an oil painting of a snowy mountain village" --views identity rotate_cw --out ambiguous_images
+
+    Example: diffcli anagram --prompts-file assignment --out ambiguous_images && diffcli eval ambiguous_images --app ambiguous_images
+    """
+    from .anagram import AnagramConfig, run as run_anagram
+    from .views import VIEWS
+    # click gives an option one value, so in `--views identity rotate_cw` the second name lands among the
+    # prompts: a bare view name there is taken as a view (a prompt is never just a view's name)
+    names = [v for spec in views or [] for v in spec.replace(",", " ").split()]
+    names += [p for p in prompts or [] if p in VIEWS]
+    config = AnagramConfig(prompts=[p for p in prompts or [] if p not in VIEWS], views=names or ["identity", "rotate_cw"],
+                           prompts_file=prompts_file, model=model,
+                           sr_model=None if sr_model.lower() == "none" else sr_model, height=height, width=width,
+                           steps=steps, cfg=cfg, sr_steps=sr_steps, sr_cfg=sr_cfg, noise_level=noise_level,
+                           negative_prompt=negative_prompt, seed=seed, sync=sync, noise=noise, view_batch=view_batch,
+                           view_seed=view_seed, patches=patches, pieces=pieces, squares=squares, skew=skew,
+                           inner_angle=inner_angle, frames=frames, dtype=dtype)
+    result = run_anagram(config, out, overwrite, device, {"out": str(out), "device": device})
+    typer.echo(f"wrote {result['images']} view image(s) of {result['pairs']} anagram(s) and their animations to "
+               f"{result['out']}")
 
 
 @app.command()

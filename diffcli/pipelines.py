@@ -6,7 +6,9 @@ used: the loop is `diffcli.sampling` over `DiffusersDenoiser` with the scheduler
 """
 from __future__ import annotations
 
+import re
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,22 +18,31 @@ from .denoisers import DiffusersDenoiser, ve_to_vp, vp_to_ve
 from .sampling import get_sigmas_scheduler
 
 
-def load_pipeline(spec: str, device: torch.device, dtype: torch.dtype, kind: str = "text-to-image"):
-    """`DiffusionPipeline.from_pretrained` on a hub id or a local folder; the class comes from model_index.json."""
+def load_pipeline(spec: str, device: torch.device, dtype: torch.dtype, kind: str = "text-to-image", **components):
+    """`DiffusionPipeline.from_pretrained` on a hub id or a local folder; the class comes from model_index.json.
+
+    `components` replace parts of the pipeline (IF stage II: text_encoder=None, it reuses stage I's T5 embeddings).
+    """
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
     dlog.set_verbosity_error()
     tlog.set_verbosity_error()
+    dlog.disable_progress_bar()  # loading bars on stderr say nothing the command does not
+    tlog.disable_progress_bar()
     try:
         with warnings.catch_warnings():  # library deprecation chatter is not the user's business
             warnings.simplefilter("ignore")
+            # never run code shipped with a model; diffusers reads .bin weights with weights_only=True
             pipe = DiffusionPipeline.from_pretrained(spec, dtype=dtype, safety_checker=None,
-                                                     requires_safety_checker=False)
+                                                     requires_safety_checker=False, trust_remote_code=False,
+                                                     **components)
     except Exception as e:  # hub errors, missing folders and bad configs all come as different types
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DiffcliError(f"cannot load a {kind} pipeline from {spec!r} ({first[:200]}); without a network pass "
-                           "a local folder (a pipeline saved with save_pretrained)") from None
+        repo = spec if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not Path(spec).exists() else "ORG/MODEL"
+        raise DiffcliError(f"cannot load a {kind} pipeline from {spec!r} ({first[:160]}); get it with `hf download "
+                           f"{repo} --local-dir DIR` where there is a network and pass --model DIR (a local folder)"
+                           ) from None
     if not hasattr(pipe, "unet"):
         raise DiffcliError(f"{spec!r} is a {type(pipe).__name__}; diffcli runs UNet pipelines (SD 1.x/2.x, SDXL, "
                            "DeepFloyd IF); transformer models (SD3, Flux) are not supported yet")
@@ -117,3 +128,64 @@ def decode(pipe, x: torch.Tensor, sigma_last: torch.Tensor | float) -> torch.Ten
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     images = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample.float()
     return images.clamp(-1, 1).cpu()
+
+
+def clip_x0(model, pipe):
+    """The scheduler's own limits on x0_hat as a denoiser combinator: dynamic thresholding (IF's schedulers ask
+    for it), else clipping, else `model` itself (SD). An Euler step from the limited x0_hat is DDIM with
+    use_clipped_model_output=True, i.e. the 003 seed's psi(x_t, x0)."""
+    c = pipe.scheduler.config
+    if c.get("thresholding"):
+        ratio, top = c.get("dynamic_thresholding_ratio", 0.995), c.get("sample_max_value", 1.0)
+
+        def denoise(x: torch.Tensor, sigma: torch.Tensor, **kw: Any) -> torch.Tensor:
+            x0 = model(x, sigma, **kw)
+            s = torch.quantile(x0.flatten(1).abs(), ratio, dim=1).clamp(1, top).view(-1, *[1] * (x0.ndim - 1))
+            return x0.clamp(-s, s) / s
+
+        return denoise
+    if c.get("clip_sample"):
+        r = c.get("clip_sample_range", 1.0)
+        return lambda x, sigma, **kw: model(x, sigma, **kw).clamp(-r, r)
+    return model
+
+
+# ---------------------------------------------------------------- DeepFloyd IF stage II (super-resolution)
+
+def is_super_resolution(pipe) -> bool:
+    """IF stage II: its UNet reads the noisy image and the upsampled stage-I image side by side."""
+    return family(pipe) == "if" and hasattr(pipe, "image_noising_scheduler")
+
+
+class ConcatUNet(torch.nn.Module):
+    """Stage II's UNet behind the plain UNet call: the conditioning image (keyword `image`) is concatenated to
+    the scaled noisy input, as IFSuperResolutionPipeline does, so `DiffusersDenoiser` and CFG run it unchanged."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, image: torch.Tensor, **kw: Any):
+        return self.unet(torch.cat([sample, image.to(sample.dtype)], dim=1), timestep, **kw)
+
+
+def sr_denoiser(pipe) -> DiffusersDenoiser:
+    return DiffusersDenoiser.from_scheduler(ConcatUNet(pipe.unet), pipe.scheduler)
+
+
+@torch.no_grad()
+def sr_condition(pipe, image: torch.Tensor, height: int, width: int, noise_level: int,
+                 noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(upsampled stage-I image with noise at `noise_level`, the noise-level class labels), as the pipeline makes
+    them: bilinear with align_corners, then the image-noising scheduler's add_noise. `image` is (N, 3, h, w)."""
+    steps = pipe.image_noising_scheduler.config.num_train_timesteps
+    if not 0 <= noise_level < steps:
+        raise DiffcliError(f"--noise-level must be in [0, {steps}), got {noise_level}")
+    up = torch.nn.functional.interpolate(image.float(), (height, width), mode="bilinear", align_corners=True)
+    labels = torch.full((up.shape[0],), noise_level, device=up.device, dtype=torch.long)
+    up = pipe.image_noising_scheduler.add_noise(up, noise.to(up), labels)
+    return up.to(pipe.unet.dtype), labels

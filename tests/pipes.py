@@ -77,3 +77,53 @@ def build_tiny_sdxl(root: Path) -> Path:
                                      tokenizer_2=tokenizer, unet=unet, scheduler=tiny_scheduler())
     pipe.save_pretrained(root / "pipe")
     return root / "pipe"
+
+
+def tiny_t5(root: Path):
+    """T5 tokenizer from a tiny unigram vocabulary (letters and word-initial letters) and a one-layer encoder."""
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    vocab += [(c, -2.0) for c in letters] + [("\u2581" + c, -2.5) for c in letters]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+    config = T5Config(vocab_size=len(vocab), d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return tokenizer, T5EncoderModel(config).eval()
+
+
+def tiny_if_unet(sample_size: int, super_resolution: bool):
+    """IF-shaped UNet: 6 output channels (eps, variance), T5 text projection, simple cross-attention blocks;
+    stage II reads 6 channels (noisy + upsampled image) and the noise level as a timestep class label."""
+    from diffusers import UNet2DConditionModel
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=6 if super_resolution else 3, out_channels=6,
+        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=16, encoder_hid_dim=16,
+        encoder_hid_dim_type="text_proj", addition_embed_type="text", addition_embed_type_num_heads=2,
+        attention_head_dim=8, resnet_time_scale_shift="scale_shift",
+        class_embed_type="timestep" if super_resolution else None)
+
+
+def if_scheduler():
+    """IF's scheduler settings: cosine betas, learned variance, dynamic thresholding of x0."""
+    from diffusers import DDPMScheduler
+    return DDPMScheduler(beta_schedule="squaredcos_cap_v2", variance_type="learned_range", thresholding=True,
+                         dynamic_thresholding_ratio=0.95, sample_max_value=1.5, clip_sample=True)
+
+
+def build_tiny_if(root: Path, size: int = 16, upscale: int = 2) -> tuple[Path, Path]:
+    """DeepFloyd IF stage I (size px) and stage II (size * upscale px), saved as two pipelines sharing one T5."""
+    from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline
+    tokenizer, encoder = tiny_t5(root / "tok")
+    torch.manual_seed(0)
+    common = dict(tokenizer=tokenizer, text_encoder=encoder, safety_checker=None, feature_extractor=None,
+                  watermarker=None, requires_safety_checker=False)
+    stage1 = IFPipeline(unet=tiny_if_unet(size, False), scheduler=if_scheduler(), **common)
+    stage2 = IFSuperResolutionPipeline(unet=tiny_if_unet(size * upscale, True), scheduler=if_scheduler(),
+                                       image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
+                                       **common)
+    stage1.save_pretrained(root / "if-I")
+    stage2.save_pretrained(root / "if-II")
+    return root / "if-I", root / "if-II"

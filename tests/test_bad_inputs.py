@@ -14,6 +14,7 @@ def invoke(args: list[str], capsys) -> tuple[int, str]:
     """The console script's own entry point (`diffcli.cli:run`) in this process: the real CLI without paying
     the interpreter start and imports once per case (tests/test_cli.py covers the installed script)."""
     from diffcli import cli
+    capsys.readouterr()  # what fixtures printed while being built is not the command's
     argv = sys.argv
     sys.argv = ["diffcli", *map(str, args)]
     cli._state["debug"] = False
@@ -88,6 +89,15 @@ CASES = [
     ("pg-pipeline-missing", ["pg", "a dog", "--model", "{tmp}/no-pipe", "--out", "{tmp}/o"], "local folder"),
     ("pg-pickled-classifier", ["pg", "--checkpoint", "{run}", "--kernel", "classifier", "--classifier",
                                "{bad}/weights.pt", "--out", "{tmp}/o"], "never unpickles"),
+    ("seg-blur-malformed", ["seg", "a cat", "--model", "{sd}", "--blur", "gaussian_x", "--out", "{tmp}/o"], "accepted forms"),
+    ("seg-unknown-layer", ["seg", "a cat", "--model", "{sd}", "--layers", "q7", "--out", "{tmp}/o"], "valid: down (d0-d1)"),
+    ("seg-steps-zero", ["seg", "a cat", "--model", "{sd}", "--steps", "0", "--out", "{tmp}/o"], "--steps"),
+    ("seg-size-not-multiple", ["seg", "a cat", "--model", "{sd}", "--height", "18", "--out", "{tmp}/o"], "multiple of 4"),
+    ("seg-no-prompt", ["seg", "--model", "{sd}", "--out", "{tmp}/o"], "give a prompt"),
+    ("seg-unknown-region", ["seg", "a cat", "--model", "{sd}", "--regions", "start", "--out", "{tmp}/o"], "--regions"),
+    ("seg-model-offline", ["seg", "a cat", "--model", "nobody/no-such-model", "--out", "{tmp}/o"], "hf download nobody/no-such-model"),
+    ("seg-prompts-file-missing", ["seg", "--model", "{sd}", "--prompts-file", "{tmp}/none.txt", "--out", "{tmp}/o"], "prompts file"),
+    ("seg-existing-output", ["seg", "a cat", "--model", "{sd}", "--out", "{run}"], "not empty"),
     ("eval-folder-missing", ["eval", "{tmp}/nothing", "--digits"], "folder not found"),
     ("eval-unknown-app", ["eval", "{bad}", "--app", "wide"], "unknown --app"),
     ("eval-reference-missing", ["eval", "{bad}", "--fid", "{tmp}/nothing", "--features", "mnist"], "reference folder not found"),
@@ -101,8 +111,11 @@ CASES = [
 
 
 @pytest.mark.parametrize("case_id,args,fragment", CASES, ids=[c[0] for c in CASES])
-def test_bad_input(case_id, args, fragment, tmp_path, tiny_run, tiny_uncond_run, digit_folder, bad_files, capsys):
+def test_bad_input(case_id, args, fragment, tmp_path, tiny_run, tiny_uncond_run, digit_folder, bad_files, capsys,
+                   request):
     subs = {"tmp": tmp_path / "w", "run": tiny_run, "urun": tiny_uncond_run, "digits": digit_folder, "bad": bad_files}
+    if any("{sd}" in a for a in args):
+        subs["sd"] = request.getfixturevalue("tiny_sd")
     (tmp_path / "w").mkdir()
     args = [a.format(**subs) for a in args]
     watched = [tiny_run, tiny_uncond_run, bad_files, tmp_path / "w"]

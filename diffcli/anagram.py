@@ -1,0 +1,255 @@
+"""diffcli anagram: visual anagrams with DeepFloyd IF by synchronized diffusion (003 task 2, Visual Anagrams).
+
+One canvas image, one view per prompt (`views.make_view`); each view sees its own prompt (one conditioning
+row per view) and `sync.synchronized` makes them agree. Stage I (64 px) then stage II (x4, conditioned on the
+noised upsampled stage-I canvas as IF does, every view seeing its view of it) run the same synchronized DDIM.
+Writes one PNG per view named by its prompt (the 003 ambiguous_images layout) and, under `animations/`, a GIF
+and a strip of the canvas turning into each view.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import pipelines
+from .common import (DiffcliError, PerSampleRandn, pick_device, pick_dtype, prepare_out_dir, safe_name, save_gif,
+                     save_grid, save_image, write_run_json)
+from .guidance import classifier_free
+from .panorama import key_line, resolve_prompts_file
+from .sampling import sample_euler
+from .sync import CASES, NOISES, chain, in_batches, initial_instances, rows_of, synchronized
+from .views import VIEWS, ViewOptions, ViewSet, frame, make_view
+
+DEFAULT_MODEL = "DeepFloyd/IF-I-M-v1.0"
+DEFAULT_SR_MODEL = "DeepFloyd/IF-II-M-v1.0"
+ANIMATION_DIR = "animations"  # a subfolder, so eval (which reads the folder's own *.png) never scores it
+
+
+@dataclass
+class AnagramConfig:
+    prompts: list[str] = field(default_factory=list)
+    views: list[str] = field(default_factory=lambda: ["identity", "rotate_cw"])
+    prompts_file: str | None = None
+    model: str = DEFAULT_MODEL
+    sr_model: str | None = DEFAULT_SR_MODEL   # None: stage I only
+    height: int | None = None                 # stage I px; default the UNet's sample size (64)
+    width: int | None = None
+    steps: int = 30
+    cfg: float = 10.0
+    sr_steps: int = 30
+    sr_cfg: float = 10.0
+    noise_level: int = 50
+    negative_prompt: str | None = None
+    seed: int = 0
+    sync: str = "x0"
+    noise: str = "canvas"
+    view_batch: int = 8
+    view_seed: int = 0
+    patches: int = 8
+    pieces: int = 4
+    squares: int = 2
+    skew: float = 0.5
+    inner_angle: float = 90.0
+    frames: int = 12
+    dtype: str | None = None
+
+    def view_options(self) -> ViewOptions:
+        return ViewOptions(seed=self.view_seed, patches=self.patches, pieces=self.pieces, squares=self.squares,
+                           skew=self.skew, inner_angle=self.inner_angle)
+
+
+@dataclass
+class Job:
+    name: str            # stem of the animation files
+    prompts: list[str]   # one per view
+
+
+# ---------------------------------------------------------------- input
+
+def read_pairs(path: str) -> list[Job]:
+    """003's ambiguous_image_prompts.json: {key: {canonical_prompt, instance_prompt}}; the prompt fields count."""
+    from .eval import read_json_option
+    data = read_json_option(path, "--prompts-file", "prompts file")
+    if not isinstance(data, dict) or not data:
+        raise DiffcliError(f"--prompts-file {path}: expected a JSON object "
+                           "{key: {canonical_prompt, instance_prompt}}")
+    jobs = []
+    for key, rec in data.items():
+        fields = ("canonical_prompt", "instance_prompt")
+        if not isinstance(rec, dict) or not all(isinstance(rec.get(f), str) and rec[f].strip() for f in fields):
+            raise DiffcliError(f"--prompts-file {path}: entry {key!r}{key_line(path, key)} needs string fields "
+                               "canonical_prompt and instance_prompt")
+        jobs.append(Job(safe_name(key), [rec[f] for f in fields]))
+    return jobs
+
+
+def validate(cfg: AnagramConfig) -> list[Job]:
+    """Everything checkable before a model is loaded; returns the prompt sets to run."""
+    unknown = [v for v in cfg.views if v not in VIEWS]
+    if unknown:
+        raise DiffcliError(f"unknown view(s) {', '.join(unknown)}; choose from {', '.join(VIEWS)}")
+    if len(cfg.views) < 1:
+        raise DiffcliError("--views needs at least one view")
+    for name in ("height", "width"):
+        v = getattr(cfg, name)
+        if v is not None and (v < 8 or v % 8):
+            raise DiffcliError(f"--{name} {v}: must be a positive multiple of 8 px")
+    for name in ("steps", "sr_steps", "view_batch", "frames", "patches", "pieces", "squares"):
+        if getattr(cfg, name) < 1:
+            raise DiffcliError(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("cfg", "sr_cfg", "skew", "inner_angle"):
+        if not math.isfinite(getattr(cfg, name)) or (name.endswith("cfg") and getattr(cfg, name) < 0):
+            raise DiffcliError(f"--{name.replace('_', '-')} must be a finite number" + (" >= 0" if "cfg" in name else ""))
+    if cfg.sync not in CASES:
+        raise DiffcliError(f"unknown --sync {cfg.sync!r}; choose one of {', '.join(CASES)}")
+    if cfg.noise not in NOISES:
+        raise DiffcliError(f"unknown --noise {cfg.noise!r}; choose one of {', '.join(NOISES)}")
+    if cfg.prompts and cfg.prompts_file:
+        raise DiffcliError("give prompts or --prompts-file, not both")
+    if cfg.prompts_file:
+        jobs = read_pairs(resolve_prompts_file(cfg.prompts_file, "ambiguous_image_prompts.json"))
+    elif cfg.prompts:
+        if any(not p.strip() for p in cfg.prompts):
+            raise DiffcliError("a prompt is empty")
+        jobs = [Job("-".join(safe_name(p, 60) for p in cfg.prompts), list(cfg.prompts))]
+    else:
+        raise DiffcliError('give one prompt per view: diffcli anagram "an oil painting of a horse" '
+                           '"an oil painting of a snowy mountain village" --views identity rotate_cw')
+    for job in jobs:
+        if len(job.prompts) != len(cfg.views):
+            shown = ", ".join(repr(p) for p in job.prompts[:6])
+            raise DiffcliError(f"{len(job.prompts)} prompt(s) ({shown}) for {len(cfg.views)} view(s) "
+                               f"({' '.join(cfg.views)}): give one prompt per view; views are {', '.join(VIEWS)}")
+    return jobs
+
+
+def build_views(cfg: AnagramConfig, height: int, width: int) -> list:
+    return [make_view(v, height, width, cfg.view_options()) for v in cfg.views]
+
+
+# ---------------------------------------------------------------- one synchronized stage
+
+def synced_sample(model_rows: Callable[[int, int], Any], views: ViewSet, sigmas: torch.Tensor, rng: PerSampleRandn,
+                  cfg: AnagramConfig, on_step=None) -> torch.Tensor:
+    """Final instance stack (V, C, H, W) of one synchronized DDIM run (our x = x0 + sigma n form)."""
+    model, hook = synchronized(in_batches(model_rows, len(views), cfg.view_batch), views, cfg.sync)
+    draw = lambda shape: pipelines.initial_latents(rng, shape, sigmas[0])[0]
+    start = initial_instances(views, draw, views.canvas, cfg.noise)
+    return sample_euler(model, start, sigmas, callback=chain(hook, on_step))
+
+
+def images_of(views: ViewSet, w: torch.Tensor, sigma_last, pipe, case: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(canvas image (3, H, W), one image per view (V, 3, H, W)) in [-1, 1]: synchronized views are views of
+    the canvas; unsynchronized ones are each their own sample."""
+    rows = pipelines.decode(pipe, w, sigma_last)
+    canvas = views.average(rows)
+    return canvas, (rows if case == "none" else views.forward(canvas))
+
+
+@torch.no_grad()
+def generate(pipe, sr_pipe, job: Job, cfg: AnagramConfig, size: tuple[int, int], device: torch.device,
+             on_step=None) -> dict[str, torch.Tensor]:
+    """Stage I (and II): {'canvas': (3, H, W), 'views': (V, 3, H, W), 'stage1': (3, h, w)} in [-1, 1] on the CPU."""
+    height, width = size
+    rng = PerSampleRandn([cfg.seed], device)
+    views = ViewSet(build_views(cfg, height, width), (3, height, width))
+    cond, uncond = pipelines.encode_prompts(pipe, job.prompts, cfg.negative_prompt, height, width, device)
+    base = pipelines.denoiser(pipe)
+    make = lambda a, b: pipelines.clip_x0(classifier_free(base, cfg.cfg, rows_of(cond, a, b), rows_of(uncond, a, b)),
+                                          pipe)
+    sigmas = pipelines.sigmas(pipe, cfg.steps, device)
+    w = synced_sample(make, views, sigmas, rng, cfg, on_step)
+    canvas, per_view = images_of(views, w, sigmas[-1], pipe, cfg.sync)
+    result = {"stage1": canvas, "canvas": canvas, "views": per_view}
+    if sr_pipe is None:
+        return result
+
+    # stage II: the same views on the larger canvas (permutations act on blocks), T5 embeddings reused
+    scale = sr_pipe.unet.config.sample_size // pipe.unet.config.sample_size
+    big = (3, height * scale, width * scale)
+    views2 = ViewSet(views.views, big)
+    noise = rng.randn(big)[0].to(device)
+    if cfg.sync == "none":  # each view is upsampled from its own stage-I sample
+        up, labels = pipelines.sr_condition(sr_pipe, per_view.to(device), big[1], big[2], cfg.noise_level,
+                                            views2.forward(noise))
+    else:  # every view sees its view of the one upsampled canvas (Visual Anagrams views the whole UNet input)
+        up, labels = pipelines.sr_condition(sr_pipe, canvas[None].to(device), big[1], big[2], cfg.noise_level,
+                                            noise[None])
+        up, labels = views2.forward(up[0]), labels.expand(len(views))
+    cond2, uncond2 = ({**c, "image": up, "class_labels": labels} for c in (cond, uncond))
+    base2 = pipelines.sr_denoiser(sr_pipe)
+    make2 = lambda a, b: pipelines.clip_x0(
+        classifier_free(base2, cfg.sr_cfg, rows_of(cond2, a, b), rows_of(uncond2, a, b)), sr_pipe)
+    sigmas2 = pipelines.sigmas(sr_pipe, cfg.sr_steps, device)
+    w2 = synced_sample(make2, views2, sigmas2, rng, cfg, on_step)
+    canvas2, per_view2 = images_of(views2, w2, sigmas2[-1], sr_pipe, cfg.sync)
+    return {"stage1": canvas, "canvas": canvas2, "views": per_view2}
+
+
+def animation(views: list, canvas: torch.Tensor, frames: int) -> list[torch.Tensor]:
+    """The canvas turning into each (non-identity) view and back: frames per transition, holding at the ends."""
+    out = [canvas] * 3
+    for v in views:
+        if v.name == "identity":
+            continue
+        go = [frame(v, canvas, k / frames) for k in range(1, frames + 1)]
+        out += go + [go[-1]] * 3 + go[::-1] + [canvas] * 3
+    return out
+
+
+# ---------------------------------------------------------------- the command
+
+def load(cfg: AnagramConfig, device: torch.device, dtype: torch.dtype):
+    pipe = pipelines.load_pipeline(cfg.model, device, dtype, kind="DeepFloyd IF stage I")
+    if pipelines.family(pipe) != "if" or pipelines.is_super_resolution(pipe):
+        raise DiffcliError(f"--model {cfg.model!r} is a {type(pipe).__name__}; anagram needs a DeepFloyd IF stage I "
+                           "pipeline (IFPipeline)")
+    sr_pipe = None
+    if cfg.sr_model:
+        sr_pipe = pipelines.load_pipeline(cfg.sr_model, device, dtype, kind="DeepFloyd IF stage II", text_encoder=None)
+        if not pipelines.is_super_resolution(sr_pipe):
+            raise DiffcliError(f"--sr-model {cfg.sr_model!r} is a {type(sr_pipe).__name__}; it needs a DeepFloyd IF "
+                               "stage II pipeline (IFSuperResolutionPipeline), or pass --sr-model none")
+        if sr_pipe.unet.config.sample_size % pipe.unet.config.sample_size:
+            raise DiffcliError("stage II's size is not a whole multiple of stage I's")
+    return pipe, sr_pipe
+
+
+def run(cfg: AnagramConfig, out: Path, overwrite: bool, device_name: str | None,
+        options: dict[str, Any]) -> dict[str, Any]:
+    jobs = validate(cfg)
+    device = pick_device(device_name)
+    dtype = pick_dtype(cfg.dtype, device)
+    if cfg.height or cfg.width:  # bad view/size pairs fail before loading
+        build_views(cfg, cfg.height or cfg.width, cfg.width or cfg.height)
+    pipe, sr_pipe = load(cfg, device, dtype)
+    default = pipelines.default_size(pipe)
+    size = (cfg.height or cfg.width or default, cfg.width or cfg.height or default)
+    pipelines.check_size(pipe, *size)
+    build_views(cfg, *size)
+    out = prepare_out_dir(out, overwrite)
+
+    from .eval import progress_bar
+    files: list[str] = []
+    per_job = cfg.steps + (cfg.sr_steps if sr_pipe is not None else 0)
+    with progress_bar("anagram", per_job * len(jobs)) as advance:
+        for job in jobs:
+            result = generate(pipe, sr_pipe, job, cfg, size, device, lambda info: advance(1))
+            stems = [safe_name(p) for p in job.prompts]
+            for i, (stem, image) in enumerate(zip(stems, result["views"])):
+                name = f"{stem}.png" if stems.count(stem) == 1 else f"{stem}_{i}_{cfg.views[i]}.png"
+                save_image(out / name, image)
+                files.append(name)
+            anim = out / ANIMATION_DIR
+            frames = animation(build_views(cfg, *size), result["canvas"], cfg.frames)
+            save_gif(anim / f"{job.name}.gif", frames)
+            strip = [frame(v, result["canvas"], t) for v in build_views(cfg, *size) if v.name != "identity"
+                     for t in (0, 0.25, 0.5, 0.75, 1)] or [result["canvas"]]
+            save_grid(anim / f"{job.name}_strip.png", torch.stack(strip), nrow=5)
+    write_run_json(out, "anagram", {**asdict(cfg), **options}, device, model=cfg.model, sr_model=cfg.sr_model,
+                   size=list(size), jobs=[asdict(j) for j in jobs], files=files)
+    return {"out": str(out), "images": len(files), "pairs": len(jobs)}

@@ -1,0 +1,253 @@
+"""diffcli panorama: wide (or tall) images by synchronized diffusion over overlapping latent windows (003 task 1).
+
+The windows are views (`views.windows`), the synchronization is `sync.synchronized`, the sampler is DDIM =
+Euler over the scheduler's sigmas (`diffcli.sampling`); this module picks sizes, runs prompts, decodes the
+latent canvas tile by tile and writes the 003 submission layout: `<Prompt_with_underscores>.png` and its
+512x512 crops `<Prompt_with_underscores>_<pos>.png`, which `diffcli eval --app wide_images` grades.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import pipelines
+from .common import (DiffcliError, PerSampleRandn, pick_device, pick_dtype, prepare_out_dir, read_prompts_file,
+                     safe_name, save_image, write_run_json)
+from .guidance import classifier_free
+from .sampling import sample_euler
+from .sync import CASES, NOISES, chain, in_batches, initial_instances, rows_of, synchronized
+from .views import ViewSet, windows
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
+PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"  # the shipped 003 prompt sets
+ASSIGNMENT = "assignment"
+
+
+@dataclass
+class PanoramaConfig:
+    prompt: str | None = None
+    prompts_file: str | None = None
+    model: str = DEFAULT_MODEL
+    height: int = 512
+    width: int = 3072
+    window: int | None = None       # latent cells; default the UNet's sample size (64 for SD 2 base = 512 px)
+    stride: int = 8                 # latent cells (64 px)
+    steps: int = 50
+    cfg: float = 7.5
+    negative_prompt: str | None = None
+    seed: int = 1
+    sync: str = "x0"
+    noise: str = "canvas"
+    view_batch: int = 8
+    decode_stride: int | None = None  # latent cells between decoded tiles; default the stride (003: 64 px)
+    decode_batch: int = 4
+    eval_pos: list[int] | None = None
+    dtype: str | None = None
+
+
+@dataclass
+class Job:
+    prompt: str
+    eval_pos: list[int] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- input
+
+def parse_positions(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(p) for p in text.replace(" ", "").split(",") if p]
+    except ValueError:
+        raise DiffcliError(f"--eval-pos expects comma-separated pixel offsets like 243,1005, got {text!r}") from None
+
+
+def resolve_prompts_file(path: str, shipped: str) -> str:
+    """'assignment' means the shipped 003 set in prompts/."""
+    return str(PROMPTS_DIR / shipped) if path == ASSIGNMENT else path
+
+
+def key_line(path: str, key: str) -> str:
+    """' (line N)' of a key in a JSON file, so an error points at the entry."""
+    try:
+        for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+            if f'"{key}"' in line:
+                return f" (line {n})"
+    except (OSError, UnicodeDecodeError):
+        pass
+    return ""
+
+
+def read_wide_prompts(path: str) -> list[Job]:
+    """003's wide_image_prompts.json ({key: {prompt, eval_pos}}), or a text file with one prompt a line."""
+    if not path.endswith(".json"):
+        return [Job(p) for p in read_prompts_file(path)]
+    from .eval import read_json_option
+    data = read_json_option(path, "--prompts-file", "prompts file")
+    if not isinstance(data, dict) or not data:
+        raise DiffcliError(f"--prompts-file {path}: expected a JSON object {{key: {{prompt, eval_pos}}}}")
+    jobs = []
+    for key, rec in data.items():
+        where = f"--prompts-file {path}: entry {key!r}{key_line(path, key)}"
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
+            raise DiffcliError(f"{where} needs a string field 'prompt'")
+        pos = rec.get("eval_pos", [])
+        if not isinstance(pos, list) or not all(isinstance(p, int) and not isinstance(p, bool) for p in pos):
+            raise DiffcliError(f"{where}: 'eval_pos' must be a list of integer pixel offsets")
+        jobs.append(Job(rec["prompt"], pos))
+    return jobs
+
+
+def jobs_of(cfg: PanoramaConfig) -> list[Job]:
+    if (cfg.prompt is None) == (cfg.prompts_file is None):
+        raise DiffcliError("give a prompt or --prompts-file (one of them): diffcli panorama \"a beach at sunrise\"")
+    if cfg.prompt is not None:
+        if not cfg.prompt.strip():
+            raise DiffcliError("the prompt is empty")
+        return [Job(cfg.prompt, list(cfg.eval_pos or []))]
+    jobs = read_wide_prompts(resolve_prompts_file(cfg.prompts_file, "wide_image_prompts.json"))
+    if cfg.eval_pos is not None:  # the command line wins over the file
+        jobs = [Job(j.prompt, list(cfg.eval_pos)) for j in jobs]
+    return jobs
+
+
+def validate(cfg: PanoramaConfig) -> list[Job]:
+    """Everything checkable before a model is loaded; returns the prompts to run."""
+    for name in ("height", "width"):
+        v = getattr(cfg, name)
+        if v < 8 or v % 8:
+            raise DiffcliError(f"--{name} {v}: must be a positive multiple of 8 px")
+    if cfg.window is not None and cfg.window < 1:
+        raise DiffcliError("--window must be >= 1 latent cell")
+    if cfg.stride < 1 or (cfg.window is not None and cfg.stride > cfg.window):
+        raise DiffcliError(f"--stride {cfg.stride} must be between 1 and the window size"
+                           f"{f' ({cfg.window})' if cfg.window else ''}")
+    if cfg.decode_stride is not None and cfg.decode_stride < 1:
+        raise DiffcliError("--decode-stride must be >= 1")
+    for name in ("steps", "view_batch", "decode_batch"):
+        if getattr(cfg, name) < 1:
+            raise DiffcliError(f"--{name.replace('_', '-')} must be >= 1")
+    if not math.isfinite(cfg.cfg) or cfg.cfg < 0:
+        raise DiffcliError(f"--cfg must be a finite number >= 0, got {cfg.cfg}")
+    if cfg.sync not in CASES:
+        raise DiffcliError(f"unknown --sync {cfg.sync!r}; choose one of {', '.join(CASES)}")
+    if cfg.noise not in NOISES:
+        raise DiffcliError(f"unknown --noise {cfg.noise!r}; choose one of {', '.join(NOISES)}")
+    jobs = jobs_of(cfg)
+    for job in jobs:  # the crop size needs the model (plan checks the crops); a start outside is wrong anyway
+        bad = [p for p in job.eval_pos if not 0 <= p < cfg.width]
+        if bad:
+            raise DiffcliError(f"eval position(s) {bad} lie outside the {cfg.width} px wide image")
+    return jobs
+
+
+@dataclass
+class Plan:
+    """Sizes in latent cells, fixed once the model is known."""
+    latent: tuple[int, int, int]
+    window: int
+    scale: int        # pixels per latent cell
+    views: ViewSet
+    tiles: list       # decode windows (latent)
+
+    @property
+    def crop(self) -> int:
+        return self.window * self.scale
+
+
+def plan(pipe, cfg: PanoramaConfig, jobs: list[Job]) -> Plan:
+    f = pipelines.scale_factor(pipe)
+    window = cfg.window or pipe.unet.config.sample_size
+    pipelines.check_size(pipe, window * f, window * f)
+    for name, v in (("height", cfg.height), ("width", cfg.width)):
+        if v % f:
+            raise DiffcliError(f"--{name} {v}: must be a multiple of {f} px (one latent cell)")
+        if v < window * f:
+            raise DiffcliError(f"--{name} {v} px is smaller than one window ({window} latent cells = {window * f} px)")
+    if cfg.stride > window:
+        raise DiffcliError(f"--stride {cfg.stride} must be between 1 and the window size ({window})")
+    latent = pipelines.latent_shape(pipe, cfg.height, cfg.width)
+    for job in jobs:
+        bad = [p for p in job.eval_pos if p < 0 or p + window * f > cfg.width]
+        if bad:
+            raise DiffcliError(f"eval position(s) {bad} lie outside the image: a {window * f} px crop must start in "
+                               f"[0, {cfg.width - window * f}]")
+    views = ViewSet(windows(latent[1], latent[2], (window, window), cfg.stride), latent)
+    tiles = windows(latent[1], latent[2], (window, window), min(cfg.decode_stride or cfg.stride, window))
+    return Plan(latent, window, f, views, tiles)
+
+
+# ---------------------------------------------------------------- sampling and decoding
+
+@torch.no_grad()
+def generate(pipe, p: Plan, prompt: str, cfg: PanoramaConfig, device: torch.device,
+             on_step: Callable[[dict], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image (3, H, W) in [-1, 1] on the CPU, final latent canvas in our x = x0 + sigma n form)."""
+    sigmas = pipelines.sigmas(pipe, cfg.steps, device)
+    size = p.window * p.scale
+    cond, uncond = pipelines.encode_prompts(pipe, [prompt], cfg.negative_prompt, size, size, device)
+    base = pipelines.denoiser(pipe)
+    make = lambda a, b: pipelines.clip_x0(classifier_free(base, cfg.cfg, rows_of(cond, a, b), rows_of(uncond, a, b)),
+                                          pipe)
+    model, hook = synchronized(in_batches(make, len(p.views), cfg.view_batch), p.views, cfg.sync)
+    rng = PerSampleRandn([cfg.seed], device)
+    draw = lambda shape: pipelines.initial_latents(rng, shape, sigmas[0])[0]
+    w = initial_instances(p.views, draw, (p.latent[0], p.window, p.window), cfg.noise)
+    w = sample_euler(model, w, sigmas, callback=chain(hook, on_step))
+    z = p.views.average(w)
+    return decode_tiled(pipe, z, sigmas[-1], p.tiles, cfg.decode_batch), z
+
+
+@torch.no_grad()
+def decode_tiled(pipe, z: torch.Tensor, sigma_last: torch.Tensor | float, tiles: list, batch: int) -> torch.Tensor:
+    """Latent canvas (C, h, w) -> image (3, H, W): overlapping tiles decoded `batch` at a time and averaged, so
+    the VAE's memory depends on the tile, not on the width (003: 512 px tiles, stride 64 px)."""
+    f = pipelines.scale_factor(pipe)
+    acc = torch.zeros(3, z.shape[-2] * f, z.shape[-1] * f)
+    count = torch.zeros(1, *acc.shape[1:])
+    for a in range(0, len(tiles), batch):
+        part = tiles[a:a + batch]
+        images = pipelines.decode(pipe, torch.stack([t.view(z) for t in part]), sigma_last)
+        for t, image in zip(part, images):
+            t.scaled(f).accumulate(acc, image)
+            t.scaled(f).accumulate(count, torch.ones(1, *image.shape[1:]))
+    return acc / count
+
+
+def crops(image: torch.Tensor, positions: list[int], size: int) -> list[torch.Tensor]:
+    """The 003 evaluation crops: size x size at x = pos, from the top."""
+    return [image[:, :size, pos:pos + size] for pos in positions]
+
+
+# ---------------------------------------------------------------- the command
+
+def run(cfg: PanoramaConfig, out: Path, overwrite: bool, device_name: str | None,
+        options: dict[str, Any]) -> dict[str, Any]:
+    jobs = validate(cfg)
+    device = pick_device(device_name)
+    dtype = pick_dtype(cfg.dtype, device)
+    pipe = pipelines.load_pipeline(cfg.model, device, dtype)
+    if pipelines.family(pipe) == "if":
+        raise DiffcliError(f"{cfg.model!r} is a DeepFloyd IF pipeline; panorama needs a latent model (SD 1.x/2.x, SDXL)")
+    p = plan(pipe, cfg, jobs)
+    out = prepare_out_dir(out, overwrite)
+
+    from .eval import progress_bar
+    files: list[str] = []
+    with progress_bar("panorama", cfg.steps * len(jobs)) as advance:
+        for job in jobs:
+            image, _ = generate(pipe, p, job.prompt, cfg, device, lambda info: advance(1))
+            stem = safe_name(job.prompt)
+            save_image(out / f"{stem}.png", image)
+            files.append(f"{stem}.png")
+            for pos, crop in zip(job.eval_pos, crops(image, job.eval_pos, p.crop)):
+                save_image(out / f"{stem}_{pos}.png", crop)
+                files.append(f"{stem}_{pos}.png")
+    write_run_json(out, "panorama", {**asdict(cfg), **options}, device, model=cfg.model,
+                   windows=len(p.views), window_px=p.crop, latent=list(p.latent), decode_tiles=len(p.tiles),
+                   prompts=[asdict(j) for j in jobs], files=files)
+    return {"out": str(out), "images": len(jobs), "crops": len(files) - len(jobs), "windows": len(p.views)}

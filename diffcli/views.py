@@ -1,0 +1,378 @@
+"""Views for diffusion synchronization: maps canvas -> instance (`view`) and instance -> canvas (`inverse_view`).
+
+Pure tensor functions over (..., C, H, W). Two kinds:
+
+- anagram views (Visual Anagrams): same-size bijections of the image, so inverse_view(view(x)) == x exactly.
+  Pixel-moving views are permutations built on a *base* grid (the stage-I size); at k times that size a base
+  pixel is a k x k block, so the view at stage II (256 px) is the stage-I view (64 px) upsampled, and the two
+  stages agree on what the illusion is.
+- windows (panorama): crops of a larger canvas; inverse_view pastes into zeros, and a coverage count says how
+  many windows see each canvas pixel.
+
+`ViewSet` maps a canvas to the stack of its instances and averages instances back (sum of inverse maps divided
+by the coverage count): the two operations every synchronization case is made of.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .common import DiffcliError
+
+VIEWS = ("identity", "flip", "rotate_cw", "rotate_ccw", "rotate_180", "negate", "skew", "patch_permute",
+         "pixel_permute", "jigsaw", "inner_rotate", "square_hinge")
+SQUARE_ONLY = ("rotate_cw", "rotate_ccw", "square_hinge")  # their instance would not have the canvas's shape
+
+
+# ---------------------------------------------------------------- anagram views
+
+class View:
+    """A bijection of (..., C, H, W) images; `angle` (degrees, clockwise) marks views that turn the picture."""
+
+    name = "view"
+    angle = 0.0
+
+    def view(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def inverse_view(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class Identity(View):
+    name = "identity"
+
+    def view(self, x):
+        return x
+
+    def inverse_view(self, x):
+        return x
+
+
+class Flip(View):
+    """Upside down (Visual Anagrams' flip): the illusion appears when the picture is turned over."""
+    name = "flip"
+
+    def view(self, x):
+        return x.flip(-2)
+
+    def inverse_view(self, x):
+        return x.flip(-2)
+
+
+class Rotate(View):
+    """A quarter turn k times clockwise (rot90 counts counter-clockwise, hence the minus)."""
+
+    def __init__(self, quarters: int, name: str):
+        self.k, self.name, self.angle = quarters, name, 90.0 * quarters
+
+    def view(self, x):
+        return torch.rot90(x, -self.k, dims=(-2, -1))
+
+    def inverse_view(self, x):
+        return torch.rot90(x, self.k, dims=(-2, -1))
+
+
+class Negate(View):
+    name = "negate"
+
+    def view(self, x):
+        return -x
+
+    def inverse_view(self, x):
+        return -x
+
+
+class Permute(View):
+    """Any pixel-moving view: out.flat[p] = in.flat[perm[p]] with `perm` built once on the base grid."""
+
+    def __init__(self, name: str, perm: torch.Tensor, base: tuple[int, int], angle: float = 0.0):
+        self.name, self.perm, self.base, self.angle = name, perm.long(), base, angle
+        self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def indices(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(perm, inverse perm) at this size: each base pixel becomes a k x k block moved as one."""
+        if (height, width) not in self._cache:
+            hb, wb = self.base
+            k = height // hb
+            if height != k * hb or width != k * wb:
+                raise DiffcliError(f"view {self.name} was built for {hb}x{wb} images; {height}x{width} is not a "
+                                   "whole multiple of it")
+            i = torch.arange(height).view(-1, 1)
+            j = torch.arange(width).view(1, -1)
+            src = self.perm[(i // k) * wb + j // k]  # the base pixel each output block reads
+            perm = ((src // wb) * k + i % k) * width + (src % wb) * k + j % k
+            perm = perm.flatten()
+            self._cache[(height, width)] = (perm, torch.argsort(perm))
+        return self._cache[(height, width)]
+
+    def _gather(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return x.flatten(-2)[..., idx.to(x.device)].view(x.shape)
+
+    def view(self, x):
+        return self._gather(x, self.indices(*x.shape[-2:])[0])
+
+    def inverse_view(self, x):
+        return self._gather(x, self.indices(*x.shape[-2:])[1])
+
+
+def _grid(height: int, width: int) -> torch.Tensor:
+    return torch.arange(height * width).view(height, width)
+
+
+def _split(size: int, parts: int, what: str) -> int:
+    if parts < 1 or size % parts:
+        raise DiffcliError(f"{what}: {size} px does not split into {parts} equal parts")
+    return size // parts
+
+
+def skew_perm(height: int, width: int, factor: float) -> torch.Tensor:
+    """Column j slides down by round(factor * (j - centre)) rows, wrapping around: a shear that stays a bijection."""
+    idx = _grid(height, width)
+    shifts = [round(factor * (j - (width - 1) / 2)) for j in range(width)]
+    return torch.stack([idx[:, j].roll(s) for j, s in enumerate(shifts)], 1).flatten()
+
+
+def patch_perm(height: int, width: int, patches: int, seed: int) -> torch.Tensor:
+    """The image cut into patches x patches tiles, shuffled by a seeded permutation."""
+    ph, pw = _split(height, patches, "patch_permute"), _split(width, patches, "patch_permute")
+    order = torch.randperm(patches * patches, generator=torch.Generator().manual_seed(seed))
+    tiles = _grid(height, width).view(patches, ph, patches, pw).permute(0, 2, 1, 3).reshape(-1, ph, pw)
+    return tiles[order].view(patches, patches, ph, pw).permute(0, 2, 1, 3).flatten()
+
+
+def pixel_perm(height: int, width: int, seed: int) -> torch.Tensor:
+    return torch.randperm(height * width, generator=torch.Generator().manual_seed(seed))
+
+
+def jigsaw_perm(height: int, width: int, pieces: int, seed: int) -> torch.Tensor:
+    """Interlocking puzzle pieces shuffled: a pieces x pieces grid of cells, each with a round tab into its right
+    and lower neighbour (wrapping around the border), so every piece is the same shape and any shuffle of the
+    pieces tiles the image again exactly."""
+    ch, cw = _split(height, pieces, "jigsaw"), _split(width, pieces, "jigsaw")
+    i = torch.arange(height, dtype=torch.float64).view(-1, 1) + 0.5
+    j = torch.arange(width, dtype=torch.float64).view(1, -1) + 0.5
+    row, col = (i // ch).long().expand(height, width), (j // cw).long().expand(height, width)
+    radius = min(ch, cw) / 4  # tabs of neighbouring edges never touch: 2 radius < cell / sqrt(2)
+    # a tab of the piece on the left, centred on the vertical edge at the start of this cell, reaching into it
+    in_left_tab = ((i % ch - ch / 2) ** 2 + (j % cw) ** 2 < radius ** 2)
+    in_upper_tab = ((i % ch) ** 2 + (j % cw - cw / 2) ** 2 < radius ** 2)
+    col = torch.where(in_left_tab, col - 1, col) % pieces
+    row = torch.where(in_upper_tab & ~in_left_tab, row - 1, row) % pieces
+    order = torch.randperm(pieces * pieces, generator=torch.Generator().manual_seed(seed))
+    src = order[row * pieces + col]  # the piece whose content lands on this pixel's piece
+    di, dj = (src // pieces - row) * ch, (src % pieces - col) * cw
+    ii = (torch.arange(height).view(-1, 1) + di) % height
+    jj = (torch.arange(width).view(1, -1) + dj) % width
+    return (ii * width + jj).flatten()
+
+
+def inner_rotate_perm(height: int, width: int, angle: float) -> torch.Tensor:
+    """The inscribed disc turns clockwise by `angle` degrees, the corners stay. Exact bijection: pixels of each
+    one-pixel-wide ring are ordered by angle and shifted along the ring, so 90 degrees on a square is exactly
+    a quarter turn of the disc."""
+    # doubled coordinates relative to the centre keep every quantity an exact integer
+    di = (2 * torch.arange(height) - (height - 1)).view(-1, 1).expand(height, width).flatten().numpy()
+    dj = (2 * torch.arange(width) - (width - 1)).view(1, -1).expand(height, width).flatten().numpy()
+    r2 = di.astype(np.int64) ** 2 + dj.astype(np.int64) ** 2
+    perm = np.arange(height * width)
+    inside = r2 < min(height, width) ** 2
+    ring = np.floor(np.sqrt(r2) / 2).astype(np.int64)
+    theta = np.arctan2(di, dj)  # image rows grow downwards, so increasing theta runs clockwise
+    for k in np.unique(ring[inside]):
+        members = np.nonzero(inside & (ring == k))[0]
+        members = members[np.lexsort((r2[members], theta[members]))]
+        shift = round(angle / 360 * len(members))
+        perm[members] = np.roll(members, shift)  # the pixel at ring position p shows the one at p - shift
+    return torch.from_numpy(perm)
+
+
+def square_hinge_perm(height: int, width: int, squares: int) -> torch.Tensor:
+    """A squares x squares grid of squares, each turning a quarter about its own centre, neighbours in
+    opposite directions (like a hinged dissection folding open)."""
+    s = _split(height, squares, "square_hinge")
+    idx = _grid(height, width).clone()
+    for r in range(squares):
+        for c in range(squares):
+            block = idx[r * s:(r + 1) * s, c * s:(c + 1) * s]
+            idx[r * s:(r + 1) * s, c * s:(c + 1) * s] = torch.rot90(block, -1 if (r + c) % 2 == 0 else 1)
+    return idx.flatten()
+
+
+@dataclass
+class ViewOptions:
+    """Knobs of the parametrised views; permutations are seeded so a view is the same in every run."""
+    seed: int = 0
+    patches: int = 8       # patch_permute: patches per side
+    pieces: int = 4        # jigsaw: pieces per side
+    squares: int = 2       # square_hinge: squares per side
+    skew: float = 0.5      # skew: rows of shift per column
+    inner_angle: float = 90.0
+
+
+def make_view(name: str, height: int, width: int, opts: ViewOptions | None = None) -> View:
+    """The named view for a canvas of height x width (its base grid)."""
+    o = opts or ViewOptions()
+    if name not in VIEWS:
+        raise DiffcliError(f"unknown view {name!r}; choose from {', '.join(VIEWS)}")
+    if name in SQUARE_ONLY and height != width:
+        raise DiffcliError(f"view {name} needs a square image, got {height}x{width}")
+    simple = {"identity": Identity, "flip": Flip, "negate": Negate}
+    if name in simple:
+        return simple[name]()
+    quarters = {"rotate_cw": 1, "rotate_180": 2, "rotate_ccw": 3}
+    if name in quarters:
+        return Rotate(quarters[name], name)
+    base = (height, width)
+    perms = {"skew": lambda: skew_perm(height, width, o.skew),
+             "patch_permute": lambda: patch_perm(height, width, o.patches, o.seed),
+             "pixel_permute": lambda: pixel_perm(height, width, o.seed),
+             "jigsaw": lambda: jigsaw_perm(height, width, o.pieces, o.seed),
+             "inner_rotate": lambda: inner_rotate_perm(height, width, o.inner_angle),
+             "square_hinge": lambda: square_hinge_perm(height, width, o.squares)}
+    angle = {"inner_rotate": o.inner_angle, "square_hinge": 90.0}.get(name, 0.0)
+    return Permute(name, perms[name](), base, angle)
+
+
+# ---------------------------------------------------------------- panorama windows
+
+@dataclass(frozen=True)
+class Window:
+    """A crop of a canvas; inverse_view pastes it back into zeros of the canvas size."""
+    top: int
+    left: int
+    height: int
+    width: int
+    canvas: tuple[int, int]
+    name: str = "window"
+
+    def view(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., self.top:self.top + self.height, self.left:self.left + self.width]
+
+    def inverse_view(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(*x.shape[:-2], *self.canvas)
+        self.view(out).copy_(x)
+        return out
+
+    def accumulate(self, acc: torch.Tensor, x: torch.Tensor) -> None:
+        """acc += inverse_view(x), without building a canvas of zeros per window."""
+        self.view(acc).add_(x)
+
+    def scaled(self, k: int) -> "Window":
+        """The same window on a k times larger canvas (latent window -> pixel tile)."""
+        return Window(self.top * k, self.left * k, self.height * k, self.width * k,
+                      (self.canvas[0] * k, self.canvas[1] * k))
+
+
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """0, stride, 2 stride, ... and a last window flush with the border when the stride does not land there."""
+    if window > size:
+        raise DiffcliError(f"the canvas ({size}) is smaller than one window ({window})")
+    if not 1 <= stride <= window:
+        raise DiffcliError(f"stride {stride} must be between 1 and the window size {window}")
+    starts = list(range(0, size - window + 1, stride))
+    if starts[-1] != size - window:
+        starts.append(size - window)
+    return starts
+
+
+def windows(height: int, width: int, window: tuple[int, int], stride: int) -> list[Window]:
+    """Every window of a (height, width) canvas, row by row: 512x3072 px / 8 = 64x384 latent, 64 wide, stride 8 -> 41."""
+    wh, ww = window
+    return [Window(t, l, wh, ww, (height, width))
+            for t in window_starts(height, wh, stride) for l in window_starts(width, ww, stride)]
+
+
+# ---------------------------------------------------------------- a canvas and its views
+
+@dataclass
+class ViewSet:
+    """The views of one canvas of shape (C, H, W): forward to instances, average instances back."""
+    views: list
+    canvas: tuple[int, int, int]
+    count: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.count = coverage(self.views, self.canvas[1:])
+        if (self.count == 0).any():
+            missing = int((self.count == 0).sum())
+            raise DiffcliError(f"{missing} canvas pixels are seen by no view")
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Canvas (C, H, W) -> instances (V, C, h, w)."""
+        return torch.stack([v.view(z) for v in self.views])
+
+    def average(self, xs: torch.Tensor) -> torch.Tensor:
+        """Instances (V, C, h, w) -> canvas: every instance mapped back, overlaps averaged."""
+        acc = xs.new_zeros(self.canvas)
+        for v, x in zip(self.views, xs):
+            if isinstance(v, Window):
+                v.accumulate(acc, x)
+            else:
+                acc += v.inverse_view(x)
+        return acc / self.count.to(acc.device, acc.dtype)
+
+    def project(self, xs: torch.Tensor) -> torch.Tensor:
+        """Average to the canvas and map forward again: the nearest set of instances that agree."""
+        return self.forward(self.average(xs))
+
+
+def coverage(views: list, hw: tuple[int, int]) -> torch.Tensor:
+    """How many views see each canvas pixel, shape (1, H, W): 1 for each bijection, the overlap for windows."""
+    count = torch.zeros(1, *hw)
+    for v in views:
+        if isinstance(v, Window):
+            v.accumulate(count, torch.ones(1, v.height, v.width))
+        else:
+            count += 1
+    return count
+
+
+# ---------------------------------------------------------------- animation frames
+
+def frame(v: View, x: torch.Tensor, t: float, background: float = 1.0) -> torch.Tensor:
+    """x (C, H, W) part way (t in [0, 1]) into view v: turning views turn, negate fades through grey, every
+    other permutation moves each pixel on a straight line to its place (later pixels drawn on top)."""
+    if t <= 0:
+        return x
+    if t >= 1:
+        return v.view(x)
+    if isinstance(v, Negate):
+        return (1 - 2 * t) * x
+    if isinstance(v, Rotate) or v.name == "inner_rotate":
+        turned = rotate_image(x, v.angle * t)
+        if isinstance(v, Rotate):
+            return turned
+        h, w = x.shape[-2:]
+        i = (2 * torch.arange(h) - (h - 1)).view(-1, 1)
+        j = (2 * torch.arange(w) - (w - 1)).view(1, -1)
+        return torch.where(i ** 2 + j ** 2 < min(h, w) ** 2, turned, x)
+    if isinstance(v, Permute):
+        h, w = x.shape[-2:]
+        perm = v.indices(h, w)[0]
+        dest = torch.arange(h * w)
+        pos = lambda p: torch.stack([p // w, p % w]).double()
+        here = ((1 - t) * pos(perm) + t * pos(dest)).round().long()
+        out = x.new_full(x.shape, background).flatten(-2)
+        out[..., here[0] * w + here[1]] = x.flatten(-2)[..., perm]
+        return out.view(x.shape)
+    return x
+
+
+def rotate_image(x: torch.Tensor, degrees: float) -> torch.Tensor:
+    """Bilinear turn of (C, H, W) clockwise about its centre (for pictures only; the views themselves are exact)."""
+    a = math.radians(degrees)
+    # affine_grid maps output to input coordinates: the inverse (counter-clockwise) turn
+    theta = torch.tensor([[math.cos(a), math.sin(a), 0.0], [-math.sin(a), math.cos(a), 0.0]], dtype=x.dtype)
+    grid = F.affine_grid(theta[None], [1, *x.shape], align_corners=False)
+    return F.grid_sample(x[None], grid, align_corners=False, padding_mode="border")[0]

@@ -1,0 +1,149 @@
+"""diffcli panorama on a tiny random SD: oracles (one window = plain sampling, = diffusers' MultiDiffusion on the
+same windows), the sync cases, the 003 file layout and every refused input."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, run_cli
+from diffcli import pipelines
+from diffcli.common import DiffcliError, PerSampleRandn
+from diffcli.denoisers import ve_to_vp
+from diffcli.guidance import classifier_free
+from diffcli.panorama import PROMPTS_DIR, PanoramaConfig, generate, plan, read_wide_prompts, validate
+from diffcli.sampling import sample_euler
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd):
+    return pipelines.load_pipeline(str(tiny_sd), CPU, torch.float32)
+
+
+def run_panorama(pipe, **kw):
+    cfg = PanoramaConfig(prompt="a beach", **{"steps": 3, "height": 16, "width": 40, "stride": 3, **kw})
+    p = plan(pipe, cfg, validate(cfg))
+    image, z = generate(pipe, p, cfg.prompt, cfg, CPU)
+    return image, z, p
+
+
+def test_one_window_is_plain_sampling(pipe):
+    image, z, p = run_panorama(pipe, width=16, view_batch=3)
+    assert len(p.views) == 1 and image.shape == (3, 16, 16)
+    sigmas = pipelines.sigmas(pipe, 3, CPU)
+    cond, uncond = pipelines.encode_prompts(pipe, ["a beach"], None, 16, 16, CPU)
+    x = pipelines.initial_latents(PerSampleRandn([1]), pipelines.latent_shape(pipe, 16, 16), sigmas[0])
+    plain = sample_euler(classifier_free(pipelines.denoiser(pipe), 7.5, cond, uncond), x, sigmas)
+    assert torch.equal(z, plain[0])
+    assert torch.equal(image, pipelines.decode(pipe, plain, sigmas[-1])[0])
+
+
+def test_equals_diffusers_multidiffusion_on_the_same_windows(pipe):
+    """Deterministic DDIM is linear in (x_t, eps), so averaging each window's x_{t-1} (MultiDiffusion, diffusers'
+    panorama pipeline) and averaging x0 (SyncTweedies) are the same map when the windows start from one canvas."""
+    from diffusers import DDIMScheduler, StableDiffusionPanoramaPipeline
+    _, z, p = run_panorama(pipe, view_batch=2)
+    ref_pipe = StableDiffusionPanoramaPipeline(**{**pipe.components, "scheduler": DDIMScheduler.from_config(
+        pipe.scheduler.config)})
+    ref_pipe.set_progress_bar_config(disable=True)
+    # its get_views assumes a VAE factor of 8 and no border window; hand it ours
+    ref_pipe.get_views = lambda *a, **k: [(w.top, w.top + w.height, w.left, w.left + w.width) for w in p.views.views]
+    start = PerSampleRandn([1]).randn(p.latent)
+    ref = ref_pipe("a beach", height=16, width=40, num_inference_steps=3, guidance_scale=7.5, latents=start,
+                   view_batch_size=2, output_type="latent").images
+    sigmas = pipelines.sigmas(pipe, 3, CPU)
+    torch.testing.assert_close(ve_to_vp(z, sigmas[-1]), ref[0], atol=1e-4, rtol=1e-4)
+
+
+def test_sync_cases(pipe):
+    """With canvas noise x0 / eps / xt are one map (up to rounding); from per-window noise they differ; none
+    leaves the windows unsynchronized."""
+    out = {(noise, case): run_panorama(pipe, sync=case, noise=noise)[1]
+           for noise in ("canvas", "views") for case in ("x0", "eps", "xt", "none")}
+    assert all(torch.isfinite(z).all() for z in out.values())
+    for case in ("eps", "xt"):
+        torch.testing.assert_close(out["canvas", case], out["canvas", "x0"], atol=1e-4, rtol=1e-4)
+    assert (out["canvas", "none"] - out["canvas", "x0"]).abs().max() > 1e-2
+    views = [out["views", c] for c in ("x0", "eps", "xt", "none")]
+    for i in range(4):
+        for j in range(i):
+            assert (views[i] - views[j]).abs().max() > 1e-3
+
+
+def test_tall_image_and_uneven_windows(pipe):
+    image, _, p = run_panorama(pipe, height=40, width=24, stride=5, decode_stride=8, decode_batch=1)
+    assert image.shape == (3, 40, 24) and torch.isfinite(image).all()
+    tops = sorted({w.top for w in p.views.views})
+    assert tops[0] == 0 and tops[-1] + 8 == 20 and len(p.tiles) == 3 * 2
+
+
+def test_cli_writes_the_003_layout_eval_reads(tmp_path, tiny_sd):
+    from PIL import Image
+    from diffcli.eval import plan_clip_files
+    prompts = tmp_path / "wide.json"
+    hostile = "../../evil/CON: a\\b <x>"
+    prompts.write_text(json.dumps({"A_beach_scene": {"prompt": "A beach scene", "eval_pos": [0, 5, 32]},
+                                   "evil": {"prompt": hostile, "eval_pos": [16]}}))
+    out = tmp_path / "wide_images"
+    proc = run_cli("panorama", "--prompts-file", prompts, "--model", tiny_sd, "--height", "16", "--width", "48",
+                   "--stride", "2", "--steps", "2", "--out", out, check=True)
+    assert "2 image(s)" in proc.stdout and "4 crop(s)" in proc.stdout
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["A_beach_scene.png", "A_beach_scene_0.png", "A_beach_scene_5.png",
+                            "A_beach_scene_32.png", "evil_CON_a_b_x.png", "evil_CON_a_b_x_16.png", "run.json"])
+    full = np.asarray(Image.open(out / "A_beach_scene.png"))
+    assert full.shape == (16, 48, 3)
+    for pos in (0, 5, 32):
+        assert np.array_equal(np.asarray(Image.open(out / f"A_beach_scene_{pos}.png")), full[:, pos:pos + 16])
+    files, _ = plan_clip_files(str(out), "wide_images")
+    assert {f.prompt for f in files if f.name.startswith("A_beach_scene_")} == {"A beach scene"}
+    record = json.loads((out / "run.json").read_text())
+    assert record["windows"] == 9 and record["command"] == "panorama"
+
+
+def test_shipped_prompt_sets():
+    jobs = read_wide_prompts(str(PROMPTS_DIR / "wide_image_prompts.json"))
+    assert len(jobs) == 10 and all(len(j.eval_pos) == 8 for j in jobs)
+    assert "MIT" in (PROMPTS_DIR / "README.md").read_text()
+    shared = ROOT.parent / "shared" / "data" / "prompts"
+    for name in ("wide_image_prompts.json", "ambiguous_image_prompts.json"):
+        if (shared / name).is_file():
+            assert (PROMPTS_DIR / name).read_bytes() == (shared / name).read_bytes()
+    cfg = PanoramaConfig(prompts_file="assignment")
+    assert [j.prompt for j in validate(cfg)] == [j.prompt for j in jobs]
+
+
+def test_bad_input_is_refused_before_work(pipe, tmp_path):
+    def refuse(match, **kw):
+        with pytest.raises(DiffcliError, match=match):
+            cfg = PanoramaConfig(**{"prompt": "x", "height": 16, "width": 48, **kw})
+            plan(pipe, cfg, validate(cfg))
+
+    refuse("multiple of 8", width=50)
+    refuse("multiple of 8", height=0)
+    refuse("smaller than one window", height=8)
+    refuse("smaller than one window", width=8)
+    refuse("stride 0", stride=0)
+    refuse("stride 9 must be between 1 and the window size", stride=9)
+    refuse(r"eval position\(s\) \[40\] lie outside", eval_pos=[0, 40])
+    refuse(r"eval position\(s\) \[-1\]", eval_pos=[-1])
+    refuse("unknown --sync 'tweedie'", sync="tweedie")
+    refuse("prompt or --prompts-file", prompt=None)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{\n  "a": {"prompt": "a cat",\n  "eval_pos": [1,]}\n}')
+    refuse("not valid JSON.*line 3", prompt=None, prompts_file=str(bad))
+    bad.write_text('{\n  "a": {"prompt": "a cat"},\n  "b_key": {"text": "a dog"}\n}')
+    refuse(r"entry 'b_key' \(line 3\) needs a string field 'prompt'", prompt=None, prompts_file=str(bad))
+    bad.write_text('{"a": {"prompt": "a cat", "eval_pos": ["10"]}}')
+    refuse("'eval_pos' must be a list of integer", prompt=None, prompts_file=str(bad))
+
+
+def test_model_not_found_offline_is_one_line(tmp_path):
+    proc = run_cli("panorama", "a cat", "--model", tmp_path / "no-such-model", "--out", tmp_path / "o")
+    assert proc.returncode == 2 and "cannot load" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
