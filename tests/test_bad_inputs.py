@@ -45,6 +45,7 @@ def bad_files(tmp_path, tiny_run):
     from safetensors.torch import save_file
     save_file({"w": torch.zeros(2)}, str(d / "foreign.safetensors"))
     (d / "afile").write_text("x")
+    (d / "prompts.json").write_text('{"x": {"prompt": 3}}\n')
     return d
 
 
@@ -98,6 +99,18 @@ CASES = [
     ("seg-model-offline", ["seg", "a cat", "--model", "nobody/no-such-model", "--out", "{tmp}/o"], "hf download nobody/no-such-model"),
     ("seg-prompts-file-missing", ["seg", "--model", "{sd}", "--prompts-file", "{tmp}/none.txt", "--out", "{tmp}/o"], "prompts file"),
     ("seg-existing-output", ["seg", "a cat", "--model", "{sd}", "--out", "{run}"], "not empty"),
+    ("panorama-width-not-multiple", ["panorama", "a b", "--model", "{sd}", "--width", "100", "--height", "16", "--out", "{tmp}/o"], "multiple of 8"),
+    ("panorama-stride-zero", ["panorama", "a b", "--model", "{sd}", "--width", "64", "--height", "16", "--stride", "0", "--out", "{tmp}/o"], "--stride 0"),
+    ("panorama-smaller-than-window", ["panorama", "a b", "--model", "{sd}", "--width", "8", "--height", "16", "--out", "{tmp}/o"], "smaller than one window"),
+    ("panorama-eval-pos-outside", ["panorama", "a b", "--model", "{sd}", "--width", "64", "--height", "16", "--eval-pos", "60", "--out", "{tmp}/o"], "outside the image"),
+    ("panorama-prompts-file-malformed", ["panorama", "--prompts-file", "{bad}/prompts.json", "--model", "{sd}", "--width", "64", "--height", "16", "--out", "{tmp}/o"], "entry 'x' (line 1)"),
+    ("panorama-unknown-sync", ["panorama", "a b", "--model", "{sd}", "--sync", "maybe", "--out", "{tmp}/o"], "unknown --sync"),
+    ("panorama-model-offline", ["panorama", "a b", "--model", "nobody/no-sd", "--out", "{tmp}/o"], "hf download nobody/no-sd"),
+    ("anagram-unknown-view", ["anagram", "a", "b", "--views", "identity,spin", "--out", "{tmp}/o"], "unknown view(s) spin"),
+    ("anagram-prompt-count", ["anagram", "a", "--views", "identity", "rotate_cw", "--out", "{tmp}/o"], "one prompt per view"),
+    ("anagram-square-view-on-wide", ["anagram", "a", "b", "--views", "identity", "rotate_cw", "--width", "128", "--height", "64", "--out", "{tmp}/o"], "needs a square image"),
+    ("anagram-prompts-file-malformed", ["anagram", "--prompts-file", "{bad}/prompts.json", "--out", "{tmp}/o"], "canonical_prompt"),
+    ("anagram-model-offline", ["anagram", "a", "b", "--model", "nobody/no-if", "--out", "{tmp}/o"], "hf download nobody/no-if"),
     ("eval-folder-missing", ["eval", "{tmp}/nothing", "--digits"], "folder not found"),
     ("eval-unknown-app", ["eval", "{bad}", "--app", "wide"], "unknown --app"),
     ("eval-reference-missing", ["eval", "{bad}", "--fid", "{tmp}/nothing", "--features", "mnist"], "reference folder not found"),
