@@ -16,8 +16,9 @@ from typing import Any, Callable
 import torch
 
 from . import pipelines
-from .common import (DiffcliError, PerSampleRandn, pick_device, pick_dtype, prepare_out_dir, safe_name, save_gif,
-                     save_grid, save_image, write_run_json)
+from .common import (DiffcliError, PerSampleRandn, pick_dtype, progress_bar, safe_name, save_gif, save_grid,
+                     save_image, write_run_json)
+from .dist import Dist
 from .guidance import classifier_free
 from .panorama import key_line, resolve_prompts_file
 from .sampling import sample_euler
@@ -219,10 +220,30 @@ def load(cfg: AnagramConfig, device: torch.device, dtype: torch.dtype):
     return pipe, sr_pipe
 
 
+def view_files(job, views: list[str]) -> list[str]:
+    """One PNG per view named by its prompt (the 003 layout); equal prompts get the view index and name."""
+    stems = [safe_name(p) for p in job.prompts]
+    return [f"{stem}.png" if stems.count(stem) == 1 else f"{stem}_{i}_{views[i]}.png" for i, stem in enumerate(stems)]
+
+
+def outputs(job, views: list[str]) -> list[str]:
+    return view_files(job, views) + [f"{ANIMATION_DIR}/{job.name}.gif", f"{ANIMATION_DIR}/{job.name}_strip.png"]
+
+
 def run(cfg: AnagramConfig, out: Path, overwrite: bool, device_name: str | None,
-        options: dict[str, Any]) -> dict[str, Any]:
+        options: dict[str, Any], resume: bool = False) -> dict[str, Any]:
     jobs = validate(cfg)
-    device = pick_device(device_name)
+    dist = Dist(device_name)
+    try:
+        return _run(cfg, jobs, out, overwrite, resume, dist, options)
+    finally:
+        dist.close()
+
+
+def _run(cfg: AnagramConfig, jobs: list, out: Path, overwrite: bool, resume: bool, dist: Dist,
+         options: dict[str, Any]) -> dict[str, Any]:
+    """Prompt pairs are jobs: torchrun ranks take every world-th one, --resume skips those already written."""
+    device = dist.device
     dtype = pick_dtype(cfg.dtype, device)
     if cfg.height or cfg.width:  # bad view/size pairs fail before loading
         build_views(cfg, cfg.height or cfg.width, cfg.width or cfg.height)
@@ -231,25 +252,27 @@ def run(cfg: AnagramConfig, out: Path, overwrite: bool, device_name: str | None,
     size = (cfg.height or cfg.width or default, cfg.width or cfg.height or default)
     pipelines.check_size(pipe, *size)
     build_views(cfg, *size)
-    out = prepare_out_dir(out, overwrite)
+    record = {**asdict(cfg), **options}
+    out = dist.begin(out, overwrite, resume, "anagram", record, model=cfg.model, sr_model=cfg.sr_model)
+    remaining = [j for j in jobs if not (resume and all((out / f).is_file() for f in outputs(j, cfg.views)))]
+    todo = dist.shard(remaining)
 
-    from .eval import progress_bar
-    files: list[str] = []
     per_job = cfg.steps + (cfg.sr_steps if sr_pipe is not None else 0)
-    with progress_bar("anagram", per_job * len(jobs)) as advance:
-        for job in jobs:
+    with progress_bar("anagram", per_job * len(todo), disable=not dist.main) as advance:
+        for job in todo:
             result = generate(pipe, sr_pipe, job, cfg, size, device, lambda info: advance(1))
-            stems = [safe_name(p) for p in job.prompts]
-            for i, (stem, image) in enumerate(zip(stems, result["views"])):
-                name = f"{stem}.png" if stems.count(stem) == 1 else f"{stem}_{i}_{cfg.views[i]}.png"
+            for name, image in zip(view_files(job, cfg.views), result["views"]):
                 save_image(out / name, image)
-                files.append(name)
             anim = out / ANIMATION_DIR
             frames = animation(build_views(cfg, *size), result["canvas"], cfg.frames)
             save_gif(anim / f"{job.name}.gif", frames)
             strip = [frame(v, result["canvas"], t) for v in build_views(cfg, *size) if v.name != "identity"
                      for t in (0, 0.25, 0.5, 0.75, 1)] or [result["canvas"]]
             save_grid(anim / f"{job.name}_strip.png", torch.stack(strip), nrow=5)
-    write_run_json(out, "anagram", {**asdict(cfg), **options}, device, model=cfg.model, sr_model=cfg.sr_model,
-                   size=list(size), jobs=[asdict(j) for j in jobs], files=files)
-    return {"out": str(out), "images": len(files), "pairs": len(jobs)}
+    dist.barrier()
+    files = [f for job in jobs for f in view_files(job, cfg.views)]
+    if dist.main:
+        write_run_json(out, "anagram", record, device, status="complete", model=cfg.model, sr_model=cfg.sr_model,
+                       world_size=dist.world, size=list(size), jobs=[asdict(j) for j in jobs], files=files)
+    return {"out": str(out), "images": len(files), "pairs": len(jobs), "skipped": len(jobs) - len(remaining),
+            "main": dist.main}

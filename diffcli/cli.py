@@ -230,6 +230,7 @@ def panorama(
     dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, else fp32)."),
     out: Path = typer.Option(Path("diffcli-out/panorama"), "--out", help="Output folder (the 003 wide_images layout)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty output folder."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out (same options): prompts whose files all exist are skipped."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps."),
 ) -> None:
     """Wide or tall images by synchronized diffusion over overlapping windows (SyncTweedies).
@@ -243,9 +244,11 @@ def panorama(
                             window=window, stride=stride, steps=steps, cfg=cfg, negative_prompt=negative_prompt,
                             seed=seed, sync=sync, noise=noise, view_batch=view_batch, decode_stride=decode_stride,
                             decode_batch=decode_batch, eval_pos=parse_positions(eval_pos), dtype=dtype)
-    result = run_panorama(config, out, overwrite, device, {"out": str(out), "device": device})
-    typer.echo(f"wrote {result['images']} image(s) of {result['windows']} windows and {result['crops']} crop(s) "
-               f"to {result['out']}")
+    result = run_panorama(config, out, overwrite, device, {"out": str(out), "device": device}, resume=resume)
+    if result["main"]:
+        skipped = f" ({result['skipped']} prompt(s) already there)" if resume else ""
+        typer.echo(f"wrote {result['images']} image(s) of {result['windows']} windows and {result['crops']} crop(s)"
+                   f"{skipped} to {result['out']}")
 
 
 @app.command()
@@ -278,6 +281,7 @@ def anagram(
     dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, else fp32)."),
     out: Path = typer.Option(Path("diffcli-out/anagram"), "--out", help="Output folder (the 003 ambiguous_images layout; animations/ inside)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty output folder."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out (same options): prompts whose files all exist are skipped."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps."),
 ) -> None:
     """Visual anagrams: one image that shows each prompt under its view, by synchronized DeepFloyd IF.
@@ -299,9 +303,11 @@ def anagram(
                            negative_prompt=negative_prompt, seed=seed, sync=sync, noise=noise, view_batch=view_batch,
                            view_seed=view_seed, patches=patches, pieces=pieces, squares=squares, skew=skew,
                            inner_angle=inner_angle, frames=frames, dtype=dtype)
-    result = run_anagram(config, out, overwrite, device, {"out": str(out), "device": device})
-    typer.echo(f"wrote {result['images']} view image(s) of {result['pairs']} anagram(s) and their animations to "
-               f"{result['out']}")
+    result = run_anagram(config, out, overwrite, device, {"out": str(out), "device": device}, resume=resume)
+    if result["main"]:
+        skipped = f" ({result['skipped']} already there)" if resume else ""
+        typer.echo(f"wrote {result['images']} view image(s) of {result['pairs']} anagram(s){skipped} and their "
+                   f"animations to {result['out']}")
 
 
 @app.command()

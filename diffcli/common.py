@@ -11,7 +11,7 @@ import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -135,6 +135,21 @@ def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     except OSError as e:
         raise DiffcliError(f"cannot write to output folder {out}: {e.strerror or e}") from e
     return out
+
+
+# ---------------------------------------------------------------- progress
+
+@contextlib.contextmanager
+def progress_bar(label: str, total: int, disable: bool = False) -> Iterator[Callable[[int], None]]:
+    """A transient rich bar with ETA on a terminal's stderr; nothing when output is captured (or `disable`)."""
+    if disable or not sys.stderr.isatty():
+        yield lambda k: None
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+    with Progress(console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(label, total=total)
+        yield lambda k: progress.advance(task, k)
 
 
 # ---------------------------------------------------------------- names from prompts

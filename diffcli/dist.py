@@ -11,7 +11,9 @@ from typing import Callable, Sequence, TypeVar
 
 import torch
 
-from .common import DiffcliError, pick_device
+from pathlib import Path
+
+from .common import DiffcliError, begin_output, pick_device, write_run_json
 
 T = TypeVar("T")
 
@@ -72,3 +74,15 @@ class Dist:
             raise error or DiffcliError("rank 0 refused to start (see its message)")
         self.barrier()
         return result
+
+    def begin(self, out: Path, overwrite: bool, resume: bool, command: str, options: dict, **extra) -> Path:
+        """Rank 0 prepares the output folder (`common.begin_output`) and, for a new run, writes a run.json with
+        status "running" that a later --resume checks its options against; every rank waits for it."""
+        def start() -> Path:
+            folder = begin_output(out, overwrite, resume, options)
+            if not resume:
+                write_run_json(folder, command, options, self.device, status="running", **extra)
+            return folder
+
+        self.main_first(start)
+        return Path(out)

@@ -16,7 +16,7 @@ import sys
 import warnings
 import zipfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from glob import glob
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import DiffcliError, pick_device, write_json
+from .common import DiffcliError, pick_device, progress_bar, write_json
 
 APPS = ("wide_images", "ambiguous_images")
 FEATURES = ("inception", "mnist")
@@ -665,19 +665,6 @@ def digit_record(logits: torch.Tensor, feats: torch.Tensor, labels: list[int] | 
 
 
 # ================================================================ the command
-
-@contextlib.contextmanager
-def progress_bar(label: str, total: int):
-    """A transient bar on a terminal's stderr; nothing at all when output is captured."""
-    if not sys.stderr.isatty():
-        yield lambda k: None
-        return
-    from rich.console import Console
-    from rich.progress import Progress
-    with Progress(console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task(label, total=total)
-        yield lambda k: progress.advance(task, k)
-
 
 def validate(cfg: EvalConfig) -> None:
     if cfg.app is not None and cfg.app not in APPS:

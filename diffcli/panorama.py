@@ -15,8 +15,9 @@ from typing import Any, Callable
 import torch
 
 from . import pipelines
-from .common import (DiffcliError, PerSampleRandn, pick_device, pick_dtype, prepare_out_dir, read_prompts_file,
-                     safe_name, save_image, write_run_json)
+from .common import (DiffcliError, PerSampleRandn, pick_dtype, progress_bar, read_prompts_file, safe_name, save_image,
+                     write_run_json)
+from .dist import Dist
 from .guidance import classifier_free
 from .sampling import sample_euler
 from .sync import CASES, NOISES, chain, in_batches, initial_instances, rows_of, synchronized
@@ -225,29 +226,47 @@ def crops(image: torch.Tensor, positions: list[int], size: int) -> list[torch.Te
 
 # ---------------------------------------------------------------- the command
 
+def outputs(job: Job) -> list[str]:
+    """The files one prompt writes: the panorama and its evaluation crops (the 003 layout)."""
+    stem = safe_name(job.prompt)
+    return [f"{stem}.png"] + [f"{stem}_{pos}.png" for pos in job.eval_pos]
+
+
 def run(cfg: PanoramaConfig, out: Path, overwrite: bool, device_name: str | None,
-        options: dict[str, Any]) -> dict[str, Any]:
+        options: dict[str, Any], resume: bool = False) -> dict[str, Any]:
     jobs = validate(cfg)
-    device = pick_device(device_name)
+    dist = Dist(device_name)
+    try:
+        return _run(cfg, jobs, out, overwrite, resume, dist, options)
+    finally:
+        dist.close()
+
+
+def _run(cfg: PanoramaConfig, jobs: list[Job], out: Path, overwrite: bool, resume: bool, dist: Dist,
+         options: dict[str, Any]) -> dict[str, Any]:
+    """Prompts are jobs: torchrun ranks take every world-th one, --resume skips those whose files all exist."""
+    device = dist.device
     dtype = pick_dtype(cfg.dtype, device)
     pipe = pipelines.load_pipeline(cfg.model, device, dtype)
     if pipelines.family(pipe) == "if":
         raise DiffcliError(f"{cfg.model!r} is a DeepFloyd IF pipeline; panorama needs a latent model (SD 1.x/2.x, SDXL)")
     p = plan(pipe, cfg, jobs)
-    out = prepare_out_dir(out, overwrite)
+    record = {**asdict(cfg), **options}
+    out = dist.begin(out, overwrite, resume, "panorama", record, model=cfg.model)
+    remaining = [j for j in jobs if not (resume and all((out / f).is_file() for f in outputs(j)))]
+    todo = dist.shard(remaining)
 
-    from .eval import progress_bar
-    files: list[str] = []
-    with progress_bar("panorama", cfg.steps * len(jobs)) as advance:
-        for job in jobs:
+    with progress_bar("panorama", cfg.steps * len(todo), disable=not dist.main) as advance:
+        for job in todo:
             image, _ = generate(pipe, p, job.prompt, cfg, device, lambda info: advance(1))
-            stem = safe_name(job.prompt)
-            save_image(out / f"{stem}.png", image)
-            files.append(f"{stem}.png")
-            for pos, crop in zip(job.eval_pos, crops(image, job.eval_pos, p.crop)):
-                save_image(out / f"{stem}_{pos}.png", crop)
-                files.append(f"{stem}_{pos}.png")
-    write_run_json(out, "panorama", {**asdict(cfg), **options}, device, model=cfg.model,
-                   windows=len(p.views), window_px=p.crop, latent=list(p.latent), decode_tiles=len(p.tiles),
-                   prompts=[asdict(j) for j in jobs], files=files)
-    return {"out": str(out), "images": len(jobs), "crops": len(files) - len(jobs), "windows": len(p.views)}
+            images = [image] + crops(image, job.eval_pos, p.crop)
+            for name, picture in zip(outputs(job), images):
+                save_image(out / name, picture)
+    dist.barrier()
+    files = [f for job in jobs for f in outputs(job)]
+    if dist.main:
+        write_run_json(out, "panorama", record, device, status="complete", model=cfg.model, world_size=dist.world,
+                       windows=len(p.views), window_px=p.crop, latent=list(p.latent), decode_tiles=len(p.tiles),
+                       prompts=[asdict(j) for j in jobs], files=files)
+    return {"out": str(out), "images": len(jobs), "crops": len(files) - len(jobs), "windows": len(p.views),
+            "skipped": len(jobs) - len(remaining), "main": dist.main}

@@ -173,7 +173,7 @@ def run(cfg: SegConfig, out: Path, overwrite: bool, device_name: str | None, opt
     tracked = attention.resolve_layers(pipe.unet, [cfg.track_block], "--track-block") if cfg.metrics else []
     out = prepare_out_dir(out, overwrite)  # nothing is written before this line
 
-    from .eval import progress_bar
+    from .common import progress_bar
     sigmas = pipelines.sigmas(pipe, cfg.steps, device)
     guided = guided_steps(sigmas, split_list(cfg.regions), cfg.sigma_start, cfg.sigma_end)
     seeds = [cfg.seed + i for i in range(cfg.n)]

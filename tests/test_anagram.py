@@ -145,6 +145,14 @@ def test_cli_writes_the_003_layout_eval_reads(tmp_path, tiny_if):
         "horse-village.gif", "horse-village_strip.png", "evil.gif", "evil_strip.png"}
     files, _ = plan_clip_files(str(out), "ambiguous_images")
     assert {f.prompt for f in files} == {"a cat", evil[:-4].replace("_", " "), "a horse", "a village"}
+    # an interrupted run: the second pair's files gone; --resume redoes exactly that pair
+    before = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    (out / "a_cat.png").unlink()
+    proc = run_cli("anagram", "--prompts-file", pairs, "--views", "identity", "rotate_cw", "--model", tiny_if[0],
+                   "--sr-model", tiny_if[1], "--steps", "2", "--sr-steps", "1", "--frames", "2", "--out", out,
+                   "--resume", check=True)
+    assert "(1 already there)" in proc.stdout
+    assert {p.name: p.read_bytes() for p in out.glob("*.png")} == before
 
 
 def test_shipped_pairs():

@@ -147,3 +147,33 @@ def test_model_not_found_offline_is_one_line(tmp_path):
     proc = run_cli("panorama", "a cat", "--model", tmp_path / "no-such-model", "--out", tmp_path / "o")
     assert proc.returncode == 2 and "cannot load" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_resume_and_two_ranks_write_the_same_files(tmp_path, tiny_sd):
+    import os
+    import subprocess
+    import sys
+    prompts = tmp_path / "wide.txt"
+    prompts.write_text("a red barn\na blue lake\na green hill\n")
+    args = ["panorama", "--prompts-file", str(prompts), "--model", str(tiny_sd), "--height", "16", "--width", "32",
+            "--stride", "4", "--steps", "2", "--eval-pos", "0,16"]
+    whole, cut, two = tmp_path / "whole", tmp_path / "cut", tmp_path / "two"
+    run_cli(*args, "--out", whole, check=True)
+    run_cli(*args, "--out", cut, check=True)
+    for f in cut.glob("a_blue_lake*.png"):
+        f.unlink()
+    (cut / "a_green_hill_16.png").unlink()  # a prompt killed between its files is redone whole
+    proc = run_cli(*args, "--out", cut, "--resume", check=True)
+    assert "1 prompt(s) already there" in proc.stdout
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29541", "-m", "diffcli", "--", *args, "--out", str(two)],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pngs = sorted(p.name for p in whole.glob("*.png"))
+    assert len(pngs) == 9
+    for folder in (cut, two):
+        assert sorted(p.name for p in folder.glob("*.png")) == pngs
+        for name in pngs:
+            assert (folder / name).read_bytes() == (whole / name).read_bytes(), (folder.name, name)
+    assert json.loads((two / "run.json").read_text())["world_size"] == 2
