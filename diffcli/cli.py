@@ -184,6 +184,7 @@ def seg(
     dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, else fp32)."),
     out: Path = typer.Option(Path("diffcli-out/seg"), "--out", help="Output folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty output folder."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out (same options): prompts whose images all exist are skipped."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps."),
 ) -> None:
     """Smoothed Energy Guidance (SEG) on Stable Diffusion 1.x/2.x and SDXL, with gaussian, box and EMA query blurs.
@@ -202,9 +203,12 @@ def seg(
                        seed=seed, n=n, height=height, width=width, negative_prompt=negative_prompt, dtype=dtype,
                        metrics=metrics, track_block=track_block)
     result = run_seg(config, out, overwrite, device, {"out": str(out), "device": device,
-                                                      "prompts_file": str(prompts_file) if prompts_file else None})
-    typer.echo(f"wrote {result['images']} images ({result['blurs']} blur{'s' if result['blurs'] > 1 else ''}), "
-               f"grid.png and run.json to {result['out']}")
+                                                      "prompts_file": str(prompts_file) if prompts_file else None},
+                     resume=resume)
+    if result["main"]:
+        skipped = f" ({result['skipped']} prompt(s) already there)" if resume else ""
+        typer.echo(f"wrote {result['images']} images ({result['blurs']} blur{'s' if result['blurs'] > 1 else ''})"
+                   f"{skipped}, grid.png and run.json to {result['out']}")
 
 
 @app.command()

@@ -16,8 +16,9 @@ import torch
 
 from . import attention, pipelines
 from .blur import Blur, parse_blur
-from .common import (DiffcliError, PerSampleRandn, atomic_path, pick_device, pick_dtype, prepare_out_dir,
-                     safe_name, save_grid, save_image, write_json, write_run_json)
+from .common import (DiffcliError, PerSampleRandn, atomic_path, load_images, pick_dtype, progress_bar, safe_name,
+                     save_grid, save_image, write_json, write_run_json)
+from .dist import Dist
 from .guidance import smoothed_energy
 from .sampling import sample_euler
 
@@ -160,9 +161,24 @@ def write_metrics(folder: Path, rows: list[dict[str, Any]]) -> None:
 
 # ---------------------------------------------------------------- the command
 
-def run(cfg: SegConfig, out: Path, overwrite: bool, device_name: str | None, options: dict[str, Any]) -> dict[str, Any]:
+def run(cfg: SegConfig, out: Path, overwrite: bool, device_name: str | None, options: dict[str, Any],
+        resume: bool = False) -> dict[str, Any]:
     blurs = validate(cfg)
-    device = pick_device(device_name)
+    dist = Dist(device_name)
+    try:
+        if cfg.metrics and (resume or dist.world > 1):
+            raise DiffcliError("--metrics records one uninterrupted single-process run; drop --resume/torchrun or "
+                               "--metrics")
+        return _run(cfg, blurs, out, overwrite, resume, dist, options)
+    finally:
+        dist.close()
+
+
+def _run(cfg: SegConfig, blurs: list[Blur], out: Path, overwrite: bool, resume: bool, dist: Dist,
+         options: dict[str, Any]) -> dict[str, Any]:
+    """Prompts are jobs: torchrun ranks take every world-th one, --resume skips those whose images all exist;
+    rank 0 then reads the images back for the grid and writes run.json."""
+    device = dist.device
     dtype = pick_dtype(cfg.dtype, device)
     pipe = pipelines.load_pipeline(cfg.model, device, dtype)
     if pipelines.family(pipe) == "if":
@@ -171,49 +187,51 @@ def run(cfg: SegConfig, out: Path, overwrite: bool, device_name: str | None, opt
     height, width = size(pipe, cfg)
     perturbed = attention.resolve_layers(pipe.unet, split_list(cfg.layers))
     tracked = attention.resolve_layers(pipe.unet, [cfg.track_block], "--track-block") if cfg.metrics else []
-    out = prepare_out_dir(out, overwrite)  # nothing is written before this line
+    record = {**asdict(cfg), **options, "sigma_start": None if math.isinf(cfg.sigma_start) else cfg.sigma_start}
+    out = dist.begin(out, overwrite, resume, "seg", record)  # nothing is written before this line
 
-    from .common import progress_bar
     sigmas = pipelines.sigmas(pipe, cfg.steps, device)
     guided = guided_steps(sigmas, split_list(cfg.regions), cfg.sigma_start, cfg.sigma_end)
     seeds = [cfg.seed + i for i in range(cfg.n)]
-    stems = image_stems(cfg.prompts)
     folders = {b.spec: out if len(blurs) == 1 else out / safe_name(b.spec) for b in blurs}
+    jobs = list(zip(cfg.prompts, image_stems(cfg.prompts)))
+    names = lambda stem, blur: [folders[blur.spec] / f"{stem}_seed{seed}.png" for seed in seeds]  # noqa: E731
+    remaining = [j for j in jobs if not (resume and all(f.is_file() for b in blurs for f in names(j[1], b)))]
+    mine = dist.shard(remaining)
     state, recorder = attention.SegState(), ([] if cfg.metrics else None)
-    images: dict[str, list[torch.Tensor]] = {b.spec: [] for b in blurs}
-    files: dict[str, list[str]] = {b.spec: [] for b in blurs}
     metrics: dict[str, list[dict[str, Any]]] = {b.spec: [] for b in blurs}
     with attention.installed(pipe.unet, state, perturbed, tracked, recorder), \
-            progress_bar("seg", cfg.steps * len(blurs) * len(cfg.prompts)) as advance:
-        for prompt, stem in zip(cfg.prompts, stems):
+            progress_bar("seg", cfg.steps * len(blurs) * len(mine), disable=not dist.main) as advance:
+        for prompt, stem in mine:
             cond, uncond = pipelines.encode_prompts(pipe, [prompt] * cfg.n, cfg.negative_prompt, height, width,
                                                     device)
             for blur in blurs:  # same prompt encodings and seeds for every blur
                 batch = sample(pipe, cond, uncond, seeds, cfg, blur, state, sigmas, guided, device,
                                callback=lambda info: advance(1))
-                folder = folders[blur.spec]
-                folder.mkdir(exist_ok=True)
-                for image, seed in zip(batch, seeds):
-                    name = f"{stem}_seed{seed}.png"
-                    save_image(folder / name, image)
-                    files[blur.spec].append(str((folder / name).relative_to(out)))
-                images[blur.spec].append(batch)
+                for image, path in zip(batch, names(stem, blur)):
+                    save_image(path, image)
                 if recorder is not None:
                     metrics[blur.spec] += [{"blur": blur.spec, "prompt": prompt, "step": step_index(sigmas, r["sigma"]),
                                             **r} for r in recorder]
                     recorder.clear()
+    dist.barrier()
+    files = {b.spec: [str(f.relative_to(out)) for _, stem in jobs for f in names(stem, b)] for b in blurs}
+    if dist.main:
+        stacked = [load_images(out / f for f in files[b.spec][:GRID_MAX]) for b in blurs]
+        if len(blurs) == 1:
+            save_grid(out / "grid.png", stacked[0], nrow=cfg.n)
+        else:  # side by side: one row per (prompt, seed), one column per blur
+            save_grid(out / "grid.png", torch.stack(stacked, 1).flatten(0, 1), nrow=len(blurs))
+        if cfg.metrics:
+            for b in blurs:
+                write_metrics(folders[b.spec], metrics[b.spec])
+        write_run_json(out, "seg", record, device, status="complete", world_size=dist.world,
+                       model={"kind": type(pipe).__name__, "model": cfg.model}, height=height, width=width,
+                       perturbed_layers=perturbed, tracked_layers=tracked,
+                       guided_steps=[i for i, g in enumerate(guided) if g],
+                       blurs={b.spec: str(folders[b.spec].relative_to(out)) for b in blurs}, images=files)
+    return {"out": str(out), "images": sum(len(f) for f in files.values()), "blurs": len(blurs),
+            "skipped": len(jobs) - len(remaining), "main": dist.main}
 
-    stacked = [torch.cat(images[b.spec]) for b in blurs]
-    if len(blurs) == 1:
-        save_grid(out / "grid.png", stacked[0], nrow=cfg.n)
-    else:  # side by side: one row per (prompt, seed), one column per blur
-        save_grid(out / "grid.png", torch.stack(stacked, 1).flatten(0, 1), nrow=len(blurs))
-    if cfg.metrics:
-        for b in blurs:
-            write_metrics(folders[b.spec], metrics[b.spec])
-    record = {**asdict(cfg), **options, "sigma_start": None if math.isinf(cfg.sigma_start) else cfg.sigma_start}
-    write_run_json(out, "seg", record, device, model={"kind": type(pipe).__name__, "model": cfg.model},
-                   height=height, width=width, perturbed_layers=perturbed, tracked_layers=tracked,
-                   guided_steps=[i for i, g in enumerate(guided) if g],
-                   blurs={b.spec: str(folders[b.spec].relative_to(out)) for b in blurs}, images=files)
-    return {"out": str(out), "images": sum(len(f) for f in files.values()), "blurs": len(blurs)}
+
+GRID_MAX = 256  # images per blur column in grid.png

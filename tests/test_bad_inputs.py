@@ -98,6 +98,8 @@ CASES = [
     ("seg-unknown-region", ["seg", "a cat", "--model", "{sd}", "--regions", "start", "--out", "{tmp}/o"], "--regions"),
     ("seg-model-offline", ["seg", "a cat", "--model", "nobody/no-such-model", "--out", "{tmp}/o"], "hf download nobody/no-such-model"),
     ("seg-prompts-file-missing", ["seg", "--model", "{sd}", "--prompts-file", "{tmp}/none.txt", "--out", "{tmp}/o"], "prompts file"),
+    ("seg-metrics-with-resume", ["seg", "a cat", "--model", "{sd}", "--metrics", "--resume", "--out", "{run}"], "--metrics records one"),
+    ("seg-resume-other-options", ["seg", "a cat", "--model", "{sd}", "--resume", "--out", "{run}"], "options differ from the run"),
     ("seg-existing-output", ["seg", "a cat", "--model", "{sd}", "--out", "{run}"], "not empty"),
     ("panorama-width-not-multiple", ["panorama", "a b", "--model", "{sd}", "--width", "100", "--height", "16", "--out", "{tmp}/o"], "multiple of 8"),
     ("panorama-stride-zero", ["panorama", "a b", "--model", "{sd}", "--width", "64", "--height", "16", "--stride", "0", "--out", "{tmp}/o"], "--stride 0"),

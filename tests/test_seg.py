@@ -237,3 +237,34 @@ def test_existing_outputs_need_overwrite_and_cli_errors_exit_2(tiny_sd, tmp_path
     proc = run_cli("seg", "a cat", "--model", tiny_sd, "--blur", "gaussian_x_1", "--out", tmp_path / "new")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "accepted forms" in proc.stderr
     assert not (tmp_path / "new").exists() and sorted(p.name for p in out.iterdir()) == ["keep.png"]
+
+
+def test_cli_resume_and_two_ranks_write_the_same_images(tiny_sd, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red barn\na blue lake\na green hill\n")
+    args = ["seg", "--prompts-file", str(prompts), "--model", str(tiny_sd), "--steps", "2", "--n", "2",
+            "--blur", "gaussian_-1_1", "--blur", "interpolatedBoxBlur_3_0.5"]
+    whole, cut, two = tmp_path / "whole", tmp_path / "cut", tmp_path / "two"
+    run_cli(*args, "--out", whole, check=True)
+    run_cli(*args, "--out", cut, check=True)
+    victims = sorted(cut.rglob("a_blue_lake_seed1.png"))
+    assert len(victims) == 2
+    victims[0].unlink()
+    (cut / "grid.png").unlink()
+    proc = run_cli(*args, "--out", cut, "--resume", check=True)
+    assert "2 prompt(s) already there" in proc.stdout
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29551", "-m", "diffcli", "--", *args, "--out", str(two)],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pngs = sorted(str(p.relative_to(whole)) for p in whole.rglob("*.png"))
+    assert len(pngs) == 13  # 3 prompts x 2 seeds x 2 blurs + grid
+    for folder in (cut, two):
+        assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*.png")) == pngs
+        for name in pngs:
+            assert (folder / name).read_bytes() == (whole / name).read_bytes(), (folder.name, name)
