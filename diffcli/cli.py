@@ -65,13 +65,15 @@ def handle_errors(fn: Callable) -> Callable:
 @handle_errors
 def train(
     out: Path = typer.Option(Path("runs/edm"), "--out", help="Run folder: checkpoints, grids, log, run.json."),
-    dataset: str = typer.Option("mnist", help="mnist, fashion-mnist, cifar10 or folder:PATH."),
+    dataset: str = typer.Option("mnist", help="mnist, fashion-mnist, cifar10, folder:PATH, or a next-frame sequence set made from the MNIST digits under --data-root: moving-mnist, circle-jumping, horizontal."),
     data_root: str = typer.Option("data", help="Where torchvision-layout datasets live (or are downloaded to)."),
     split: str = typer.Option("train", help="train or test split of the dataset."),
-    image_size: Optional[int] = typer.Option(None, help="Resize images to this size (default: native)."),
+    image_size: Optional[int] = typer.Option(None, help="Resize images to this size (default: native); for sequence sets the frame size (default 32; digits are half of it)."),
     channels: Optional[int] = typer.Option(None, help="1 or 3 for folder datasets (default: from the files)."),
     unconditional: bool = typer.Option(False, "--unconditional", help="Ignore labels."),
     p_uncond: float = typer.Option(0.2, help="Label dropout probability (one model does CFG)."),
+    process: str = typer.Option("edm", help="edm (Karras et al. 2022) or blurring (Hoogeboom & Salimans 2023: DCT heat dissipation under cosine noise, eps-prediction)."),
+    blur_sigma_max: Optional[float] = typer.Option(None, "--blur-sigma-max", help="blurring: largest blur std in pixels, sigma_B,max (default 20; 0 = plain DDPM-style diffusion)."),
     net: str = typer.Option("small", help="Architecture preset: small, tiny, base."),
     channels_mult: Optional[str] = typer.Option(None, "--block-channels", help="Override block widths, e.g. 32,64,96."),
     steps: int = typer.Option(10_000, help="Total optimizer steps (a resumed run may raise it)."),
@@ -88,10 +90,20 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --out."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps."),
     quiet: bool = typer.Option(False, "--quiet"),
+    context_frames: Optional[int] = typer.Option(None, "--context-frames", help="Sequence sets: frames the model sees before the one it predicts (default 2)."),
+    step_size: Optional[int] = typer.Option(None, "--step-size", help="Sequence sets: pixels the digit moves a frame (default 4; moving-mnist: the largest velocity component)."),
+    directions: Optional[int] = typer.Option(None, "--directions", help="circle-jumping: K equally likely jump directions on the circle (default 4)."),
+    p_left: Optional[float] = typer.Option(None, "--p-left", help="horizontal: probability that the digit moves left (default 0.5)."),
+    data_seed: Optional[int] = typer.Option(None, "--data-seed", help="Sequence sets: seed of the generated motions (default 0)."),
+    preview: int = typer.Option(0, "--preview", help="Write OUT/preview.png with this many example sequences (context | next frame | every allowed future) and exit without training."),
 ) -> None:
-    """Train an EDM model (class-conditional with label dropout, or unconditional).
+    """Train an EDM model (class-conditional with label dropout, unconditional, or next-frame on a sequence set).
 
     Example: diffcli train --dataset mnist --data-root data --steps 8000 --out runs/mnist
+
+    Blurring diffusion: diffcli train --process blurring --blur-sigma-max 20 --out runs/blur
+
+    Example: diffcli train --dataset circle-jumping --data-root data --split test --directions 4 --preview 8 --out preview
     """
     from .train import TrainConfig, train as run_train
     overrides = {}
@@ -103,7 +115,17 @@ def train(
     cfg = TrainConfig(dataset=dataset, data_root=data_root, split=split, image_size=image_size, channels=channels,
                       conditional=not unconditional, p_uncond=p_uncond, net=net, net_overrides=overrides,
                       steps=steps, batch=batch, lr=lr, lr_warmup=lr_warmup, ema_halflife_kimg=ema_halflife_kimg,
-                      seed=seed, ckpt_every=ckpt_every, grid_every=grid_every, log_every=log_every)
+                      seed=seed, ckpt_every=ckpt_every, grid_every=grid_every, log_every=log_every, process=process,
+                      blur_sigma_max=20.0 if blur_sigma_max is None else blur_sigma_max)
+    if blur_sigma_max is not None and process != "blurring":
+        raise DiffcliError("--blur-sigma-max is a --process blurring option")
+    given = {"context_frames": context_frames, "step_size": step_size, "directions": directions, "p_left": p_left,
+             "seed": data_seed}
+    cfg.sequence = {k: v for k, v in given.items() if v is not None}
+    if preview:
+        from .sequences import write_preview
+        typer.echo(f"wrote {write_preview(cfg, out, preview, overwrite)}")
+        return
     result = run_train(cfg, out, resume=resume, overwrite=overwrite, device_name=device, quiet=quiet,
                        options={"out": str(out), "resume": resume, "device": device}, precision=precision)
     if not quiet:
@@ -119,8 +141,8 @@ def sample(
     n: int = typer.Option(16, "--n", help="Number of samples."),
     labels: Optional[str] = typer.Option(None, help="Class of each sample, cycled: '0,3,7' or 'all' (default: all)."),
     cfg: Optional[float] = typer.Option(None, "--cfg", help="CFG scale w: D_u + w (D_c - D_u); 1 = conditional, 0 = unconditional. Same as the 002 seed's alpha."),
-    sampler: str = typer.Option("heun", help="euler, heun, stochastic_heun or ddim."),
-    steps: int = typer.Option(18, help="Sampling steps (heun: 2*steps-1 network evaluations)."),
+    sampler: Optional[str] = typer.Option(None, help="EDM models: euler, heun (default), stochastic_heun or ddim. Blurring models: ancestral (their reverse process, the default)."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps: default 18 for EDM models (heun: 2*steps-1 network evaluations), 100 for blurring models."),
     sigma_min: Optional[float] = typer.Option(None, help="Lowest noise level (default: the model's, 0.002)."),
     sigma_max: Optional[float] = typer.Option(None, help="Highest noise level (default: the model's, 80)."),
     rho: float = typer.Option(7.0, help="Karras schedule exponent."),
@@ -132,26 +154,45 @@ def sample(
     seed: int = typer.Option(0, help="Sample i uses seed + i, whatever the batch size."),
     batch_size: int = typer.Option(64, help="Samples per network batch."),
     dtype: Optional[str] = typer.Option(None, help="Network precision: fp32 (default), fp16 or bf16 (GPU)."),
-    strip: bool = typer.Option(False, "--strip", help="Also write strip.png: x0_hat along the steps."),
+    strip: bool = typer.Option(False, "--strip", help="Also write strip.png: x0_hat along the steps (blurring models: z_t at t = 1, 0.9, ..., 0)."),
+    gif: bool = typer.Option(False, "--gif", help="Also write process.gif: the first 8 samples at every step (blurring models: the blur undone); with --show-forward, forward.gif."),
+    clip_denoised: bool = typer.Option(False, "--clip-denoised", help="Blurring models: keep x0_hat in [-1, 1] at every step (DDPM's clip_denoised; the paper's Algorithm does not clip)."),
+    show_forward: Optional[Path] = typer.Option(None, "--show-forward", metavar="IMAGE", help="Instead of sampling, picture the blurring forward process on IMAGE: forward.png (blurred | blurred + noise, t = 0 .. 1)."),
+    blur_sigma_max: Optional[float] = typer.Option(None, "--blur-sigma-max", help="With --show-forward: sigma_B,max (default: the --checkpoint's blurring model's, else 20)."),
     nrow: Optional[int] = typer.Option(None, help="Images per grid row."),
     out: Path = typer.Option(Path("diffcli-out/sample"), "--out", help="Output folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty output folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out: same options, samples already written are skipped."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps."),
+    context: Optional[str] = typer.Option(None, "--context", help="Next-frame models: the frames to continue, as an index into the model's sequence dataset (truth known: metrics) or a file (a PNG of the frames side by side, or a .pt/.safetensors tensor). All n samples share it."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="With --context N: where the model's MNIST digits are (default: the folder recorded at training)."),
 ) -> None:
-    """Sample a diffcli EDM model: PNGs, a grid, run.json, and optionally the denoising strip.
+    """Sample a diffcli model (EDM or blurring diffusion): PNGs, a grid, run.json, optionally the denoising strip/GIF.
 
     Example: diffcli sample --labels all --n 20 --cfg 2 --strip --out digits
 
+    Example: diffcli sample --checkpoint checkpoints/mnist-blurring.safetensors --strip --gif --out blur
+
+    Example: diffcli sample --show-forward digit.png --blur-sigma-max 20 --gif --out forward
+
+    Example: diffcli sample --checkpoint runs/circle --context 3 --n 8 --out next-frames
+
     Many GPUs: torchrun --nproc_per_node 4 -m diffcli -- sample --n 50000 --out fid-samples (each rank draws every 4th sample; the -- keeps torchrun off --n).
     """
-    from .sample import SHIPPED_CHECKPOINT, SampleConfig, run as run_sample
+    from .sample import SHIPPED_CHECKPOINT, SampleConfig, run as run_sample, show_forward as run_show_forward
+    if show_forward is not None:
+        result = run_show_forward(show_forward, out, overwrite, checkpoint, blur_sigma_max, seed, gif)
+        typer.echo(f"wrote forward.png{', forward.gif' if gif else ''} (sigma_B,max {result['schedule']['blur_sigma_max']:g}) to {result['out']}")
+        return
+    if blur_sigma_max is not None:
+        raise DiffcliError("--blur-sigma-max goes with --show-forward; a trained model's process is fixed")
     if checkpoint is None and not SHIPPED_CHECKPOINT.is_file():
         raise DiffcliError(f"the shipped model {SHIPPED_CHECKPOINT} is missing; pass --checkpoint")
     config = SampleConfig(checkpoint=str(checkpoint or SHIPPED_CHECKPOINT), n=n, labels=labels, cfg=cfg,
                           sampler=sampler, steps=steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
                           s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, eta=eta, seed=seed,
-                          batch_size=batch_size, dtype=dtype, strip=strip, nrow=nrow)
+                          batch_size=batch_size, dtype=dtype, strip=strip, gif=gif, clip_denoised=clip_denoised, nrow=nrow, context=context,
+                          data_root=data_root)
     result = run_sample(config, out, overwrite, device, {"out": str(out), "device": device}, resume=resume)
     if result["main"]:
         skipped = f" ({result['skipped']} already there)" if resume else ""
@@ -344,10 +385,14 @@ def pg(
     out: Path = typer.Option(Path("diffcli-out/pg"), "--out", help="Output folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty output folder."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps."),
+    context: Optional[str] = typer.Option(None, "--context", help="Next-frame models: sequences of the model's dataset to continue, one particle set of --n each: an index (3), a list (0,4,7) or a range (0:10); or one context file (PNG of the frames side by side, .pt/.safetensors). --compare then reports modes found, L2/IoU to the nearest true future and directional accuracy."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="With --context indices: where the model's MNIST digits are (default: the folder recorded at training)."),
 ) -> None:
     """Particle guidance: sample a batch jointly with a repulsive kernel term, for more modes per batch.
 
     Example: diffcli pg --n 8 --pg-factor 1.7 --compare --out pg-digits
+
+    Example: diffcli pg --checkpoint runs/circle --context 0:10 --n 8 --compare --out pg-futures
 
     Example: diffcli pg "a photo of a dog" --model ./sd-v1-5 --n 4 --out pg-dogs
     """
@@ -356,7 +401,8 @@ def pg(
                       pg_factor=pg_factor, kernel=kernel, pg_sigma_min=pg_sigma_min, pg_sigma_max=pg_sigma_max,
                       labels=labels, cfg=cfg, negative_prompt=negative_prompt, sampler=sampler, steps=steps,
                       s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, eta=eta, seed=seed,
-                      height=height, width=width, dtype=dtype, classifier=classifier, compare=compare)
+                      height=height, width=width, dtype=dtype, classifier=classifier, compare=compare,
+                      context=context, data_root=data_root)
     result = run_pg(config, out, overwrite, device, {"out": str(out), "device": device})
     for line in result["lines"]:
         typer.echo(line)

@@ -11,7 +11,7 @@ import torch
 
 from .common import DiffcliError
 
-DATASETS = ("mnist", "fashion-mnist", "cifar10", "folder:PATH")
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "folder:PATH", "moving-mnist", "circle-jumping", "horizontal")
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 _IDX = {  # name -> (torchvision folder, class names)
@@ -27,6 +27,8 @@ class ImageSet:
     labels: torch.Tensor | None   # long (N,) or None
     class_names: list[str]
     name: str
+    context: torch.Tensor | None = None   # uint8 (N, C_ctx, H, W): the frames before `images` (sequence sets)
+    sequence: dict | None = None          # the generator's parameters (sequence sets), recorded in checkpoints
 
     @property
     def num_classes(self) -> int:
@@ -146,11 +148,18 @@ def _center_square(im):
 
 
 def load_dataset(spec: str, root: str | Path = "data", split: str = "train",
-                 image_size: int | None = None, channels: int | None = None) -> ImageSet:
-    """`mnist`, `fashion-mnist`, `cifar10` (torchvision layout under root) or `folder:PATH`."""
+                 image_size: int | None = None, channels: int | None = None,
+                 sequence: dict | None = None) -> ImageSet:
+    """`mnist`, `fashion-mnist`, `cifar10` (torchvision layout under root), `folder:PATH`, or a sequence set
+    built from MNIST digits (`moving-mnist`, `circle-jumping`, `horizontal`; options in `sequence`)."""
     root = Path(root)
     if split not in ("train", "test"):
         raise DiffcliError(f"unknown split {split!r} (train or test)")
+    if spec in SEQUENCE_KINDS:
+        return _load_sequences(spec, root, split, image_size, channels, sequence or {})
+    if sequence:
+        raise DiffcliError(f"--{_option_name(next(iter(sequence)))} is for the sequence datasets "
+                           f"({', '.join(SEQUENCE_KINDS)}), not {spec}")
     if spec.startswith("folder:"):
         return _load_folder(Path(spec[len("folder:"):]), image_size, channels)
     if spec in _IDX:
@@ -164,6 +173,33 @@ def load_dataset(spec: str, root: str | Path = "data", split: str = "train",
                                                     mode="bilinear", antialias=True, align_corners=False
                                                     ).round().clamp(0, 255).to(torch.uint8)
     return ds
+
+
+SEQUENCE_KINDS = ("moving-mnist", "circle-jumping", "horizontal")
+_SEQUENCE_OPTIONS = {"moving-mnist": {"context_frames", "step_size", "seed"},
+                     "circle-jumping": {"context_frames", "step_size", "directions", "seed"},
+                     "horizontal": {"context_frames", "step_size", "p_left", "seed"}}
+
+
+def _option_name(key: str) -> str:
+    return "data-seed" if key == "seed" else key.replace("_", "-")
+
+
+def _load_sequences(kind: str, root: Path, split: str, frame_size: int | None, channels: int | None,
+                    options: dict) -> ImageSet:
+    """Sequences generated from the MNIST digits under root: images = next frames, context = the frames before."""
+    from . import sequences as sq
+    spec = sq.SequenceSpec(kind, frame_size=frame_size or 32, **options)
+    sq.check_spec(spec)  # range errors first, then options that do not apply
+    extra = sorted(set(options) - _SEQUENCE_OPTIONS[kind])
+    if extra:
+        raise DiffcliError(f"--{_option_name(extra[0])} does not apply to {kind}")
+    if channels not in (None, 1):
+        raise DiffcliError(f"{kind} frames are grey (1 channel), not --channels {channels}")
+    digits = sq.digit_tiles(_load_idx_dataset("mnist", root, split).images, spec.digit_size)
+    context, nxt = sq.make_dataset(spec, digits)
+    record = {**spec.record(), "split": split, "data_root": str(root.resolve()), "sequences": len(nxt)}
+    return ImageSet(nxt, None, [], kind, context, record)
 
 
 def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:

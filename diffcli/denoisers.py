@@ -37,27 +37,40 @@ def edm_coefficients(sigma: torch.Tensor, sigma_data: float = 0.5):
 
 
 class EDMPrecond(nn.Module):
-    """D(x, sigma) = c_skip x + c_out F(c_in x, c_noise); F is any net(x, c_noise, class_labels)."""
+    """D(x, sigma) = c_skip x + c_out F(c_in x, c_noise); F is any net(x, c_noise, class_labels).
+
+    A next-frame model (context_frames > 0) takes `context=` (N, context_frames * C, H, W): the clean
+    frames before x, which F sees concatenated to c_in x along channels.
+    """
 
     def __init__(self, net: nn.Module, sigma_data: float = 0.5, num_classes: int = 0,
-                 sigma_min: float = 0.002, sigma_max: float = 80.0):
+                 sigma_min: float = 0.002, sigma_max: float = 80.0, context_frames: int = 0):
         super().__init__()
         self.net, self.sigma_data, self.num_classes = net, sigma_data, num_classes
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.context_frames = context_frames
 
     @property
     def null_label(self) -> int:
         """Class index that means 'no label' (label dropout / the unconditional branch of CFG)."""
         return self.num_classes
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
         sigma = expand_sigma(sigma, x)
         c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
         if self.num_classes and class_labels is None:
             class_labels = torch.full((x.shape[0],), self.null_label, device=x.device, dtype=torch.long)
         params = self.net.parameters() if isinstance(self.net, nn.Module) else iter(())
         net_dtype = next(params, x).dtype  # fp16/bf16 nets get cast inputs; the ODE stays fp32
-        f = self.net((c_in * x).to(net_dtype), c_noise.flatten().to(net_dtype), class_labels)
+        inp = c_in * x
+        if self.context_frames or context is not None:
+            want = (x.shape[0], self.context_frames * x.shape[1], *x.shape[2:])
+            if context is None or tuple(context.shape) != want:
+                raise ValueError(f"this model needs context= of shape {want} (the {self.context_frames} frames "
+                                 f"before x), got {None if context is None else tuple(context.shape)}")
+            inp = torch.cat([inp, context.to(inp.dtype)], 1)  # context stays unscaled: it is clean data
+        f = self.net(inp.to(net_dtype), c_noise.flatten().to(net_dtype), class_labels)
         return c_skip * x + c_out * f.to(torch.float32)
 
 

@@ -28,12 +28,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def net_config(preset: str, image_size: int, channels: int, num_classes: int) -> dict[str, Any]:
+def net_config(preset: str, image_size: int, channels: int, num_classes: int, context_frames: int = 0) -> dict[str, Any]:
+    """UNet2DModel arguments; a next-frame model reads its context frames as extra input channels."""
     if preset not in PRESETS:
         raise KeyError(preset)
     cfg = dict(PRESETS[preset])
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
-    cfg.update(sample_size=image_size, in_channels=channels, out_channels=channels,
+    cfg.update(sample_size=image_size, in_channels=channels * (1 + context_frames), out_channels=channels,
                # one extra embedding row: the null label used for label dropout / CFG
                num_class_embeds=(num_classes + 1) if num_classes else None)
     return cfg
@@ -65,11 +66,24 @@ def build_edm(meta: dict[str, Any]):
     """EDMPrecond(UNetF) from the `model` record a checkpoint carries."""
     from .denoisers import EDMPrecond
     return EDMPrecond(UNetF(meta["net"]), sigma_data=meta["sigma_data"], num_classes=meta["num_classes"],
-                      sigma_min=meta.get("sigma_min", 0.002), sigma_max=meta.get("sigma_max", 80.0))
+                      sigma_min=meta.get("sigma_min", 0.002), sigma_max=meta.get("sigma_max", 80.0),
+                      context_frames=meta.get("context_frames", 0))
 
 
-def load_model(path, device: torch.device | str = "cpu"):
-    """A diffcli model file (or a training run folder) -> (denoiser in eval mode, model record)."""
+def build_model(meta: dict[str, Any]):
+    """The model a checkpoint's record describes: an EDM denoiser, or a blurring-diffusion eps-predictor."""
+    if meta.get("kind") == "blurring":
+        from .blurring import build_blurring
+        return build_blurring(meta)
+    return build_edm(meta)
+
+
+def load_model(path, device: torch.device | str = "cpu", kinds: tuple[str, ...] = ("edm",)):
+    """A diffcli model file (or a training run folder) -> (model in eval mode, model record).
+
+    Only models of `kinds` load: a blurring model is no denoiser D(x, sigma), so commands that need one keep
+    the default and refuse it with a clear message.
+    """
     from pathlib import Path
     from .common import DiffcliError, load_checkpoint, strip_prefix
     path = Path(path)
@@ -77,9 +91,12 @@ def load_model(path, device: torch.device | str = "cpu"):
         path = path / "model.safetensors"
     tensors, meta = load_checkpoint(path)
     model_meta = meta.get("model")
-    if not model_meta or model_meta.get("kind") != "edm":
-        raise DiffcliError(f"{path} holds no diffcli EDM model (kind {model_meta and model_meta.get('kind')!r})")
-    model = build_edm(model_meta)
+    kind = model_meta and model_meta.get("kind")
+    if kind not in kinds:
+        what = " or ".join(k.upper() if k == "edm" else k for k in kinds)
+        raise DiffcliError(f"{path} holds no diffcli {what} model (kind {kind!r})"
+                           + ("; `diffcli sample` samples it" if kind == "blurring" else ""))
+    model = build_model(model_meta)
     weights = strip_prefix(tensors, "net.")
     try:
         model.net.load_state_dict(weights, strict=True)

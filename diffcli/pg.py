@@ -45,6 +45,8 @@ class PGConfig:
     dtype: str | None = None
     classifier: str | None = None
     compare: bool = False
+    context: str | None = None    # next-frame models: dataset indices (3, 0,4,7 or 0:10) or a context file
+    data_root: str | None = None
 
 
 DEFAULT_STEPS = {"digits": 18, "pipeline": 50}
@@ -69,6 +71,8 @@ def validate(cfg: PGConfig) -> None:
         raise DiffcliError(f"unknown kernel {cfg.kernel!r}; choose one of {', '.join(KERNELS)}")
     if cfg.model is not None and cfg.kernel != "rbf":
         raise DiffcliError(f"--kernel {cfg.kernel} is for digit models; pipelines use rbf (on the latent)")
+    if cfg.model is not None and cfg.context is not None:
+        raise DiffcliError("--context is for next-frame diffcli models (--checkpoint), not pipelines")
     if cfg.model is not None and cfg.labels is not None:
         raise DiffcliError("--labels is for class-conditional diffcli models; a pipeline takes a prompt")
     if cfg.sampler not in SAMPLERS:
@@ -120,17 +124,20 @@ def digit_scale(cfg: PGConfig, meta: dict[str, Any]) -> float | None:
 
 
 def sample_digits(model, meta: dict[str, Any], cfg: PGConfig, factor: float, kernel: tuple[KernelGrad, bool],
-                  device: torch.device, on_step: Callable[[int], None] | None = None) -> torch.Tensor:
-    """All n samples as ONE batch (the particle set), (N, C, H, W) in [-1, 1]; sample i uses seed + i.
+                  device: torch.device, on_step: Callable[[int], None] | None = None,
+                  context: torch.Tensor | None = None, seed_offset: int = 0) -> torch.Tensor:
+    """All n samples as ONE batch (the particle set), (N, C, H, W) in [-1, 1]; sample i uses seed + seed_offset + i.
 
-    This is `diffcli sample`'s path with the batch's denoiser wrapped in PG.
+    This is `diffcli sample`'s path with the batch's denoiser wrapped in PG. A next-frame model's particles
+    share one `context` (C_ctx, H, W), so PG spreads them over that context's futures.
     """
     from .sample import SampleConfig, sample_images
     scfg = SampleConfig(n=cfg.n, labels=cfg.labels, cfg=digit_scale(cfg, meta), sampler=cfg.sampler,
                         steps=cfg.steps or DEFAULT_STEPS["digits"], s_churn=cfg.s_churn, s_tmin=cfg.s_tmin,
-                        s_tmax=cfg.s_tmax, s_noise=cfg.s_noise, eta=cfg.eta, seed=cfg.seed, batch_size=cfg.n)
+                        s_tmax=cfg.s_tmax, s_noise=cfg.s_noise, eta=cfg.eta, seed=cfg.seed + seed_offset,
+                        batch_size=cfg.n)
     images, _, _ = sample_images(model, meta, scfg, device, on_step=on_step,
-                                 wrap=lambda denoiser: guided(denoiser, cfg, factor, kernel))
+                                 wrap=lambda denoiser: guided(denoiser, cfg, factor, kernel), context=context)
     return images
 
 
@@ -180,9 +187,55 @@ def latent_metrics(latents: torch.Tensor) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- outputs
 
+def sequence_contexts(cfg: PGConfig, meta: dict[str, Any]) -> list | None:
+    """`--context` for a next-frame model (sequences.Context each); None for other models."""
+    if cfg.context is None:
+        if meta.get("context_frames"):
+            raise DiffcliError(f"this model predicts the next frame after {meta['context_frames']} context frame(s): "
+                               f"pass --context N, a list (0,4,7), a range (0:10) of its {meta.get('dataset')} "
+                               f"sequences, or --context FILE")
+        return None
+    from .sequences import resolve_contexts
+    return resolve_contexts(cfg.context, meta, cfg.data_root, many=True)
+
+
+def sequence_compare_metrics(seq: dict[str, Any], images: torch.Tensor, n: int) -> dict[str, Any]:
+    """Means over contexts of the 001 metrics (where the truth is known) and the samples' spread."""
+    from .sequences import ink, pairwise_rmse
+    spread = [pairwise_rmse(ink(x)) for x in images.split(n)]
+    return {**seq.get("metrics", {}), "pairwise_rmse": sum(spread) / len(spread), "per_context": seq.get("per_context")}
+
+
+def sequence_compare_pictures(out: Path, contexts: list, plain: torch.Tensor, pg: torch.Tensor, cfg: PGConfig,
+                              meta: dict[str, Any]) -> None:
+    """compare.png: per context a plain row then a PG row (context | samples | true futures);
+    landing-compare.png: where the digits moved, plain | PG; landing-scatter.png too with matplotlib."""
+    from . import sequences as sq
+    from .common import save_image
+    rows = [sq.context_row(c, x) for c, a, b in zip(contexts, plain.split(cfg.n), pg.split(cfg.n)) for x in (a, b)]
+    save_image(out / "compare.png", sq.strip(rows))
+    known = [c for c in contexts if c.item is not None]
+    if not known:
+        return
+    shifts = known[0].item.shifts
+    # one map for the contexts that share the first one's futures (all of them, except for moving-mnist)
+    same = [i for i, c in enumerate(contexts) if c.item is not None and torch.equal(c.item.shifts, shifts)]
+    moved = {name: torch.cat([sq.moved_by(x.split(cfg.n)[i], contexts[i].item) for i in same])
+             for name, x in (("plain", plain), (f"pg {cfg.pg_factor:g}", pg))}
+    radius = sq.landing_radius(meta)
+    maps = [sq.landing_map(m, shifts, radius) for m in moved.values()]
+    save_image(out / "landing-compare.png", sq.strip([[m[None] for m in maps]], gap=8))
+    sq.plot_landing(out / "landing-scatter.png", moved, shifts)
+
+
 def metric_lines(plain: dict[str, Any], pg: dict[str, Any], factor: float) -> list[str]:
     rows = [("modes discovered", "modes_discovered", "{}"), ("mean in-batch similarity", "mean_similarity", "{:.4f}"),
-            ("mean pairwise latent distance", "mean_pairwise_distance", "{:.3f}"), ("class accuracy", "accuracy", "{:.3f}")]
+            ("mean pairwise latent distance", "mean_pairwise_distance", "{:.3f}"), ("class accuracy", "accuracy", "{:.3f}"),
+            # next-frame models (mean over contexts; see diffcli.sequences.sequence_metrics)
+            ("true futures per context", "modes_possible", "{:.0f}"), ("modes found", "modes_found", "{:.2f}"),
+            ("contexts with all futures found", "all_modes_found", "{:.2f}"),
+            ("directional accuracy", "directional_accuracy", "{:.3f}"), ("L2 to nearest true future", "l2", "{:.4f}"),
+            ("IoU with nearest true future", "iou", "{:.3f}"), ("mean pairwise RMSE", "pairwise_rmse", "{:.4f}")]
     lines = [f"{'':32s}{'plain':>10s}{f'pg {factor:g}':>10s}"]
     for title, key, fmt in rows:
         if plain.get(key) is not None:
@@ -197,7 +250,7 @@ def run(cfg: PGConfig, out: Path, overwrite: bool, device_name: str | None, opti
     device = pick_device(device_name)
     dtype = pick_dtype(cfg.dtype or "fp32", device)
     kind = family(cfg)
-    classifier = None
+    classifier, contexts = None, None
     if kind == "pipeline":
         from .pipelines import load_pipeline
         pipe = load_pipeline(cfg.model, device, dtype)
@@ -212,20 +265,24 @@ def run(cfg: PGConfig, out: Path, overwrite: bool, device_name: str | None, opti
         model.net.to(dtype)
         digit_scale(cfg, meta)
         labels = None if cfg.labels is None else parse_labels(cfg.labels, meta["num_classes"], cfg.n)
-        if cfg.kernel == "classifier" or cfg.compare:
+        contexts = sequence_contexts(cfg, meta)
+        if cfg.kernel == "classifier" or (cfg.compare and not contexts):
             from .classifier import SHIPPED_CLASSIFIER, load_classifier
             classifier = load_classifier(cfg.classifier or SHIPPED_CLASSIFIER, device)
         kernel = make_kernel(cfg.kernel, classifier)
-        draw = lambda factor, step: (sample_digits(model, meta, cfg, factor, kernel, device, step), None)
+        # next-frame models: one particle set per context, seeds running on across them
+        draw = lambda factor, step: (torch.cat([
+            sample_digits(model, meta, cfg, factor, kernel, device, step, c.frames if c else None, j * cfg.n)
+            for j, c in enumerate(contexts or [None])]), None)
         nfe_each = nfe(cfg.sampler, cfg.steps or DEFAULT_STEPS["digits"])
     out = prepare_out_dir(out, overwrite)
 
-    from .eval import progress_bar
+    from .common import progress_bar
     from .sample import samples_record, write_samples
     steps = cfg.steps or DEFAULT_STEPS[kind]
     runs = [("plain", 0.0)] if cfg.compare else []
     results: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    with progress_bar("sampling", steps * (len(runs) + 1)) as advance:
+    with progress_bar("sampling", steps * (len(runs) + 1) * len(contexts or [None])) as advance:
         for name, factor in runs + [("pg", cfg.pg_factor)]:
             results[name] = draw(factor, lambda k: advance(1))
 
@@ -235,18 +292,30 @@ def run(cfg: PGConfig, out: Path, overwrite: bool, device_name: str | None, opti
     for name, (images, latents) in results.items():
         folder = folders[name]
         folder.mkdir(exist_ok=True)
-        files = write_samples(folder, images, labels, cfg.seed)
+        files = write_samples(folder, images, labels, cfg.seed, nrow=cfg.n if contexts else None)
         factor = cfg.pg_factor if name == "pg" else 0.0
+        samples = samples_record(files, labels, cfg.seed)
+        seq = {}
+        if contexts:
+            from .sample import sequence_outputs
+            for k, s in enumerate(samples):
+                s["context"] = contexts[k // cfg.n].source
+            seq = {"sequence": sequence_outputs(folder, contexts, list(images.split(cfg.n)), meta)}
+            if cfg.compare:
+                metrics[name] = sequence_compare_metrics(seq["sequence"], images, cfg.n)
         write_run_json(folder, "pg", {**record, "pg_factor": factor}, device, model=meta,
                        nfe_per_sample=nfe_each * (2 if cfg.cfg not in (None, 0.0, 1.0) else 1),
-                       samples=samples_record(files, labels, cfg.seed))
-        if cfg.compare:
+                       samples=samples, **seq)
+        if cfg.compare and not contexts:
             metrics[name] = (latent_metrics(latents) if latents is not None
                              else digit_metrics([str(folder / f) for f in files], labels, classifier, device))
-    result: dict[str, Any] = {"out": str(out), "n": cfg.n, "lines": []}
+    result: dict[str, Any] = {"out": str(out), "n": len(results["pg"][0]), "lines": []}
     if cfg.compare:
-        # one picture: the plain batch on top, the same seeds with PG below
-        save_grid(out / "compare.png", torch.cat([results["plain"][0], results["pg"][0]]), nrow=cfg.n)
+        # one picture: the plain batch on top, the same seeds with PG below (a pair of rows per context)
+        if contexts:
+            sequence_compare_pictures(out, contexts, results["plain"][0], results["pg"][0], cfg, meta)
+        else:
+            save_grid(out / "compare.png", torch.cat([results["plain"][0], results["pg"][0]]), nrow=cfg.n)
         write_json(out / "compare.json", {"pg_factor": cfg.pg_factor, "kernel": cfg.kernel, "seed": cfg.seed,
                                           "n": cfg.n, "plain": metrics["plain"], "pg": metrics["pg"]})
         result["lines"] = metric_lines(metrics["plain"], metrics["pg"], cfg.pg_factor)

@@ -1,19 +1,21 @@
-"""diffcli sample: draw images from a diffcli EDM checkpoint with any sampler, optional CFG and a denoising strip."""
+"""diffcli sample: draw images from a diffcli checkpoint (EDM with any sampler, or blurring diffusion with its own),
+optional CFG, a denoising strip and GIF; `show_forward` pictures the blurring forward process."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .common import (DiffcliError, PerSampleRandn, begin_output, load_images, pick_dtype, save_grid, save_image,
-                     write_run_json)
+from .common import (DiffcliError, PerSampleRandn, load_images, make_grid, pick_dtype,
+                     prepare_out_dir, save_gif, save_grid, save_image, write_run_json)
 from .dist import Dist
 from .guidance import classifier_free
 from .nets import load_model
 from .sampling import SAMPLERS, get_sigmas_karras, nfe, run_sampler
+from .blurring import DEFAULT_STEPS as BLURRING_STEPS, SAMPLERS as BLURRING_SAMPLERS
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "mnist-edm.safetensors"
 
@@ -24,8 +26,8 @@ class SampleConfig:
     n: int = 16
     labels: str | None = None
     cfg: float | None = None
-    sampler: str = "heun"
-    steps: int = 18
+    sampler: str | None = None  # None: the model's default, heun (EDM) or ancestral (blurring)
+    steps: int | None = None  # None: 18 (EDM; heun = 35 NFE) or 100 (blurring, the 004 seed's T)
     sigma_min: float | None = None
     sigma_max: float | None = None
     rho: float = 7.0
@@ -38,7 +40,11 @@ class SampleConfig:
     batch_size: int = 64
     dtype: str | None = None
     strip: bool = False
+    gif: bool = False
+    clip_denoised: bool = False  # blurring models: keep x0_hat in [-1, 1] at every step (DDPM's clip_denoised)
     nrow: int | None = None
+    context: str | None = None    # next-frame models: a dataset index or a context file
+    data_root: str | None = None  # where the model's MNIST digits are (default: as recorded at training)
 
 
 def parse_labels(spec: str | None, num_classes: int, n: int) -> list[int] | None:
@@ -63,18 +69,36 @@ def parse_labels(spec: str | None, num_classes: int, n: int) -> list[int] | None
 def validate(cfg: SampleConfig) -> None:
     if cfg.n < 1:
         raise DiffcliError("--n must be >= 1")
-    if cfg.steps < 1:
+    if cfg.steps is not None and cfg.steps < 1:
         raise DiffcliError("--steps must be >= 1")
     if cfg.batch_size < 1:
         raise DiffcliError("--batch-size must be >= 1")
-    if cfg.sampler not in SAMPLERS:
-        raise DiffcliError(f"unknown sampler {cfg.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if cfg.sampler is not None and cfg.sampler not in SAMPLERS + BLURRING_SAMPLERS:
+        raise DiffcliError(f"unknown sampler {cfg.sampler!r}; choose one of {', '.join(SAMPLERS)} (EDM models) "
+                           f"or {', '.join(BLURRING_SAMPLERS)} (blurring models)")
     for name in ("cfg", "s_churn", "s_noise", "eta", "rho"):
         v = getattr(cfg, name)
         if v is not None and (not math.isfinite(v) or v < 0):
             raise DiffcliError(f"--{name.replace('_', '-')} must be a finite number >= 0")
     if cfg.sigma_min is not None and cfg.sigma_max is not None and not 0 < cfg.sigma_min < cfg.sigma_max:
         raise DiffcliError("need 0 < --sigma-min < --sigma-max")
+
+
+def resolve(cfg: SampleConfig, meta: dict[str, Any]) -> SampleConfig:
+    """The model's defaults for --sampler/--steps; a sampler or schedule option of the other process is refused."""
+    if meta["kind"] == "blurring":
+        if cfg.sampler not in (None, *BLURRING_SAMPLERS):
+            raise DiffcliError(f"--sampler {cfg.sampler} is an EDM sampler; a blurring model samples with "
+                               f"{', '.join(BLURRING_SAMPLERS)} (its own reverse process, --steps default {BLURRING_STEPS})")
+        if cfg.sigma_min is not None or cfg.sigma_max is not None:
+            raise DiffcliError("--sigma-min/--sigma-max set an EDM schedule; a blurring model runs t from 1 to 0 in --steps")
+        return replace(cfg, sampler=cfg.sampler or BLURRING_SAMPLERS[0], steps=cfg.steps or BLURRING_STEPS)
+    if cfg.clip_denoised:
+        raise DiffcliError("--clip-denoised is a blurring-model option; EDM samplers integrate x itself")
+    if cfg.sampler in BLURRING_SAMPLERS:
+        raise DiffcliError(f"--sampler {cfg.sampler} is the blurring-diffusion sampler; an EDM model samples with "
+                           f"{', '.join(SAMPLERS)}")
+    return replace(cfg, sampler=cfg.sampler or "heun", steps=cfg.steps or 18)
 
 
 def check_against_model(cfg: SampleConfig, meta: dict[str, Any]) -> list[int] | None:
@@ -87,53 +111,71 @@ def check_against_model(cfg: SampleConfig, meta: dict[str, Any]) -> list[int] | 
 
 def sample_batches(model, meta: dict[str, Any], cfg: SampleConfig, device: torch.device,
                    indices: Sequence[int] | None = None, on_step: Callable[[int], None] | None = None,
-                   wrap: Callable | None = None) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
+                   wrap: Callable | None = None, context: torch.Tensor | None = None,
+                   ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
     """Yields (sample indices, images (B,C,H,W) in [-1,1], x0_hat strip or None) per batch of `cfg.batch_size`.
 
     Sample i uses seed cfg.seed + i for its initial and its per-step noise, so it does not depend on batching,
     on which other indices are drawn (resume, ranks) or on their order. The strip comes with the batch that
     holds index 0. `wrap` turns each batch's (CFG) denoiser into another one, e.g. particle guidance.
+    Next-frame models take `context` (C_ctx, H, W) in [-1, 1], shared by every sample.
     """
+    cfg = resolve(cfg, meta)
     labels = check_against_model(cfg, meta)
+    if bool(meta.get("context_frames")) != (context is not None):
+        raise DiffcliError("a next-frame model needs a context and other models take none")
     scale = 1.0 if cfg.cfg is None else cfg.cfg
-    sigmas = get_sigmas_karras(cfg.steps, cfg.sigma_min or meta["sigma_min"], cfg.sigma_max or meta["sigma_max"],
-                               cfg.rho, device=device)
+    blurring = meta["kind"] == "blurring"  # its model predicts eps at time t; CFG mixes eps the same way
+    if blurring:
+        from .blurring import get_ts, sample_blurring, schedule_of
+        ts, start_scale = get_ts(cfg.steps, device), 1.0
+    else:
+        sigmas = get_sigmas_karras(cfg.steps, cfg.sigma_min or meta["sigma_min"], cfg.sigma_max or meta["sigma_max"],
+                                   cfg.rho, device=device)
+        start_scale = sigmas[0]
     shape = (meta["channels"], meta["image_size"], meta["image_size"])
     indices = list(range(cfg.n)) if indices is None else list(indices)
     for start in range(0, len(indices), cfg.batch_size):
         idx = indices[start:start + cfg.batch_size]
         rng = PerSampleRandn([cfg.seed + i for i in idx], device)
-        x = rng.randn(shape) * sigmas[0]
+        x = rng.randn(shape) * start_scale
+        cond = {} if context is None else {"context": context.to(device).expand(len(idx), *context.shape)}
         if labels is None:
-            denoiser = model
+            denoiser = (lambda x, s, **kw: model(x, s, **cond, **kw)) if cond else model
         else:
             y = torch.tensor([labels[i] for i in idx], device=device)
-            denoiser = classifier_free(model, scale, {"class_labels": y},
-                                       {"class_labels": torch.full_like(y, model.null_label)})
+            denoiser = classifier_free(model, scale, {"class_labels": y, **cond},
+                                       {"class_labels": torch.full_like(y, model.null_label), **cond})
         if wrap is not None:
             denoiser = wrap(denoiser)
-        frames: list[torch.Tensor] = []
-        keep = cfg.strip and 0 in idx
+        keep = (cfg.strip or cfg.gif) and 0 in idx
+        # blurring: the state z_t itself, from the noise at t = 1 (x0_hat would divide by d_t ~ 0.001)
+        frames: list[torch.Tensor] = [x[:8].clamp(-1, 1).cpu()] if blurring and keep else []
 
         def callback(info: dict[str, Any]) -> None:
             if keep:
-                frames.append(info["denoised"][:8].clamp(-1, 1).cpu())
+                frames.append(info["x" if blurring else "denoised"][:8].clamp(-1, 1).cpu())
             if on_step:
                 on_step(len(idx))
 
-        x = run_sampler(cfg.sampler, denoiser, x, sigmas, callback=callback, noise=rng, eta=cfg.eta,
-                        s_churn=cfg.s_churn, s_tmin=cfg.s_tmin, s_tmax=cfg.s_tmax, s_noise=cfg.s_noise)
+        if blurring:
+            x = sample_blurring(denoiser, x, ts, schedule_of(meta), callback=callback, noise=rng,
+                                clip_denoised=cfg.clip_denoised)
+        else:
+            x = run_sampler(cfg.sampler, denoiser, x, sigmas, callback=callback, noise=rng, eta=cfg.eta,
+                            s_churn=cfg.s_churn, s_tmin=cfg.s_tmin, s_tmax=cfg.s_tmax, s_noise=cfg.s_noise)
         images = x.clamp(-1, 1).cpu()
-        # rows: samples; columns: x0_hat after each step, then the final image
-        yield idx, images, (torch.stack(frames + [images[:8]], dim=1) if keep else None)
+        # rows: samples; columns: x0_hat after each step, then the final image (blurring: z_t from t = 1 to 0)
+        yield idx, images, (torch.stack(frames if blurring else frames + [images[:8]], dim=1) if keep else None)
 
 
 def sample_images(model, meta: dict[str, Any], cfg: SampleConfig, device: torch.device,
                   on_step: Callable[[int], None] | None = None, wrap: Callable | None = None,
-                  ) -> tuple[torch.Tensor, list[int] | None, torch.Tensor | None]:
+                  context: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int] | None, torch.Tensor | None]:
     """All n samples (N,C,H,W in [-1,1]) in memory, their labels, and the strip if asked."""
     images, strip = [], None
-    for _, batch, batch_strip in sample_batches(model, meta, cfg, device, on_step=on_step, wrap=wrap):
+    for _, batch, batch_strip in sample_batches(model, meta, cfg, device, on_step=on_step, wrap=wrap,
+                                                context=context):
         images.append(batch)
         strip = batch_strip if batch_strip is not None else strip
     return torch.cat(images), check_against_model(cfg, meta), strip
@@ -156,38 +198,82 @@ def _run(cfg: SampleConfig, out: Path, overwrite: bool, resume: bool, dist: Dist
     """One rank's share of the samples (every world-th index); rank 0 writes the merged grid and run.json."""
     device = dist.device
     dtype = pick_dtype(cfg.dtype or "fp32", device)
-    model, meta = load_model(cfg.checkpoint, device)
+    model, meta = load_model(cfg.checkpoint, device, kinds=("edm", "blurring"))
     model.net.to(dtype)
+    cfg = resolve(cfg, meta)
     labels = check_against_model(cfg, meta)  # fail before touching the output folder
+    ctx = model_context(cfg, meta)
     record = {**asdict(cfg), **options}
     names = sample_names(cfg.n, labels, cfg.seed)
 
-    def begin() -> Path:
-        folder = begin_output(out, overwrite, resume, record)
-        if not (folder / "run.json").exists() or not resume:
-            write_run_json(folder, "sample", record, device, status="running", model=meta)
-        return folder
-
-    dist.main_first(begin)
+    dist.begin(out, overwrite, resume, "sample", record, model=meta)
     pending = [i for i in range(cfg.n) if not (resume and (out / names[i]).is_file())]
     todo = dist.shard(pending)
     from rich.progress import Progress
     with Progress(transient=True, disable=not dist.main) as progress:
         task = progress.add_task("sampling", total=len(todo) * cfg.steps)
         for idx, images, strip in sample_batches(model, meta, cfg, device, todo,
-                                                 on_step=lambda k: progress.advance(task, k)):
+                                                 on_step=lambda k: progress.advance(task, k),
+                                                 context=None if ctx is None else ctx.frames):
             for i, img in zip(idx, images):
                 save_image(out / names[i], img)
             if strip is not None:
-                save_grid(out / "strip.png", strip.flatten(0, 1), nrow=strip.shape[1])
+                save_process(out, strip, cfg.strip, cfg.gif)
     dist.barrier()
     if dist.main:
         nrow = cfg.nrow or (meta["num_classes"] if labels is not None and cfg.labels in (None, "all") else None)
         save_grid(out / "grid.png", load_images([out / f for f in names[:GRID_MAX]]), nrow=nrow)
-        write_run_json(out, "sample", record, device, status="complete", model=meta, world_size=dist.world,
+        seq = {} if ctx is None else {"sequence": sequence_outputs(out, [ctx], [load_images([out / f for f in names])], meta)}
+        write_run_json(out, "sample", record, device, status="complete", model=meta, world_size=dist.world, **seq,
                        nfe_per_sample=nfe(cfg.sampler, cfg.steps) * (2 if cfg.cfg not in (None, 0.0, 1.0) else 1),
                        samples=samples_record(names, labels, cfg.seed))
     return {"out": str(out), "n": cfg.n, "skipped": cfg.n - len(pending), "main": dist.main}
+
+
+STRIP_MAX = 21  # more columns than this (blurring's 100 steps) are thinned to 11: t = 1, 0.9, ..., 0
+
+
+def save_process(out: Path, trajectory: torch.Tensor, strip: bool, gif: bool) -> None:
+    """strip.png (a row a sample, a column a step) and/or process.gif (every step, the last held) from
+    (rows, steps, C, H, W)."""
+    cols = trajectory.shape[1]
+    if strip:
+        pick = torch.linspace(0, cols - 1, 11).round().long() if cols > STRIP_MAX else torch.arange(cols)
+        save_grid(out / "strip.png", trajectory[:, pick].flatten(0, 1), nrow=len(pick))
+    if gif:
+        frames = [make_grid(trajectory[:, j]) for j in range(cols)]
+        save_gif(out / "process.gif", frames + [frames[-1]] * 20, duration_ms=60)
+
+
+def model_context(cfg: SampleConfig, meta: dict[str, Any]):
+    """The one context of a next-frame model (sequences.Context), None for other models; errors before output."""
+    if cfg.context is None:
+        if meta.get("context_frames"):
+            raise DiffcliError(f"this model predicts the next frame after {meta['context_frames']} context frame(s) of "
+                               f"{meta['image_size']}x{meta['image_size']}: pass --context N (a sequence of its "
+                               f"{meta.get('dataset')} dataset) or --context FILE")
+        return None
+    from .sequences import resolve_contexts
+    return resolve_contexts(cfg.context, meta, cfg.data_root)[0]
+
+
+def sequence_outputs(out: Path, contexts: list, images: list[torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """context.png (first context, reusable as --context FILE), sequence.png (a row per context: context |
+    samples | true futures), landing.png (where the digits moved) and the 001 metrics where the truth is known."""
+    from . import sequences as sq
+    sq.save_context_png(out / "context.png", contexts[0].frames)
+    save_image(out / "sequence.png", sq.strip([sq.context_row(c, x[:16]) for c, x in zip(contexts, images)]))
+    per = [sq.context_metrics(x, c) for c, x in zip(contexts, images)]
+    record: dict[str, Any] = {"contexts": [c.source for c in contexts]}
+    known = [m for m in per if m is not None]
+    if known:
+        record.update(metrics=sq.mean_metrics(known), per_context=per)
+        first = next(c for c in contexts if c.item is not None).item.shifts
+        # one map for the contexts that share the first one's futures (all of them, except for moving-mnist)
+        moved = torch.tensor([p for c, m in zip(contexts, per) if m and torch.equal(c.item.shifts, first)
+                              for p in m["moved"]])
+        save_image(out / "landing.png", sq.landing_map(moved, first, sq.landing_radius(meta)))
+    return record
 
 
 def sample_names(n: int, labels: list[int] | None, seed: int) -> list[str]:
@@ -209,3 +295,41 @@ def write_samples(out: Path, images: torch.Tensor, labels: list[int] | None, see
 def samples_record(files: list[str], labels: list[int] | None, seed: int) -> list[dict[str, Any]]:
     """The run.json `samples` list `diffcli eval --digits` reads the labels from."""
     return [{"file": f, "seed": seed + i, "label": labels[i] if labels else None} for i, f in enumerate(files)]
+
+
+def show_forward(image: Path, out: Path, overwrite: bool, checkpoint: str | None, blur_sigma_max: float | None,
+                 seed: int, gif: bool, columns: int = 11) -> dict[str, Any]:
+    """The blurring forward process on one image, no model needed: forward.png has a column per t = 0 .. 1 and
+    two rows, the blurred image IDCT(d_t DCT(x)) and z_t (blurred, scaled by a_t, noised with one fixed noise);
+    forward.gif (with `gif`) runs t through 50 values. The process is --checkpoint's if that is a blurring model
+    (--blur-sigma-max overrides its sigma_B,max), else sigma_B,max = --blur-sigma-max or 20."""
+    from .blurring import BlurSchedule, blurred_mean, check_blur_sigma, diffuse, schedule_of
+    schedule = BlurSchedule()
+    if checkpoint is not None:
+        from .common import load_checkpoint
+        meta = load_checkpoint(Path(checkpoint) / "model.safetensors" if Path(checkpoint).is_dir() else checkpoint)[1]
+        if meta.get("model", {}).get("kind") != "blurring":
+            raise DiffcliError(f"--show-forward shows a blurring process; {checkpoint} is no blurring model "
+                               "(leave --checkpoint out and pass --blur-sigma-max)")
+        schedule = schedule_of(meta["model"])
+    if blur_sigma_max is not None:
+        schedule = replace(schedule, blur_sigma_max=check_blur_sigma(blur_sigma_max))
+    try:
+        x = load_images([image])
+    except OSError as e:
+        raise DiffcliError(f"cannot read image {image}: {getattr(e, 'strerror', None) or e}") from None
+    out = prepare_out_dir(out, overwrite)
+    noise = PerSampleRandn([seed]).randn(x.shape[1:])
+
+    def frame(t: float) -> torch.Tensor:
+        tt = torch.tensor([t], dtype=torch.float64)
+        return torch.cat([blurred_mean(x, tt, schedule), diffuse(x, tt, noise, schedule)]).clamp(-1, 1)
+
+    ts = torch.linspace(0, 1, columns).tolist()
+    save_grid(out / "forward.png", torch.stack([frame(t) for t in ts], dim=1).flatten(0, 1), nrow=columns)
+    if gif:
+        frames = [make_grid(frame(t), nrow=2) for t in torch.linspace(0, 1, 50).tolist()]
+        save_gif(out / "forward.gif", frames + [frames[-1]] * 10, duration_ms=80)
+    write_run_json(out, "sample --show-forward", {"image": str(image), "seed": seed, "gif": gif, "t": ts,
+                                                  **asdict(schedule)}, "cpu")
+    return {"out": str(out), "schedule": asdict(schedule)}

@@ -23,7 +23,8 @@ from .common import (DiffcliError, PerSampleRandn, add_prefix, flatten_state, lo
 from .data import BatchOrder, ImageSet, load_dataset, to_model_range
 from .denoisers import EDMPrecond
 from .dist import Dist
-from .nets import MODEL_FORMAT, PRESETS, build_edm, count_params, net_config
+from .blurring import BlurringLoss, check_blur_sigma
+from .nets import MODEL_FORMAT, PRESETS, build_model, count_params, net_config
 from .sampling import get_sigmas_karras, sample_heun
 
 
@@ -40,11 +41,15 @@ class EDMLoss:
         noise = torch.randn((batch, *shape), generator=gen)
         return sigma, noise
 
+    def process_record(self) -> dict[str, Any]:
+        """What a checkpoint says about its process (the sampler's default sigma range)."""
+        return {"kind": "edm", "sigma_data": self.sigma_data, "sigma_min": 0.002, "sigma_max": 80.0}
+
     def __call__(self, model: nn.Module, images: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,
-                 labels: torch.Tensor | None) -> torch.Tensor:
+                 labels: torch.Tensor | None, **cond: torch.Tensor) -> torch.Tensor:
         s = sigma.reshape(-1, 1, 1, 1)
         weight = (s ** 2 + self.sigma_data ** 2) / (s * self.sigma_data) ** 2
-        denoised = model(images + s * noise, sigma, labels)
+        denoised = model(images + s * noise, sigma, labels, **cond)
         return (weight * (denoised - images) ** 2).mean()
 
 
@@ -57,6 +62,8 @@ class TrainConfig:
     channels: int | None = None
     conditional: bool = True
     p_uncond: float = 0.2
+    process: str = "edm"  # or "blurring" (Hoogeboom & Salimans 2023): the loss and the model kind
+    blur_sigma_max: float = 20.0  # blurring only; 0 = plain DDPM-style diffusion
     net: str = "small"
     net_overrides: dict[str, Any] = field(default_factory=dict)
     steps: int = 10_000
@@ -70,6 +77,7 @@ class TrainConfig:
     grid_every: int = 1000
     log_every: int = 50
     precision: str = "fp32"  # or bf16: autocast for the forward/backward, fp32 weights and optimizer
+    sequence: dict[str, Any] = field(default_factory=dict)  # sequence datasets: --context-frames etc. as given
 
 
 def ema_beta(cfg: TrainConfig, step: int) -> float:
@@ -85,13 +93,22 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def model_record(cfg: TrainConfig, ds: ImageSet, net_cfg: dict[str, Any], loss: EDMLoss, step: int) -> dict[str, Any]:
-    return {"kind": "edm", "format": MODEL_FORMAT, "net": net_cfg, "sigma_data": loss.sigma_data,
-            "sigma_min": 0.002, "sigma_max": 80.0,
+PROCESSES = ("edm", "blurring")
+
+
+def make_loss(cfg: TrainConfig) -> EDMLoss | BlurringLoss:
+    """The process switch: the loss draws the noise level and says what the model is; the loop is shared."""
+    return BlurringLoss(cfg.blur_sigma_max) if cfg.process == "blurring" else EDMLoss()
+
+
+def model_record(cfg: TrainConfig, ds: ImageSet, net_cfg: dict[str, Any], loss: EDMLoss | BlurringLoss,
+                 step: int) -> dict[str, Any]:
+    return {**loss.process_record(), "format": MODEL_FORMAT, "net": net_cfg,
             "num_classes": ds.num_classes if cfg.conditional else 0,
             "class_names": ds.class_names if cfg.conditional else [],
             "image_size": int(ds.images.shape[-1]), "channels": int(ds.images.shape[1]),
-            "dataset": ds.name, "split": cfg.split, "train_step": step, "train_images": step * cfg.batch}
+            "dataset": ds.name, "split": cfg.split, "train_step": step, "train_images": step * cfg.batch,
+            **({"context_frames": int(ds.context.shape[1]), "sequence": ds.sequence} if ds.context is not None else {})}
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -151,6 +168,9 @@ def _validate(cfg: TrainConfig) -> None:
         raise DiffcliError("--lr must be a positive number")
     if cfg.precision not in ("fp32", "bf16"):
         raise DiffcliError(f"unknown --precision {cfg.precision!r} (fp32 or bf16)")
+    if cfg.process not in PROCESSES:
+        raise DiffcliError(f"unknown --process {cfg.process!r}; choose one of {', '.join(PROCESSES)}")
+    check_blur_sigma(cfg.blur_sigma_max)
     if cfg.net not in PRESETS:
         raise DiffcliError(f"unknown --net {cfg.net!r}; choose one of {', '.join(PRESETS)}")
     for name in ("ckpt_every", "grid_every", "log_every"):
@@ -176,11 +196,14 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, dist: Dis
     if cfg.batch % dist.world:
         raise DiffcliError(f"--batch {cfg.batch} is not divisible by the {dist.world} processes")
 
-    ds = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.image_size, cfg.channels)
-    if cfg.conditional and ds.labels is None:
+    ds = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.image_size, cfg.channels, cfg.sequence)
+    if cfg.process == "blurring" and ds.context is not None:
+        raise DiffcliError("--process blurring trains on still images; next-frame datasets need --process edm")
+    if cfg.conditional and ds.labels is None and ds.context is None:
         raise DiffcliError(f"{cfg.dataset} has no labels; train with --unconditional or use class subfolders")
     size = int(ds.images.shape[-1])
-    net_cfg = net_config(cfg.net, size, int(ds.images.shape[1]), ds.num_classes if cfg.conditional else 0)
+    net_cfg = net_config(cfg.net, size, int(ds.images.shape[1]), ds.num_classes if cfg.conditional else 0,
+                         0 if ds.context is None else int(ds.context.shape[1]) // int(ds.images.shape[1]))
     net_cfg.update(cfg.net_overrides)
     factor = 2 ** (len(net_cfg["block_out_channels"]) - 1)
     if size % factor or ds.images.shape[-2] % factor:
@@ -193,10 +216,10 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, dist: Dis
         prepare_out_dir(out, overwrite=overwrite)
     dist.barrier()
 
-    loss_fn = EDMLoss()
+    loss_fn = make_loss(cfg)
     record = model_record(cfg, ds, net_cfg, loss_fn, 0)
     torch.manual_seed(cfg.seed)  # initial weights
-    model = build_edm(record).to(dist.device)
+    model = build_model(record).to(dist.device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     start = 0
@@ -230,15 +253,17 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, dist: Dis
         for step in range(start, cfg.steps):
             idx = order.indices(step)
             gen = step_generator(cfg.seed, step)
-            sigma, noise = loss_fn.draw(cfg.batch, tuple(images.shape[1:]), gen)
+            level, noise = loss_fn.draw(cfg.batch, tuple(images.shape[1:]), gen)  # sigma (EDM) or t (blurring)
             y = None
             if labels is not None:
                 y = labels[idx].clone()
                 y[torch.rand(cfg.batch, generator=gen) < cfg.p_uncond] = model.null_label
                 y = y[shard].to(dist.device)
             x0 = to_model_range(images[idx][shard]).to(dist.device)
+            # next-frame sets: the batch carries its context frames; the loop is otherwise the same
+            cond = {} if ds.context is None else {"context": to_model_range(ds.context[idx][shard]).to(dist.device)}
             with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                loss = loss_fn(ddp, x0, sigma[shard].to(dist.device), noise[shard].to(dist.device), y)
+                loss = loss_fn(ddp, x0, level[shard].to(dist.device), noise[shard].to(dist.device), y, **cond)
             bad = dist.any(not torch.isfinite(loss).item())
             if bad:
                 raise DiffcliError(f"loss became {loss.item()} at step {step}; stopped. The last good checkpoint "
@@ -265,7 +290,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, dist: Dis
                     save_state(out, cfg, {**record, "train_step": done, "train_images": done * cfg.batch},
                                done, model, ema, opt)
                 if cfg.grid_every and (done % cfg.grid_every == 0 or done == cfg.steps):
-                    save_grid(out / "grids" / f"step-{done:07d}.png", preview_samples(ema, record), nrow=_grid_cols(record))
+                    save_grid(out / "grids" / f"step-{done:07d}.png", preview_samples(ema, record, context=ds.context), nrow=_grid_cols(record))
             dist.barrier()
             if interrupted:
                 raise KeyboardInterrupt
@@ -296,15 +321,26 @@ def _grid_cols(record: dict) -> int:
 
 
 @torch.no_grad()
-def preview_samples(ema: EDMPrecond, record: dict, per_class: int = 4, steps: int = 18) -> torch.Tensor:
-    """A fixed-seed Heun grid (one column per class) to watch training; never touches training RNG."""
+def preview_samples(ema: EDMPrecond, record: dict, per_class: int = 4, steps: int = 18,
+                    context: torch.Tensor | None = None) -> torch.Tensor:
+    """A fixed-seed Heun grid (one column per class; blurring models: their own sampler) to watch training;
+    never touches training RNG.
+
+    Next-frame models: one column per dataset context (its first 8), the last context frame on top."""
     c, size, k = record["channels"], record["image_size"], record["num_classes"]
     n = per_class * (k or 8)
     device = next(ema.parameters()).device
     labels = torch.arange(n, device=device) % k if k else None
+    cond = {} if context is None else {"context": to_model_range(context[torch.arange(n) % min(8, len(context))]).to(device)}
+    if record["kind"] == "blurring":  # its own reverse process, the seed's T = 100 steps
+        from .blurring import DEFAULT_STEPS, get_ts, sample_blurring, schedule_of
+        rng = PerSampleRandn(range(n), device)
+        return sample_blurring(lambda z, t: ema(z, t, labels), rng.randn((c, size, size)), get_ts(DEFAULT_STEPS, device),
+                               schedule_of(record), noise=rng).clamp(-1, 1)
     x = PerSampleRandn(range(n), device).randn((c, size, size)) * record["sigma_max"]
     sigmas = get_sigmas_karras(steps, record["sigma_min"], record["sigma_max"], device=device)
-    return sample_heun(lambda x, s: ema(x, s, labels), x, sigmas).clamp(-1, 1)
+    out = sample_heun(lambda x, s: ema(x, s, labels, **cond), x, sigmas).clamp(-1, 1)
+    return out if context is None else torch.cat([cond["context"][:8, -c:].cpu(), out.cpu()])
 
 
 class _Progress:
