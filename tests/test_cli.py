@@ -18,7 +18,7 @@ def test_help_lists_all_commands():
         assert name in proc.stdout
 
 
-@pytest.mark.parametrize("name", ["train", "sample"])
+@pytest.mark.parametrize("name", ["train", "sample", "seg", "panorama", "anagram", "pg", "eval", "info"])
 def test_command_help_shows_example(name):
     assert "Example: diffcli " + name in run_cli(name, "--help", check=True).stdout
 
