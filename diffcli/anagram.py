@@ -233,11 +233,8 @@ def outputs(job, views: list[str]) -> list[str]:
 def run(cfg: AnagramConfig, out: Path, overwrite: bool, device_name: str | None,
         options: dict[str, Any], resume: bool = False) -> dict[str, Any]:
     jobs = validate(cfg)
-    dist = Dist(device_name)
-    try:
+    with Dist(device_name) as dist:
         return _run(cfg, jobs, out, overwrite, resume, dist, options)
-    finally:
-        dist.close()
 
 
 def _run(cfg: AnagramConfig, jobs: list, out: Path, overwrite: bool, resume: bool, dist: Dist,

@@ -53,6 +53,12 @@ class Dist:
             import torch.distributed as dist
             dist.barrier()
 
+    def __enter__(self) -> "Dist":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         if self.world > 1:
             import torch.distributed as dist

@@ -235,11 +235,8 @@ def outputs(job: Job) -> list[str]:
 def run(cfg: PanoramaConfig, out: Path, overwrite: bool, device_name: str | None,
         options: dict[str, Any], resume: bool = False) -> dict[str, Any]:
     jobs = validate(cfg)
-    dist = Dist(device_name)
-    try:
+    with Dist(device_name) as dist:
         return _run(cfg, jobs, out, overwrite, resume, dist, options)
-    finally:
-        dist.close()
 
 
 def _run(cfg: PanoramaConfig, jobs: list[Job], out: Path, overwrite: bool, resume: bool, dist: Dist,

@@ -187,11 +187,8 @@ GRID_MAX = 256  # a grid of 50k FID samples helps nobody; the first 256 show the
 def run(cfg: SampleConfig, out: Path, overwrite: bool, device_name: str | None, options: dict[str, Any],
         resume: bool = False) -> dict:
     validate(cfg)
-    dist = Dist(device_name)
-    try:
+    with Dist(device_name) as dist:
         return _run(cfg, out, overwrite, resume, dist, options)
-    finally:
-        dist.close()
 
 
 def _run(cfg: SampleConfig, out: Path, overwrite: bool, resume: bool, dist: Dist, options: dict[str, Any]) -> dict:

@@ -164,14 +164,11 @@ def write_metrics(folder: Path, rows: list[dict[str, Any]]) -> None:
 def run(cfg: SegConfig, out: Path, overwrite: bool, device_name: str | None, options: dict[str, Any],
         resume: bool = False) -> dict[str, Any]:
     blurs = validate(cfg)
-    dist = Dist(device_name)
-    try:
+    with Dist(device_name) as dist:
         if cfg.metrics and (resume or dist.world > 1):
             raise DiffcliError("--metrics records one uninterrupted single-process run; drop --resume/torchrun or "
                                "--metrics")
         return _run(cfg, blurs, out, overwrite, resume, dist, options)
-    finally:
-        dist.close()
 
 
 def _run(cfg: SegConfig, blurs: list[Blur], out: Path, overwrite: bool, resume: bool, dist: Dist,
