@@ -81,3 +81,13 @@ def tiny_sd(tmp_path_factory) -> Path:
 def tiny_sdxl(tmp_path_factory) -> Path:
     from pipes import build_tiny_sdxl
     return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+def run_torchrun(*args: str, port: int, nproc: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node N -m diffcli -- ARGS` on CPU ranks (the `--` keeps torchrun off `--n`)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                           "--master_port", str(port), "-m", "diffcli", "--", *map(str, args)],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_torchrun
 from diffcli import pipelines
 from diffcli.common import DiffcliError, PerSampleRandn
 from diffcli.denoisers import ve_to_vp
@@ -150,9 +150,6 @@ def test_model_not_found_offline_is_one_line(tmp_path):
 
 
 def test_resume_and_two_ranks_write_the_same_files(tmp_path, tiny_sd):
-    import os
-    import subprocess
-    import sys
     prompts = tmp_path / "wide.txt"
     prompts.write_text("a red barn\na blue lake\na green hill\n")
     args = ["panorama", "--prompts-file", str(prompts), "--model", str(tiny_sd), "--height", "16", "--width", "32",
@@ -165,11 +162,7 @@ def test_resume_and_two_ranks_write_the_same_files(tmp_path, tiny_sd):
     (cut / "a_green_hill_16.png").unlink()  # a prompt killed between its files is redone whole
     proc = run_cli(*args, "--out", cut, "--resume", check=True)
     assert "1 prompt(s) already there" in proc.stdout
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29541", "-m", "diffcli", "--", *args, "--out", str(two)],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_torchrun(*args, "--out", two, port=29541)
     pngs = sorted(p.name for p in whole.glob("*.png"))
     assert len(pngs) == 9
     for folder in (cut, two):

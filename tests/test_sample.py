@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import run_cli, run_torchrun
 from diffcli.nets import load_model
 from diffcli.sample import SampleConfig, sample_images
 
@@ -103,11 +100,7 @@ def test_two_ranks_write_the_same_files_as_one(tiny_run, tmp_path):
     args = ("sample", "--checkpoint", str(tiny_run), "--n", "5", "--steps", "3", "--batch-size", "2", "--device", "cpu")
     one, two = tmp_path / "one", tmp_path / "two"
     run_cli(*args, "--out", one, check=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29531", "-m", "diffcli", "--", *args, "--out", str(two)],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_torchrun(*args, "--out", two, port=29531)
     assert proc.stdout.count("wrote 5 samples") == 1  # one merged report, from rank 0
     pngs = sorted(f.name for f in one.glob("*.png"))
     assert pngs == sorted(f.name for f in two.glob("*.png")) and len(pngs) == 6

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, run_torchrun
 
 from diffcli import attention, pipelines, seg
 from diffcli.blur import gaussian_blur, parse_blur
@@ -240,10 +240,6 @@ def test_existing_outputs_need_overwrite_and_cli_errors_exit_2(tiny_sd, tmp_path
 
 
 def test_cli_resume_and_two_ranks_write_the_same_images(tiny_sd, tmp_path):
-    import os
-    import subprocess
-    import sys
-    from conftest import ROOT
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red barn\na blue lake\na green hill\n")
     args = ["seg", "--prompts-file", str(prompts), "--model", str(tiny_sd), "--steps", "2", "--n", "2",
@@ -257,11 +253,7 @@ def test_cli_resume_and_two_ranks_write_the_same_images(tiny_sd, tmp_path):
     (cut / "grid.png").unlink()
     proc = run_cli(*args, "--out", cut, "--resume", check=True)
     assert "2 prompt(s) already there" in proc.stdout
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29551", "-m", "diffcli", "--", *args, "--out", str(two)],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_torchrun(*args, "--out", two, port=29551)
     pngs = sorted(str(p.relative_to(whole)) for p in whole.rglob("*.png"))
     assert len(pngs) == 13  # 3 prompts x 2 seeds x 2 blurs + grid
     for folder in (cut, two):
