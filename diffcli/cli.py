@@ -156,7 +156,7 @@ def sample(
     dtype: Optional[str] = typer.Option(None, help="Network precision: fp32 (default), fp16 or bf16 (GPU)."),
     strip: bool = typer.Option(False, "--strip", help="Also write strip.png: x0_hat along the steps (blurring models: z_t at t = 1, 0.9, ..., 0)."),
     gif: bool = typer.Option(False, "--gif", help="Also write process.gif: the first 8 samples at every step (blurring models: the blur undone); with --show-forward, forward.gif."),
-    clip_denoised: bool = typer.Option(False, "--clip-denoised", help="Blurring models: keep x0_hat in [-1, 1] at every step (DDPM's clip_denoised; the paper's Algorithm does not clip)."),
+    clip_denoised: bool = typer.Option(False, "--clip-denoised", help="Plain (blur_sigma_max 0) blurring-process models: keep x0_hat in [-1, 1] at every step (DDPM's clip_denoised; refused for blurring models, where x0_hat is ill-conditioned)."),
     show_forward: Optional[Path] = typer.Option(None, "--show-forward", metavar="IMAGE", help="Instead of sampling, picture the blurring forward process on IMAGE: forward.png (blurred | blurred + noise, t = 0 .. 1)."),
     blur_sigma_max: Optional[float] = typer.Option(None, "--blur-sigma-max", help="With --show-forward: sigma_B,max (default: the --checkpoint's blurring model's, else 20)."),
     nrow: Optional[int] = typer.Option(None, help="Images per grid row."),

@@ -92,6 +92,11 @@ def resolve(cfg: SampleConfig, meta: dict[str, Any]) -> SampleConfig:
                                f"{', '.join(BLURRING_SAMPLERS)} (its own reverse process, --steps default {BLURRING_STEPS})")
         if cfg.sigma_min is not None or cfg.sigma_max is not None:
             raise DiffcliError("--sigma-min/--sigma-max set an EDM schedule; a blurring model runs t from 1 to 0 in --steps")
+        if cfg.clip_denoised and meta["blur_sigma_max"] > 0:
+            # x0_hat = IDCT(u_x_hat) divides eps_hat's error by alpha_t = a_t d_t (down to ~7e-6 at high frequencies);
+            # clamping that in pixel space pushes the amplified error into every frequency (tests/test_blurring.py)
+            raise DiffcliError(f"--clip-denoised works only for blur_sigma_max 0 (plain diffusion); this model blurs "
+                               f"(sigma_B,max {meta['blur_sigma_max']:g}), where x0_hat is too ill-conditioned to clip")
         return replace(cfg, sampler=cfg.sampler or BLURRING_SAMPLERS[0], steps=cfg.steps or BLURRING_STEPS)
     if cfg.clip_denoised:
         raise DiffcliError("--clip-denoised is a blurring-model option; EDM samplers integrate x itself")
