@@ -1,12 +1,13 @@
 """Blurring diffusion (sigma_B,max 20) against its no-blur twin (sigma_B,max 0 = DDPM-style) on MNIST, same budget.
 
-Both twins: the same net, data, seed, steps and batch, trained one after the other with `diffcli train --process
-blurring`; each draws 1,000 samples with the same sampler (the paper's ancestral step, 100 steps, labels cycling
-0-9, seeds 0-999), once as the paper has it and once with `--clip-denoised` (DDPM's x0_hat clip), and is scored
-by `diffcli eval --digits --fid REF --features mnist` against the held-out 5k MNIST training digits (PNGs). Every stage skips what is already done and resumes what was cut off, so
-the script can be re-run after a kill:
+Both twins: the same net, data, seed, steps and batch, trained side by side with `diffcli train --process
+blurring` (one CPU thread each, so they share the machine equally); each draws 1,000 samples with the same sampler
+(the paper's ancestral step, 100 steps, labels cycling 0-9, seeds 0-999), the no-blur twin also with
+`--clip-denoised` (DDPM's x0_hat clip; refused under blur), and is scored by `diffcli eval --digits --fid REF
+--features mnist` against the held-out 5k MNIST training digits (PNGs). Every stage skips what is already done
+and resumes what was cut off, so the script can be re-run after a kill:
 
-    OMP_NUM_THREADS=1 nohup nice -n 10 python benchmarks/blurring_vs_plain.py > blurring-mnist.log 2>&1 &
+    nohup nice -n 10 python benchmarks/blurring_vs_plain.py > blurring-mnist.log 2>&1 &
 
 Prints (and writes to OUT/table.md) a Markdown table.
 """
@@ -26,24 +27,35 @@ from benchmarks.mnist_data import DEFAULT_ROOT, heldout_5k  # noqa: E402
 TWINS = {"blur20": 20.0, "blur0": 0.0}
 
 
-def cli(*args) -> None:
-    cmd = [sys.executable, "-m", "diffcli", *map(str, args)]
+def cli_args(*args) -> list[str]:
     print("$", "diffcli", *map(str, args), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    return [sys.executable, "-m", "diffcli", *map(str, args)]
 
 
-def train(run: Path, sigma: float, args) -> None:
-    """Train (or resume) one twin to args.steps."""
+def cli(*args) -> None:
+    subprocess.run(cli_args(*args), check=True, cwd=ROOT)
+
+
+def train_command(run: Path, sigma: float, args) -> list[str] | None:
+    """The command that trains (or resumes) one twin to args.steps; None if it is there already."""
     from diffcli.common import load_checkpoint
     if (run / "model.safetensors").exists() and load_checkpoint(run / "model.safetensors")[1]["model"]["train_step"] >= args.steps:
-        return
+        return None
     common = ["train", "--dataset", "mnist", "--data-root", args.data_root, "--split", "test", "--net", args.net,
               "--block-channels", args.block_channels, "--batch", args.batch, "--steps", args.steps,
-              "--precision", "bf16", "--grid-every", 500, "--ckpt-every", 100, "--out", run, "--device", "cpu"]
+              "--precision", "bf16", "--grid-every", 1000, "--ckpt-every", 100, "--out", run, "--device", "cpu"]
     if (run / "training-state.safetensors").exists():
-        cli(*common, "--resume")
-    else:
-        cli(*common, "--process", "blurring", "--blur-sigma-max", sigma)
+        return cli_args(*common, "--resume")
+    return cli_args(*common, "--process", "blurring", "--blur-sigma-max", sigma)
+
+
+def train_twins(args) -> None:
+    """Both twins at once, a thread each (bf16 autocast: 0.46 s/step each on this 2-core CPU, both running)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    commands = [c for name, sigma in TWINS.items() if (c := train_command(args.out / name, sigma, args))]
+    procs = [subprocess.Popen(c, cwd=ROOT, env=env) for c in commands]
+    if any(p.wait() for p in procs):
+        raise SystemExit("a twin's training failed (see above); re-run to resume it")
 
 
 def train_minutes(log: list[dict]) -> float:
@@ -82,16 +94,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "blurring-mnist")
     ap.add_argument("--data-root", default=str(DEFAULT_ROOT))
     ap.add_argument("--net", default="small")
-    ap.add_argument("--block-channels", default="16,32,64")
+    ap.add_argument("--block-channels", default="32,64,96")  # the shipped EDM model's net (1.8M parameters)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--sample-steps", type=int, default=100)
     ap.add_argument("--only-train", action="store_true")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, sigma in TWINS.items():
-        train(args.out / name, sigma, args)
+    train_twins(args)
     if args.only_train:
         return
     ref = args.out / "ref5k"
@@ -99,7 +110,7 @@ def main() -> None:
     rows = []
     for name, sigma in TWINS.items():
         log = [json.loads(line) for line in (args.out / name / "log.jsonl").read_text().splitlines()]
-        for clip in (False, True):  # the paper's step, then with DDPM's clip_denoised
+        for clip in (False, True) if sigma == 0 else (False,):  # the paper's step; without blur also DDPM's clip
             samples = args.out / f"{name}-samples{'-clip' if clip else ''}"
             ev = sample_and_eval(args.out / name, samples, ref, clip, args)
             rows.append((name, sigma, log[-1]["step"], train_minutes(log), "yes" if clip else "no", ev["fid"]["value"],

@@ -320,6 +320,8 @@ def begin_output(out: str | os.PathLike, overwrite: bool, resume: bool, options:
     if differ:
         shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in differ[:4])
         raise DiffcliError(f"--resume: options differ from the run in {out} ({shown}); resume with the same options")
+    for stale in out.rglob(".*.tmp"):  # atomic_path's temp files, left by a writer that was killed mid-write
+        stale.unlink(missing_ok=True)
     return prepare_out_dir(out, True)
 
 
