@@ -1,6 +1,7 @@
 """Every bad input: one line on stderr naming the problem, a non-zero exit, nothing written or overwritten."""
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import sys
@@ -144,3 +145,36 @@ def test_bad_input(case_id, args, fragment, tmp_path, tiny_run, tiny_uncond_run,
     after = [snapshot(d) for d in watched]
     assert before == after, "a failed command changed files"
     assert not (tmp_path / "w" / "o").exists()
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EROFS], ids=["disk-full", "read-only-fs"])
+def test_output_device_fails_mid_run(err, tmp_path, tiny_run, capsys, monkeypatch):
+    """The disk fills up (or is remounted read-only) after a few files: one line naming the OS error, a non-zero
+    exit, only whole files and no temp files left behind; once there is room, --resume finishes the run exactly.
+    (Tests run as root here, so a chmod'ed folder would not refuse writes: the fault is injected at the fsync
+    every atomic write makes.)"""
+    from diffcli import common
+    args = ["sample", "--checkpoint", str(tiny_run), "--n", "6", "--batch-size", "1", "--steps", "2", "--device", "cpu"]
+    assert invoke([*args, "--out", str(tmp_path / "straight")], capsys)[0] == 0
+    real_fsync, calls = os.fsync, []
+
+    def failing_fsync(fd):
+        calls.append(fd)
+        if len(calls) > 3:  # run.json and two PNGs fit
+            raise OSError(err, os.strerror(err))
+        real_fsync(fd)
+
+    monkeypatch.setattr(common.os, "fsync", failing_fsync)
+    out = tmp_path / "o"
+    code, stderr = invoke([*args, "--out", str(out)], capsys)
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert code != 0 and len(lines) == 1 and lines[0].startswith("error: ") and os.strerror(err) in lines[0], stderr
+    assert lines[0].endswith(str(out / "00002-seed2-label2.png")), lines[0]  # the file it could not write
+    assert "Traceback" not in stderr
+    assert sorted(p.name for p in out.iterdir()) == ["00000-seed0-label0.png", "00001-seed1-label1.png", "run.json"]
+    monkeypatch.setattr(common.os, "fsync", real_fsync)
+    assert invoke([*args, "--out", str(out), "--resume"], capsys)[0] == 0
+    assert snapshot(out).keys() == snapshot(tmp_path / "straight").keys()
+    for name, data in snapshot(tmp_path / "straight").items():
+        if name.endswith(".png"):
+            assert snapshot(out)[name] == data, name
