@@ -97,7 +97,7 @@ def train(
     data_seed: Optional[int] = typer.Option(None, "--data-seed", help="Sequence sets: seed of the generated motions (default 0)."),
     preview: int = typer.Option(0, "--preview", help="Write OUT/preview.png with this many example sequences (context | next frame | every allowed future) and exit without training."),
 ) -> None:
-    """Train an EDM model (class-conditional with label dropout, unconditional, or next-frame on a sequence set).
+    """Train a model: EDM (class-conditional with label dropout, unconditional, or next-frame) or blurring diffusion.
 
     Example: diffcli train --dataset mnist --data-root data --steps 8000 --out runs/mnist
 
@@ -459,6 +459,8 @@ def eval_(
                      fid=fid, kid=kid, features=features, classifier=classifier, digits=digits,
                      kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, batch_size=batch_size, device=device)
     result = run_eval(cfg)
+    if not result["main"]:  # torchrun: rank 0 reports for all
+        return
     for note in result["warnings"]:
         typer.echo(f"warning: {note}", err=True)
     for line in result["lines"]:

@@ -285,7 +285,7 @@ def environment() -> dict[str, Any]:
     return {"python": f"{platform.python_version()} ({sys.executable})", "platform": platform.platform(),
             "packages": pkgs, "devices": devices, "default device": str(pick_device(None)), "caches": caches,
             "shipped models": sorted(p.name for p in shipped.glob("*.safetensors")) if shipped.is_dir() else [],
-            "offline": bool(os.environ.get("HF_HUB_OFFLINE"))}
+            "hub offline mode (HF_HUB_OFFLINE)": bool(os.environ.get("HF_HUB_OFFLINE"))}
 
 
 def write_run_json(out_dir: Path, command: str, options: dict[str, Any], device: torch.device | str,

@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .common import (DiffcliError, PerSampleRandn, load_images, make_grid, pick_dtype,
+from .common import (DiffcliError, PerSampleRandn, load_images, make_grid, pick_dtype, progress_bar,
                      prepare_out_dir, save_gif, save_grid, save_image, write_run_json)
 from .dist import Dist
 from .guidance import classifier_free
@@ -211,11 +211,8 @@ def _run(cfg: SampleConfig, out: Path, overwrite: bool, resume: bool, dist: Dist
     dist.begin(out, overwrite, resume, "sample", record, model=meta)
     pending = [i for i in range(cfg.n) if not (resume and (out / names[i]).is_file())]
     todo = dist.shard(pending)
-    from rich.progress import Progress
-    with Progress(transient=True, disable=not dist.main) as progress:
-        task = progress.add_task("sampling", total=len(todo) * cfg.steps)
-        for idx, images, strip in sample_batches(model, meta, cfg, device, todo,
-                                                 on_step=lambda k: progress.advance(task, k),
+    with progress_bar("sampling", len(todo) * cfg.steps, disable=not dist.main) as advance:
+        for idx, images, strip in sample_batches(model, meta, cfg, device, todo, on_step=advance,
                                                  context=None if ctx is None else ctx.frames):
             for i, img in zip(idx, images):
                 save_image(out / names[i], img)
