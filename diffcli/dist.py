@@ -68,8 +68,38 @@ class Dist:
         """This rank's share: every world-th item (seeds stay those of the items, so results match 1 rank)."""
         return list(items[self.rank::self.world])
 
-    def main_first(self, fn: Callable[[], T]) -> T | None:
-        """Run fn on rank 0 only (preparing the output folder), then let every rank stop if it failed."""
+    def gather(self, mine: Sequence[T]) -> list[T] | None:
+        """The inverse of `shard`: every rank's results for its share, back in item order on rank 0 (None on the
+        others)."""
+        if self.world == 1:
+            return list(mine)
+        import torch.distributed as dist
+        parts: list | None = [None] * self.world if self.main else None
+        dist.gather_object(list(mine), parts, dst=0)
+        if parts is None:
+            return None
+        merged: list = [None] * sum(len(p) for p in parts)
+        for rank, part in enumerate(parts):
+            merged[rank::self.world] = part
+        return merged
+
+    def raise_first(self, failure: tuple[int, DiffcliError] | None) -> None:
+        """Stop every rank if any failed: each raises the failure of the lowest item index (the error one process
+        meets first), so every rank prints the message one process would."""
+        if self.world == 1:
+            if failure is not None:
+                raise failure[1]
+            return
+        import torch.distributed as dist
+        failures: list = [None] * self.world
+        dist.all_gather_object(failures, failure)
+        failed = [f for f in failures if f is not None]
+        if failed:
+            raise min(failed, key=lambda f: f[0])[1]
+
+    def main_first(self, fn: Callable[[], T], failure: str = "rank 0 refused to start (see its message)") -> T | None:
+        """Run fn on rank 0 only (preparing the output folder), then let every rank stop if it failed (the others
+        with the message `failure`)."""
         result, error = None, None
         if self.main:
             try:
@@ -77,7 +107,7 @@ class Dist:
             except DiffcliError as e:
                 error = e
         if self.any(error is not None):
-            raise error or DiffcliError("rank 0 refused to start (see its message)")
+            raise error or DiffcliError(failure)
         self.barrier()
         return result
 

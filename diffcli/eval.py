@@ -2,7 +2,8 @@
 
 Input is checked where it is read (folders, file names, images, weights) and problems raise DiffcliError; the
 metric functions take tensors (or clean-fid's numpy features) and return them; `run` assembles eval.json and
-returns what the command prints.
+returns what the command prints. Under torchrun the ranks share the reading and the per-image networks, and rank 0
+computes every aggregate from the gathered values and writes the eval.json one process would (see `run`).
 """
 from __future__ import annotations
 
@@ -19,14 +20,15 @@ import zlib
 from dataclasses import dataclass
 from glob import glob
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 from urllib.parse import urlparse
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import DiffcliError, pick_device, progress_bar, write_json
+from .common import DiffcliError, progress_bar, write_json
+from .dist import Dist
 
 APPS = ("wide_images", "ambiguous_images")
 FEATURES = ("inception", "mnist")
@@ -39,6 +41,8 @@ DATASET_STATS = {"cifar10": (32, "train"), "ffhq": (1024, "trainval70k"), "lsun_
                  "afhq_cat": (512, "train"), "afhq_dog": (512, "train"), "afhq_wild": (512, "train"),
                  "metfaces": (1024, "train")}
 SAMPLE_ARTIFACTS = ("grid.png", "strip.png")  # written beside the samples by `diffcli sample`
+T, R = TypeVar("T"), TypeVar("R")
+Rows = Any  # a tensor or an array with one row per image, or a tuple of them
 
 
 @dataclass
@@ -89,11 +93,35 @@ def read_image(path: str | Path, mode: str = "RGB"):
         raise DiffcliError(f"cannot read image {path}: {reason} (corrupt or truncated file?)") from None
 
 
-def check_images(paths: Sequence[str | Path]) -> dict[str, list[str]]:
-    """Decode every image once before any model runs (so a bad file is named up front); modes -> file names."""
+def read_each(dist: Dist | None, paths: Sequence[T], read: Callable[[T], R],
+              mine: Sequence[T] | None = None) -> list[R]:
+    """read(path) for this rank's paths `mine` (default: its `Dist.shard` of `paths`; one process: all of them).
+
+    A file that cannot be read stops every rank with the error one process gives: the first bad file in `paths`.
+    """
+    if dist is None or dist.world == 1:
+        return [read(p) for p in paths]
+    out, failure = [], None
+    for p in dist.shard(paths) if mine is None else mine:
+        try:
+            out.append(read(p))
+        except DiffcliError as e:
+            failure = (paths.index(p), e)
+            break
+    dist.raise_first(failure)
+    return out
+
+
+def check_images(paths: Sequence[str | Path], dist: Dist | None = None) -> dict[str, list[str]]:
+    """Decode every image once before any model runs (so a bad file is named up front); modes -> file names.
+
+    Under torchrun each rank decodes its share and the modes come back to rank 0 (the others get {}).
+    """
+    modes_in_order = read_each(dist, paths, lambda p: read_image(p)[1])
+    if dist is not None:
+        modes_in_order = dist.gather(modes_in_order) or []
     modes: dict[str, list[str]] = {}
-    for p in paths:
-        _, mode = read_image(p)
+    for p, mode in zip(paths, modes_in_order):
         modes.setdefault(mode, []).append(Path(p).name)
     return modes
 
@@ -513,7 +541,7 @@ def is_sample_folder(folder: str) -> bool:
     return isinstance(record, dict) and record.get("command") == "sample"
 
 
-def feature_files(folder: str, what: str) -> tuple[list[str], list[str]]:
+def feature_files(folder: str, what: str, dist: Dist | None = None) -> tuple[list[str], list[str]]:
     """clean-fid's file list for a folder, minus the grid/strip `diffcli sample` writes beside its samples."""
     files, notes = cleanfid_listing(str(check_folder(folder, what))), []
     if is_sample_folder(folder):
@@ -523,7 +551,7 @@ def feature_files(folder: str, what: str) -> tuple[list[str], list[str]]:
             notes.append(f"left {', '.join(Path(f).name for f in extra)} of `diffcli sample` out of the {what} images")
     if len(files) < 2:
         raise DiffcliError(f"{what} {folder} has {len(files)} image(s); FID/KID need at least 2")
-    check_images([f for f in files if not f.endswith(".npy")])
+    check_images([f for f in files if not f.endswith(".npy")], dist)
     return files, notes
 
 
@@ -549,12 +577,12 @@ def inception_extractor(device: torch.device) -> Callable[[torch.Tensor], torch.
 
 
 def folder_features(files: Sequence[str], extractor: Callable, resize: Callable | None, batch_size: int,
-                    device: torch.device) -> np.ndarray:
+                    device: torch.device, verbose: bool = True) -> np.ndarray:
     """Features through clean-fid's own reader (PIL convert('RGB'), clean resize) with mode='clean'."""
     from cleanfid import fid
     return fid.get_files_features(list(files), extractor, num_workers=0, batch_size=batch_size, device=device,
                                   mode="clean", custom_fn_resize=resize,
-                                  verbose=sys.stderr.isatty())
+                                  verbose=verbose and sys.stderr.isatty())
 
 
 def frechet_distance(feats: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray) -> float:
@@ -617,16 +645,22 @@ def read_digit_samples(folder: str) -> tuple[list[str], list[int] | None, list[s
     return files, labels, []
 
 
+def read_digit(path: str, size: int = 28) -> np.ndarray:
+    """Greyscale uint8 (size,size); other sizes are resized (bilinear) for the classifier."""
+    from PIL import Image
+    im, _ = read_image(path, mode="L")
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.BILINEAR)
+    return np.asarray(im)
+
+
+def stack_digits(arrays: Sequence[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(arrays))[:, None]
+
+
 def load_digits(files: Sequence[str], size: int = 28) -> torch.Tensor:
     """Greyscale uint8 (N,1,size,size); other sizes are resized (bilinear) for the classifier."""
-    from PIL import Image
-    arrays = []
-    for f in files:
-        im, _ = read_image(f, mode="L")
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.BILINEAR)
-        arrays.append(np.asarray(im))
-    return torch.from_numpy(np.stack(arrays))[:, None]
+    return stack_digits([read_digit(f, size) for f in files])
 
 
 @torch.inference_mode()
@@ -700,20 +734,58 @@ def grade(score: float) -> str:
     return next((f"003 grade: {name} (>= {t})" for t, name in GRADES if score >= t), "003 grade: none (< 0.26)")
 
 
+def batch_share(dist: Dist, items: Sequence[T], batch_size: int) -> list[T]:
+    """This rank's whole batches of items (every world-th one): each batch holds the images one process batches
+    together, so every image's features come out bitwise the same as with one process."""
+    if dist.world == 1:
+        return list(items)
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    return [x for batch in dist.shard(batches) for x in batch]
+
+
+def _rows(x: Rows, rows: slice) -> Rows:
+    return tuple(_rows(t, rows) for t in x) if isinstance(x, tuple) else x[rows]
+
+
+def _cat(parts: list[Rows]) -> Rows:
+    if isinstance(parts[0], tuple):
+        return tuple(_cat(list(p)) for p in zip(*parts))
+    return torch.cat(parts) if isinstance(parts[0], torch.Tensor) else np.concatenate(parts)
+
+
+def per_image(dist: Dist, mine: Sequence[T], batch_size: int, compute: Callable[[Sequence[T]], Rows]) -> Rows | None:
+    """compute(mine) -> one row per item of this rank's `batch_share`; every rank's rows in item order on rank 0
+    (None on the others)."""
+    if dist.world == 1:
+        return compute(mine)
+    rows = compute(mine) if mine else None
+    parts = dist.gather([_rows(rows, slice(i, i + batch_size)) for i in range(0, len(mine), batch_size)])
+    return None if parts is None else _cat(parts)
+
+
 def run(cfg: EvalConfig) -> dict[str, Any]:
-    """Read and check every input, compute what was asked, write eval.json; returns lines and warnings to print."""
+    """Read and check every input, compute what was asked, write eval.json; returns lines and warnings to print.
+
+    Under torchrun every rank reads the inputs, decodes its share of the images and computes the per-image values
+    (CLIP image embeddings, FID/KID features, digit logits) for its share of whole batches; rank 0 gathers them in
+    item order, computes every aggregate and writes eval.json, so the file is the one a single process writes.
+    """
     validate(cfg)
     if cfg.anagram_prompts and cfg.app is None:
         cfg.app = "ambiguous_images"
-    device = pick_device(cfg.device)
+    with Dist(cfg.device) as dist:
+        return _run(cfg, dist)
+
+
+def _run(cfg: EvalConfig, dist: Dist) -> dict[str, Any]:
+    device, bs = dist.device, cfg.batch_size
     notes: list[str] = []
-    lines: list[str] = []
 
     # ---- read everything first, so bad input fails before any model loads
     clip_files = pairs = None
     if cfg.app:
         clip_files, n = plan_clip_files(cfg.folder, cfg.app, cfg.drop_panoramas)
-        notes += n + conversion_warnings(check_images([f.path for f in clip_files]))
+        notes += n + conversion_warnings(check_images([f.path for f in clip_files], dist))
         if cfg.anagram_prompts:
             pairs = read_anagram_pairs(cfg.anagram_prompts)
     refs: dict[str, Reference] = {}
@@ -726,42 +798,28 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     gen_files: list[str] = []
     ref_files: dict[str, list[str]] = {}
     if refs:
-        gen_files, n = feature_files(cfg.folder, "folder")
+        gen_files, n = feature_files(cfg.folder, "folder", dist)
         notes += n
         for r in refs.values():
             if r.folder and r.folder not in ref_files:
-                ref_files[r.folder], n = feature_files(r.folder, "reference folder")
+                ref_files[r.folder], n = feature_files(r.folder, "reference folder", dist)
                 notes += n
-    digit_files: list[str] = []
     digit_labels = None
     if cfg.digits:
         digit_files, digit_labels, n = read_digit_samples(cfg.folder)
         notes += n
-        digit_images = load_digits(digit_files)
+        digit_arrays = read_each(dist, digit_files, read_digit, batch_share(dist, digit_files, bs))
 
-    # ---- CLIP score (+ anagram metrics)
-    clip_part = None
+    # ---- per-image work: this rank's share, gathered on rank 0 in item order
+    clip = image_emb = None
     if clip_files:
         clip = load_clip(cfg.clip_model, cfg.clip_pretrained, device, cfg.quick_gelu)
-        prompts, first_paths, prompt_index = group_prompts(clip_files)
-        with progress_bar("CLIP", len(clip_files)) as advance:
-            image_emb = embed_image_files(clip, [f.path for f in clip_files], cfg.batch_size, on_batch=advance)
-        text_emb = embed_prompts(clip, prompts, cfg.batch_size)
-        means = group_means(cosine_per_image(image_emb, text_emb, prompt_index), prompt_index, len(prompts))
-        clip_part = clip_score_record(cfg.folder, first_paths, means)
-        lines.append(f"CLIP score {clip_part['score']:.4f} ({cfg.app}: {len(prompts)} prompts, {len(clip_files)} "
-                     f"images; {clip.weights}{', QuickGELU' if clip.quick_gelu else ''}); {grade(clip_part['score'])}")
-        if pairs is not None:
-            scale = float(clip.model.logit_scale.exp().reshape(-1)[0])
-            clip_part["anagram_metrics"], n = anagram_record(pairs, prompts, first_paths, image_emb, prompt_index,
-                                                             text_emb, scale, cfg.anagram_prompts)
-            notes += n
-            am = clip_part["anagram_metrics"]
-            lines.append(f"anagram alignment {am['alignment']:.4f}, concealment {am['concealment']:.4f} "
-                         f"over {len(am['pairs'])} pair(s)")
 
-    # ---- FID / KID
-    families: dict[str, Any] = {}
+        def embed(paths: Sequence[str]) -> torch.Tensor:
+            with progress_bar("CLIP", len(paths), disable=not dist.main) as advance:
+                return embed_image_files(clip, paths, bs, on_batch=advance)
+        image_emb = per_image(dist, batch_share(dist, [f.path for f in clip_files], bs), bs, embed)
+    feats: dict[str, np.ndarray] = {}
     if refs:
         from cleanfid.resize import make_resizer
         if cfg.features == "mnist":
@@ -771,44 +829,86 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
             extractor, resize = digit_feature_fn(classifier), make_resizer("PIL", False, "bicubic", (28, 28))
         else:
             extractor, resize = inception_extractor(device), None
-        feats = {p: folder_features(f, extractor, resize, cfg.batch_size, device)
-                 for p, f in [("", gen_files), *ref_files.items()]}
-        common = {"features": cfg.features, "mode": "clean", "n_images": len(gen_files)}
-        if "--fid" in refs:
-            r = refs["--fid"]
-            if r.folder:
-                ref = feats[r.folder]
-                mu, sigma, n_ref = ref.mean(0), np.cov(ref, rowvar=False), len(ref)
-            else:
-                mu, sigma = reference_statistics(r, "FID")
-                n_ref = None
-            try:
-                value = frechet_distance(feats[""], mu, sigma)
-            except ValueError as e:
-                raise DiffcliError(f"FID is numerically undefined here ({e}); use more images") from None
-            families["fid"] = {"value": value, "reference": r.spec, **common, "n_reference": n_ref}
-            lines.append(f"FID {value:.4f} ({cfg.features} features, {len(gen_files)} images vs {r.spec})")
-        if "--kid" in refs:
-            r = refs["--kid"]
-            ref = feats[r.folder] if r.folder else reference_statistics(r, "KID")
-            m = min(len(ref), len(feats[""]), cfg.kid_subset_size)
-            value = kernel_distance(feats[""], ref, cfg.kid_subsets, cfg.kid_subset_size)
-            families["kid"] = {"value": value, "reference": r.spec, **common, "n_reference": len(ref),
-                               "subsets": cfg.kid_subsets, "subset_size": m}
-            lines.append(f"KID {value:.6f} ({cfg.features} features, {cfg.kid_subsets} subsets of {m})")
-
-    # ---- digits
+        for p, f in [("", gen_files), *ref_files.items()]:
+            feats[p] = per_image(dist, batch_share(dist, f, bs), bs,
+                                 lambda share: folder_features(share, extractor, resize, bs, device, dist.main))
+    digit_out = None
     if cfg.digits:
         from .classifier import SHIPPED_CLASSIFIER, load_classifier
         classifier_path = cfg.classifier or SHIPPED_CLASSIFIER
-        logits, feats_d = classify(load_classifier(classifier_path, device), digit_images, cfg.batch_size, device)
-        rec = digit_record(logits, feats_d, digit_labels)
-        families["digits"] = {**rec, "classifier": str(classifier_path)}
-        acc = f"accuracy {100 * rec['accuracy']:.2f} %, " if "accuracy" in rec else ""
-        sim = f"{rec['mean_similarity']:.4f}" if rec["mean_similarity"] is not None else "n/a"
-        lines.append(f"digits: {acc}{rec['modes_discovered']} modes discovered, mean in-batch similarity {sim} "
-                     f"({rec['n']} samples)")
+        digit_classifier = load_classifier(classifier_path, device)
+        digit_out = per_image(dist, digit_arrays, bs,
+                              lambda arrays: classify(digit_classifier, stack_digits(arrays), bs, device))
 
-    out = Path(cfg.folder) / EVAL_FILE
-    write_json(out, merge_eval(cfg.folder, clip_part, families), indent=4)
-    return {"eval_file": str(out), "lines": lines, "warnings": notes, "eval": json.loads(out.read_text())}
+    # ---- every aggregate on rank 0, from the per-image values in item order; then eval.json
+    def aggregate() -> dict[str, Any]:
+        lines: list[str] = []
+        clip_part = None
+        if clip_files:
+            clip_part = clip_metrics(cfg, clip, clip_files, image_emb, pairs, lines, notes)
+        families: dict[str, Any] = {}
+        if refs:
+            families.update(fid_kid(cfg, refs, feats, len(gen_files), lines))
+        if cfg.digits:
+            rec = digit_record(*digit_out, digit_labels)
+            families["digits"] = {**rec, "classifier": str(classifier_path)}
+            acc = f"accuracy {100 * rec['accuracy']:.2f} %, " if "accuracy" in rec else ""
+            sim = f"{rec['mean_similarity']:.4f}" if rec["mean_similarity"] is not None else "n/a"
+            lines.append(f"digits: {acc}{rec['modes_discovered']} modes discovered, mean in-batch similarity {sim} "
+                         f"({rec['n']} samples)")
+        out = Path(cfg.folder) / EVAL_FILE
+        write_json(out, merge_eval(cfg.folder, clip_part, families), indent=4)
+        return {"eval_file": str(out), "lines": lines, "warnings": notes, "eval": json.loads(out.read_text())}
+
+    result = dist.main_first(aggregate, failure="rank 0 could not compute the scores (see its message)")
+    return {**(result or {}), "main": dist.main}
+
+
+def clip_metrics(cfg: EvalConfig, clip: Clip, clip_files: Sequence[ClipFile], image_emb: torch.Tensor,
+                 pairs: dict[str, tuple[str, str]] | None, lines: list[str], notes: list[str]) -> dict[str, Any]:
+    """The grader's part of eval.json (+ anagram metrics) from the image embeddings in file order."""
+    prompts, first_paths, prompt_index = group_prompts(clip_files)
+    text_emb = embed_prompts(clip, prompts, cfg.batch_size)
+    means = group_means(cosine_per_image(image_emb, text_emb, prompt_index), prompt_index, len(prompts))
+    clip_part = clip_score_record(cfg.folder, first_paths, means)
+    lines.append(f"CLIP score {clip_part['score']:.4f} ({cfg.app}: {len(prompts)} prompts, {len(clip_files)} "
+                 f"images; {clip.weights}{', QuickGELU' if clip.quick_gelu else ''}); {grade(clip_part['score'])}")
+    if pairs is not None:
+        scale = float(clip.model.logit_scale.exp().reshape(-1)[0])
+        clip_part["anagram_metrics"], n = anagram_record(pairs, prompts, first_paths, image_emb, prompt_index,
+                                                         text_emb, scale, cfg.anagram_prompts)
+        notes += n
+        am = clip_part["anagram_metrics"]
+        lines.append(f"anagram alignment {am['alignment']:.4f}, concealment {am['concealment']:.4f} "
+                     f"over {len(am['pairs'])} pair(s)")
+    return clip_part
+
+
+def fid_kid(cfg: EvalConfig, refs: dict[str, Reference], feats: dict[str, np.ndarray], n_images: int,
+            lines: list[str]) -> dict[str, Any]:
+    """eval.json's fid and kid families from the folder's features (key "") and each reference folder's."""
+    families: dict[str, Any] = {}
+    common = {"features": cfg.features, "mode": "clean", "n_images": n_images}
+    if "--fid" in refs:
+        r = refs["--fid"]
+        if r.folder:
+            ref = feats[r.folder]
+            mu, sigma, n_ref = ref.mean(0), np.cov(ref, rowvar=False), len(ref)
+        else:
+            mu, sigma = reference_statistics(r, "FID")
+            n_ref = None
+        try:
+            value = frechet_distance(feats[""], mu, sigma)
+        except ValueError as e:
+            raise DiffcliError(f"FID is numerically undefined here ({e}); use more images") from None
+        families["fid"] = {"value": value, "reference": r.spec, **common, "n_reference": n_ref}
+        lines.append(f"FID {value:.4f} ({cfg.features} features, {n_images} images vs {r.spec})")
+    if "--kid" in refs:
+        r = refs["--kid"]
+        ref = feats[r.folder] if r.folder else reference_statistics(r, "KID")
+        m = min(len(ref), len(feats[""]), cfg.kid_subset_size)
+        value = kernel_distance(feats[""], ref, cfg.kid_subsets, cfg.kid_subset_size)
+        families["kid"] = {"value": value, "reference": r.spec, **common, "n_reference": len(ref),
+                           "subsets": cfg.kid_subsets, "subset_size": m}
+        lines.append(f"KID {value:.6f} ({cfg.features} features, {cfg.kid_subsets} subsets of {m})")
+    return families

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, run_torchrun
 from diffcli import pipelines
 from diffcli.anagram import AnagramConfig, Job, generate, load, read_pairs, validate
 from diffcli.common import DiffcliError, PerSampleRandn, safe_name
@@ -153,6 +153,25 @@ def test_cli_writes_the_003_layout_eval_reads(tmp_path, tiny_if):
                    "--resume", check=True)
     assert "(1 already there)" in proc.stdout
     assert {p.name: p.read_bytes() for p in out.glob("*.png")} == before
+
+
+def test_two_ranks_write_the_same_files(tmp_path, tiny_if):
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps({"horse-village": {"canonical_prompt": "a horse", "instance_prompt": "a village"},
+                                 "cat-dog": {"canonical_prompt": "a cat", "instance_prompt": "a dog"}}))
+    args = ["anagram", "--prompts-file", pairs, "--views", "identity", "rotate_cw", "--model", tiny_if[0],
+            "--sr-model", tiny_if[1], "--steps", "2", "--sr-steps", "1", "--frames", "2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_cli(*args, "--out", one, check=True)
+    proc = run_torchrun(*args, "--out", two, port=29571)  # one pair per rank
+    assert proc.stdout.count("4 view image(s) of 2 anagram(s)") == 1  # one merged report, from rank 0
+    files = sorted(str(p.relative_to(one)) for p in one.rglob("*") if p.is_file() and p.name != "run.json")
+    assert len(files) == 4 + 2 * 2  # a PNG per view, a GIF and a strip per pair
+    assert sorted(str(p.relative_to(two)) for p in two.rglob("*") if p.is_file() and p.name != "run.json") == files
+    for name in files:
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
+    record, single = (json.loads((d / "run.json").read_text()) for d in (two, one))
+    assert record["world_size"] == 2 and record["status"] == "complete" and record["files"] == single["files"]
 
 
 def test_shipped_pairs():

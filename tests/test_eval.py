@@ -9,6 +9,8 @@ import os
 import pickle
 import shutil
 import statistics
+import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,7 +20,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from conftest import run_cli
+from conftest import ROOT, run_cli, run_torchrun
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -302,6 +304,63 @@ def test_fid_equals_clean_fid_compute_fid(tmp_path):
                             num_workers=0, device=torch.device("cpu"), verbose=False, use_dataparallel=False)
     fa, fb = (folder_features(cleanfid_listing(str(p)), extractor, resize, 32, torch.device("cpu")) for p in (a, b))
     assert frechet_distance(fa, fb.mean(0), np.cov(fb, rowvar=False)) == pytest.approx(want, rel=1e-6)
+
+
+# ---------------------------------------------------------------- torchrun: 2 ranks write what 1 rank writes
+
+def one_and_two_ranks(folder: Path, *args, port: int) -> tuple[str, str, subprocess.CompletedProcess]:
+    """eval.json of `diffcli eval FOLDER ARGS` with one process, then (eval.json removed) with 2 torchrun ranks."""
+    run_cli("eval", folder, *args, check=True)
+    one = (folder / "eval.json").read_text()
+    (folder / "eval.json").unlink()
+    proc = run_torchrun("eval", folder, *args, port=port)
+    return one, (folder / "eval.json").read_text(), proc
+
+
+def test_two_ranks_write_the_same_clip_and_anagram_scores(tmp_path, tiny_clip):
+    d = tmp_path / "ambiguous_images"
+    d.mkdir()
+    pairs = {f"p{k}": (f"a photo of a thing {k}", f"a painting of a thing {k}") for k in range(4)}
+    for i, p in enumerate(p for v in pairs.values() for p in v):
+        noise_png(d / f"{p.replace(' ', '_')}.png", 40, 36 + i, seed=300 + i, mode="RGBA" if i == 5 else "RGB")
+    prompts_file = tmp_path / "prompts.json"
+    prompts_file.write_text(json.dumps({k: {"canonical_prompt": a, "instance_prompt": b}
+                                        for k, (a, b) in pairs.items()}))
+    # 8 images in batches of 3: rank 0 embeds batches 0 and 2 (the last, short), rank 1 batch 1
+    one, two, proc = one_and_two_ranks(d, "--anagram-metrics", prompts_file, "--clip-model", tiny_clip.config,
+                                       "--clip-pretrained", tiny_clip.bin, "--batch-size", "3", port=29561)
+    assert two == one and len(json.loads(one)["anagram_metrics"]["pairs"]) == 4
+    assert proc.stdout.count("CLIP score") == 1 and proc.stderr.count("alpha channel") == 1  # rank 0 reports
+
+
+def test_two_ranks_write_the_same_fid_kid_and_digits(tmp_path):
+    n = 150  # batches of 16: 9 full and a short last one, on rank 1
+    gen, ref = tmp_path / "gen", tmp_path / "ref"
+    write_digits(gen, n, seed=1)
+    write_digits(ref, 140, seed=2, shift=3)
+    (gen / "run.json").write_text(json.dumps({"command": "sample", "samples": [
+        {"file": f"{i:05d}-seed{i}.png", "seed": i, "label": i % 10} for i in range(n)]}))
+    one, two, proc = one_and_two_ranks(gen, "--fid", ref, "--kid", ref, "--features", "mnist", "--digits",
+                                       "--kid-subsets", "10", "--kid-subset-size", "50", "--batch-size", "16",
+                                       "--device", "cpu", port=29562)
+    assert two == one and {"fid", "kid", "digits"} <= set(json.loads(one))
+    assert proc.stdout.count("FID ") == 1
+
+
+def test_two_ranks_stop_on_the_bad_file_one_rank_names(bad):
+    """A_cat_2.png (rank 1's first image) and A_cat_3.png (rank 0's second) are corrupt: both ranks name the first
+    bad file, A_cat_2.png, as one process does, and nothing is written."""
+    folder = bad / "corrupt"
+    (folder / "A_cat_3.png").write_bytes(os.urandom(200))
+    want = run_cli("eval", folder, "--app", "wide_images").stderr.strip()
+    assert "A_cat_2.png" in want
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29563", "-m", "diffcli", "--", "eval", str(folder), "--app", "wide_images"],
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    errors = {ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")}
+    assert proc.returncode != 0 and errors == {want}, proc.stderr[-3000:]
+    assert not (folder / "eval.json").exists()
 
 
 # ---------------------------------------------------------------- bad input
