@@ -10,12 +10,21 @@ from typing import Callable, List, Optional
 import typer
 
 from .common import DiffcliError
+from .sampling import SamplerKnobs
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="diffcli: train, sample and guide diffusion models.\n\n"
                        "Example: diffcli sample --labels all --n 20 --out digits")
 
 _state = {"debug": False}
+
+# the stochastic samplers' knobs, shared by `sample` and `pg` (defaults: sampling.SamplerKnobs)
+_KNOBS = SamplerKnobs()
+S_CHURN = typer.Option(_KNOBS.s_churn, help="stochastic_heun: EDM S_churn.")
+S_TMIN = typer.Option(_KNOBS.s_tmin, help="stochastic_heun: EDM S_tmin.")
+S_TMAX = typer.Option(_KNOBS.s_tmax, help="stochastic_heun: EDM S_tmax.")
+S_NOISE = typer.Option(_KNOBS.s_noise, help="stochastic_heun: EDM S_noise.")
+ETA = typer.Option(_KNOBS.eta, help="ddim: 0 deterministic, 1 ancestral.")
 
 
 @app.callback()
@@ -146,11 +155,11 @@ def sample(
     sigma_min: Optional[float] = typer.Option(None, help="Lowest noise level (default: the model's, 0.002)."),
     sigma_max: Optional[float] = typer.Option(None, help="Highest noise level (default: the model's, 80)."),
     rho: float = typer.Option(7.0, help="Karras schedule exponent."),
-    s_churn: float = typer.Option(40.0, help="stochastic_heun: EDM S_churn."),
-    s_tmin: float = typer.Option(0.05, help="stochastic_heun: EDM S_tmin."),
-    s_tmax: float = typer.Option(50.0, help="stochastic_heun: EDM S_tmax."),
-    s_noise: float = typer.Option(1.003, help="stochastic_heun: EDM S_noise."),
-    eta: float = typer.Option(0.0, help="ddim: 0 deterministic, 1 ancestral."),
+    s_churn: float = S_CHURN,
+    s_tmin: float = S_TMIN,
+    s_tmax: float = S_TMAX,
+    s_noise: float = S_NOISE,
+    eta: float = ETA,
     seed: int = typer.Option(0, help="Sample i uses seed + i, whatever the batch size."),
     batch_size: int = typer.Option(64, help="Samples per network batch."),
     dtype: Optional[str] = typer.Option(None, help="Network precision: fp32 (default), fp16 or bf16 (GPU)."),
@@ -371,11 +380,11 @@ def pg(
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Pipelines: the prompt of the unconditional CFG branch (default: empty)."),
     sampler: str = typer.Option("heun", help="euler, heun, stochastic_heun or ddim (with diffusers sigmas, euler = DDIM)."),
     steps: Optional[int] = typer.Option(None, help="Sampling steps (default: 18 for digits, 50 for pipelines)."),
-    s_churn: float = typer.Option(40.0, help="stochastic_heun: EDM S_churn."),
-    s_tmin: float = typer.Option(0.05, help="stochastic_heun: EDM S_tmin."),
-    s_tmax: float = typer.Option(50.0, help="stochastic_heun: EDM S_tmax."),
-    s_noise: float = typer.Option(1.003, help="stochastic_heun: EDM S_noise."),
-    eta: float = typer.Option(0.0, help="ddim: 0 deterministic, 1 ancestral."),
+    s_churn: float = S_CHURN,
+    s_tmin: float = S_TMIN,
+    s_tmax: float = S_TMAX,
+    s_noise: float = S_NOISE,
+    eta: float = ETA,
     seed: int = typer.Option(0, help="Sample i uses seed + i (initial noise and sampler noise)."),
     height: Optional[int] = typer.Option(None, help="Pipelines: image height (default: the UNet's sample size x 8)."),
     width: Optional[int] = typer.Option(None, help="Pipelines: image width."),

@@ -16,11 +16,11 @@ from .common import (DiffcliError, PerSampleRandn, pick_device, pick_dtype, prep
                      write_json, write_run_json)
 from .guidance import classifier_free, particle_guidance
 from .particles import KERNELS, KernelGrad, classifier_features, feature_grad, rbf_grad
-from .sampling import SAMPLERS, nfe, run_sampler
+from .sampling import SAMPLERS, SamplerKnobs, nfe, run_sampler
 
 
 @dataclass
-class PGConfig:
+class PGConfig(SamplerKnobs):
     checkpoint: str | None = None
     prompt: str | None = None
     model: str | None = None  # a Stable Diffusion pipeline (folder or hub id) instead of a diffcli checkpoint
@@ -34,11 +34,6 @@ class PGConfig:
     negative_prompt: str | None = None
     sampler: str = "heun"
     steps: int | None = None
-    s_churn: float = 40.0
-    s_tmin: float = 0.05
-    s_tmax: float = 50.0
-    s_noise: float = 1.003
-    eta: float = 0.0
     seed: int = 0
     height: int | None = None
     width: int | None = None
@@ -133,9 +128,8 @@ def sample_digits(model, meta: dict[str, Any], cfg: PGConfig, factor: float, ker
     """
     from .sample import SampleConfig, sample_images
     scfg = SampleConfig(n=cfg.n, labels=cfg.labels, cfg=digit_scale(cfg, meta), sampler=cfg.sampler,
-                        steps=cfg.steps or DEFAULT_STEPS["digits"], s_churn=cfg.s_churn, s_tmin=cfg.s_tmin,
-                        s_tmax=cfg.s_tmax, s_noise=cfg.s_noise, eta=cfg.eta, seed=cfg.seed + seed_offset,
-                        batch_size=cfg.n)
+                        steps=cfg.steps or DEFAULT_STEPS["digits"], seed=cfg.seed + seed_offset, batch_size=cfg.n,
+                        **cfg.knobs())
     images, _, _ = sample_images(model, meta, scfg, device, on_step=on_step,
                                  wrap=lambda denoiser: guided(denoiser, cfg, factor, kernel), context=context)
     return images
@@ -164,8 +158,7 @@ def sample_pipeline(pipe, cfg: PGConfig, factor: float, device: torch.device,
     rng = PerSampleRandn([cfg.seed + i for i in range(cfg.n)], device)
     x = pipelines.initial_latents(rng, pipelines.latent_shape(pipe, height, width), sigmas[0])
     x = run_sampler(cfg.sampler, guided(denoiser, cfg, factor, make_kernel("rbf")), x, sigmas,
-                    callback=(lambda info: on_step(1)) if on_step else None, noise=rng, eta=cfg.eta,
-                    s_churn=cfg.s_churn, s_tmin=cfg.s_tmin, s_tmax=cfg.s_tmax, s_noise=cfg.s_noise)
+                    callback=(lambda info: on_step(1)) if on_step else None, noise=rng, **cfg.knobs())
     return pipelines.decode(pipe, x, sigmas[-1]), ve_to_vp(x, sigmas[-1]).float().cpu()
 
 

@@ -14,14 +14,14 @@ from .common import (DiffcliError, PerSampleRandn, load_images, make_grid, pick_
 from .dist import Dist
 from .guidance import classifier_free
 from .nets import load_model
-from .sampling import SAMPLERS, get_sigmas_karras, nfe, run_sampler
+from .sampling import SAMPLERS, SamplerKnobs, get_sigmas_karras, nfe, run_sampler
 from .blurring import DEFAULT_STEPS as BLURRING_STEPS, SAMPLERS as BLURRING_SAMPLERS
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "mnist-edm.safetensors"
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(SamplerKnobs):
     checkpoint: str = str(SHIPPED_CHECKPOINT)
     n: int = 16
     labels: str | None = None
@@ -31,11 +31,6 @@ class SampleConfig:
     sigma_min: float | None = None
     sigma_max: float | None = None
     rho: float = 7.0
-    s_churn: float = 40.0
-    s_tmin: float = 0.05
-    s_tmax: float = 50.0
-    s_noise: float = 1.003
-    eta: float = 0.0
     seed: int = 0
     batch_size: int = 64
     dtype: str | None = None
@@ -167,8 +162,7 @@ def sample_batches(model, meta: dict[str, Any], cfg: SampleConfig, device: torch
             x = sample_blurring(denoiser, x, ts, schedule_of(meta), callback=callback, noise=rng,
                                 clip_denoised=cfg.clip_denoised)
         else:
-            x = run_sampler(cfg.sampler, denoiser, x, sigmas, callback=callback, noise=rng, eta=cfg.eta,
-                            s_churn=cfg.s_churn, s_tmin=cfg.s_tmin, s_tmax=cfg.s_tmax, s_noise=cfg.s_noise)
+            x = run_sampler(cfg.sampler, denoiser, x, sigmas, callback=callback, noise=rng, **cfg.knobs())
         images = x.clamp(-1, 1).cpu()
         # rows: samples; columns: x0_hat after each step, then the final image (blurring: z_t from t = 1 to 0)
         yield idx, images, (torch.stack(frames if blurring else frames + [images[:8]], dim=1) if keep else None)

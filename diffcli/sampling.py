@@ -8,6 +8,7 @@ A sampler never knows which model or guidance it runs. `callback` receives a dic
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -16,6 +17,21 @@ Callback = Callable[[dict[str, Any]], None] | None
 Noise = Callable[[torch.Tensor], torch.Tensor]
 
 SAMPLERS = ("euler", "heun", "stochastic_heun", "ddim")
+
+
+@dataclass
+class SamplerKnobs:
+    """The knobs of the stochastic samplers, at the commands' defaults (EDM's ImageNet S_* settings); a command's
+    config inherits them and hands `knobs()` to `run_sampler`, which gives each sampler only its own."""
+    s_churn: float = 40.0
+    s_tmin: float = 0.05
+    s_tmax: float = 50.0
+    s_noise: float = 1.003
+    eta: float = 0.0
+
+    def knobs(self) -> dict[str, float]:
+        return {"s_churn": self.s_churn, "s_tmin": self.s_tmin, "s_tmax": self.s_tmax, "s_noise": self.s_noise,
+                "eta": self.eta}
 
 
 # ---------------------------------------------------------------- schedules (each ends in 0)
