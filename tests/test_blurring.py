@@ -15,7 +15,7 @@ from diffcli import dct as dct_mod
 from diffcli.blurring import (BlurringLoss, BlurSchedule, blurred_mean, diffuse, get_ts, reverse_step,
                               sample_blurring)
 from diffcli.cli import app
-from diffcli.common import load_checkpoint
+from diffcli.common import DiffcliError, load_checkpoint
 from diffcli.dct import dct, dct2, idct, idct2
 from diffcli.nets import load_model
 from diffcli.train import TrainConfig, train
@@ -229,7 +229,6 @@ def test_checkpoint_records_the_process_and_loads(blur_run):
     assert meta2 == record and type(model).__name__ == "BlurringModel"
     state = load_checkpoint(blur_run / "training-state.safetensors")[1]
     assert state["train"]["config"]["process"] == "blurring" and state["train"]["step"] == 6
-    from diffcli.common import DiffcliError
     with pytest.raises(DiffcliError, match="no diffcli EDM model"):
         load_model(blur_run)  # commands that need a denoiser keep refusing it
 
@@ -327,3 +326,11 @@ def test_bad_input(tmp_path, digit_folder, blur_run, edm_ckpt, args, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert not out.exists()
+
+
+def test_clip_denoised_is_accepted_without_blur():
+    from diffcli.sample import SampleConfig, resolve
+    plain = {"kind": "blurring", "blur_sigma_max": 0.0}
+    assert resolve(SampleConfig(clip_denoised=True), plain).clip_denoised
+    with pytest.raises(DiffcliError, match="works only for blur_sigma_max 0"):
+        resolve(SampleConfig(clip_denoised=True), {**plain, "blur_sigma_max": 0.5})
