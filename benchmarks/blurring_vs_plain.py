@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--sample-steps", type=int, default=100)
     ap.add_argument("--only-train", action="store_true")
+    ap.add_argument("--no-clip", action="store_true", help="skip the no-blur twin's --clip-denoised row")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     train_twins(args)
@@ -110,7 +111,7 @@ def main() -> None:
     rows = []
     for name, sigma in TWINS.items():
         log = [json.loads(line) for line in (args.out / name / "log.jsonl").read_text().splitlines()]
-        for clip in (False, True) if sigma == 0 else (False,):  # the paper's step; without blur also DDPM's clip
+        for clip in (False, True) if sigma == 0 and not args.no_clip else (False,):  # no blur: also DDPM's clip
             samples = args.out / f"{name}-samples{'-clip' if clip else ''}"
             ev = sample_and_eval(args.out / name, samples, ref, clip, args)
             rows.append((name, sigma, log[-1]["step"], train_minutes(log), "yes" if clip else "no", ev["fid"]["value"],

@@ -9,6 +9,8 @@ from diffcli.classifier import SHIPPED_CLASSIFIER, load_classifier
 from diffcli.nets import load_model
 from diffcli.sample import SHIPPED_CHECKPOINT, SampleConfig, sample_images
 
+SHIPPED_BLURRING = SHIPPED_CHECKPOINT.parent / "mnist-blurring.safetensors"
+
 COMMANDS = ("train", "sample", "seg", "panorama", "anagram", "pg", "eval")
 
 
@@ -33,4 +35,17 @@ def test_shipped_model_loads_and_samples_digits():
     clf = load_classifier(SHIPPED_CLASSIFIER)
     with torch.no_grad():
         pred = clf(images).argmax(1)
+    assert (pred == torch.tensor(labels)).float().mean() >= 0.8, pred.tolist()
+
+
+def test_shipped_blurring_model_loads_and_samples_digits():
+    """The blurring-diffusion twin (sigma_B,max 20) samples through its own 100-step reverse process."""
+    model, meta = load_model(SHIPPED_BLURRING, kinds=("edm", "blurring"))
+    assert meta["kind"] == "blurring" and meta["blur_sigma_max"] == 20.0 and meta["num_classes"] == 10
+    assert SHIPPED_BLURRING.stat().st_size < 20e6
+    images, labels, _ = sample_images(model, meta, SampleConfig(checkpoint=str(SHIPPED_BLURRING), n=10),
+                                      torch.device("cpu"))
+    assert images.shape == (10, 1, 28, 28) and labels == list(range(10))
+    with torch.no_grad():
+        pred = load_classifier(SHIPPED_CLASSIFIER)(images).argmax(1)
     assert (pred == torch.tensor(labels)).float().mean() >= 0.8, pred.tolist()
