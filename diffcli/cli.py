@@ -205,7 +205,8 @@ def sample(
     result = run_sample(config, out, overwrite, device, {"out": str(out), "device": device}, resume=resume)
     if result["main"]:
         skipped = f" ({result['skipped']} already there)" if resume else ""
-        typer.echo(f"wrote {result['n']} samples{skipped}, grid.png and run.json to {result['out']}")
+        extra = "".join(f", {name}" for name, on in (("strip.png", strip), ("process.gif", gif)) if on)
+        typer.echo(f"wrote {result['n']} samples{skipped}, grid.png{extra} and run.json to {result['out']}")
 
 
 # ---------------------------------------------------------------- commands other issues fill in
