@@ -88,6 +88,15 @@ class PerSampleRandn:
 
 # ---------------------------------------------------------------- atomic files
 
+# atomic_path's temp names: mkstemp(prefix=".NAME.", suffix=".tmp") adds 8 characters of [a-z0-9_]
+ATOMIC_TEMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def atomic_temp_files(folder: Path) -> list[Path]:
+    """Temp files atomic_path left under `folder` (a writer killed mid-write); nothing else matches."""
+    return [p for p in folder.rglob(".*.tmp") if p.is_file() and ATOMIC_TEMP.fullmatch(p.name)]
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `path`; rename it over `path` only if the block succeeds.
@@ -325,7 +334,7 @@ def begin_output(out: str | os.PathLike, overwrite: bool, resume: bool, options:
     if differ:
         shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in differ[:4])
         raise DiffcliError(f"--resume: options differ from the run in {out} ({shown}); resume with the same options")
-    for stale in out.rglob(".*.tmp"):  # atomic_path's temp files, left by a writer that was killed mid-write
+    for stale in atomic_temp_files(out):
         stale.unlink(missing_ok=True)
     return prepare_out_dir(out, True)
 

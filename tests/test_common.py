@@ -1,6 +1,9 @@
 """Shared IO: atomic writes, images/grids/GIFs, state flattening, per-sample generators."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -50,3 +53,13 @@ def test_per_sample_generators_do_not_depend_on_batch():
     whole = PerSampleRandn([5, 6, 7]).randn((2, 2))
     parts = torch.cat([PerSampleRandn([5]).randn((2, 2)), PerSampleRandn([6, 7]).randn((2, 2))])
     assert torch.equal(whole, parts) and not torch.equal(whole[0], whole[1])
+
+
+def test_resume_clears_only_atomic_temp_files(tmp_path):
+    """--resume removes what a killed atomic write left, never a user's own hidden .tmp file."""
+    import tempfile
+    from diffcli.common import atomic_temp_files
+    fd, left = tempfile.mkstemp(prefix=".00001-seed1.png.", suffix=".tmp", dir=tmp_path)
+    os.close(fd)
+    (tmp_path / ".notes.tmp").write_text("mine")
+    assert atomic_temp_files(tmp_path) == [Path(left)]
