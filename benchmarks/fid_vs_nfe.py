@@ -25,7 +25,7 @@ from diffcli.common import to_uint8  # noqa: E402
 from diffcli.eval import frechet_distance  # noqa: E402
 from diffcli.nets import load_model  # noqa: E402
 from diffcli.sample import SHIPPED_CHECKPOINT, SampleConfig, sample_images  # noqa: E402
-from diffcli.sampling import nfe  # noqa: E402
+from diffcli.samplers import nfe  # noqa: E402
 from mnist_data import heldout_5k, t10k  # noqa: E402
 
 STEPS = {"euler": (9, 17, 35, 79), "heun": (5, 9, 18, 40), "stochastic_heun": (5, 9, 18, 40)}

@@ -24,10 +24,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from diffcli import attention, pipelines, seg  # noqa: E402
-from diffcli.blur import box_blur, parse_blur  # noqa: E402
+from diffcli.query_blur import box_blur, parse_blur  # noqa: E402
 from diffcli.common import PerSampleRandn  # noqa: E402
 from diffcli.guidance import smoothed_energy  # noqa: E402
-from diffcli.sampling import sample_euler  # noqa: E402
+from diffcli.samplers import sample_euler  # noqa: E402
 
 CPU = torch.device("cpu")
 

@@ -21,7 +21,7 @@ from .common import (DiffcliError, PerSampleRandn, pick_dtype, progress_bar, saf
 from .dist import Dist
 from .guidance import classifier_free
 from .panorama import key_line, resolve_prompts_file
-from .sampling import sample_euler
+from .samplers import sample_euler
 from .sync import CASES, NOISES, chain, in_batches, initial_instances, rows_of, synchronized
 from .views import VIEWS, ViewOptions, ViewSet, frame, make_view
 

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from .blur import Blur
+from .query_blur import Blur
 from .common import DiffcliError
 
 BLOCKS = {"d": "down", "m": "mid", "u": "up"}

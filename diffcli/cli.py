@@ -10,7 +10,7 @@ from typing import Callable, List, Optional
 import typer
 
 from .common import DiffcliError
-from .sampling import SamplerKnobs
+from .samplers import SamplerKnobs
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="diffcli: train, sample and guide diffusion models.\n\n"

@@ -17,8 +17,10 @@ import numpy as np
 import torch
 
 
-class DiffcliError(Exception):
-    """A problem with the user's input or environment; the CLI prints it as one line and exits non-zero."""
+class DiffcliError(ValueError):
+    """A problem with the user's input or environment; the CLI prints it as one line and exits non-zero.
+
+    A ValueError, so library users can catch it as one."""
 
     exit_code = 2
 

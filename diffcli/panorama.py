@@ -1,7 +1,7 @@
 """diffcli panorama: wide (or tall) images by synchronized diffusion over overlapping latent windows (003 task 1).
 
 The windows are views (`views.windows`), the synchronization is `sync.synchronized`, the sampler is DDIM =
-Euler over the scheduler's sigmas (`diffcli.sampling`); this module picks sizes, runs prompts, decodes the
+Euler over the scheduler's sigmas (`diffcli.samplers`); this module picks sizes, runs prompts, decodes the
 latent canvas tile by tile and writes the 003 submission layout: `<Prompt_with_underscores>.png` and its
 512x512 crops `<Prompt_with_underscores>_<pos>.png`, which `diffcli eval --app wide_images` grades.
 """
@@ -19,7 +19,7 @@ from .common import (DiffcliError, PerSampleRandn, pick_dtype, progress_bar, rea
                      write_run_json)
 from .dist import Dist
 from .guidance import classifier_free
-from .sampling import sample_euler
+from .samplers import sample_euler
 from .sync import CASES, NOISES, chain, in_batches, initial_instances, rows_of, synchronized
 from .views import ViewSet, windows
 

@@ -1,7 +1,7 @@
 """diffcli pg: particle guidance (Corso et al. 2023), a batch sampled jointly with a repulsive kernel term.
 
 PG is `guidance.particle_guidance` wrapped around the usual denoiser (CFG included), run by any sampler
-of `diffcli.sampling`; this module only picks the kernel, the model family and the outputs.
+of `diffcli.samplers`; this module only picks the kernel, the model family and the outputs.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .common import (DiffcliError, PerSampleRandn, pick_device, pick_dtype, prep
                      write_json, write_run_json)
 from .guidance import classifier_free, particle_guidance
 from .particles import KERNELS, KernelGrad, classifier_features, feature_grad, rbf_grad
-from .sampling import SAMPLERS, SamplerKnobs, nfe, run_sampler
+from .samplers import SAMPLERS, SamplerKnobs, nfe, run_sampler
 
 
 @dataclass

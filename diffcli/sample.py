@@ -14,7 +14,7 @@ from .common import (DiffcliError, PerSampleRandn, load_images, make_grid, pick_
 from .dist import Dist
 from .guidance import classifier_free
 from .nets import load_model
-from .sampling import SAMPLERS, SamplerKnobs, get_sigmas_karras, nfe, run_sampler
+from .samplers import SAMPLERS, SamplerKnobs, get_sigmas_karras, nfe, run_sampler
 from .blurring import DEFAULT_STEPS as BLURRING_STEPS, SAMPLERS as BLURRING_SAMPLERS
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "mnist-edm.safetensors"

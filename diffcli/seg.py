@@ -1,7 +1,7 @@
 """diffcli seg: Smoothed Energy Guidance (Hong 2024) on Stable Diffusion 1.x/2.x and SDXL, with the 000 seed's blurs.
 
 SEG is `guidance.smoothed_energy` over the pipeline's denoiser, run by our Euler (= DDIM) sampler on the
-scheduler's sigmas; the blurs live in `blur.py`, the processor in `attention.py`. This module chooses the guided
+scheduler's sigmas; the blurs live in `query_blur.py`, the processor in `attention.py`. This module chooses the guided
 steps (regions, sigma window), names and writes the outputs.
 """
 from __future__ import annotations
@@ -15,12 +15,12 @@ from typing import Any, Callable
 import torch
 
 from . import attention, pipelines
-from .blur import Blur, parse_blur
+from .query_blur import Blur, parse_blur
 from .common import (DiffcliError, PerSampleRandn, atomic_path, load_images, pick_dtype, progress_bar, safe_name,
                      save_grid, save_image, write_json, write_run_json)
 from .dist import Dist
 from .guidance import smoothed_energy
-from .sampling import sample_euler
+from .samplers import sample_euler
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_BLUR = "gaussian_-1_9999999"  # the official default: infinite blur

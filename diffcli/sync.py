@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from .sampling import Callback
+from .samplers import Callback
 from .views import ViewSet
 
 CASES = ("x0", "eps", "xt", "none")

@@ -25,7 +25,7 @@ from .denoisers import EDMPrecond
 from .dist import Dist
 from .blurring import BlurringLoss, check_blur_sigma
 from .nets import MODEL_FORMAT, PRESETS, build_model, count_params, net_config
-from .sampling import get_sigmas_karras, sample_heun
+from .samplers import get_sigmas_karras, sample_heun
 
 
 @dataclass

@@ -14,7 +14,7 @@ from diffcli.anagram import AnagramConfig, Job, generate, load, read_pairs, vali
 from diffcli.common import DiffcliError, PerSampleRandn, safe_name
 from diffcli.guidance import classifier_free
 from diffcli.panorama import PROMPTS_DIR
-from diffcli.sampling import sample_euler
+from diffcli.samplers import sample_euler
 from diffcli.views import VIEWS
 
 CPU = torch.device("cpu")

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffcli.blur import (box_blur, ema_rows, gaussian_blur, gaussian_kernel_size, interpolated_box_blur,
+from diffcli.query_blur import (box_blur, ema_rows, gaussian_blur, gaussian_kernel_size, interpolated_box_blur,
                           mean_query, parse_blur, ramp)
 from diffcli.common import DiffcliError
 

@@ -8,7 +8,7 @@ import torch
 
 from diffcli.denoisers import EDMPrecond, edm_coefficients
 from diffcli.guidance import classifier_free
-from diffcli.sampling import (get_ancestral_step, get_sigmas_karras, nfe, run_sampler, sample_ddim, sample_euler,
+from diffcli.samplers import (get_ancestral_step, get_sigmas_karras, nfe, run_sampler, sample_ddim, sample_euler,
                               sample_heun, sample_stochastic_heun)
 from diffcli.train import EDMLoss
 

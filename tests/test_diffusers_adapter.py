@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from diffcli.denoisers import DiffusersDenoiser, ve_to_vp, vp_to_ve
-from diffcli.sampling import get_sigmas_scheduler, sample_ddim, sample_euler
+from diffcli.samplers import get_sigmas_scheduler, sample_ddim, sample_euler
 
 
 def tiny_unet():

@@ -15,7 +15,7 @@ from diffcli.common import DiffcliError, PerSampleRandn
 from diffcli.denoisers import ve_to_vp
 from diffcli.guidance import classifier_free
 from diffcli.panorama import PROMPTS_DIR, PanoramaConfig, generate, plan, read_wide_prompts, validate
-from diffcli.sampling import sample_euler
+from diffcli.samplers import sample_euler
 
 CPU = torch.device("cpu")
 

@@ -10,7 +10,7 @@ import torch
 from conftest import run_cli
 from diffcli.guidance import particle_guidance
 from diffcli.particles import feature_grad, median_bandwidth, pairwise_sq_dists, rbf_energy, rbf_grad
-from diffcli.sampling import SAMPLERS, get_sigmas_karras, run_sampler
+from diffcli.samplers import SAMPLERS, get_sigmas_karras, run_sampler
 
 # ---------------------------------------------------------------- toy: 4 Gaussians in 2-D, exact denoiser
 

@@ -7,7 +7,7 @@ import torch
 from diffcli import pipelines
 from diffcli.common import DiffcliError, PerSampleRandn
 from diffcli.guidance import classifier_free
-from diffcli.sampling import sample_euler
+from diffcli.samplers import sample_euler
 
 
 @pytest.mark.parametrize("which", ["tiny_sd", "tiny_sdxl"])

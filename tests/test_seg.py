@@ -10,7 +10,7 @@ import torch
 from conftest import run_cli, run_torchrun
 
 from diffcli import attention, pipelines, seg
-from diffcli.blur import gaussian_blur, parse_blur
+from diffcli.query_blur import gaussian_blur, parse_blur
 from diffcli.common import DiffcliError
 from diffcli.guidance import classifier_free, smoothed_energy
 
