@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks.mnist_data import DEFAULT_ROOT, heldout_5k  # noqa: E402
+from diffcli.common import load_checkpoint, save_image  # noqa: E402
 
 TWINS = {"blur20": 20.0, "blur0": 0.0}
 
@@ -38,7 +39,6 @@ def cli(*args) -> None:
 
 def train_command(run: Path, sigma: float, args) -> list[str] | None:
     """The command that trains (or resumes) one twin to args.steps; None if it is there already."""
-    from diffcli.common import load_checkpoint
     if (run / "model.safetensors").exists() and load_checkpoint(run / "model.safetensors")[1]["model"]["train_step"] >= args.steps:
         return None
     common = ["train", "--dataset", "mnist", "--data-root", args.data_root, "--split", "test", "--net", args.net,
@@ -71,7 +71,6 @@ def train_minutes(log: list[dict]) -> float:
 def write_reference(folder: Path) -> None:
     if folder.is_dir() and len(list(folder.glob("*.png"))) == 5000:
         return
-    from diffcli.common import save_image
     images, _ = heldout_5k(Path(DEFAULT_ROOT))
     for i, img in enumerate(images):
         save_image(folder / f"{i:05d}.png", img.float() / 127.5 - 1)

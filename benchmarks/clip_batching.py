@@ -22,8 +22,11 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from diffcli.eval import (Clip, check_images, cosine_per_image, embed_image_files, embed_prompts,  # noqa: E402
-                          group_means, group_prompts, load_clip, plan_clip_files, quiet_libraries, resolve_clip_model)
+from diffcli.clip_model import Clip, embed_image_files, embed_prompts, load_clip, resolve_clip_model  # noqa: E402
+from diffcli.common import quiet_libraries  # noqa: E402
+from diffcli.grading import group_prompts, plan_clip_files  # noqa: E402
+from diffcli.image_folders import check_images  # noqa: E402
+from diffcli.metrics import cosine_per_image, group_means  # noqa: E402
 
 
 def write_crops(folder: Path, prompts: int, crops: int, size: int) -> None:

@@ -1,12 +1,14 @@
 """FID (shipped classifier's 128-d features) and class accuracy of the shipped EDM model against NFE, per sampler.
 
     OMP_NUM_THREADS=2 python benchmarks/fid_vs_nfe.py --n 1000
+    OMP_NUM_THREADS=1 python benchmarks/fid_vs_nfe.py --n 1000 --rows heun:18,dpmpp_2m:10,dpmpp_2m:12,dpmpp_2m:15
 
 Samples come from `diffcli sample`'s own function (seeds 0..n-1, labels cycling 0-9, no CFG), are rounded to
 uint8 as the PNGs would be, and are scored against the 5k held-out real digits exactly as
 `diffcli eval --fid REF --features mnist` scores folders. Two floors: n real t10k digits against the same 5k
 (the small-sample bias at this n) and all 10k against the 5k. Prints Markdown tables and writes a PNG plot if
-matplotlib is installed.
+matplotlib is installed. `--rows SAMPLER:STEPS,...` measures just those rows instead of each sampler's default
+steps; `--rho/--sigma-min/--sigma-max` change the Karras schedule of every row (default: the model's).
 """
 from __future__ import annotations
 
@@ -22,13 +24,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from diffcli.classifier import load_classifier  # noqa: E402
 from diffcli.common import to_uint8  # noqa: E402
-from diffcli.eval import frechet_distance  # noqa: E402
-from diffcli.nets import load_model  # noqa: E402
+from diffcli.metrics import frechet_distance  # noqa: E402
+from diffcli.models import load_model  # noqa: E402
 from diffcli.sample import SHIPPED_CHECKPOINT, SampleConfig, sample_images  # noqa: E402
 from diffcli.samplers import nfe  # noqa: E402
 from mnist_data import heldout_5k, t10k  # noqa: E402
 
-STEPS = {"euler": (9, 17, 35, 79), "heun": (5, 9, 18, 40), "stochastic_heun": (5, 9, 18, 40)}
+STEPS = {"euler": (9, 17, 35, 79), "heun": (5, 9, 18, 40), "stochastic_heun": (5, 9, 18, 40),
+         "ddim": (9, 17, 35, 79), "euler_ancestral": (9, 17, 35, 79), "dpmpp_2m": (9, 12, 17, 35)}
+
+
+def parse_rows(rows: str | None, samplers: str) -> list[tuple[str, int]]:
+    """`heun:18,dpmpp_2m:10` -> [(sampler, steps)]; without --rows every listed sampler at its STEPS."""
+    if not rows:
+        return [(s, steps) for s in samplers.split(",") for steps in STEPS[s]]
+    out = []
+    for item in rows.split(","):
+        name, _, steps = item.partition(":")
+        if name not in STEPS or not steps.isdigit() or int(steps) < 1:
+            raise SystemExit(f"--rows: {item!r} is not SAMPLER:STEPS with SAMPLER one of {', '.join(STEPS)}")
+        out.append((name, int(steps)))
+    return out
 
 
 @torch.no_grad()
@@ -47,6 +63,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--samplers", default="euler,heun,stochastic_heun")
+    ap.add_argument("--rows", default=None, help="SAMPLER:STEPS,... instead of --samplers' default steps")
+    ap.add_argument("--rho", type=float, default=7.0)
+    ap.add_argument("--sigma-min", type=float, default=None)
+    ap.add_argument("--sigma-max", type=float, default=None)
+    ap.add_argument("--batch-size", type=int, default=250)
+    ap.add_argument("--save-features", default=None, metavar="DIR",
+                    help="also write each row's features and predictions (DIR/SAMPLER-STEPS.npz) for paired analysis")
     ap.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT))
     ap.add_argument("--plot", default="docs/fid-vs-nfe.png")
     ap.add_argument("--replot", default=None, help="redraw --plot from a saved output of this script")
@@ -59,19 +82,27 @@ def main() -> None:
     real, _ = features(clf, t10k()[0])
     floors = {"all": fid(real, ref), "n": fid(real[np.random.default_rng(0).permutation(len(real))[:args.n]], ref)}
     rows = []
-    for sampler in args.samplers.split(","):
-        for steps in STEPS[sampler]:
-            t0 = time.time()
-            images, labels, _ = sample_images(model, meta, SampleConfig(n=args.n, steps=steps, sampler=sampler,
-                                                                        batch_size=250), torch.device("cpu"))
-            grey = torch.from_numpy(to_uint8(images)).movedim(-1, 1)
-            feats, pred = features(clf, grey)
-            acc = (pred == torch.tensor(labels)).float().mean().item()
-            rows.append((sampler, steps, nfe(sampler, steps), fid(feats, ref), acc, time.time() - t0))
-            print(f"{sampler} {steps} steps: NFE {rows[-1][2]}, FID {rows[-1][3]:.2f}, acc {acc:.3f}, "
-                  f"{rows[-1][5]:.0f} s", file=sys.stderr, flush=True)
+    for sampler, steps in parse_rows(args.rows, args.samplers):
+        t0 = time.time()
+        # the samplers' own noise defaults (eta None: euler_ancestral 1, ddim 0); s_noise only reaches stochastic_heun
+        cfg = SampleConfig(n=args.n, steps=steps, sampler=sampler, batch_size=args.batch_size, rho=args.rho,
+                           sigma_min=args.sigma_min, sigma_max=args.sigma_max)
+        images, labels, _ = sample_images(model, meta, cfg, torch.device("cpu"))
+        grey = torch.from_numpy(to_uint8(images)).movedim(-1, 1)
+        feats, pred = features(clf, grey)
+        acc = (pred == torch.tensor(labels)).float().mean().item()
+        rows.append((sampler, steps, nfe(sampler, steps), fid(feats, ref), acc, time.time() - t0))
+        print(f"{sampler} {steps} steps: NFE {rows[-1][2]}, FID {rows[-1][3]:.2f}, acc {acc:.3f}, "
+              f"{rows[-1][5]:.0f} s", file=sys.stderr, flush=True)
+        if args.save_features:
+            Path(args.save_features).mkdir(parents=True, exist_ok=True)
+            np.savez(Path(args.save_features) / f"{sampler}-{steps}.npz", feats=feats, pred=pred.numpy(),
+                     labels=np.asarray(labels))
+    schedule = (f"Karras schedule rho {args.rho:g}, sigma {args.sigma_min or meta['sigma_min']:g}.."
+                f"{args.sigma_max or meta['sigma_max']:g}")
     print(f"model {args.checkpoint} (step {meta.get('train_step')}), {args.n} samples per row (seeds 0..{args.n - 1},"
-          f" labels cycling 0-9, no CFG); reference: 5k held-out real digits, shipped classifier features\n")
+          f" labels cycling 0-9, no CFG), {schedule}; reference: 5k held-out real digits, shipped classifier "
+          f"features\n")
     print("| sampler | steps | NFE | FID (mnist features) | class accuracy | seconds |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for s, steps, n_fe, f, a, sec in rows:
@@ -96,7 +127,8 @@ def plot(rows: list[tuple], floor: float, n: int, path: str) -> None:
         ax.plot(*zip(*pts), marker="o", label=sampler)
     ax.axhline(floor, color="grey", ls="--", lw=1, label=f"real vs real, n={n}")
     ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="FID (mnist features)", title="shipped MNIST EDM model")
-    ax.set_xticks([9, 17, 35, 79], labels=["9", "17", "35", "79"])
+    ticks = sorted({r[2] for r in rows})
+    ax.set_xticks(ticks, labels=[str(t) for t in ticks])
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.legend(fontsize=8)
     fig.tight_layout()

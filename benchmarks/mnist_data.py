@@ -1,4 +1,7 @@
-"""Read the two offline MNIST parts in ../shared/data/mnist (developer data, never needed at run time)."""
+"""Read the two MNIST parts the benchmarks use, from a data folder (default: data/ in the repository; scripts take
+--data-root). t10k: the official test set, torchvision's layout, downloaded there by torchvision where a network
+exists. heldout_5k: `mnist_5k.csv.gz`, 5,000 training-set digits (500 a class; a row = 784 pixels, then the label),
+which nothing downloads: put it in the folder yourself. Neither is needed to run diffcli."""
 from __future__ import annotations
 
 import gzip
@@ -9,7 +12,7 @@ import torch
 
 from diffcli.data import load_dataset
 
-DEFAULT_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "mnist"
+DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "data"
 
 
 def t10k(root: Path = DEFAULT_ROOT) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 from diffcli import pipelines  # noqa: E402
+from diffcli.common import PerSampleRandn  # noqa: E402
 from diffcli.denoisers import ve_to_vp  # noqa: E402
 from diffcli.panorama import PanoramaConfig, decode_tiled, generate, plan, validate  # noqa: E402
 from diffcli.views import windows  # noqa: E402
@@ -68,7 +69,6 @@ def interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
 def speed(args) -> None:
     import tempfile
     from diffusers import DDIMScheduler, StableDiffusionPanoramaPipeline
-    from diffcli.common import PerSampleRandn
     dev = torch.device("cpu")
     with tempfile.TemporaryDirectory() as tmp:
         pipe = pipelines.load_pipeline(str(build_sd(Path(tmp))), dev, torch.float32)

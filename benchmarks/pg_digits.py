@@ -20,10 +20,10 @@ import time
 
 import torch
 
-from diffcli.classifier import load_classifier
+from diffcli.classifier import classify, load_classifier
 from diffcli.common import pick_device, to_uint8
-from diffcli.eval import classify, digit_record
-from diffcli.nets import load_model
+from diffcli.metrics import digit_record
+from diffcli.models import load_model
 from diffcli.pg import PGConfig, make_kernel, sample_digits
 from diffcli.sample import SHIPPED_CHECKPOINT
 

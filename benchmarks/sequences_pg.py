@@ -21,9 +21,10 @@ import argparse
 import time
 
 from diffcli.common import pick_device
-from diffcli.nets import load_model
+from diffcli.contexts import dataset_item, load_digits
+from diffcli.models import load_model
 from diffcli.pg import PGConfig, make_kernel, sample_digits
-from diffcli.sequences import Context, context_metrics, dataset_item, ink, load_digits, mean_metrics, pairwise_rmse
+from diffcli.sequences import Context, context_metrics, ink, mean_metrics, pairwise_rmse
 
 
 def main() -> None:

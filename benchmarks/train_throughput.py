@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from diffcli.models import build_edm  # noqa: E402
 from diffcli.nets import count_params, net_config  # noqa: E402
 from diffcli.train import EDMLoss  # noqa: E402
-from diffcli.nets import build_edm  # noqa: E402
 
 
 def images_per_s(model, batch: int, steps: int, autocast: torch.dtype | None) -> float:

@@ -1,2 +1,56 @@
-"""diffcli: a command-line toolkit for diffusion-model research."""
+"""diffcli: train, sample and guide diffusion models, from the command line or from Python.
+
+The library under the commands, importable as `import diffcli as dc`. Every method is written against one
+denoiser interface, D(x, sigma, **cond) -> x0_hat with x = x0 + sigma * noise:
+
+- models:    `load_model` (a diffcli checkpoint, e.g. `SHIPPED_MODEL`), `load_pipeline` + `pipeline_denoiser`
+             (any SD 1.x/2.x, SDXL or DeepFloyd IF diffusers pipeline), `encode_prompts`, `initial_latents`, `decode`
+- guidance:  `stack` (CFG, SEG and PG on one denoiser, in one order), `classifier_free`, `Seg` + `parse_blur`,
+             `PG` + `rbf_grad` / `make_kernel`, `particle_guidance`
+- sampling:  `run_sampler` by name (`SAMPLERS`), or `sample_euler`, `sample_heun`, `sample_dpmpp_2m`, ...;
+             schedules `get_sigmas_karras`, `pipeline_sigmas`; per-sample seeded noise `PerSampleRandn`
+- views:     `ViewSet`, `make_view`, `windows`, `synchronized`, `sample_views` (panorama / anagram synchronization)
+- metrics:   `frechet_distance`, `kernel_distance`, `mean_pairwise_cosine`, `digit_record`, `anagram_scores`
+
+Library functions return tensors and never print or write files; bad input raises `DiffcliError`, a ValueError.
+Names load on first use, so `import diffcli` stays light.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "common": ("DiffcliError", "PerSampleRandn", "load_images", "pick_device", "pick_dtype"),
+    "shipped": ("SHIPPED_MODEL", "SHIPPED_CLASSIFIER", "SHIPPED_BLURRING", "checkpoint", "prompts"),
+    "models": ("load_model",),
+    "denoisers": ("Denoiser", "EDMPrecond", "DiffusersDenoiser"),
+    "pipelines": ("load_pipeline", "encode_prompts", "initial_latents", "decode", "latent_shape"),
+    "guidance": ("stack", "classifier_free", "smoothed_energy", "particle_guidance", "Seg", "PG"),
+    "query_blur": ("parse_blur",),
+    "particles": ("rbf_grad", "make_kernel", "feature_grad"),
+    "samplers": ("SAMPLERS", "SCHEDULES", "run_sampler", "get_sigmas_karras", "sample_euler", "sample_heun",
+                 "sample_stochastic_heun", "sample_ddim", "sample_euler_ancestral", "sample_dpmpp_2m", "nfe"),
+    "views": ("ViewSet", "make_view", "windows", "VIEWS"),
+    "sync": ("synchronized", "sample_views"),
+    "metrics": ("frechet_distance", "kernel_distance", "mean_pairwise_cosine", "digit_record", "anagram_scores"),
+}
+_ALIASES = {"pipeline_denoiser": ("pipelines", "denoiser"), "pipeline_sigmas": ("pipelines", "sigmas")}
+_WHERE = {name: (module, name) for module, names in _EXPORTS.items() for name in names} | _ALIASES
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'diffcli' has no attribute {name!r}")
+    module, attr = _WHERE[name]
+    value = getattr(importlib.import_module(f".{module}", __name__), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -8,21 +8,24 @@ and a strip of the canvas turning into each view.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from . import pipelines
-from .common import (DiffcliError, PerSampleRandn, pick_dtype, progress_bar, safe_name, save_gif, save_grid,
+from .common import (DiffcliError, PerSampleRandn, pick_dtype, progress_bar, read_json_option, safe_name, save_gif,
+                     save_grid,
                      save_image, write_run_json)
 from .dist import Dist
-from .guidance import classifier_free
+from .guidance import seg_layers, seg_of, stack
+from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_sampling, finite,
+                      record as options_record)
 from .panorama import key_line, resolve_prompts_file
-from .samplers import sample_euler
-from .sync import CASES, NOISES, chain, in_batches, initial_instances, rows_of, synchronized
+from .sync import CASES, NOISES, rows_of, sample_views
 from .views import VIEWS, ViewOptions, ViewSet, frame, make_view
 
 DEFAULT_MODEL = "DeepFloyd/IF-I-M-v1.0"
@@ -30,8 +33,8 @@ DEFAULT_SR_MODEL = "DeepFloyd/IF-II-M-v1.0"
 ANIMATION_DIR = "animations"  # a subfolder, so eval (which reads the folder's own *.png) never scores it
 
 
-@dataclass
-class AnagramConfig:
+@dataclass(kw_only=True)
+class AnagramConfig(GuidanceOptions, SamplingOptions):
     prompts: list[str] = field(default_factory=list)
     views: list[str] = field(default_factory=lambda: ["identity", "rotate_cw"])
     prompts_file: str | None = None
@@ -39,8 +42,9 @@ class AnagramConfig:
     sr_model: str | None = DEFAULT_SR_MODEL   # None: stage I only
     height: int | None = None                 # stage I px; default the UNet's sample size (64)
     width: int | None = None
-    steps: int = 30
-    cfg: float = 10.0
+    sampler: str | None = "euler"             # on the scheduler's sigmas: DDIM (003), both stages
+    steps: int | None = 30
+    cfg: float | None = 10.0
     sr_steps: int = 30
     sr_cfg: float = 10.0
     noise_level: int = 50
@@ -73,7 +77,6 @@ class Job:
 
 def read_pairs(path: str) -> list[Job]:
     """003's ambiguous_image_prompts.json: {key: {canonical_prompt, instance_prompt}}; the prompt fields count."""
-    from .eval import read_json_option
     data = read_json_option(path, "--prompts-file", "prompts file")
     if not isinstance(data, dict) or not data:
         raise DiffcliError(f"--prompts-file {path}: expected a JSON object "
@@ -99,12 +102,15 @@ def validate(cfg: AnagramConfig) -> list[Job]:
         v = getattr(cfg, name)
         if v is not None and (v < 8 or v % 8):
             raise DiffcliError(f"--{name} {v}: must be a positive multiple of 8 px")
-    for name in ("steps", "sr_steps", "view_batch", "frames", "patches", "pieces", "squares"):
+    for name in ("sr_steps", "view_batch", "frames", "patches", "pieces", "squares"):
         if getattr(cfg, name) < 1:
             raise DiffcliError(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("cfg", "sr_cfg", "skew", "inner_angle"):
-        if not math.isfinite(getattr(cfg, name)) or (name.endswith("cfg") and getattr(cfg, name) < 0):
-            raise DiffcliError(f"--{name.replace('_', '-')} must be a finite number" + (" >= 0" if "cfg" in name else ""))
+    check_sampling(cfg, pipeline=True)
+    check_guidance(cfg)
+    check_particles(cfg, 1, pipeline=True, what="the number of canvases a prompt set (anagram draws one)")
+    finite("sr_cfg", cfg.sr_cfg)
+    for name in ("skew", "inner_angle"):
+        finite(name, getattr(cfg, name), low=-math.inf)
     if cfg.sync not in CASES:
         raise DiffcliError(f"unknown --sync {cfg.sync!r}; choose one of {', '.join(CASES)}")
     if cfg.noise not in NOISES:
@@ -134,13 +140,17 @@ def build_views(cfg: AnagramConfig, height: int, width: int) -> list:
 
 # ---------------------------------------------------------------- one synchronized stage
 
-def synced_sample(model_rows: Callable[[int, int], Any], views: ViewSet, sigmas: torch.Tensor, rng: PerSampleRandn,
-                  cfg: AnagramConfig, on_step=None) -> torch.Tensor:
-    """Final instance stack (V, C, H, W) of one synchronized DDIM run (our x = x0 + sigma n form)."""
-    model, hook = synchronized(in_batches(model_rows, len(views), cfg.view_batch), views, cfg.sync)
-    draw = lambda shape: pipelines.initial_latents(rng, shape, sigmas[0])[0]
-    start = initial_instances(views, draw, views.canvas, cfg.noise)
-    return sample_euler(model, start, sigmas, callback=chain(hook, on_step))
+def synced_sample(pipe, base, cond: dict[str, Any], uncond: dict[str, Any], scale: float, views: ViewSet,
+                  sigmas: torch.Tensor, rng: PerSampleRandn, cfg: AnagramConfig, on_step=None) -> torch.Tensor:
+    """Final instance stack (V, C, H, W) of one synchronized run of one stage (our x = x0 + sigma n form): every
+    view runs the guidance stack (CFG at `scale`, SEG with `--blur`) on its own prompt's rows."""
+    seg = seg_of(cfg, check_guidance(cfg)[0] if cfg.seg_on else None)
+    make = lambda a, b: stack(base, scale, rows_of(cond, a, b), rows_of(uncond, a, b), sigmas, seg=seg,  # noqa: E731
+                              limit=lambda d: pipelines.clip_x0(d, pipe))
+    with seg.installed(pipe.unet) if seg else contextlib.nullcontext():
+        return sample_views(make, views, sigmas, lambda shape: rng.randn(shape)[0], views.canvas,
+                            sampler=cfg.sampler, case=cfg.sync, noise=cfg.noise, view_batch=cfg.view_batch,
+                            knobs=cfg.knobs(), callback=on_step)
 
 
 def images_of(views: ViewSet, w: torch.Tensor, sigma_last, pipe, case: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,11 +169,8 @@ def generate(pipe, sr_pipe, job: Job, cfg: AnagramConfig, size: tuple[int, int],
     rng = PerSampleRandn([cfg.seed], device)
     views = ViewSet(build_views(cfg, height, width), (3, height, width))
     cond, uncond = pipelines.encode_prompts(pipe, job.prompts, cfg.negative_prompt, height, width, device)
-    base = pipelines.denoiser(pipe)
-    make = lambda a, b: pipelines.clip_x0(classifier_free(base, cfg.cfg, rows_of(cond, a, b), rows_of(uncond, a, b)),
-                                          pipe)
-    sigmas = pipelines.sigmas(pipe, cfg.steps, device)
-    w = synced_sample(make, views, sigmas, rng, cfg, on_step)
+    sigmas = pipelines.sigmas(pipe, cfg.steps, device, cfg.schedule or "scheduler")
+    w = synced_sample(pipe, pipelines.denoiser(pipe), cond, uncond, cfg.cfg, views, sigmas, rng, cfg, on_step)
     canvas, per_view = images_of(views, w, sigmas[-1], pipe, cfg.sync)
     result = {"stage1": canvas, "canvas": canvas, "views": per_view}
     if sr_pipe is None:
@@ -182,11 +189,9 @@ def generate(pipe, sr_pipe, job: Job, cfg: AnagramConfig, size: tuple[int, int],
                                             noise[None])
         up, labels = views2.forward(up[0]), labels.expand(len(views))
     cond2, uncond2 = ({**c, "image": up, "class_labels": labels} for c in (cond, uncond))
-    base2 = pipelines.sr_denoiser(sr_pipe)
-    make2 = lambda a, b: pipelines.clip_x0(
-        classifier_free(base2, cfg.sr_cfg, rows_of(cond2, a, b), rows_of(uncond2, a, b)), sr_pipe)
-    sigmas2 = pipelines.sigmas(sr_pipe, cfg.sr_steps, device)
-    w2 = synced_sample(make2, views2, sigmas2, rng, cfg, on_step)
+    sigmas2 = pipelines.sigmas(sr_pipe, cfg.sr_steps, device, cfg.schedule or "scheduler")
+    w2 = synced_sample(sr_pipe, pipelines.sr_denoiser(sr_pipe), cond2, uncond2, cfg.sr_cfg, views2, sigmas2, rng, cfg,
+                       on_step)
     canvas2, per_view2 = images_of(views2, w2, sigmas2[-1], sr_pipe, cfg.sync)
     return {"stage1": canvas, "canvas": canvas2, "views": per_view2}
 
@@ -245,11 +250,13 @@ def _run(cfg: AnagramConfig, jobs: list, out: Path, overwrite: bool, resume: boo
     if cfg.height or cfg.width:  # bad view/size pairs fail before loading
         build_views(cfg, cfg.height or cfg.width, cfg.width or cfg.height)
     pipe, sr_pipe = load(cfg, device, dtype)
+    for unet in (pipe.unet, *([sr_pipe.unet] if sr_pipe is not None else [])):
+        seg_layers(unet, cfg, "--layers")
     default = pipelines.default_size(pipe)
     size = (cfg.height or cfg.width or default, cfg.width or cfg.height or default)
     pipelines.check_size(pipe, *size)
     build_views(cfg, *size)
-    record = {**asdict(cfg), **options}
+    record = {**options_record(cfg), **options}
     out = dist.begin(out, overwrite, resume, "anagram", record, model=cfg.model, sr_model=cfg.sr_model)
     remaining = [j for j in jobs if not (resume and all((out / f).is_file() for f in outputs(j, cfg.views)))]
     todo = dist.shard(remaining)

@@ -1,9 +1,19 @@
-"""A diffusers attention processor that blurs the query of one batch chunk (SEG's perturbed pass); layer selection.
+"""Attention processors that blur the query of one batch chunk (SEG's perturbed pass); layer selection.
 
 The UNet runs all passes of a step as one batch of equal chunks (uncond, cond, seg). `SegState` is the only
 channel between the guidance combinator and the processors: it says which roles the chunks of the current
 call have (the perturbed one is always last), which blur to apply (None: behave like the default processor),
-the latent size (to put tokens back on their h x w grid) and the noise level (for metric rows).
+the latent size (to put the tokens of 3-D hidden states back on their h x w grid) and the noise level (for
+metric rows).
+
+Three UNet families carry self-attention, each with its own attention flavour; one processor serves them all:
+  - SD 1.x/2.x and SDXL (UNet2DConditionModel with transformer blocks): the `attn1` layers, (B, N, C) tokens
+    whose grid is recovered from the latent size;
+  - diffcli's own nets (UNet2DModel with Attn*Block2D / UNetMidBlock2D): the blocks' `attentions.<i>`, fed
+    (B, C, H, W) maps (group norm, residual and output rescale inside the layer), the grid is the map's own;
+  - DeepFloyd IF (UNet2DConditionModel with SimpleCrossAttn blocks): the blocks' `attentions.<i>` with added
+    key/value projections, joint self+cross attention over [text, image] keys; the query is the image's.
+Whatever the flavour, `seg_attention` is the one place that blurs the last chunk's query.
 """
 from __future__ import annotations
 
@@ -26,7 +36,7 @@ BLOCKS = {"d": "down", "m": "mid", "u": "up"}
 class SegState:
     roles: tuple[str, ...] = ("cond",)
     blur: Blur | None = None  # set only while a call carries a perturbed chunk
-    latent_hw: tuple[int, int] = (0, 0)
+    latent_hw: tuple[int, int] = (0, 0)  # the grid of 3-D (B, N, C) tokens; 4-D maps carry their own
     sigma: float = 0.0
 
 
@@ -42,14 +52,32 @@ def token_grid(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- layer selection
 
-def self_attention_layers(unet: torch.nn.Module) -> dict[str, list[str]]:
-    """Module paths of the self-attention (attn1) layers by block, in module order: index i of 'down' is 'd<i>'.
+def is_self_attention(path: str, module: torch.nn.Module) -> bool:
+    """Does this module attend from the image tokens to (at least) the image tokens, so SEG can blur its query?
 
-    This is the official SEG/PAG naming, so 'd4', 'm0', 'u1' pick the same layers as their code does.
+    A transformer block's `attn1` that is not cross-attention (SD/SDXL), or a block's own `attentions.<i>`
+    layer: plain self-attention (diffcli's nets), or added-KV joint attention whose keys include the image's
+    own tokens (IF; `only_cross_attention` layers attend to the text alone and are left out).
+    """
+    if path.endswith("attn1"):
+        return not getattr(module, "is_cross_attention", True)
+    parts = path.split(".")
+    if len(parts) < 2 or parts[-2] != "attentions" or not hasattr(module, "to_q"):
+        return False
+    if getattr(module, "added_kv_proj_dim", None) is not None:
+        return not module.only_cross_attention
+    return not getattr(module, "is_cross_attention", True)
+
+
+def self_attention_layers(unet: torch.nn.Module) -> dict[str, list[str]]:
+    """Module paths of the self-attention layers by block, in module order: index i of 'down' is 'd<i>'.
+
+    For SD/SDXL these are the `attn1` layers, the official SEG/PAG naming, so 'd4', 'm0', 'u1' pick the same
+    layers as their code does; diffcli's nets and IF UNets contribute their blocks' attention layers.
     """
     layers: dict[str, list[str]] = {"down": [], "mid": [], "up": []}
     for path, module in unet.named_modules():
-        if path.endswith("attn1") and not getattr(module, "is_cross_attention", True):
+        if is_self_attention(path, module):
             block = path.split(".")[0].split("_")[0]  # down_blocks / mid_block / up_blocks
             if block in layers:
                 layers[block].append(path)
@@ -65,9 +93,15 @@ def valid_layer_names(layers: dict[str, list[str]]) -> str:
     return ", ".join(parts) or "none (this UNet has no self-attention)"
 
 
-def resolve_layers(unet: torch.nn.Module, names: list[str], option: str = "--layers") -> list[str]:
-    """Block names (down/mid/up) or indexed ones (d4, m0, u1) -> module paths; unknown names list the valid ones."""
+def resolve_layers(unet: torch.nn.Module, names: list[str], option: str = "layers") -> list[str]:
+    """Block names (down/mid/up) or indexed ones (d4, m0, u1) -> module paths; unknown names list the valid ones.
+
+    `option` names what is being resolved in the error (a caller may pass its own word, e.g. a flag).
+    """
     layers = self_attention_layers(unet)
+    if names and not any(layers.values()):
+        raise DiffcliError(f"{option} {','.join(names)!r}: this model has no self-attention layers, "
+                           "so there is no query to blur")
     paths: list[str] = []
     for name in names:
         m = re.fullmatch(r"([dmu])(\d+)", name)
@@ -110,11 +144,49 @@ def attention_metrics(inp: torch.Tensor, out: torch.Tensor, h: int, w: int) -> d
 
 # ---------------------------------------------------------------- the processor
 
-class SegAttnProcessor:
-    """Self-attention as diffusers' AttnProcessor2_0 (SDPA), with the last chunk's query blurred when asked.
+def seg_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blur: Blur | None, chunks: int,
+                  hw: tuple[int, int] | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled dot-product attention of (B, heads, N, d) q/k/v with the query of the last of `chunks` equal batch
+    chunks blurred over its h x w token grid `hw`; blur None is plain attention. Keys and values are never touched.
 
-    Keys and values are never touched. The infinite blur needs one attention row per head for the
-    perturbed chunk: softmax(mean(q) K^T / sqrt(d)) V, repeated at every position.
+    The infinite blur (the query's spatial mean) needs one attention row per head for the perturbed chunk:
+    softmax(mean(q) K^T / sqrt(d)) V, repeated at every position; `hw` is only needed for finite blurs.
+    """
+    if blur is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    b, n = q.shape[0], q.shape[2]
+    if chunks < 1 or b % chunks:
+        raise ValueError(f"a batch of {b} does not split into {chunks} equal chunks")
+    c = b // chunks  # rows per chunk; the perturbed chunk is the last
+    if blur.infinite and mask is None:  # one query row, attention cost linear in the tokens
+        y_seg = F.scaled_dot_product_attention(q[-c:].mean(2, keepdim=True), k[-c:], v[-c:])
+        y_rest = F.scaled_dot_product_attention(q[:-c], k[:-c], v[:-c])
+        return torch.cat([y_rest, y_seg.expand(-1, -1, n, -1)])
+    if blur.infinite:
+        q_seg = blur(q[-c:], 1, n)  # the mean query; the grid does not matter
+    else:
+        if hw is None:
+            raise ValueError("a finite blur needs the token grid (h, w)")
+        q_seg = blur(q[-c:], *hw)
+    return F.scaled_dot_product_attention(torch.cat([q[:-c], q_seg]), k, v, attn_mask=mask)
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) maps -> (B, H*W, C) tokens (raster order); (B, N, C) tokens stay as they are."""
+    return x.flatten(2).transpose(1, 2) if x.ndim == 4 else x
+
+
+def _split_heads(t: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    return t.view(t.shape[0], -1, heads, head_dim).transpose(1, 2)  # (B, N, heads * d) -> (B, heads, N, d)
+
+
+class SegAttnProcessor:
+    """diffusers' default attention with the last chunk's query blurred when asked; blur None reproduces it.
+
+    One processor for every self-attention layer `self_attention_layers` returns: plain attention as
+    AttnProcessor2_0 (SD/SDXL `attn1` on (B, N, C) tokens, diffcli's nets on (B, C, H, W) maps), added-KV joint
+    attention as AttnAddedKVProcessor2_0 (IF). The token grid of a finite blur is the map's own (H, W) for 4-D
+    hidden states, and the latent's (`SegState.latent_hw`) downsampled to the token count for 3-D ones.
     """
 
     def __init__(self, state: SegState, name: str, perturb: bool, recorder: list[dict[str, Any]] | None = None):
@@ -123,45 +195,88 @@ class SegAttnProcessor:
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
         blur = self.state.blur if self.perturb else None
-        out = self.attend(attn, hidden_states, attention_mask, blur)
+        if getattr(attn, "added_kv_proj_dim", None) is not None:
+            out = self.attend_added_kv(attn, hidden_states, encoder_hidden_states, attention_mask, blur)
+        else:
+            out = self.attend(attn, hidden_states, encoder_hidden_states, attention_mask, temb, blur)
         if self.recorder is not None:
             self.record(hidden_states, out)
         return out
 
-    def attend(self, attn, x: torch.Tensor, mask: torch.Tensor | None, blur: Blur | None) -> torch.Tensor:
+    def grid(self, tokens: int, spatial: tuple[int, int] | None, blur: Blur | None) -> tuple[int, int] | None:
+        """The (h, w) token grid a finite blur needs: a 4-D map's own `spatial` size, else the latent's
+        (`SegState.latent_hw`) downsampled to `tokens` cells; None when no finite blur is asked for."""
+        if blur is None or blur.infinite:
+            return None
+        return spatial if spatial is not None else token_grid(tokens, self.state.latent_hw)
+
+    def attend(self, attn, x: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None,
+               temb: torch.Tensor | None, blur: Blur | None) -> torch.Tensor:
+        """Plain attention (queries from x; keys and values from x, or from `context` if given)."""
         residual = x
-        b, n, _ = x.shape
-        if attn.group_norm is not None:
-            x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
-        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+        if getattr(attn, "spatial_norm", None) is not None:
+            x = attn.spatial_norm(x, temb)
+        tokens = _tokens(x)
+        b, n, _ = tokens.shape
+        hw = self.grid(n, tuple(x.shape[-2:]) if x.ndim == 4 else None, blur)
         heads = attn.heads
-        q, k, v = (t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2) for t in (q, k, v))
+        if mask is not None:
+            mask = attn.prepare_attention_mask(mask, n if context is None else context.shape[1], b)
+            mask = mask.view(b, heads, -1, mask.shape[-1])
+        if attn.group_norm is not None:
+            tokens = attn.group_norm(tokens.transpose(1, 2)).transpose(1, 2)
+        if context is None:
+            context = tokens
+        elif attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        q, k, v = attn.to_q(tokens), attn.to_k(context), attn.to_v(context)
+        head_dim = k.shape[-1] // heads
+        q, k, v = (_split_heads(t, heads, head_dim) for t in (q, k, v))
         if attn.norm_q is not None:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        if mask is not None:
-            mask = attn.prepare_attention_mask(mask, n, b)
-            mask = mask.view(b, heads, -1, mask.shape[-1])
-        if blur is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:
-            c = b // len(self.state.roles)  # rows per chunk; the perturbed chunk is the last
-            if blur.infinite and mask is None:  # one query row, attention cost linear in the tokens
-                y_seg = F.scaled_dot_product_attention(q[-c:].mean(2, keepdim=True), k[-c:], v[-c:])
-                y = torch.cat([F.scaled_dot_product_attention(q[:-c], k[:-c], v[:-c]), y_seg.expand_as(q[-c:])])
-            else:
-                h, w = token_grid(n, self.state.latent_hw)
-                q = torch.cat([q[:-c], blur(q[-c:], h, w)])
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.transpose(1, 2).reshape(b, n, -1).to(q.dtype)
+        y = seg_attention(q, k, v, blur, len(self.state.roles), hw, mask)
+        y = y.transpose(1, 2).reshape(b, -1, heads * head_dim).to(q.dtype)
         y = attn.to_out[1](attn.to_out[0](y))
+        if x.ndim == 4:
+            y = y.transpose(1, 2).reshape(x.shape)
         if attn.residual_connection:
             y = y + residual
         return y / attn.rescale_output_factor
 
+    def attend_added_kv(self, attn, x: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None,
+                        blur: Blur | None) -> torch.Tensor:
+        """Added-KV joint attention: queries from the (B, C, ...) map's tokens; keys and values are the projected
+        `context` (the text) followed, unless only_cross_attention, by the tokens' own; residual always added."""
+        tokens = x.flatten(2).transpose(1, 2)  # channel-first, as the layer is fed
+        b, n, _ = tokens.shape
+        hw = self.grid(n, tuple(x.shape[-2:]) if x.ndim == 4 else None, blur)
+        heads = attn.heads
+        mask = attn.prepare_attention_mask(mask, n, b, out_dim=4)
+        if context is None:
+            context = tokens
+        elif attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        if attn.group_norm is not None:
+            tokens = attn.group_norm(tokens.transpose(1, 2)).transpose(1, 2)
+        q = attn.to_q(tokens)
+        head_dim = q.shape[-1] // heads
+        k, v = attn.add_k_proj(context), attn.add_v_proj(context)
+        if not attn.only_cross_attention:
+            k, v = torch.cat([k, attn.to_k(tokens)], 1), torch.cat([v, attn.to_v(tokens)], 1)
+        q, k, v = (_split_heads(t, heads, head_dim) for t in (q, k, v))
+        y = seg_attention(q, k, v, blur, len(self.state.roles), hw, mask)
+        y = y.transpose(1, 2).reshape(b, n, -1)
+        y = attn.to_out[1](attn.to_out[0](y))
+        return y.transpose(1, 2).reshape(x.shape) + x
+
     def record(self, inp: torch.Tensor, out: torch.Tensor) -> None:
-        h, w = token_grid(inp.shape[1], self.state.latent_hw)
+        if inp.ndim == 4:
+            h, w = inp.shape[-2:]
+        else:
+            h, w = token_grid(inp.shape[1], self.state.latent_hw)
+        inp, out = _tokens(inp), _tokens(out)
         blurred = self.state.blur is not None and self.perturb
         for role, i, o in zip(self.state.roles, inp.chunk(len(self.state.roles)), out.chunk(len(self.state.roles))):
             row = {"sigma": self.state.sigma, "layer": self.name, "role": role, "blurred": blurred and role == "seg"}

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .common import DiffcliError
 from .dct import dct2, idct2
 
 SAMPLERS = ("ancestral",)  # the paper's reverse process; EDM's ODE samplers assume isotropic noise
@@ -193,14 +194,8 @@ def schedule_of(meta: dict[str, Any]) -> BlurSchedule:
     return BlurSchedule(meta["blur_sigma_max"], meta["d_min"], meta["logsnr_min"], meta["logsnr_max"])
 
 
-def build_blurring(meta: dict[str, Any]) -> BlurringModel:
-    """BlurringModel(UNetF) from a checkpoint's `model` record."""
-    from .nets import UNetF
-    return BlurringModel(UNetF(meta["net"]), schedule_of(meta), meta["num_classes"])
-
-
 def check_blur_sigma(value: float) -> float:
-    from .common import DiffcliError
+    """blur_sigma_max (sigma_B,max), checked: finite and >= 0."""
     if not (math.isfinite(value) and value >= 0):
-        raise DiffcliError(f"--blur-sigma-max must be a finite number >= 0 (0 = plain diffusion), got {value}")
+        raise DiffcliError(f"blur_sigma_max must be a finite number >= 0 (0 = plain diffusion), got {value}")
     return float(value)

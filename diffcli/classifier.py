@@ -1,17 +1,21 @@
-"""A small digit classifier: judges class-conditional samples (accuracy, modes) and gives features for FID.
+"""A small digit classifier: judges class-conditional samples (accuracy, modes) and gives features for FID; and
+digit images read for it (greyscale uint8, 28x28).
 
 Shipped as checkpoints/mnist-classifier.safetensors; benchmarks/train_digit_classifier.py retrains it.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
-from .common import DiffcliError, load_checkpoint
+from .common import DiffcliError, load_checkpoint, read_image, to_model_range
 
-SHIPPED_CLASSIFIER = Path(__file__).resolve().parent.parent / "checkpoints" / "mnist-classifier.safetensors"
+from .shipped import SHIPPED_CLASSIFIER  # every shipped path is in shipped.py
 
 
 class DigitNet(nn.Module):
@@ -47,3 +51,35 @@ def load_classifier(path: str | Path = SHIPPED_CLASSIFIER, device: str | torch.d
     net = DigitNet(width=record["width"], num_classes=record["num_classes"])
     net.load_state_dict(tensors)
     return net.to(device).eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------- digits in, logits and features out
+
+def read_digit(path: str, size: int = 28) -> np.ndarray:
+    """Greyscale uint8 (size,size); other sizes are resized (bilinear) for the classifier."""
+    im, _ = read_image(path, mode="L")
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.BILINEAR)
+    return np.asarray(im)
+
+
+def stack_digits(arrays: Sequence[np.ndarray]) -> torch.Tensor:
+    """(size,size) uint8 arrays -> (N,1,size,size) uint8."""
+    return torch.from_numpy(np.stack(arrays))[:, None]
+
+
+def load_digits(files: Sequence[str], size: int = 28) -> torch.Tensor:
+    """Greyscale uint8 (N,1,size,size); other sizes are resized (bilinear) for the classifier."""
+    return stack_digits([read_digit(f, size) for f in files])
+
+
+@torch.inference_mode()
+def classify(classifier: DigitNet, images: torch.Tensor, batch_size: int,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 digits -> (logits, 128-d penultimate features)."""
+    logits, feats = [], []
+    for i in range(0, len(images), batch_size):
+        f = classifier.features(to_model_range(images[i:i + batch_size].to(device)))
+        feats.append(f.cpu())
+        logits.append(classifier.head(f).cpu())
+    return torch.cat(logits), torch.cat(feats)

@@ -2,15 +2,23 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 import typer
 
 from .common import DiffcliError
-from .samplers import SamplerKnobs
+from .anagram import AnagramConfig
+from .eval import EvalConfig
+from .options import GuidanceOptions, SamplingOptions, default, defaults, group_fields
+from .panorama import PanoramaConfig
+from .pg import PGConfig
+from .sample import SampleConfig
+from .seg import SegConfig
+from .train import TrainConfig
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="diffcli: train, sample and guide diffusion models.\n\n"
@@ -18,13 +26,67 @@ app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_e
 
 _state = {"debug": False}
 
-# the stochastic samplers' knobs, shared by `sample` and `pg` (defaults: sampling.SamplerKnobs)
-_KNOBS = SamplerKnobs()
-S_CHURN = typer.Option(_KNOBS.s_churn, help="stochastic_heun: EDM S_churn.")
-S_TMIN = typer.Option(_KNOBS.s_tmin, help="stochastic_heun: EDM S_tmin.")
-S_TMAX = typer.Option(_KNOBS.s_tmax, help="stochastic_heun: EDM S_tmax.")
-S_NOISE = typer.Option(_KNOBS.s_noise, help="stochastic_heun: EDM S_noise.")
-ETA = typer.Option(_KNOBS.eta, help="ddim: 0 deterministic, 1 ancestral.")
+# ---------------------------------------------------------------- the options every generating command shares
+
+# field of options.GuidanceOptions / SamplingOptions -> (flags, type, help); defaults come from each command's config
+SHARED: dict[str, tuple[tuple[str, ...], Any, str]] = {
+    "cfg": (("--cfg", "--guidance"), Optional[float],
+            "CFG scale w: D_u + w (D_c - D_u); 1 = conditional only, 0 = unconditional (with SEG on, 0 or 1 = SEG "
+            "without CFG, as the official SEG code). Same as the 002 seed's alpha."),
+    "seg_scale": (("--seg-scale",), Optional[float],
+                  "SEG: s in D_c + s (D_c - D_seg); 0 = off (default: 3 when --blur is given, else off)."),
+    "blurs": (("--blur",), Optional[List[str]],
+              "SEG query blur: gaussian_K_S (K -1: from S; S 0: none; S > 9999: infinite), interpolatedBoxBlur_K_A, "
+              "ema_A0_A1_linear|quadratic|cosine. Turns SEG on (default infinite blur)."),
+    "layers": (("--layers",), List[str],
+               "SEG: self-attention layers to perturb: down, mid, up, or indexed d4, m0, u1 (repeatable or "
+               "comma-separated)."),
+    "regions": (("--regions",), List[str], "SEG: thirds of the steps that run the perturbed pass (begin = noisiest)."),
+    "sigma_start": (("--sigma-start",), float, "SEG: perturb only at noise levels sigma <= this."),
+    "sigma_end": (("--sigma-end",), float, "SEG: perturb only at noise levels sigma >= this."),
+    "pg_factor": (("--pg-factor",), float,
+                  "PG: lambda in dx/dsigma = (x - D)/sigma + lambda sigma grad_x sum_j k(x_i, x_j) over the batch; "
+                  "> 0 repels, 0 = off."),
+    "kernel": (("--kernel",), str, "PG kernel: rbf on the sample itself (pixels, or a pipeline's latent); "
+                                   "classifier: RBF on the digit classifier's 128-d features of x0_hat (digit models)."),
+    "pg_sigma_min": (("--pg-sigma-min",), float, "PG acts only at noise levels sigma >= this."),
+    "pg_sigma_max": (("--pg-sigma-max",), float, "PG acts only at noise levels sigma <= this."),
+    "s_churn": (("--s-churn",), float, "stochastic_heun: EDM S_churn."),
+    "s_tmin": (("--s-tmin",), float, "stochastic_heun: EDM S_tmin."),
+    "s_tmax": (("--s-tmax",), float, "stochastic_heun: EDM S_tmax."),
+    "s_noise": (("--s-noise",), float, "stochastic_heun, euler_ancestral: noise scale S_noise."),
+    "eta": (("--eta",), Optional[float], "ddim: 0 deterministic (default), 1 ancestral; euler_ancestral: default 1."),
+    "sampler": (("--sampler",), Optional[str],
+                "euler, heun, stochastic_heun, ddim, euler_ancestral or dpmpp_2m (DPM-Solver++(2M)). On a "
+                "pipeline's own sigmas euler is DDIM."),
+    "steps": (("--steps",), Optional[int], "Sampling steps (heun: 2*steps-1 network evaluations)."),
+    "schedule": (("--schedule",), Optional[str],
+                 "Pipelines: the noise levels: scheduler (its own timesteps, default) or karras (in its sigma range)."),
+    "rho": (("--rho",), float, "Karras schedule exponent."),
+}
+
+
+def shared_options(config: type, *groups: type) -> Callable:
+    """Add one CLI option per field of the option groups to a command, with the command config's defaults; the
+    command receives them as one dict `shared`, which it passes to its config unchanged."""
+    names = group_fields(*groups)
+    values = defaults(config, names)
+
+    def deco(fn: Callable) -> Callable:
+        sig = inspect.signature(fn, eval_str=True)
+        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=SHARED[n][1],
+                                   default=typer.Option(values[n], *SHARED[n][0], help=SHARED[n][2])) for n in names]
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return fn(*args, shared={n: kwargs.pop(n) for n in names}, **kwargs)
+
+        wrapper.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "shared"]
+                                            + extra)
+        wrapper.__annotations__ = {p.name: p.annotation for p in wrapper.__signature__.parameters.values()}
+        return wrapper
+
+    return deco
 
 
 @app.callback()
@@ -74,26 +136,26 @@ def handle_errors(fn: Callable) -> Callable:
 @handle_errors
 def train(
     out: Path = typer.Option(Path("runs/edm"), "--out", help="Run folder: checkpoints, grids, log, run.json."),
-    dataset: str = typer.Option("mnist", help="mnist, fashion-mnist, cifar10, folder:PATH, or a next-frame sequence set made from the MNIST digits under --data-root: moving-mnist, circle-jumping, horizontal."),
-    data_root: str = typer.Option("data", help="Where torchvision-layout datasets live (or are downloaded to)."),
-    split: str = typer.Option("train", help="train or test split of the dataset."),
+    dataset: str = typer.Option(default(TrainConfig, "dataset"), help="mnist, fashion-mnist, cifar10, folder:PATH, or a next-frame sequence set made from the MNIST digits under --data-root: moving-mnist, circle-jumping, horizontal."),
+    data_root: str = typer.Option(default(TrainConfig, "data_root"), help="Where torchvision-layout datasets live (or are downloaded to)."),
+    split: str = typer.Option(default(TrainConfig, "split"), help="train or test split of the dataset."),
     image_size: Optional[int] = typer.Option(None, help="Resize images to this size (default: native); for sequence sets the frame size (default 32; digits are half of it)."),
     channels: Optional[int] = typer.Option(None, help="1 or 3 for folder datasets (default: from the files)."),
     unconditional: bool = typer.Option(False, "--unconditional", help="Ignore labels."),
-    p_uncond: float = typer.Option(0.2, help="Label dropout probability (one model does CFG)."),
-    process: str = typer.Option("edm", help="edm (Karras et al. 2022) or blurring (Hoogeboom & Salimans 2023: DCT heat dissipation under cosine noise, eps-prediction)."),
+    p_uncond: float = typer.Option(default(TrainConfig, "p_uncond"), help="Label dropout probability (one model does CFG)."),
+    process: str = typer.Option(default(TrainConfig, "process"), help="edm (Karras et al. 2022) or blurring (Hoogeboom & Salimans 2023: DCT heat dissipation under cosine noise, eps-prediction)."),
     blur_sigma_max: Optional[float] = typer.Option(None, "--blur-sigma-max", help="blurring: largest blur std in pixels, sigma_B,max (default 20; 0 = plain DDPM-style diffusion)."),
-    net: str = typer.Option("small", help="Architecture preset: small, tiny, base."),
+    net: str = typer.Option(default(TrainConfig, "net"), help="Architecture preset: small, tiny, base."),
     channels_mult: Optional[str] = typer.Option(None, "--block-channels", help="Override block widths, e.g. 32,64,96."),
-    steps: int = typer.Option(10_000, help="Total optimizer steps (a resumed run may raise it)."),
-    batch: int = typer.Option(64, help="Global batch size (split across torchrun processes)."),
-    lr: float = typer.Option(1e-3, help="Adam learning rate."),
-    lr_warmup: int = typer.Option(200, help="Linear warm-up steps."),
-    ema_halflife_kimg: float = typer.Option(20.0, help="EMA half-life in thousands of images."),
-    seed: int = typer.Option(0),
-    ckpt_every: int = typer.Option(500, help="Checkpoint every N steps (0: only at the end)."),
-    grid_every: int = typer.Option(1000, help="Sample grid every N steps (0: never)."),
-    log_every: int = typer.Option(50, help="Loss log line every N steps."),
+    steps: int = typer.Option(default(TrainConfig, "steps"), help="Total optimizer steps (a resumed run may raise it)."),
+    batch: int = typer.Option(default(TrainConfig, "batch"), help="Global batch size (split across torchrun processes)."),
+    lr: float = typer.Option(default(TrainConfig, "lr"), help="Adam learning rate."),
+    lr_warmup: int = typer.Option(default(TrainConfig, "lr_warmup"), help="Linear warm-up steps."),
+    ema_halflife_kimg: float = typer.Option(default(TrainConfig, "ema_halflife_kimg"), help="EMA half-life in thousands of images."),
+    seed: int = typer.Option(default(TrainConfig, "seed")),
+    ckpt_every: int = typer.Option(default(TrainConfig, "ckpt_every"), help="Checkpoint every N steps (0: only at the end)."),
+    grid_every: int = typer.Option(default(TrainConfig, "grid_every"), help="Sample grid every N steps (0: never)."),
+    log_every: int = typer.Option(default(TrainConfig, "log_every"), help="Loss log line every N steps."),
     precision: Optional[str] = typer.Option(None, help="fp32 (default) or bf16 autocast; on --resume, changes the run's."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --out."),
@@ -132,7 +194,7 @@ def train(
              "seed": data_seed}
     cfg.sequence = {k: v for k, v in given.items() if v is not None}
     if preview:
-        from .sequences import write_preview
+        from .train import write_preview
         typer.echo(f"wrote {write_preview(cfg, out, preview, overwrite)}")
         return
     result = run_train(cfg, out, resume=resume, overwrite=overwrite, device_name=device, quiet=quiet,
@@ -145,27 +207,19 @@ def train(
 
 @app.command()
 @handle_errors
+@shared_options(SampleConfig, GuidanceOptions, SamplingOptions)
 def sample(
     checkpoint: Optional[Path] = typer.Option(None, help="A diffcli model file or run folder (default: the shipped MNIST model)."),
-    n: int = typer.Option(16, "--n", help="Number of samples."),
+    n: int = typer.Option(default(SampleConfig, "n"), "--n", help="Number of samples."),
     labels: Optional[str] = typer.Option(None, help="Class of each sample, cycled: '0,3,7' or 'all' (default: all)."),
-    cfg: Optional[float] = typer.Option(None, "--cfg", help="CFG scale w: D_u + w (D_c - D_u); 1 = conditional, 0 = unconditional. Same as the 002 seed's alpha."),
-    sampler: Optional[str] = typer.Option(None, help="EDM models: euler, heun (default), stochastic_heun or ddim. Blurring models: ancestral (their reverse process, the default)."),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps: default 18 for EDM models (heun: 2*steps-1 network evaluations), 100 for blurring models."),
     sigma_min: Optional[float] = typer.Option(None, help="Lowest noise level (default: the model's, 0.002)."),
     sigma_max: Optional[float] = typer.Option(None, help="Highest noise level (default: the model's, 80)."),
-    rho: float = typer.Option(7.0, help="Karras schedule exponent."),
-    s_churn: float = S_CHURN,
-    s_tmin: float = S_TMIN,
-    s_tmax: float = S_TMAX,
-    s_noise: float = S_NOISE,
-    eta: float = ETA,
-    seed: int = typer.Option(0, help="Sample i uses seed + i, whatever the batch size."),
-    batch_size: int = typer.Option(64, help="Samples per network batch."),
+    seed: int = typer.Option(default(SampleConfig, "seed"), help="Sample i uses seed + i, whatever the batch size."),
+    batch_size: int = typer.Option(default(SampleConfig, "batch_size"), help="Samples per network batch."),
     dtype: Optional[str] = typer.Option(None, help="Network precision: fp32 (default), fp16 or bf16 (GPU)."),
-    strip: bool = typer.Option(False, "--strip", help="Also write strip.png: x0_hat along the steps (blurring models: z_t at t = 1, 0.9, ..., 0)."),
-    gif: bool = typer.Option(False, "--gif", help="Also write process.gif: the first 8 samples at every step (blurring models: the blur undone); with --show-forward, forward.gif."),
-    clip_denoised: bool = typer.Option(False, "--clip-denoised", help="Plain (blur_sigma_max 0) blurring-process models: keep x0_hat in [-1, 1] at every step (DDPM's clip_denoised; refused for blurring models, where x0_hat is ill-conditioned)."),
+    strip: bool = typer.Option(default(SampleConfig, "strip"), "--strip", help="Also write strip.png: x0_hat along the steps (blurring models: z_t at t = 1, 0.9, ..., 0)."),
+    gif: bool = typer.Option(default(SampleConfig, "gif"), "--gif", help="Also write process.gif: the first 8 samples at every step (blurring models: the blur undone); with --show-forward, forward.gif."),
+    clip_denoised: bool = typer.Option(default(SampleConfig, "clip_denoised"), "--clip-denoised", help="Plain (blur_sigma_max 0) blurring-process models: keep x0_hat in [-1, 1] at every step (DDPM's clip_denoised; refused for blurring models, where x0_hat is ill-conditioned)."),
     show_forward: Optional[Path] = typer.Option(None, "--show-forward", metavar="IMAGE", help="Instead of sampling, picture the blurring forward process on IMAGE: forward.png (blurred | blurred + noise, t = 0 .. 1)."),
     blur_sigma_max: Optional[float] = typer.Option(None, "--blur-sigma-max", help="With --show-forward: sigma_B,max (default: the --checkpoint's blurring model's, else 20)."),
     nrow: Optional[int] = typer.Option(None, help="Images per grid row."),
@@ -175,6 +229,7 @@ def sample(
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps."),
     context: Optional[str] = typer.Option(None, "--context", help="Next-frame models: the frames to continue, as an index into the model's sequence dataset (truth known: metrics) or a file (a PNG of the frames side by side, or a .pt/.safetensors tensor). All n samples share it."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="With --context N: where the model's MNIST digits are (default: the folder recorded at training)."),
+    shared: dict = None,
 ) -> None:
     """Sample a diffcli model (EDM or blurring diffusion): PNGs, a grid, run.json, optionally the denoising strip/GIF.
 
@@ -197,10 +252,9 @@ def sample(
         raise DiffcliError("--blur-sigma-max goes with --show-forward; a trained model's process is fixed")
     if checkpoint is None and not SHIPPED_CHECKPOINT.is_file():
         raise DiffcliError(f"the shipped model {SHIPPED_CHECKPOINT} is missing; pass --checkpoint")
-    config = SampleConfig(checkpoint=str(checkpoint or SHIPPED_CHECKPOINT), n=n, labels=labels, cfg=cfg,
-                          sampler=sampler, steps=steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
-                          s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, eta=eta, seed=seed,
-                          batch_size=batch_size, dtype=dtype, strip=strip, gif=gif, clip_denoised=clip_denoised, nrow=nrow, context=context,
+    config = SampleConfig(**shared, checkpoint=str(checkpoint or SHIPPED_CHECKPOINT), n=n, labels=labels,
+                          sigma_min=sigma_min, sigma_max=sigma_max, seed=seed, batch_size=batch_size, dtype=dtype,
+                          strip=strip, gif=gif, clip_denoised=clip_denoised, nrow=nrow, context=context,
                           data_root=data_root)
     result = run_sample(config, out, overwrite, device, {"out": str(out), "device": device}, resume=resume)
     if result["main"]:
@@ -213,30 +267,24 @@ def sample(
 
 @app.command()
 @handle_errors
+@shared_options(SegConfig, GuidanceOptions, SamplingOptions)
 def seg(
     prompt: Optional[str] = typer.Argument(None, help="Text prompt (or --prompts-file)."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="One prompt a line (blank lines and # comments skipped)."),
-    model: str = typer.Option("stabilityai/stable-diffusion-xl-base-1.0", "--model", help="SD 1.x/2.x or SDXL pipeline: a hub id in the cache or a local folder (save_pretrained layout)."),
-    seg_scale: float = typer.Option(3.0, "--seg-scale", help="s in D_c + s (D_c - D_seg); 0 = plain CFG."),
-    guidance: float = typer.Option(5.0, "--guidance", help="CFG scale w (adds D_u + w (D_c - D_u) - D_c); 0 or 1 = SEG only."),
-    blur: List[str] = typer.Option(["gaussian_-1_9999999"], "--blur", help="gaussian_K_S (K -1: from S; S 0: none; S > 9999: infinite), interpolatedBoxBlur_K_A, ema_A0_A1_linear|quadratic|cosine. Repeat for one run per blur (same seeds) and a side-by-side grid."),
-    layers: List[str] = typer.Option(["mid"], "--layers", help="Self-attention layers to perturb: down, mid, up, or indexed d4, m0, u1 (repeatable or comma-separated)."),
-    regions: List[str] = typer.Option(["begin,mid,end"], "--regions", help="Thirds of the steps that run the perturbed pass (begin = noisiest)."),
-    sigma_start: float = typer.Option(float("inf"), "--sigma-start", help="Perturb only at noise levels sigma <= this."),
-    sigma_end: float = typer.Option(0.0, "--sigma-end", help="Perturb only at noise levels sigma >= this."),
-    steps: int = typer.Option(50, help="DDIM steps (the scheduler's timesteps through our sampler)."),
-    seed: int = typer.Option(0, help="Image i of each prompt uses seed + i."),
-    n: int = typer.Option(1, "--n", help="Images per prompt (one batch)."),
+    model: str = typer.Option(default(SegConfig, "model"), "--model", help="SD 1.x/2.x or SDXL pipeline: a hub id in the cache or a local folder (save_pretrained layout)."),
+    seed: int = typer.Option(default(SegConfig, "seed"), help="Image i of each prompt uses seed + i."),
+    n: int = typer.Option(default(SegConfig, "n"), "--n", help="Images per prompt (one batch)."),
     height: Optional[int] = typer.Option(None, help="Image height (default: the model's native size)."),
     width: Optional[int] = typer.Option(None, help="Image width (non-square allowed)."),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Prompt of the unconditional CFG branch (default: empty)."),
-    metrics: bool = typer.Option(False, "--metrics", help="Write metrics.csv/json: per step, L2 of attention output - input, Laplacian variance, Sobel edge entropy of --track-block."),
-    track_block: str = typer.Option("mid", "--track-block", help="Block (down, mid, up) or layer (d4, m0, u1) whose metrics --metrics logs."),
+    metrics: bool = typer.Option(default(SegConfig, "metrics"), "--metrics", help="Write metrics.csv/json: per step, L2 of attention output - input, Laplacian variance, Sobel edge entropy of --track-block."),
+    track_block: str = typer.Option(default(SegConfig, "track_block"), "--track-block", help="Block (down, mid, up) or layer (d4, m0, u1) whose metrics --metrics logs."),
     dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, else fp32)."),
     out: Path = typer.Option(Path("diffcli-out/seg"), "--out", help="Output folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty output folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out (same options): prompts whose images all exist are skipped."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps."),
+    shared: dict = None,
 ) -> None:
     """Smoothed Energy Guidance (SEG) on Stable Diffusion 1.x/2.x and SDXL, with gaussian, box and EMA query blurs.
 
@@ -249,10 +297,8 @@ def seg(
     if prompt is not None and prompts_file is not None:
         raise DiffcliError("give a prompt or --prompts-file, not both")
     prompts = read_prompts_file(prompts_file) if prompts_file is not None else ([prompt] if prompt is not None else [])
-    config = SegConfig(prompts=prompts, model=model, seg_scale=seg_scale, guidance=guidance, blurs=blur,
-                       layers=layers, regions=regions, sigma_start=sigma_start, sigma_end=sigma_end, steps=steps,
-                       seed=seed, n=n, height=height, width=width, negative_prompt=negative_prompt, dtype=dtype,
-                       metrics=metrics, track_block=track_block)
+    config = SegConfig(**shared, prompts=prompts, model=model, seed=seed, n=n, height=height, width=width,
+                       negative_prompt=negative_prompt, dtype=dtype, metrics=metrics, track_block=track_block)
     result = run_seg(config, out, overwrite, device, {"out": str(out), "device": device,
                                                       "prompts_file": str(prompts_file) if prompts_file else None},
                      resume=resume)
@@ -264,29 +310,29 @@ def seg(
 
 @app.command()
 @handle_errors
+@shared_options(PanoramaConfig, GuidanceOptions, SamplingOptions)
 def panorama(
     prompt: Optional[str] = typer.Argument(None, help="Text prompt (or --prompts-file)."),
     prompts_file: Optional[str] = typer.Option(None, "--prompts-file", help="003 wide_image_prompts.json (prompt and eval_pos per entry), a text file (one prompt a line), or 'assignment' for the shipped 003 set (prompts/wide_image_prompts.json)."),
-    model: str = typer.Option("stabilityai/stable-diffusion-2-base", "--model", help="SD 1.x/2.x or SDXL pipeline: a local folder (save_pretrained layout) or a hub id in the cache."),
-    height: int = typer.Option(512, help="Image height in px (multiple of 8; taller than a window gives a tall image)."),
-    width: int = typer.Option(3072, help="Image width in px (multiple of 8)."),
+    model: str = typer.Option(default(PanoramaConfig, "model"), "--model", help="SD 1.x/2.x or SDXL pipeline: a local folder (save_pretrained layout) or a hub id in the cache."),
+    height: int = typer.Option(default(PanoramaConfig, "height"), help="Image height in px (multiple of 8; taller than a window gives a tall image)."),
+    width: int = typer.Option(default(PanoramaConfig, "width"), help="Image width in px (multiple of 8)."),
     window: Optional[int] = typer.Option(None, help="Window size in latent cells (default: the UNet's sample size, 64 = 512 px for SD 2 base)."),
-    stride: int = typer.Option(8, help="Window stride in latent cells (8 = 64 px); the last window is flush with the border."),
-    steps: int = typer.Option(50, help="DDIM steps."),
-    cfg: float = typer.Option(7.5, "--cfg", "--guidance", help="CFG scale w: D_u + w (D_c - D_u)."),
+    stride: int = typer.Option(default(PanoramaConfig, "stride"), help="Window stride in latent cells (8 = 64 px); the last window is flush with the border."),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Prompt of the unconditional CFG branch (default: empty)."),
-    seed: int = typer.Option(1, help="Seed of the canvas noise (003: 1; every prompt uses it)."),
-    sync: str = typer.Option("x0", help="What the windows agree on each step: x0 (SyncTweedies), eps, xt, or none (unsynchronized)."),
-    noise: str = typer.Option("canvas", help="Initial noise: canvas (drawn on the canvas and cropped, 003) or views (one draw per window)."),
-    view_batch: int = typer.Option(8, "--view-batch", help="Windows per network batch (x2 with CFG)."),
+    seed: int = typer.Option(default(PanoramaConfig, "seed"), help="Seed of the canvas noise (003: 1; every prompt uses it)."),
+    sync: str = typer.Option(default(PanoramaConfig, "sync"), help="What the windows agree on each step: x0 (SyncTweedies), eps, xt, or none (unsynchronized)."),
+    noise: str = typer.Option(default(PanoramaConfig, "noise"), help="Initial noise: canvas (drawn on the canvas and cropped, 003) or views (one draw per window)."),
+    view_batch: int = typer.Option(default(PanoramaConfig, "view_batch"), "--view-batch", help="Windows per network batch (x2 with CFG)."),
     decode_stride: Optional[int] = typer.Option(None, "--decode-stride", help="Latent cells between decoded VAE tiles, averaged where they overlap (default: --stride)."),
-    decode_batch: int = typer.Option(4, "--decode-batch", help="VAE tiles decoded at once (memory does not grow with the width)."),
+    decode_batch: int = typer.Option(default(PanoramaConfig, "decode_batch"), "--decode-batch", help="VAE tiles decoded at once (memory does not grow with the width)."),
     eval_pos: Optional[str] = typer.Option(None, "--eval-pos", help="x offsets (px) of window-sized crops written as <Prompt>_<pos>.png, e.g. 243,1005 (overrides the prompts file's)."),
     dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, else fp32)."),
     out: Path = typer.Option(Path("diffcli-out/panorama"), "--out", help="Output folder (the 003 wide_images layout)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty output folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out (same options): prompts whose files all exist are skipped."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps."),
+    shared: dict = None,
 ) -> None:
     """Wide or tall images by synchronized diffusion over overlapping windows (SyncTweedies).
 
@@ -295,8 +341,8 @@ def panorama(
     Example: diffcli panorama --prompts-file assignment --out wide_images && diffcli eval wide_images --app wide_images
     """
     from .panorama import PanoramaConfig, parse_positions, run as run_panorama
-    config = PanoramaConfig(prompt=prompt, prompts_file=prompts_file, model=model, height=height, width=width,
-                            window=window, stride=stride, steps=steps, cfg=cfg, negative_prompt=negative_prompt,
+    config = PanoramaConfig(**shared, prompt=prompt, prompts_file=prompts_file, model=model, height=height,
+                            width=width, window=window, stride=stride, negative_prompt=negative_prompt,
                             seed=seed, sync=sync, noise=noise, view_batch=view_batch, decode_stride=decode_stride,
                             decode_batch=decode_batch, eval_pos=parse_positions(eval_pos), dtype=dtype)
     result = run_panorama(config, out, overwrite, device, {"out": str(out), "device": device}, resume=resume)
@@ -308,36 +354,36 @@ def panorama(
 
 @app.command()
 @handle_errors
+@shared_options(AnagramConfig, GuidanceOptions, SamplingOptions)
 def anagram(
     prompts: Optional[List[str]] = typer.Argument(None, help="One prompt per view, in the order of --views."),
     views: Optional[List[str]] = typer.Option(None, "--views", help="Views, one per prompt (default: identity rotate_cw): identity, flip, rotate_cw, rotate_ccw, rotate_180, negate, skew, patch_permute, pixel_permute, jigsaw, inner_rotate, square_hinge. '--views identity rotate_cw', '--views identity,rotate_cw' and repeating --views all work."),
     prompts_file: Optional[str] = typer.Option(None, "--prompts-file", help="003 ambiguous_image_prompts.json (canonical_prompt, instance_prompt per entry): runs every pair; 'assignment' = the shipped 003 set."),
-    model: str = typer.Option("DeepFloyd/IF-I-M-v1.0", "--model", help="DeepFloyd IF stage I pipeline: a local folder or a hub id in the cache."),
-    sr_model: str = typer.Option("DeepFloyd/IF-II-M-v1.0", "--sr-model", help="DeepFloyd IF stage II pipeline, or 'none' for stage I images only."),
+    model: str = typer.Option(default(AnagramConfig, "model"), "--model", help="DeepFloyd IF stage I pipeline: a local folder or a hub id in the cache."),
+    sr_model: str = typer.Option(default(AnagramConfig, "sr_model"), "--sr-model", help="DeepFloyd IF stage II pipeline, or 'none' for stage I images only."),
     height: Optional[int] = typer.Option(None, help="Stage I height in px (default: the UNet's, 64); stage II is x4."),
     width: Optional[int] = typer.Option(None, help="Stage I width in px (default: the height)."),
-    steps: int = typer.Option(30, help="Stage I DDIM steps."),
-    cfg: float = typer.Option(10.0, "--cfg", "--guidance", help="Stage I CFG scale."),
-    sr_steps: int = typer.Option(30, "--sr-steps", help="Stage II DDIM steps."),
-    sr_cfg: float = typer.Option(10.0, "--sr-cfg", help="Stage II CFG scale."),
-    noise_level: int = typer.Option(50, "--noise-level", help="Stage II: noise added to the upsampled stage-I image (timestep of IF's image-noising scheduler)."),
+    sr_steps: int = typer.Option(default(AnagramConfig, "sr_steps"), "--sr-steps", help="Stage II DDIM steps."),
+    sr_cfg: float = typer.Option(default(AnagramConfig, "sr_cfg"), "--sr-cfg", help="Stage II CFG scale."),
+    noise_level: int = typer.Option(default(AnagramConfig, "noise_level"), "--noise-level", help="Stage II: noise added to the upsampled stage-I image (timestep of IF's image-noising scheduler)."),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Prompt of the unconditional CFG branch (default: empty)."),
-    seed: int = typer.Option(0, help="Seed of the canvas noise."),
-    sync: str = typer.Option("x0", help="What the views agree on each step: x0 (SyncTweedies), eps, xt, or none (unsynchronized)."),
-    noise: str = typer.Option("canvas", help="Initial noise: canvas (one draw seen through every view) or views (one draw per view)."),
-    view_batch: int = typer.Option(8, "--view-batch", help="Views per network batch (x2 with CFG)."),
-    view_seed: int = typer.Option(0, "--view-seed", help="Seed of the permutation views (patch_permute, pixel_permute, jigsaw)."),
-    patches: int = typer.Option(8, help="patch_permute: patches per side."),
-    pieces: int = typer.Option(4, help="jigsaw: pieces per side."),
-    squares: int = typer.Option(2, help="square_hinge: squares per side."),
-    skew: float = typer.Option(0.5, help="skew: rows of shift per column."),
-    inner_angle: float = typer.Option(90.0, "--inner-angle", help="inner_rotate: degrees the central disc turns clockwise."),
-    frames: int = typer.Option(12, help="Animation frames per transition."),
+    seed: int = typer.Option(default(AnagramConfig, "seed"), help="Seed of the canvas noise."),
+    sync: str = typer.Option(default(AnagramConfig, "sync"), help="What the views agree on each step: x0 (SyncTweedies), eps, xt, or none (unsynchronized)."),
+    noise: str = typer.Option(default(AnagramConfig, "noise"), help="Initial noise: canvas (one draw seen through every view) or views (one draw per view)."),
+    view_batch: int = typer.Option(default(AnagramConfig, "view_batch"), "--view-batch", help="Views per network batch (x2 with CFG)."),
+    view_seed: int = typer.Option(default(AnagramConfig, "view_seed"), "--view-seed", help="Seed of the permutation views (patch_permute, pixel_permute, jigsaw)."),
+    patches: int = typer.Option(default(AnagramConfig, "patches"), help="patch_permute: patches per side."),
+    pieces: int = typer.Option(default(AnagramConfig, "pieces"), help="jigsaw: pieces per side."),
+    squares: int = typer.Option(default(AnagramConfig, "squares"), help="square_hinge: squares per side."),
+    skew: float = typer.Option(default(AnagramConfig, "skew"), help="skew: rows of shift per column."),
+    inner_angle: float = typer.Option(default(AnagramConfig, "inner_angle"), "--inner-angle", help="inner_rotate: degrees the central disc turns clockwise."),
+    frames: int = typer.Option(default(AnagramConfig, "frames"), help="Animation frames per transition."),
     dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, else fp32)."),
     out: Path = typer.Option(Path("diffcli-out/anagram"), "--out", help="Output folder (the 003 ambiguous_images layout; animations/ inside)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty output folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out (same options): prompts whose files all exist are skipped."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps."),
+    shared: dict = None,
 ) -> None:
     """Visual anagrams: one image that shows each prompt under its view, by synchronized DeepFloyd IF.
 
@@ -351,10 +397,10 @@ def anagram(
     # prompts: a bare view name there is taken as a view (a prompt is never just a view's name)
     names = [v for spec in views or [] for v in spec.replace(",", " ").split()]
     names += [p for p in prompts or [] if p in VIEWS]
-    config = AnagramConfig(prompts=[p for p in prompts or [] if p not in VIEWS], views=names or ["identity", "rotate_cw"],
+    config = AnagramConfig(**shared, prompts=[p for p in prompts or [] if p not in VIEWS], views=names or ["identity", "rotate_cw"],
                            prompts_file=prompts_file, model=model,
                            sr_model=None if sr_model.lower() == "none" else sr_model, height=height, width=width,
-                           steps=steps, cfg=cfg, sr_steps=sr_steps, sr_cfg=sr_cfg, noise_level=noise_level,
+                           sr_steps=sr_steps, sr_cfg=sr_cfg, noise_level=noise_level,
                            negative_prompt=negative_prompt, seed=seed, sync=sync, noise=noise, view_batch=view_batch,
                            view_seed=view_seed, patches=patches, pieces=pieces, squares=squares, skew=skew,
                            inner_angle=inner_angle, frames=frames, dtype=dtype)
@@ -367,29 +413,18 @@ def anagram(
 
 @app.command()
 @handle_errors
+@shared_options(PGConfig, GuidanceOptions, SamplingOptions)
 def pg(
     prompt: Optional[str] = typer.Argument(None, help="Text prompt; with --model, sample a Stable Diffusion pipeline instead of a digit model."),
     model: Optional[str] = typer.Option(None, "--model", help="Stable Diffusion pipeline: a local folder (save_pretrained layout) or a hub id in the cache."),
     checkpoint: Optional[Path] = typer.Option(None, help="A diffcli model file or run folder (default: the shipped MNIST model)."),
-    n: int = typer.Option(8, "--n", help="Batch size = number of particles sampled jointly (>= 2 with PG on)."),
-    pg_factor: float = typer.Option(1.7, "--pg-factor", help="lambda in dx/dsigma = (x - D)/sigma + lambda sigma grad_x sum_j k(x_i, x_j); > 0 repels, 0 = plain sampling."),
-    kernel: str = typer.Option("rbf", help="rbf: on the sample itself (pixels, or the latent of a pipeline), median bandwidth; classifier: RBF on the digit classifier's 128-d features of x0_hat."),
-    pg_sigma_min: float = typer.Option(0.0, "--pg-sigma-min", help="Guidance schedule: PG acts only at noise levels sigma >= this."),
-    pg_sigma_max: float = typer.Option(float("inf"), "--pg-sigma-max", help="Guidance schedule: PG acts only at noise levels sigma <= this."),
+    n: int = typer.Option(default(PGConfig, "n"), "--n", help="Batch size = number of particles sampled jointly (>= 2 with PG on)."),
     labels: Optional[str] = typer.Option(None, help="Class of each sample, cycled: '0,3,7' or 'all' (default: unconditional)."),
-    cfg: Optional[float] = typer.Option(None, "--cfg", help="CFG scale w: D_u + w (D_c - D_u) (default: 1 for digits with --labels, 7.5 for pipelines)."),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Pipelines: the prompt of the unconditional CFG branch (default: empty)."),
-    sampler: str = typer.Option("heun", help="euler, heun, stochastic_heun or ddim (with diffusers sigmas, euler = DDIM)."),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: 18 for digits, 50 for pipelines)."),
-    s_churn: float = S_CHURN,
-    s_tmin: float = S_TMIN,
-    s_tmax: float = S_TMAX,
-    s_noise: float = S_NOISE,
-    eta: float = ETA,
-    seed: int = typer.Option(0, help="Sample i uses seed + i (initial noise and sampler noise)."),
+    seed: int = typer.Option(default(PGConfig, "seed"), help="Sample i uses seed + i (initial noise and sampler noise)."),
     height: Optional[int] = typer.Option(None, help="Pipelines: image height (default: the UNet's sample size x 8)."),
     width: Optional[int] = typer.Option(None, help="Pipelines: image width."),
-    compare: bool = typer.Option(False, "--compare", help="Also sample the same seeds without PG (in OUT/plain) and report diversity side by side: compare.png, compare.json."),
+    compare: bool = typer.Option(default(PGConfig, "compare"), "--compare", help="Also sample the same seeds without PG (in OUT/plain) and report diversity side by side: compare.png, compare.json."),
     classifier: Optional[str] = typer.Option(None, "--classifier", help="Digit classifier for --kernel classifier and --compare (default: the shipped one)."),
     dtype: Optional[str] = typer.Option(None, help="Network precision: fp32 (default), fp16 or bf16 (GPU)."),
     out: Path = typer.Option(Path("diffcli-out/pg"), "--out", help="Output folder."),
@@ -397,6 +432,7 @@ def pg(
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps."),
     context: Optional[str] = typer.Option(None, "--context", help="Next-frame models: sequences of the model's dataset to continue, one particle set of --n each: an index (3), a list (0,4,7) or a range (0:10); or one context file (PNG of the frames side by side, .pt/.safetensors). --compare then reports modes found, L2/IoU to the nearest true future and directional accuracy."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="With --context indices: where the model's MNIST digits are (default: the folder recorded at training)."),
+    shared: dict = None,
 ) -> None:
     """Particle guidance: sample a batch jointly with a repulsive kernel term, for more modes per batch.
 
@@ -407,11 +443,8 @@ def pg(
     Example: diffcli pg "a photo of a dog" --model ./sd-v1-5 --n 4 --out pg-dogs
     """
     from .pg import PGConfig, run as run_pg
-    config = PGConfig(checkpoint=str(checkpoint) if checkpoint else None, prompt=prompt, model=model, n=n,
-                      pg_factor=pg_factor, kernel=kernel, pg_sigma_min=pg_sigma_min, pg_sigma_max=pg_sigma_max,
-                      labels=labels, cfg=cfg, negative_prompt=negative_prompt, sampler=sampler, steps=steps,
-                      s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, eta=eta, seed=seed,
-                      height=height, width=width, dtype=dtype, classifier=classifier, compare=compare,
+    config = PGConfig(**shared, checkpoint=str(checkpoint) if checkpoint else None, prompt=prompt, model=model,
+                      n=n, labels=labels, negative_prompt=negative_prompt, seed=seed, height=height, width=width, dtype=dtype, classifier=classifier, compare=compare,
                       context=context, data_root=data_root)
     result = run_pg(config, out, overwrite, device, {"out": str(out), "device": device})
     for line in result["lines"]:
@@ -427,7 +460,7 @@ def info() -> None:
 
     Example: diffcli info
     """
-    from .common import environment
+    from .info import environment
     for key, value in environment().items():
         if isinstance(value, dict):
             typer.echo(f"{key}:")
@@ -442,19 +475,19 @@ def info() -> None:
 def eval_(
     folder: str = typer.Argument(..., help="Folder of images to score; eval.json is written there (images are never touched)."),
     app_name: Optional[str] = typer.Option(None, "--app", help="003 CLIP score: wide_images (<prompt>_<crop pos>.png) or ambiguous_images (<prompt>.png)."),
-    clip_model: str = typer.Option("ViT-B-32", "--clip-model", help="open_clip model name, or a JSON model config file (embed_dim, vision_cfg, text_cfg), registered at run time under its file name."),
-    clip_pretrained: str = typer.Option("openai", "--clip-pretrained", help="open_clip pretrained tag (from the cache, downloaded where a network exists) or a local weights file: safetensors or a torch state dict (read with weights_only=True)."),
+    clip_model: str = typer.Option(default(EvalConfig, "clip_model"), "--clip-model", help="open_clip model name, or a JSON model config file (embed_dim, vision_cfg, text_cfg), registered at run time under its file name."),
+    clip_pretrained: str = typer.Option(default(EvalConfig, "clip_pretrained"), "--clip-pretrained", help="open_clip pretrained tag (from the cache, downloaded where a network exists) or a local weights file: safetensors or a torch state dict (read with weights_only=True)."),
     quick_gelu: Optional[bool] = typer.Option(None, "--quick-gelu/--no-quick-gelu", help="Activation of the CLIP model (default: what the weights were trained with; a local file counts as the OpenAI weights: QuickGELU for ViT-B-32)."),
     anagram_metrics: Optional[str] = typer.Option(None, "--anagram-metrics", metavar="PROMPTS_JSON", help="Also Visual Anagrams alignment/concealment per pair of this 003 prompt file (implies --app ambiguous_images)."),
-    drop_panoramas: bool = typer.Option(False, "--drop-panoramas", help="wide_images: leave out files with no crop position (the grader scores them; the score then differs)."),
+    drop_panoramas: bool = typer.Option(default(EvalConfig, "drop_panoramas"), "--drop-panoramas", help="wide_images: leave out files with no crop position (the grader scores them; the score then differs)."),
     fid: Optional[str] = typer.Option(None, "--fid", metavar="REF", help="FID against a reference folder, or a dataset clean-fid has statistics for (NAME[:RES[:SPLIT]], e.g. cifar10:32:train)."),
     kid: Optional[str] = typer.Option(None, "--kid", metavar="REF", help="KID against a reference folder or dataset, as --fid."),
-    features: str = typer.Option("inception", "--features", help="FID/KID features: inception (clean-fid's) or mnist (the digit classifier's 128-d penultimate layer; offline)."),
+    features: str = typer.Option(default(EvalConfig, "features"), "--features", help="FID/KID features: inception (clean-fid's) or mnist (the digit classifier's 128-d penultimate layer; offline)."),
     classifier: Optional[str] = typer.Option(None, "--classifier", help="Digit classifier for --digits and --features mnist (default: the shipped one)."),
-    digits: bool = typer.Option(False, "--digits", help="Class accuracy against the labels in the folder's run.json, modes discovered, in-batch similarity."),
-    kid_subsets: int = typer.Option(100, "--kid-subsets", help="KID: number of random subsets (clean-fid's default)."),
-    kid_subset_size: int = typer.Option(1000, "--kid-subset-size", help="KID: largest subset size (clean-fid's default)."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Images per network batch."),
+    digits: bool = typer.Option(default(EvalConfig, "digits"), "--digits", help="Class accuracy against the labels in the folder's run.json, modes discovered, in-batch similarity."),
+    kid_subsets: int = typer.Option(default(EvalConfig, "kid_subsets"), "--kid-subsets", help="KID: number of random subsets (clean-fid's default)."),
+    kid_subset_size: int = typer.Option(default(EvalConfig, "kid_subset_size"), "--kid-subset-size", help="KID: largest subset size (clean-fid's default)."),
+    batch_size: int = typer.Option(default(EvalConfig, "batch_size"), "--batch-size", help="Images per network batch."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps."),
 ) -> None:
     """Score a folder: the 003 CLIP score exactly as graded, anagram metrics, FID/KID (clean-fid), digit metrics.

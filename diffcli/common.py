@@ -1,20 +1,33 @@
-"""Shared layer: errors, device/dtype, seeding, image/grid/GIF/JSON IO, atomic writes, checkpoints."""
+"""Shared layer: errors, device/dtype, seeding, image/grid/GIF/JSON IO, atomic writes, checkpoints, quiet
+third-party libraries."""
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import io
 import json
+import logging
 import math
 import os
 import platform
 import re
+import socket
 import sys
 import tempfile
+import warnings
+import zlib
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
+from PIL import Image
+from rich.console import Console
+from rich.progress import Progress
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 
 class DiffcliError(ValueError):
@@ -137,6 +150,33 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int = 4) -> None:
         tmp.write_text(json.dumps(obj, indent=indent) + "\n")
 
 
+def read_json_option(path: str, option: str, what: str) -> Any:
+    """A JSON file named by a setting; a missing or malformed file is a one-line error naming the setting."""
+    p = Path(path)
+    if not p.is_file():
+        raise DiffcliError(f"{option} {what} not found: {path}")
+    try:
+        return json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DiffcliError(f"{option} {path} is not valid JSON: {e}") from None
+
+
+def check_folder(path: str | os.PathLike, what: str = "folder") -> Path:
+    """An input folder that must exist."""
+    path = Path(path)
+    if not path.exists():
+        raise DiffcliError(f"{what} not found: {path}")
+    if not path.is_dir():
+        raise DiffcliError(f"{what} {path} is not a folder")
+    return path
+
+
+def some_names(names: Sequence[str], limit: int = 4) -> str:
+    """The first `limit` names and how many more, for one-line messages: 'a, b, c, d and 3 more'."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     """Create the output folder; refuse one that already holds files unless --overwrite."""
     out = Path(out)
@@ -161,8 +201,6 @@ def progress_bar(label: str, total: int, disable: bool = False) -> Iterator[Call
     if disable or not sys.stderr.isatty():
         yield lambda k: None
         return
-    from rich.console import Console
-    from rich.progress import Progress
     with Progress(console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task(label, total=total)
         yield lambda k: progress.advance(task, k)
@@ -201,15 +239,35 @@ def read_prompts_file(path: str | os.PathLike) -> list[str]:
 
 # ---------------------------------------------------------------- images
 
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}  # what counts as an image file
+BATCH_SIZE = 64  # images per network batch, unless a command is told otherwise
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(C,H,W) or (N,C,H,W) in [-1, 1] -> uint8 HWC / NHWC."""
     x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.movedim(-3, -1).numpy()
 
 
+def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels 0..255 -> float in the models' range [-1, 1] (the inverse of `to_uint8`, but for the layout)."""
+    return images_uint8.float() / 127.5 - 1
+
+
 def _pil(arr: np.ndarray):
-    from PIL import Image
     return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+
+
+def read_image(path: str | os.PathLike, mode: str = "RGB"):
+    """Open and fully decode one image, converted with PIL's convert(mode) as the 003 grader does; returns it and
+    the file's own mode. A file PIL cannot decode is a one-line error naming it."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert(mode), im.mode
+    except (OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.DecompressionBombError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DiffcliError(f"cannot read image {path}: {reason} (corrupt or truncated file?)") from None
 
 
 def make_grid(x: torch.Tensor, nrow: int | None = None, pad: int = 2, pad_value: float = 1.0) -> torch.Tensor:
@@ -233,13 +291,12 @@ def save_image(path: str | os.PathLike, x: torch.Tensor) -> None:
 
 def load_images(paths: Iterable[str | os.PathLike]) -> torch.Tensor:
     """PNGs written by `save_image` back to (N, C, H, W) in [-1, 1] (grey stays 1 channel): exact on uint8."""
-    from PIL import Image
     arrays = []
     for p in paths:
         with Image.open(p) as im:
             a = np.asarray(im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB"))
         arrays.append(a[..., None] if a.ndim == 2 else a)
-    return torch.from_numpy(np.stack(arrays)).movedim(-1, 1).float() / 127.5 - 1
+    return to_model_range(torch.from_numpy(np.stack(arrays)).movedim(-1, 1))
 
 
 def save_grid(path: str | os.PathLike, x: torch.Tensor, nrow: int | None = None) -> None:
@@ -257,10 +314,9 @@ def save_gif(path: str | os.PathLike, frames: Iterable[torch.Tensor], duration_m
 
 # ---------------------------------------------------------------- run records
 
-def versions() -> dict[str, str]:
-    from importlib import metadata
-    out = {"python": platform.python_version()}
-    for pkg in ("diffcli", "torch", "diffusers", "transformers"):
+def package_versions(packages: Iterable[str]) -> dict[str, str]:
+    out = {}
+    for pkg in packages:
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -268,35 +324,8 @@ def versions() -> dict[str, str]:
     return out
 
 
-def environment() -> dict[str, Any]:
-    """What `diffcli info` shows: versions, devices with the dtypes they run, threads, and the model caches."""
-    from importlib import metadata
-    pkgs = {}
-    for pkg in ("diffcli", "torch", "torchvision", "diffusers", "transformers", "open_clip_torch", "clean-fid",
-                "safetensors", "typer"):
-        try:
-            pkgs[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pkgs[pkg] = "not installed"
-    devices = {"cpu": f"{torch.get_num_threads()} threads; fp32, bf16"}
-    for i in range(torch.cuda.device_count()):
-        props = torch.cuda.get_device_properties(i)
-        bf16 = ", bf16" if torch.cuda.is_bf16_supported() else ""
-        devices[f"cuda:{i}"] = f"{props.name}, {props.total_memory / 2 ** 30:.0f} GiB; fp32, fp16{bf16}"
-    if torch.backends.mps.is_available():
-        devices["mps"] = "fp32, fp16"
-    try:
-        from huggingface_hub import constants
-        hub = constants.HF_HUB_CACHE
-    except ImportError:
-        hub = "huggingface_hub not installed"
-    caches = {"huggingface hub (pipelines, open_clip weights)": str(hub),
-              "clean-fid (Inception weights)": str(Path(tempfile.gettempdir()) / "inception-2015-12-05.pt")}
-    shipped = Path(__file__).resolve().parent.parent / "checkpoints"
-    return {"python": f"{platform.python_version()} ({sys.executable})", "platform": platform.platform(),
-            "packages": pkgs, "devices": devices, "default device": str(pick_device(None)), "caches": caches,
-            "shipped models": sorted(p.name for p in shipped.glob("*.safetensors")) if shipped.is_dir() else [],
-            "hub offline mode (HF_HUB_OFFLINE)": bool(os.environ.get("HF_HUB_OFFLINE"))}
+def versions() -> dict[str, str]:
+    return {"python": platform.python_version(), **package_versions(("diffcli", "torch", "diffusers", "transformers"))}
 
 
 def write_run_json(out_dir: Path, command: str, options: dict[str, Any], device: torch.device | str,
@@ -383,7 +412,6 @@ def unflatten_state(skel: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Write tensors + a JSON metadata record as one safetensors file, atomically."""
-    from safetensors.torch import save_file
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"diffcli": json.dumps(meta)})
@@ -391,7 +419,6 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], m
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a diffcli safetensors file; refuse pickles and say clearly what is wrong with a bad file."""
-    from safetensors import safe_open
     path = Path(path)
     if not path.is_file():
         raise DiffcliError(f"checkpoint not found: {path}")
@@ -418,3 +445,27 @@ def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
 
 def add_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {prefix + k: v for k, v in tensors.items()}
+
+
+# ---------------------------------------------------------------- third-party libraries and downloads
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """open_clip/huggingface/clean-fid log warnings and progress bars we restate ourselves (or that do not apply)."""
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    """A quick connection test, so that an offline machine gets our message now, not after minutes of retries."""
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False

@@ -2,17 +2,20 @@
 and it makes the data order a pure function of (seed, epoch), which is what exact resume needs."""
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
-from .common import DiffcliError
+from .common import IMAGE_EXTS, DiffcliError
+from .sequences import KINDS as SEQUENCE_KINDS, SequenceSpec, check_spec, digit_tiles, make_dataset
 
-DATASETS = ("mnist", "fashion-mnist", "cifar10", "folder:PATH", "moving-mnist", "circle-jumping", "horizontal")
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "folder:PATH", *SEQUENCE_KINDS)
 
 _IDX = {  # name -> (torchvision folder, class names)
     "mnist": ("MNIST", [str(i) for i in range(10)]),
@@ -69,7 +72,7 @@ def _load_idx_dataset(name: str, root: Path, split: str) -> ImageSet:
         paths = [_find_idx(root, folder, s) for s in stems]
     if None in paths:
         raise DiffcliError(f"{name} {split} files not found under {root} and could not be downloaded; put "
-                           f"{stems[0]}.gz and {stems[1]}.gz in {root / folder / 'raw'} (or pass --data-root)")
+                           f"{stems[0]}.gz and {stems[1]}.gz in {root / folder / 'raw'} (or give another root)")
     images, labels = read_idx(paths[0]), read_idx(paths[1])
     if len(images) != len(labels):
         raise DiffcliError(f"{name}: {len(images)} images but {len(labels)} labels")
@@ -78,9 +81,9 @@ def _load_idx_dataset(name: str, root: Path, split: str) -> ImageSet:
 
 def _try_download(name: str, root: Path, split: str) -> None:
     """torchvision download where a network exists; silent failure (the caller explains what to do)."""
-    import contextlib
-    import io
     try:
+        # deferred here and in _load_cifar10: torchvision.datasets takes seconds to import, and only downloads
+        # and CIFAR-10 need it
         import torchvision.datasets as tvd
         cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}[name]
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -99,14 +102,13 @@ def _load_cifar10(root: Path, split: str) -> ImageSet:
             ds = tvd.CIFAR10(str(root), train=(split == "train"), download=False)
         except RuntimeError:
             raise DiffcliError(f"cifar10 not found under {root} and could not be downloaded; extract "
-                               f"cifar-10-python.tar.gz there (giving {root / 'cifar-10-batches-py'}) or pass --data-root") from None
+                               f"cifar-10-python.tar.gz there (giving {root / 'cifar-10-batches-py'}) or give another root") from None
     images = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
     return ImageSet(images, torch.tensor(ds.targets, dtype=torch.long), list(ds.classes), "cifar10")
 
 
 def _load_folder(path: Path, image_size: int | None, channels: int | None) -> ImageSet:
     """Images in PATH, or in PATH/<class>/ subfolders (then labelled by subfolder)."""
-    from PIL import Image, UnidentifiedImageError
     if not path.is_dir():
         raise DiffcliError(f"image folder not found: {path}")
     subdirs = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -135,7 +137,7 @@ def _load_folder(path: Path, image_size: int | None, channels: int | None) -> Im
             labels.append(label)
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
-        raise DiffcliError(f"images in {path} have different sizes {sorted(shapes)[:3]}...; pass --image-size to resize")
+        raise DiffcliError(f"images in {path} have different sizes {sorted(shapes)[:3]}...; pass image_size to resize")
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     names = [n for n, _ in groups] if labelled else []
     return ImageSet(images, torch.tensor(labels) if labelled else None, names, f"folder:{path}")
@@ -158,7 +160,7 @@ def load_dataset(spec: str, root: str | Path = "data", split: str = "train",
     if spec in SEQUENCE_KINDS:
         return _load_sequences(spec, root, split, image_size, channels, sequence or {})
     if sequence:
-        raise DiffcliError(f"--{_option_name(next(iter(sequence)))} is for the sequence datasets "
+        raise DiffcliError(f"sequence option {next(iter(sequence))!r} is for the sequence datasets "
                            f"({', '.join(SEQUENCE_KINDS)}), not {spec}")
     if spec.startswith("folder:"):
         return _load_folder(Path(spec[len("folder:"):]), image_size, channels)
@@ -175,35 +177,29 @@ def load_dataset(spec: str, root: str | Path = "data", split: str = "train",
     return ds
 
 
-SEQUENCE_KINDS = ("moving-mnist", "circle-jumping", "horizontal")
 _SEQUENCE_OPTIONS = {"moving-mnist": {"context_frames", "step_size", "seed"},
                      "circle-jumping": {"context_frames", "step_size", "directions", "seed"},
                      "horizontal": {"context_frames", "step_size", "p_left", "seed"}}
 
 
-def _option_name(key: str) -> str:
-    return "data-seed" if key == "seed" else key.replace("_", "-")
-
-
 def _load_sequences(kind: str, root: Path, split: str, frame_size: int | None, channels: int | None,
                     options: dict) -> ImageSet:
     """Sequences generated from the MNIST digits under root: images = next frames, context = the frames before."""
-    from . import sequences as sq
-    spec = sq.SequenceSpec(kind, frame_size=frame_size or 32, **options)
-    sq.check_spec(spec)  # range errors first, then options that do not apply
+    spec = SequenceSpec(kind, frame_size=frame_size or 32, **options)
+    check_spec(spec)  # range errors first, then options that do not apply
     extra = sorted(set(options) - _SEQUENCE_OPTIONS[kind])
     if extra:
-        raise DiffcliError(f"--{_option_name(extra[0])} does not apply to {kind}")
+        raise DiffcliError(f"sequence option {extra[0]!r} does not apply to {kind}")
     if channels not in (None, 1):
-        raise DiffcliError(f"{kind} frames are grey (1 channel), not --channels {channels}")
-    digits = sq.digit_tiles(_load_idx_dataset("mnist", root, split).images, spec.digit_size)
-    context, nxt = sq.make_dataset(spec, digits)
+        raise DiffcliError(f"{kind} frames are grey (1 channel), not {channels} channels")
+    context, nxt = make_dataset(spec, mnist_digit_tiles(root, split, spec.digit_size))
     record = {**spec.record(), "split": split, "data_root": str(root.resolve()), "sequences": len(nxt)}
     return ImageSet(nxt, None, [], kind, context, record)
 
 
-def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
-    return images_uint8.float() / 127.5 - 1
+def mnist_digit_tiles(root: str | Path, split: str, size: int) -> torch.Tensor:
+    """The MNIST digits under root (torchvision layout) as the sequence sets' (N, size, size) digit tiles."""
+    return digit_tiles(_load_idx_dataset("mnist", Path(root), split).images, size)
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:

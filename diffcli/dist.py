@@ -2,20 +2,23 @@
 
 `torchrun --nproc_per_node N diffcli sample ...` gives each rank every N-th sample; rank 0 prepares the output
 folder and writes the merged grid and run.json once all ranks are done (as NVlabs/edm's generate.py does).
-One process is the same code with world = 1.
+One process is the same code with world = 1. The functions below `Dist` share per-item work (reading files,
+running a network on whole batches) among the ranks so that rank 0 ends with what one process computes.
 """
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence, TypeVar
-
-import torch
-
 from pathlib import Path
+from typing import Any, Callable, Sequence, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
 
 from .common import DiffcliError, begin_output, pick_device, write_run_json
 
-T = TypeVar("T")
+T, R = TypeVar("T"), TypeVar("R")
+Rows = Any  # a tensor or an array with one row per item, or a tuple of them
 
 
 class Dist:
@@ -26,9 +29,8 @@ class Dist:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if self.world > 1:
-            import torch.distributed as dist
             use_cuda = torch.cuda.is_available() and device_name not in ("cpu",)
-            dist.init_process_group("nccl" if use_cuda else "gloo")
+            torch_dist.init_process_group("nccl" if use_cuda else "gloo")
             self.device = torch.device("cuda", self.local_rank) if use_cuda else torch.device("cpu")
             if use_cuda:
                 torch.cuda.set_device(self.device)
@@ -43,15 +45,13 @@ class Dist:
         """True on every rank if flag is true on any (so all ranks stop at the same step)."""
         if self.world == 1:
             return flag
-        import torch.distributed as dist
         t = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
         return bool(t.item())
 
     def barrier(self) -> None:
         if self.world > 1:
-            import torch.distributed as dist
-            dist.barrier()
+            torch_dist.barrier()
 
     def __enter__(self) -> "Dist":
         return self
@@ -61,8 +61,7 @@ class Dist:
 
     def close(self) -> None:
         if self.world > 1:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+            torch_dist.destroy_process_group()
 
     def shard(self, items: Sequence[T]) -> list[T]:
         """This rank's share: every world-th item (seeds stay those of the items, so results match 1 rank)."""
@@ -73,9 +72,8 @@ class Dist:
         others)."""
         if self.world == 1:
             return list(mine)
-        import torch.distributed as dist
         parts: list | None = [None] * self.world if self.main else None
-        dist.gather_object(list(mine), parts, dst=0)
+        torch_dist.gather_object(list(mine), parts, dst=0)
         if parts is None:
             return None
         merged: list = [None] * sum(len(p) for p in parts)
@@ -90,9 +88,8 @@ class Dist:
             if failure is not None:
                 raise failure[1]
             return
-        import torch.distributed as dist
         failures: list = [None] * self.world
-        dist.all_gather_object(failures, failure)
+        torch_dist.all_gather_object(failures, failure)
         failed = [f for f in failures if f is not None]
         if failed:
             raise min(failed, key=lambda f: f[0])[1]
@@ -122,3 +119,53 @@ class Dist:
 
         self.main_first(start)
         return Path(out)
+
+
+# ---------------------------------------------------------------- per-item work shared among the ranks
+
+def read_each(dist: Dist | None, paths: Sequence[T], read: Callable[[T], R],
+              mine: Sequence[T] | None = None) -> list[R]:
+    """read(path) for this rank's paths `mine` (default: its `Dist.shard` of `paths`; one process: all of them).
+
+    A file that cannot be read stops every rank with the error one process gives: the first bad file in `paths`.
+    """
+    if dist is None or dist.world == 1:
+        return [read(p) for p in paths]
+    out, failure = [], None
+    for p in dist.shard(paths) if mine is None else mine:
+        try:
+            out.append(read(p))
+        except DiffcliError as e:
+            failure = (paths.index(p), e)
+            break
+    dist.raise_first(failure)
+    return out
+
+
+def batch_share(dist: Dist, items: Sequence[T], batch_size: int) -> list[T]:
+    """This rank's whole batches of items (every world-th one): each batch holds the images one process batches
+    together, so every image's features come out bitwise the same as with one process."""
+    if dist.world == 1:
+        return list(items)
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    return [x for batch in dist.shard(batches) for x in batch]
+
+
+def _rows(x: Rows, rows: slice) -> Rows:
+    return tuple(_rows(t, rows) for t in x) if isinstance(x, tuple) else x[rows]
+
+
+def _cat(parts: list[Rows]) -> Rows:
+    if isinstance(parts[0], tuple):
+        return tuple(_cat(list(p)) for p in zip(*parts))
+    return torch.cat(parts) if isinstance(parts[0], torch.Tensor) else np.concatenate(parts)
+
+
+def per_image(dist: Dist, mine: Sequence[T], batch_size: int, compute: Callable[[Sequence[T]], Rows]) -> Rows | None:
+    """compute(mine) -> one row per item of this rank's `batch_share`; every rank's rows in item order on rank 0
+    (None on the others)."""
+    if dist.world == 1:
+        return compute(mine)
+    rows = compute(mine) if mine else None
+    parts = dist.gather([_rows(rows, slice(i, i + batch_size)) for i in range(0, len(mine), batch_size)])
+    return None if parts is None else _cat(parts)

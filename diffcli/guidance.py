@@ -1,9 +1,24 @@
-"""Guidance combinators: functions that take a denoiser and return a denoiser."""
+"""Guidance combinators: functions that take a denoiser and return a denoiser, and the one stack of them.
+
+`stack` applies CFG and SEG (their passes as ONE network batch), the scheduler's limits on x0_hat, then PG,
+in that order, for every command and for the Python API; synchronization (diffcli.sync) wraps the result.
+"""
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
 
 import torch
+
+from . import attention
+from .denoisers import expand_sigma
+from .options import GuidanceOptions, split_list
+from .particles import KernelGrad
+from .query_blur import Blur
+
+REGIONS = ("begin", "mid", "end")
 
 
 def cat_cond(*conds: Any) -> Any:
@@ -90,7 +105,6 @@ def particle_guidance(model, factor: float, kernel_grad, sigma_min: float = 0.0,
     """
     if factor == 0.0:
         return model
-    from .denoisers import expand_sigma
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor, **kw: Any) -> torch.Tensor:
         denoised = model(x, sigma, **kw)
@@ -105,3 +119,114 @@ def particle_guidance(model, factor: float, kernel_grad, sigma_min: float = 0.0,
         return denoised - factor * sigma_b ** 2 * grad
 
     return denoise
+
+
+# ---------------------------------------------------------------- SEG: which steps are guided, with which blur
+
+def region(step: int, steps: int) -> str:
+    """begin / mid / end third of the denoising steps (begin = noisiest)."""
+    return REGIONS[min(2, 3 * step // steps)]
+
+
+def guided_steps(sigmas: torch.Tensor, regions: list[str], sigma_start: float = math.inf,
+                 sigma_end: float = 0.0) -> list[bool]:
+    """Per step: does it run the perturbed pass? Inside the chosen regions AND the noise window [end, start]."""
+    levels = sigmas[:-1].tolist()
+    return [region(i, len(levels)) in regions and sigma_end <= s <= sigma_start for i, s in enumerate(levels)]
+
+
+def step_index(sigmas: torch.Tensor, sigma: torch.Tensor | float) -> int:
+    """The step whose noise level is nearest `sigma` (a multi-evaluation step's second call, at the next level,
+    counts as the next step; a churned sigma_hat as its own step)."""
+    s = float(torch.as_tensor(sigma).flatten()[0])
+    levels = sigmas[:-1].tolist()
+    return min(range(len(levels)), key=lambda i: abs(levels[i] - s))
+
+
+def blur_schedule(blur: Blur, sigmas: torch.Tensor, guided: list[bool]) -> Callable[[torch.Tensor], Blur | None]:
+    """sigma -> the blur of that step (EMA's alpha ramps over all the steps), or None on unguided steps."""
+    last = max(len(guided) - 1, 1)
+
+    def at(sigma: torch.Tensor) -> Blur | None:
+        i = step_index(sigmas, sigma)
+        return blur.at(i / last) if guided[i] else None
+
+    return at
+
+
+@dataclass
+class Seg:
+    """SEG for one run: the scale, the blur, the guided steps, and the processors' shared state.
+
+    `installed(unet)` puts the query-blurring processors on the perturbed layers for the duration of a run.
+    """
+    scale: float
+    blur: Blur
+    layers: list[str]
+    regions: list[str] = field(default_factory=lambda: list(REGIONS))
+    sigma_start: float = math.inf
+    sigma_end: float = 0.0
+    state: attention.SegState = field(default_factory=attention.SegState)
+
+    def schedule(self, sigmas: torch.Tensor) -> Callable[[torch.Tensor], Blur | None]:
+        return blur_schedule(self.blur, sigmas, guided_steps(sigmas, self.regions, self.sigma_start, self.sigma_end))
+
+    @contextlib.contextmanager
+    def installed(self, unet: torch.nn.Module, tracked: list[str] = (),
+                  recorder: list[dict[str, Any]] | None = None) -> Iterator[list[str]]:
+        """Install on `unet`'s chosen self-attention layers; yields their module paths."""
+        paths = attention.resolve_layers(unet, self.layers)
+        with attention.installed(unet, self.state, paths, tracked, recorder):
+            yield paths
+
+
+@dataclass
+class PG:
+    """Particle guidance settings: factor, kernel gradient (diffcli.particles) and the sigma window."""
+    factor: float
+    kernel_grad: Callable[[torch.Tensor], torch.Tensor]
+    on_denoised: bool = False
+    sigma_min: float = 0.0
+    sigma_max: float = math.inf
+
+
+def stack(model, cfg: float, cond: dict[str, Any], uncond: dict[str, Any], sigmas: torch.Tensor,
+          seg: Seg | None = None, limit: Callable | None = None, pg: PG | None = None):
+    """The guided denoiser every command samples: CFG (+ SEG in the same batch) -> `limit` -> PG.
+
+    `seg` None or scale 0 is exactly `classifier_free`, PG None or factor 0 exactly no PG, so switching a method
+    off reproduces the command without it bit for bit. `limit` is a combinator for the scheduler's bounds on
+    x0_hat (pipelines.clip_x0); PG comes after it so the bounds never cut the repulsion.
+    """
+    if seg is None or seg.scale == 0:
+        denoiser = classifier_free(model, cfg, cond, uncond)
+    else:
+        denoiser = smoothed_energy(model, seg.scale, cfg, cond, uncond, seg.state, seg.schedule(sigmas))
+    if limit is not None:
+        denoiser = limit(denoiser)
+    if pg is not None:
+        denoiser = particle_guidance(denoiser, pg.factor, pg.kernel_grad, pg.sigma_min, pg.sigma_max,
+                                     on_denoised=pg.on_denoised)
+    return denoiser
+
+
+def seg_layers(unet: torch.nn.Module, opts: GuidanceOptions, option: str = "layers") -> list[str]:
+    """The module paths SEG would perturb in `unet` ([] with SEG off): commands call it before writing anything,
+    so a model without such layers is refused in one line that names the valid ones."""
+    return attention.resolve_layers(unet, split_list(opts.layers), option) if opts.seg_on else []
+
+
+def seg_of(opts: GuidanceOptions, blur: Blur | None) -> Seg | None:
+    """The SEG of a command's options for one parsed blur; None when SEG is off."""
+    if blur is None or not opts.seg_on:
+        return None
+    return Seg(opts.seg_strength, blur, split_list(opts.layers), split_list(opts.regions), opts.sigma_start,
+               opts.sigma_end)
+
+
+def pg_of(opts: GuidanceOptions, kernel: tuple[KernelGrad, bool] | None) -> PG | None:
+    """The PG of a command's options with its kernel (particles.make_kernel); None when the factor is 0."""
+    if not opts.pg_factor or kernel is None:
+        return None
+    grad, on_denoised = kernel
+    return PG(opts.pg_factor, grad, on_denoised, opts.pg_sigma_min, opts.pg_sigma_max)

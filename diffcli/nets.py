@@ -1,6 +1,7 @@
 """Architectures for our own models: a configured diffusers UNet2DModel behind the F(x, c_noise, labels) signature.
 
-Preconditioning lives in denoisers.EDMPrecond; nets only map (scaled input, noise embedding, label) to output.
+Preconditioning lives in denoisers.EDMPrecond (and the blurring process in blurring.BlurringModel); nets only map
+(scaled input, noise embedding, label) to output. `models` builds the whole model a model file describes.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class UNetF(nn.Module):
 
     def __init__(self, config: dict[str, Any]):
         super().__init__()
+        # deferred: diffusers takes seconds to import, and the CLI imports this module for `diffcli --help`
         from diffusers import UNet2DModel
         self.config = dict(config)
         self.unet = UNet2DModel(**config)
@@ -55,51 +57,3 @@ class UNetF(nn.Module):
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-# ---------------------------------------------------------------- diffcli model files
-
-MODEL_FORMAT = 1
-
-
-def build_edm(meta: dict[str, Any]):
-    """EDMPrecond(UNetF) from the `model` record a checkpoint carries."""
-    from .denoisers import EDMPrecond
-    return EDMPrecond(UNetF(meta["net"]), sigma_data=meta["sigma_data"], num_classes=meta["num_classes"],
-                      sigma_min=meta.get("sigma_min", 0.002), sigma_max=meta.get("sigma_max", 80.0),
-                      context_frames=meta.get("context_frames", 0))
-
-
-def build_model(meta: dict[str, Any]):
-    """The model a checkpoint's record describes: an EDM denoiser, or a blurring-diffusion eps-predictor."""
-    if meta.get("kind") == "blurring":
-        from .blurring import build_blurring
-        return build_blurring(meta)
-    return build_edm(meta)
-
-
-def load_model(path, device: torch.device | str = "cpu", kinds: tuple[str, ...] = ("edm",)):
-    """A diffcli model file (or a training run folder) -> (model in eval mode, model record).
-
-    Only models of `kinds` load: a blurring model is no denoiser D(x, sigma), so commands that need one keep
-    the default and refuse it with a clear message.
-    """
-    from pathlib import Path
-    from .common import DiffcliError, load_checkpoint, strip_prefix
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.safetensors"
-    tensors, meta = load_checkpoint(path)
-    model_meta = meta.get("model")
-    kind = model_meta and model_meta.get("kind")
-    if kind not in kinds:
-        what = " or ".join(k.upper() if k == "edm" else k for k in kinds)
-        raise DiffcliError(f"{path} holds no diffcli {what} model (kind {kind!r})"
-                           + ("; `diffcli sample` samples it" if kind == "blurring" else ""))
-    model = build_model(model_meta)
-    weights = strip_prefix(tensors, "net.")
-    try:
-        model.net.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        raise DiffcliError(f"{path}: weights do not match the recorded architecture ({str(e).splitlines()[0]})") from e
-    return model.to(device).eval().requires_grad_(False), model_meta

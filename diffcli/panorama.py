@@ -7,7 +7,7 @@ latent canvas tile by tile and writes the 003 submission layout: `<Prompt_with_u
 """
 from __future__ import annotations
 
-import math
+import contextlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -15,21 +15,22 @@ from typing import Any, Callable
 import torch
 
 from . import pipelines
-from .common import (DiffcliError, PerSampleRandn, pick_dtype, progress_bar, read_prompts_file, safe_name, save_image,
-                     write_run_json)
+from .common import (DiffcliError, PerSampleRandn, pick_dtype, progress_bar, read_json_option, read_prompts_file,
+                     safe_name, save_image, write_run_json)
 from .dist import Dist
-from .guidance import classifier_free
-from .samplers import sample_euler
-from .sync import CASES, NOISES, chain, in_batches, initial_instances, rows_of, synchronized
+from .guidance import seg_layers, seg_of, stack
+from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_sampling,
+                      record as options_record)
+from .shipped import prompts as shipped_prompts
+from .sync import CASES, NOISES, rows_of, sample_views
 from .views import ViewSet, windows
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"  # the shipped 003 prompt sets
 ASSIGNMENT = "assignment"
 
 
-@dataclass
-class PanoramaConfig:
+@dataclass(kw_only=True)
+class PanoramaConfig(GuidanceOptions, SamplingOptions):
     prompt: str | None = None
     prompts_file: str | None = None
     model: str = DEFAULT_MODEL
@@ -37,8 +38,9 @@ class PanoramaConfig:
     width: int = 3072
     window: int | None = None       # latent cells; default the UNet's sample size (64 for SD 2 base = 512 px)
     stride: int = 8                 # latent cells (64 px)
-    steps: int = 50
-    cfg: float = 7.5
+    sampler: str | None = "euler"   # on the scheduler's sigmas: DDIM (003)
+    steps: int | None = 50
+    cfg: float | None = 7.5
     negative_prompt: str | None = None
     seed: int = 1
     sync: str = "x0"
@@ -69,7 +71,7 @@ def parse_positions(text: str | None) -> list[int] | None:
 
 def resolve_prompts_file(path: str, shipped: str) -> str:
     """'assignment' means the shipped 003 set in prompts/."""
-    return str(PROMPTS_DIR / shipped) if path == ASSIGNMENT else path
+    return str(shipped_prompts(shipped)) if path == ASSIGNMENT else path
 
 
 def key_line(path: str, key: str) -> str:
@@ -87,7 +89,6 @@ def read_wide_prompts(path: str) -> list[Job]:
     """003's wide_image_prompts.json ({key: {prompt, eval_pos}}), or a text file with one prompt a line."""
     if not path.endswith(".json"):
         return [Job(p) for p in read_prompts_file(path)]
-    from .eval import read_json_option
     data = read_json_option(path, "--prompts-file", "prompts file")
     if not isinstance(data, dict) or not data:
         raise DiffcliError(f"--prompts-file {path}: expected a JSON object {{key: {{prompt, eval_pos}}}}")
@@ -129,11 +130,12 @@ def validate(cfg: PanoramaConfig) -> list[Job]:
                            f"{f' ({cfg.window})' if cfg.window else ''}")
     if cfg.decode_stride is not None and cfg.decode_stride < 1:
         raise DiffcliError("--decode-stride must be >= 1")
-    for name in ("steps", "view_batch", "decode_batch"):
+    for name in ("view_batch", "decode_batch"):
         if getattr(cfg, name) < 1:
             raise DiffcliError(f"--{name.replace('_', '-')} must be >= 1")
-    if not math.isfinite(cfg.cfg) or cfg.cfg < 0:
-        raise DiffcliError(f"--cfg must be a finite number >= 0, got {cfg.cfg}")
+    check_sampling(cfg, pipeline=True)
+    check_guidance(cfg)
+    check_particles(cfg, 1, pipeline=True, what="the number of canvases a prompt (panorama draws one)")
     if cfg.sync not in CASES:
         raise DiffcliError(f"unknown --sync {cfg.sync!r}; choose one of {', '.join(CASES)}")
     if cfg.noise not in NOISES:
@@ -187,18 +189,20 @@ def plan(pipe, cfg: PanoramaConfig, jobs: list[Job]) -> Plan:
 @torch.no_grad()
 def generate(pipe, p: Plan, prompt: str, cfg: PanoramaConfig, device: torch.device,
              on_step: Callable[[dict], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image (3, H, W) in [-1, 1] on the CPU, final latent canvas in our x = x0 + sigma n form)."""
-    sigmas = pipelines.sigmas(pipe, cfg.steps, device)
+    """(image (3, H, W) in [-1, 1] on the CPU, final latent canvas in our x = x0 + sigma n form).
+
+    Each window runs the guidance stack (CFG, SEG with `--blur`) on its own rows; the windows are synchronized."""
+    sigmas = pipelines.sigmas(pipe, cfg.steps, device, cfg.schedule or "scheduler")
     size = p.window * p.scale
     cond, uncond = pipelines.encode_prompts(pipe, [prompt], cfg.negative_prompt, size, size, device)
-    base = pipelines.denoiser(pipe)
-    make = lambda a, b: pipelines.clip_x0(classifier_free(base, cfg.cfg, rows_of(cond, a, b), rows_of(uncond, a, b)),
-                                          pipe)
-    model, hook = synchronized(in_batches(make, len(p.views), cfg.view_batch), p.views, cfg.sync)
+    base, seg = pipelines.denoiser(pipe), seg_of(cfg, check_guidance(cfg)[0] if cfg.seg_on else None)
+    make = lambda a, b: stack(base, cfg.cfg, rows_of(cond, a, b), rows_of(uncond, a, b), sigmas, seg=seg,  # noqa: E731
+                              limit=lambda d: pipelines.clip_x0(d, pipe))
     rng = PerSampleRandn([cfg.seed], device)
-    draw = lambda shape: pipelines.initial_latents(rng, shape, sigmas[0])[0]
-    w = initial_instances(p.views, draw, (p.latent[0], p.window, p.window), cfg.noise)
-    w = sample_euler(model, w, sigmas, callback=chain(hook, on_step))
+    with seg.installed(pipe.unet) if seg else contextlib.nullcontext():
+        w = sample_views(make, p.views, sigmas, lambda shape: rng.randn(shape)[0], (p.latent[0], p.window, p.window),
+                         sampler=cfg.sampler, case=cfg.sync, noise=cfg.noise, view_batch=cfg.view_batch,
+                         knobs=cfg.knobs(), callback=on_step)
     z = p.views.average(w)
     return decode_tiled(pipe, z, sigmas[-1], p.tiles, cfg.decode_batch), z
 
@@ -248,7 +252,8 @@ def _run(cfg: PanoramaConfig, jobs: list[Job], out: Path, overwrite: bool, resum
     if pipelines.family(pipe) == "if":
         raise DiffcliError(f"{cfg.model!r} is a DeepFloyd IF pipeline; panorama needs a latent model (SD 1.x/2.x, SDXL)")
     p = plan(pipe, cfg, jobs)
-    record = {**asdict(cfg), **options}
+    seg_layers(pipe.unet, cfg, "--layers")
+    record = {**options_record(cfg), **options}
     out = dist.begin(out, overwrite, resume, "panorama", record, model=cfg.model)
     remaining = [j for j in jobs if not (resume and all((out / f).is_file() for f in outputs(j)))]
     todo = dist.shard(remaining)

@@ -67,6 +67,23 @@ def feature_grad(features: Callable[[torch.Tensor], torch.Tensor]) -> KernelGrad
     return grad
 
 
+def latent_kernel() -> tuple[KernelGrad, bool]:
+    """The RBF kernel on the sample itself (pixels, or a pipeline's latent): (gradient, reads x0_hat = False)."""
+    return rbf_grad, False
+
+
+def make_kernel(name: str, classifier: torch.nn.Module | None = None) -> tuple[KernelGrad, bool]:
+    """(kernel gradient, whether it reads x0_hat) by name: rbf on x itself, classifier on the digit classifier's
+    features of x0_hat."""
+    if name == "rbf":
+        return latent_kernel()
+    if name != "classifier":
+        raise ValueError(f"unknown kernel {name!r}; choose one of {', '.join(KERNELS)}")
+    if classifier is None:
+        raise ValueError("the classifier kernel needs a digit classifier")
+    return feature_grad(classifier_features(classifier)), True
+
+
 def classifier_features(classifier: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """Digit images (N, C, H, W) in [-1, 1] -> the classifier's 128-d features (colour averaged to grey)."""
     def features(x: torch.Tensor) -> torch.Tensor:

@@ -5,35 +5,42 @@ of `diffcli.samplers`; this module only picks the kernel, the model family and t
 """
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+import contextlib
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from .common import (DiffcliError, PerSampleRandn, pick_device, pick_dtype, prepare_out_dir, save_grid,
-                     write_json, write_run_json)
-from .guidance import classifier_free, particle_guidance
-from .particles import KERNELS, KernelGrad, classifier_features, feature_grad, rbf_grad
-from .samplers import SAMPLERS, SamplerKnobs, nfe, run_sampler
+from .common import (DiffcliError, PerSampleRandn, pick_device, pick_dtype, prepare_out_dir, progress_bar, save_grid,
+                     save_image, write_json, write_run_json)
+from . import pipelines
+from . import sequences as sq
+from .contexts import resolve_contexts
+from .classifier import SHIPPED_CLASSIFIER, classify, load_classifier, load_digits
+from .denoisers import ve_to_vp
+from .metrics import digit_record, mean_pairwise_cosine
+from .models import load_model
+from .guidance import pg_of, seg_layers, seg_of, stack
+from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_sampling, group_fields,
+                      record as options_record)
+from .particles import KernelGrad, latent_kernel, make_kernel
+from .sample import (SHIPPED_CHECKPOINT, SampleConfig, parse_labels, sample_images, samples_record, sequence_outputs,
+                     write_samples)
+from .samplers import nfe, run_sampler
 
 
-@dataclass
-class PGConfig(SamplerKnobs):
+@dataclass(kw_only=True)
+class PGConfig(GuidanceOptions, SamplingOptions):
     checkpoint: str | None = None
     prompt: str | None = None
     model: str | None = None  # a Stable Diffusion pipeline (folder or hub id) instead of a diffcli checkpoint
     n: int = 8
     pg_factor: float = 1.7
-    kernel: str = "rbf"
-    pg_sigma_min: float = 0.0
-    pg_sigma_max: float = math.inf
     labels: str | None = None
-    cfg: float | None = None
     negative_prompt: str | None = None
-    sampler: str = "heun"
-    steps: int | None = None
+    sampler: str | None = "heun"
+    steps: int | None = None   # 18 for digits, 50 for pipelines
     seed: int = 0
     height: int | None = None
     width: int | None = None
@@ -56,30 +63,17 @@ def validate(cfg: PGConfig) -> None:
         raise DiffcliError("--model needs a prompt: diffcli pg \"a photo of a dog\" --model PATH")
     if cfg.model is not None and cfg.checkpoint is not None:
         raise DiffcliError("--checkpoint (a diffcli model) and --model (a pipeline) exclude each other")
-    if not math.isfinite(cfg.pg_factor) or cfg.pg_factor < 0:
-        raise DiffcliError(f"--pg-factor must be a finite number >= 0 (0 = plain sampling), got {cfg.pg_factor}")
-    if cfg.n < 2 and (cfg.pg_factor > 0 or cfg.compare):
-        raise DiffcliError(f"PG needs a batch: particles repel each other, so --n must be >= 2 (got {cfg.n})")
+    check_sampling(cfg, pipeline=cfg.model is not None)
+    check_guidance(cfg)
+    check_particles(cfg, cfg.n, pipeline=cfg.model is not None)
+    if cfg.n < 2 and cfg.compare:
+        raise DiffcliError(f"--compare measures diversity in a batch, so --n must be >= 2 (got {cfg.n})")
     if cfg.n < 1:
         raise DiffcliError("--n must be >= 1")
-    if cfg.kernel not in KERNELS:
-        raise DiffcliError(f"unknown kernel {cfg.kernel!r}; choose one of {', '.join(KERNELS)}")
-    if cfg.model is not None and cfg.kernel != "rbf":
-        raise DiffcliError(f"--kernel {cfg.kernel} is for digit models; pipelines use rbf (on the latent)")
     if cfg.model is not None and cfg.context is not None:
         raise DiffcliError("--context is for next-frame diffcli models (--checkpoint), not pipelines")
     if cfg.model is not None and cfg.labels is not None:
         raise DiffcliError("--labels is for class-conditional diffcli models; a pipeline takes a prompt")
-    if cfg.sampler not in SAMPLERS:
-        raise DiffcliError(f"unknown sampler {cfg.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if cfg.steps is not None and cfg.steps < 1:
-        raise DiffcliError("--steps must be >= 1")
-    if not 0 <= cfg.pg_sigma_min <= cfg.pg_sigma_max:
-        raise DiffcliError("need 0 <= --pg-sigma-min <= --pg-sigma-max")
-    for name in ("cfg", "s_churn", "s_noise", "eta"):
-        v = getattr(cfg, name)
-        if v is not None and (not math.isfinite(v) or v < 0):
-            raise DiffcliError(f"--{name.replace('_', '-')} must be a finite number >= 0")
     for name in ("height", "width"):
         v = getattr(cfg, name)
         if v is not None and (v < 8 or v % 8):
@@ -88,22 +82,6 @@ def validate(cfg: PGConfig) -> None:
 
 def family(cfg: PGConfig) -> str:
     return "pipeline" if cfg.model is not None else "digits"
-
-
-# ---------------------------------------------------------------- the guided denoiser
-
-def make_kernel(name: str, classifier: torch.nn.Module | None = None) -> tuple[KernelGrad, bool]:
-    """(kernel gradient, whether it reads x0_hat). rbf reads the sample x itself (pixels or latent)."""
-    if name == "rbf":
-        return rbf_grad, False
-    if classifier is None:
-        raise DiffcliError("--kernel classifier needs the digit classifier")
-    return feature_grad(classifier_features(classifier)), True
-
-
-def guided(denoiser, cfg: PGConfig, factor: float, kernel: tuple[KernelGrad, bool]):
-    grad, on_denoised = kernel
-    return particle_guidance(denoiser, factor, grad, cfg.pg_sigma_min, cfg.pg_sigma_max, on_denoised=on_denoised)
 
 
 # ---------------------------------------------------------------- digit models
@@ -126,18 +104,16 @@ def sample_digits(model, meta: dict[str, Any], cfg: PGConfig, factor: float, ker
     This is `diffcli sample`'s path with the batch's denoiser wrapped in PG. A next-frame model's particles
     share one `context` (C_ctx, H, W), so PG spreads them over that context's futures.
     """
-    from .sample import SampleConfig, sample_images
-    scfg = SampleConfig(n=cfg.n, labels=cfg.labels, cfg=digit_scale(cfg, meta), sampler=cfg.sampler,
-                        steps=cfg.steps or DEFAULT_STEPS["digits"], seed=cfg.seed + seed_offset, batch_size=cfg.n,
-                        **cfg.knobs())
-    images, _, _ = sample_images(model, meta, scfg, device, on_step=on_step,
-                                 wrap=lambda denoiser: guided(denoiser, cfg, factor, kernel), context=context)
+    shared = {name: getattr(cfg, name) for name in group_fields(GuidanceOptions, SamplingOptions)}
+    scfg = SampleConfig(**{**shared, "cfg": digit_scale(cfg, meta), "pg_factor": factor,
+                           "steps": cfg.steps or DEFAULT_STEPS["digits"]},
+                        n=cfg.n, labels=cfg.labels, seed=cfg.seed + seed_offset, batch_size=cfg.n)
+    images, _, _ = sample_images(model, meta, scfg, device, on_step=on_step, kernel=kernel, context=context)
     return images
 
 
 def digit_metrics(files: list[str], labels: list[int] | None, classifier, device: torch.device) -> dict[str, Any]:
     """The numbers `diffcli eval --digits` reports, read back from the written PNGs."""
-    from .eval import classify, digit_record, load_digits
     logits, feats = classify(classifier, load_digits(files), 64, device)
     return digit_record(logits, feats, labels)
 
@@ -147,23 +123,24 @@ def digit_metrics(files: list[str], labels: list[int] | None, classifier, device
 @torch.no_grad()
 def sample_pipeline(pipe, cfg: PGConfig, factor: float, device: torch.device,
                     on_step: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images (N,3,H,W) in [-1,1], final latents): DDIM sigmas, CFG, PG on the latent, VAE decode."""
-    from . import pipelines
-    from .denoisers import ve_to_vp
-    sigmas = pipelines.sigmas(pipe, cfg.steps or DEFAULT_STEPS["pipeline"], device)
+    """(images (N,3,H,W) in [-1,1], final latents): the pipeline's sigmas (or Karras), the guidance stack (CFG, SEG
+    with --blur, PG on the latent), any sampler, VAE decode."""
+    sigmas = pipelines.sigmas(pipe, cfg.steps or DEFAULT_STEPS["pipeline"], device, cfg.schedule or "scheduler")
     height, width = pipeline_size(pipe, cfg)
     cond, uncond = pipelines.encode_prompts(pipe, [cfg.prompt] * cfg.n, cfg.negative_prompt, height, width, device)
-    denoiser = classifier_free(pipelines.denoiser(pipe), DEFAULT_CFG["pipeline"] if cfg.cfg is None else cfg.cfg,
-                               cond, uncond)
+    opts = replace(cfg, pg_factor=factor)
+    seg = seg_of(cfg, check_guidance(cfg)[0] if cfg.seg_on else None)
+    denoiser = stack(pipelines.denoiser(pipe), DEFAULT_CFG["pipeline"] if cfg.cfg is None else cfg.cfg, cond, uncond,
+                     sigmas, seg=seg, pg=pg_of(opts, latent_kernel()))
     rng = PerSampleRandn([cfg.seed + i for i in range(cfg.n)], device)
     x = pipelines.initial_latents(rng, pipelines.latent_shape(pipe, height, width), sigmas[0])
-    x = run_sampler(cfg.sampler, guided(denoiser, cfg, factor, make_kernel("rbf")), x, sigmas,
-                    callback=(lambda info: on_step(1)) if on_step else None, noise=rng, **cfg.knobs())
+    with seg.installed(pipe.unet) if seg else contextlib.nullcontext():
+        x = run_sampler(cfg.sampler, denoiser, x, sigmas, callback=(lambda info: on_step(1)) if on_step else None,
+                        noise=rng, **cfg.knobs())
     return pipelines.decode(pipe, x, sigmas[-1]), ve_to_vp(x, sigmas[-1]).float().cpu()
 
 
 def pipeline_size(pipe, cfg: PGConfig) -> tuple[int, int]:
-    from . import pipelines
     size = pipelines.default_size(pipe)
     height, width = cfg.height or size, cfg.width or size
     pipelines.check_size(pipe, height, width)
@@ -172,7 +149,6 @@ def pipeline_size(pipe, cfg: PGConfig) -> tuple[int, int]:
 
 def latent_metrics(latents: torch.Tensor) -> dict[str, Any]:
     """Diversity of a pipeline batch in its latent space (no class judge there)."""
-    from .eval import mean_pairwise_cosine
     flat = latents.flatten(1).double()
     return {"n": len(flat), "mean_similarity": float(mean_pairwise_cosine(flat)),
             "mean_pairwise_distance": float(torch.pdist(flat).mean())}
@@ -188,14 +164,12 @@ def sequence_contexts(cfg: PGConfig, meta: dict[str, Any]) -> list | None:
                                f"pass --context N, a list (0,4,7), a range (0:10) of its {meta.get('dataset')} "
                                f"sequences, or --context FILE")
         return None
-    from .sequences import resolve_contexts
     return resolve_contexts(cfg.context, meta, cfg.data_root, many=True)
 
 
 def sequence_compare_metrics(seq: dict[str, Any], images: torch.Tensor, n: int) -> dict[str, Any]:
     """Means over contexts of the 001 metrics (where the truth is known) and the samples' spread."""
-    from .sequences import ink, pairwise_rmse
-    spread = [pairwise_rmse(ink(x)) for x in images.split(n)]
+    spread = [sq.pairwise_rmse(sq.ink(x)) for x in images.split(n)]
     return {**seq.get("metrics", {}), "pairwise_rmse": sum(spread) / len(spread), "per_context": seq.get("per_context")}
 
 
@@ -203,8 +177,6 @@ def sequence_compare_pictures(out: Path, contexts: list, plain: torch.Tensor, pg
                               meta: dict[str, Any]) -> None:
     """compare.png: per context a plain row then a PG row (context | samples | true futures);
     landing-compare.png: where the digits moved, plain | PG; landing-scatter.png too with matplotlib."""
-    from . import sequences as sq
-    from .common import save_image
     rows = [sq.context_row(c, x) for c, a, b in zip(contexts, plain.split(cfg.n), pg.split(cfg.n)) for x in (a, b)]
     save_image(out / "compare.png", sq.strip(rows))
     known = [c for c in contexts if c.item is not None]
@@ -245,22 +217,20 @@ def run(cfg: PGConfig, out: Path, overwrite: bool, device_name: str | None, opti
     kind = family(cfg)
     classifier, contexts = None, None
     if kind == "pipeline":
-        from .pipelines import load_pipeline
-        pipe = load_pipeline(cfg.model, device, dtype)
+        pipe = pipelines.load_pipeline(cfg.model, device, dtype)
         pipeline_size(pipe, cfg)  # fail before touching the output folder
+        seg_layers(pipe.unet, cfg, "--layers")
         labels, meta = None, {"kind": type(pipe).__name__, "model": cfg.model}
         draw = lambda factor, step: sample_pipeline(pipe, cfg, factor, device, step)
         nfe_each = nfe(cfg.sampler, cfg.steps or DEFAULT_STEPS["pipeline"])
     else:
-        from .nets import load_model
-        from .sample import SHIPPED_CHECKPOINT, parse_labels
         model, meta = load_model(cfg.checkpoint or SHIPPED_CHECKPOINT, device)
         model.net.to(dtype)
         digit_scale(cfg, meta)
+        seg_layers(model.net.unet, cfg, "--layers")
         labels = None if cfg.labels is None else parse_labels(cfg.labels, meta["num_classes"], cfg.n)
         contexts = sequence_contexts(cfg, meta)
         if cfg.kernel == "classifier" or (cfg.compare and not contexts):
-            from .classifier import SHIPPED_CLASSIFIER, load_classifier
             classifier = load_classifier(cfg.classifier or SHIPPED_CLASSIFIER, device)
         kernel = make_kernel(cfg.kernel, classifier)
         # next-frame models: one particle set per context, seeds running on across them
@@ -270,8 +240,6 @@ def run(cfg: PGConfig, out: Path, overwrite: bool, device_name: str | None, opti
         nfe_each = nfe(cfg.sampler, cfg.steps or DEFAULT_STEPS["digits"])
     out = prepare_out_dir(out, overwrite)
 
-    from .common import progress_bar
-    from .sample import samples_record, write_samples
     steps = cfg.steps or DEFAULT_STEPS[kind]
     runs = [("plain", 0.0)] if cfg.compare else []
     results: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -279,7 +247,7 @@ def run(cfg: PGConfig, out: Path, overwrite: bool, device_name: str | None, opti
         for name, factor in runs + [("pg", cfg.pg_factor)]:
             results[name] = draw(factor, lambda k: advance(1))
 
-    record = {**asdict(cfg), **options, "pg_sigma_max": None if math.isinf(cfg.pg_sigma_max) else cfg.pg_sigma_max}
+    record = {**options_record(cfg), **options}
     folders = {"pg": out, "plain": out / "plain"}
     metrics: dict[str, dict[str, Any]] = {}
     for name, (images, latents) in results.items():
@@ -290,7 +258,6 @@ def run(cfg: PGConfig, out: Path, overwrite: bool, device_name: str | None, opti
         samples = samples_record(files, labels, cfg.seed)
         seq = {}
         if contexts:
-            from .sample import sequence_outputs
             for k, s in enumerate(samples):
                 s["context"] = contexts[k // cfg.n].source
             seq = {"sequence": sequence_outputs(folder, contexts, list(images.split(cfg.n)), meta)}

@@ -13,14 +13,16 @@ from typing import Any
 
 import torch
 
-from .common import DiffcliError, PerSampleRandn
+from .common import DiffcliError, PerSampleRandn, pick_device, pick_dtype
 from .denoisers import DiffusersDenoiser, ve_to_vp, vp_to_ve
-from .samplers import get_sigmas_scheduler
+from .samplers import get_sigmas_pipeline
 
 
-def load_pipeline(spec: str, device: torch.device, dtype: torch.dtype, kind: str = "text-to-image", **components):
+def load_pipeline(spec: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                  kind: str = "text-to-image", **components):
     """`DiffusionPipeline.from_pretrained` on a hub id or a local folder; the class comes from model_index.json.
 
+    device None: cuda, then mps, then cpu; dtype None: fp16 on CUDA, else fp32.
     `components` replace parts of the pipeline (IF stage II: text_encoder=None, it reuses stage I's T5 embeddings).
     """
     from diffusers import DiffusionPipeline
@@ -30,6 +32,8 @@ def load_pipeline(spec: str, device: torch.device, dtype: torch.dtype, kind: str
     tlog.set_verbosity_error()
     dlog.disable_progress_bar()  # loading bars on stderr say nothing the command does not
     tlog.disable_progress_bar()
+    device = pick_device(None if device is None else str(device))
+    dtype = pick_dtype(None, device) if dtype is None else dtype
     try:
         with warnings.catch_warnings():  # library deprecation chatter is not the user's business
             warnings.simplefilter("ignore")
@@ -41,13 +45,17 @@ def load_pipeline(spec: str, device: torch.device, dtype: torch.dtype, kind: str
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         repo = spec if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not Path(spec).exists() else "ORG/MODEL"
         raise DiffcliError(f"cannot load a {kind} pipeline from {spec!r} ({first[:160]}); get it with `hf download "
-                           f"{repo} --local-dir DIR` where there is a network and pass --model DIR (a local folder)"
+                           f"{repo} --local-dir DIR` where there is a network and pass the local folder"
                            ) from None
     if not hasattr(pipe, "unet"):
         raise DiffcliError(f"{spec!r} is a {type(pipe).__name__}; diffcli runs UNet pipelines (SD 1.x/2.x, SDXL, "
                            "DeepFloyd IF); transformer models (SD3, Flux) are not supported yet")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _device(pipe, device: torch.device | str | None) -> torch.device:
+    return torch.device(device) if device is not None else pipe.unet.device
 
 
 def family(pipe) -> str:
@@ -79,15 +87,18 @@ def denoiser(pipe) -> DiffusersDenoiser:
     return DiffusersDenoiser.from_scheduler(pipe.unet, pipe.scheduler)
 
 
-def sigmas(pipe, steps: int, device: torch.device) -> torch.Tensor:
-    """The DDIM timesteps of the pipeline's noise table as sigmas (ending in 0)."""
+def sigmas(pipe, steps: int, device: torch.device, schedule: str = "scheduler", rho: float = 7.0) -> torch.Tensor:
+    """The pipeline's sigmas under one of `samplers.SCHEDULES`: "scheduler", the DDIM timesteps of its noise table
+    (ending where its DDIM ends: 0, or the table's first level); "karras", Karras sigmas (exponent `rho`) from the
+    table's largest sigma to its smallest, then 0."""
     from diffusers import DDIMScheduler
-    return get_sigmas_scheduler(DDIMScheduler.from_config(pipe.scheduler.config), steps, device)
+
+    return get_sigmas_pipeline(DDIMScheduler.from_config(pipe.scheduler.config), steps, schedule, device, rho)
 
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list[str], negative: str | list[str] | None, height: int, width: int,
-                   device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
+                   device: torch.device | str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(cond, uncond) UNet keyword arguments, one row per prompt; `guidance.classifier_free` batches them.
 
     SDXL adds pooled text embeddings and the six micro-conditioning ids (original size, crop top-left,
@@ -95,6 +106,7 @@ def encode_prompts(pipe, prompts: list[str], negative: str | list[str] | None, h
     """
     if isinstance(negative, str):
         negative = [negative] * len(prompts)
+    device = _device(pipe, device)
     out = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
                              do_classifier_free_guidance=True, negative_prompt=negative)
     cond, uncond = {"encoder_hidden_states": out[0]}, {"encoder_hidden_states": out[1]}

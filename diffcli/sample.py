@@ -2,35 +2,39 @@
 optional CFG, a denoising strip and GIF; `show_forward` pictures the blurring forward process."""
 from __future__ import annotations
 
-import math
+import contextlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .common import (DiffcliError, PerSampleRandn, load_images, make_grid, pick_dtype, progress_bar,
+from .common import (DiffcliError, PerSampleRandn, load_checkpoint, load_images, make_grid, pick_dtype, progress_bar,
                      prepare_out_dir, save_gif, save_grid, save_image, write_run_json)
 from .dist import Dist
-from .guidance import classifier_free
-from .nets import load_model
-from .samplers import SAMPLERS, SamplerKnobs, get_sigmas_karras, nfe, run_sampler
-from .blurring import DEFAULT_STEPS as BLURRING_STEPS, SAMPLERS as BLURRING_SAMPLERS
+from .guidance import pg_of, seg_layers, seg_of, stack
+from .models import load_model
+from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_sampling,
+                      record as options_record)
+from .particles import KernelGrad, latent_kernel
+from .samplers import SAMPLERS, get_sigmas_karras, nfe, run_sampler
+from . import sequences as sq
+from .blurring import (DEFAULT_STEPS as BLURRING_STEPS, SAMPLERS as BLURRING_SAMPLERS, BlurSchedule, blurred_mean,
+                       check_blur_sigma, diffuse, get_ts, sample_blurring, schedule_of)
+from .contexts import resolve_contexts
 
-SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "mnist-edm.safetensors"
+from .shipped import SHIPPED_MODEL as SHIPPED_CHECKPOINT  # the built-in model; every shipped path is in shipped.py
 
 
-@dataclass
-class SampleConfig(SamplerKnobs):
+@dataclass(kw_only=True)
+class SampleConfig(GuidanceOptions, SamplingOptions):
+    """sampler None: the model's default, heun (EDM) or ancestral (blurring); steps None: 18 (EDM; heun = 35 NFE)
+    or 100 (blurring, the 004 seed's T). SEG and PG act on EDM models; PG's particles are each network batch."""
     checkpoint: str = str(SHIPPED_CHECKPOINT)
     n: int = 16
     labels: str | None = None
-    cfg: float | None = None
-    sampler: str | None = None  # None: the model's default, heun (EDM) or ancestral (blurring)
-    steps: int | None = None  # None: 18 (EDM; heun = 35 NFE) or 100 (blurring, the 004 seed's T)
     sigma_min: float | None = None
     sigma_max: float | None = None
-    rho: float = 7.0
     seed: int = 0
     batch_size: int = 64
     dtype: str | None = None
@@ -64,17 +68,14 @@ def parse_labels(spec: str | None, num_classes: int, n: int) -> list[int] | None
 def validate(cfg: SampleConfig) -> None:
     if cfg.n < 1:
         raise DiffcliError("--n must be >= 1")
-    if cfg.steps is not None and cfg.steps < 1:
-        raise DiffcliError("--steps must be >= 1")
     if cfg.batch_size < 1:
         raise DiffcliError("--batch-size must be >= 1")
     if cfg.sampler is not None and cfg.sampler not in SAMPLERS + BLURRING_SAMPLERS:
         raise DiffcliError(f"unknown sampler {cfg.sampler!r}; choose one of {', '.join(SAMPLERS)} (EDM models) "
                            f"or {', '.join(BLURRING_SAMPLERS)} (blurring models)")
-    for name in ("cfg", "s_churn", "s_noise", "eta", "rho"):
-        v = getattr(cfg, name)
-        if v is not None and (not math.isfinite(v) or v < 0):
-            raise DiffcliError(f"--{name.replace('_', '-')} must be a finite number >= 0")
+    check_sampling(replace(cfg, sampler=None), pipeline=False)
+    check_guidance(cfg)
+    check_particles(cfg, min(cfg.n, cfg.batch_size), pipeline=False, what="the batch (--n and --batch-size)")
     if cfg.sigma_min is not None and cfg.sigma_max is not None and not 0 < cfg.sigma_min < cfg.sigma_max:
         raise DiffcliError("need 0 < --sigma-min < --sigma-max")
 
@@ -82,6 +83,8 @@ def validate(cfg: SampleConfig) -> None:
 def resolve(cfg: SampleConfig, meta: dict[str, Any]) -> SampleConfig:
     """The model's defaults for --sampler/--steps; a sampler or schedule option of the other process is refused."""
     if meta["kind"] == "blurring":
+        if cfg.seg_on or cfg.pg_factor:
+            raise DiffcliError("SEG and PG guide EDM denoisers; a blurring-diffusion model takes CFG only")
         if cfg.sampler not in (None, *BLURRING_SAMPLERS):
             raise DiffcliError(f"--sampler {cfg.sampler} is an EDM sampler; a blurring model samples with "
                                f"{', '.join(BLURRING_SAMPLERS)} (its own reverse process, --steps default {BLURRING_STEPS})")
@@ -111,43 +114,49 @@ def check_against_model(cfg: SampleConfig, meta: dict[str, Any]) -> list[int] | 
 
 def sample_batches(model, meta: dict[str, Any], cfg: SampleConfig, device: torch.device,
                    indices: Sequence[int] | None = None, on_step: Callable[[int], None] | None = None,
-                   wrap: Callable | None = None, context: torch.Tensor | None = None,
+                   kernel: tuple[KernelGrad, bool] | None = None, context: torch.Tensor | None = None,
                    ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
     """Yields (sample indices, images (B,C,H,W) in [-1,1], x0_hat strip or None) per batch of `cfg.batch_size`.
 
     Sample i uses seed cfg.seed + i for its initial and its per-step noise, so it does not depend on batching,
     on which other indices are drawn (resume, ranks) or on their order. The strip comes with the batch that
-    holds index 0. `wrap` turns each batch's (CFG) denoiser into another one, e.g. particle guidance.
+    holds index 0. Each batch samples `guidance.stack`: CFG and SEG (`--blur`, on the net's self-attention) in one
+    network batch, then PG with `kernel` (particles.make_kernel; default the RBF on x) across the batch.
     Next-frame models take `context` (C_ctx, H, W) in [-1, 1], shared by every sample.
     """
     cfg = resolve(cfg, meta)
     labels = check_against_model(cfg, meta)
     if bool(meta.get("context_frames")) != (context is not None):
         raise DiffcliError("a next-frame model needs a context and other models take none")
-    scale = 1.0 if cfg.cfg is None else cfg.cfg
+    indices = list(range(cfg.n)) if indices is None else list(indices)
+    seg = seg_of(cfg, check_guidance(cfg)[0] if cfg.seg_on else None)  # resolve() refused both for blurring
+    pg = pg_of(cfg, kernel or latent_kernel())
+    with seg.installed(model.net.unet) if seg else contextlib.nullcontext():
+        yield from _draw(model, meta, cfg, device, indices, labels, seg, pg, on_step, context)
+
+
+def _draw(model, meta, cfg, device, indices, labels, seg, pg, on_step, context):
+    """sample_batches' loop (its options already resolved and checked; SEG's processors installed)."""
+    scale = 1.0 if cfg.cfg is None or labels is None else cfg.cfg
     blurring = meta["kind"] == "blurring"  # its model predicts eps at time t; CFG mixes eps the same way
     if blurring:
-        from .blurring import get_ts, sample_blurring, schedule_of
         ts, start_scale = get_ts(cfg.steps, device), 1.0
     else:
         sigmas = get_sigmas_karras(cfg.steps, cfg.sigma_min or meta["sigma_min"], cfg.sigma_max or meta["sigma_max"],
                                    cfg.rho, device=device)
         start_scale = sigmas[0]
     shape = (meta["channels"], meta["image_size"], meta["image_size"])
-    indices = list(range(cfg.n)) if indices is None else list(indices)
     for start in range(0, len(indices), cfg.batch_size):
         idx = indices[start:start + cfg.batch_size]
         rng = PerSampleRandn([cfg.seed + i for i in idx], device)
         x = rng.randn(shape) * start_scale
         cond = {} if context is None else {"context": context.to(device).expand(len(idx), *context.shape)}
         if labels is None:
-            denoiser = (lambda x, s, **kw: model(x, s, **cond, **kw)) if cond else model
+            both = (cond, cond)
         else:
             y = torch.tensor([labels[i] for i in idx], device=device)
-            denoiser = classifier_free(model, scale, {"class_labels": y, **cond},
-                                       {"class_labels": torch.full_like(y, model.null_label), **cond})
-        if wrap is not None:
-            denoiser = wrap(denoiser)
+            both = ({"class_labels": y, **cond}, {"class_labels": torch.full_like(y, model.null_label), **cond})
+        denoiser = stack(model, scale, *both, None if blurring else sigmas, seg=seg, pg=pg)
         keep = (cfg.strip or cfg.gif) and 0 in idx
         # blurring: the state z_t itself, from the noise at t = 1 (x0_hat would divide by d_t ~ 0.001)
         frames: list[torch.Tensor] = [x[:8].clamp(-1, 1).cpu()] if blurring and keep else []
@@ -169,11 +178,11 @@ def sample_batches(model, meta: dict[str, Any], cfg: SampleConfig, device: torch
 
 
 def sample_images(model, meta: dict[str, Any], cfg: SampleConfig, device: torch.device,
-                  on_step: Callable[[int], None] | None = None, wrap: Callable | None = None,
+                  on_step: Callable[[int], None] | None = None, kernel: tuple[KernelGrad, bool] | None = None,
                   context: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int] | None, torch.Tensor | None]:
     """All n samples (N,C,H,W in [-1,1]) in memory, their labels, and the strip if asked."""
     images, strip = [], None
-    for _, batch, batch_strip in sample_batches(model, meta, cfg, device, on_step=on_step, wrap=wrap,
+    for _, batch, batch_strip in sample_batches(model, meta, cfg, device, on_step=on_step, kernel=kernel,
                                                 context=context):
         images.append(batch)
         strip = batch_strip if batch_strip is not None else strip
@@ -198,8 +207,10 @@ def _run(cfg: SampleConfig, out: Path, overwrite: bool, resume: bool, dist: Dist
     model.net.to(dtype)
     cfg = resolve(cfg, meta)
     labels = check_against_model(cfg, meta)  # fail before touching the output folder
+    if meta["kind"] == "edm":
+        seg_layers(model.net.unet, cfg, "--layers")
     ctx = model_context(cfg, meta)
-    record = {**asdict(cfg), **options}
+    record = {**options_record(cfg), **options}
     names = sample_names(cfg.n, labels, cfg.seed)
 
     dist.begin(out, overwrite, resume, "sample", record, model=meta)
@@ -246,14 +257,12 @@ def model_context(cfg: SampleConfig, meta: dict[str, Any]):
                                f"{meta['image_size']}x{meta['image_size']}: pass --context N (a sequence of its "
                                f"{meta.get('dataset')} dataset) or --context FILE")
         return None
-    from .sequences import resolve_contexts
     return resolve_contexts(cfg.context, meta, cfg.data_root)[0]
 
 
 def sequence_outputs(out: Path, contexts: list, images: list[torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     """context.png (first context, reusable as --context FILE), sequence.png (a row per context: context |
     samples | true futures), landing.png (where the digits moved) and the 001 metrics where the truth is known."""
-    from . import sequences as sq
     sq.save_context_png(out / "context.png", contexts[0].frames)
     save_image(out / "sequence.png", sq.strip([sq.context_row(c, x[:16]) for c, x in zip(contexts, images)]))
     per = [sq.context_metrics(x, c) for c, x in zip(contexts, images)]
@@ -296,10 +305,8 @@ def show_forward(image: Path, out: Path, overwrite: bool, checkpoint: str | None
     two rows, the blurred image IDCT(d_t DCT(x)) and z_t (blurred, scaled by a_t, noised with one fixed noise);
     forward.gif (with `gif`) runs t through 50 values. The process is --checkpoint's if that is a blurring model
     (--blur-sigma-max overrides its sigma_B,max), else sigma_B,max = --blur-sigma-max or 20."""
-    from .blurring import BlurSchedule, blurred_mean, check_blur_sigma, diffuse, schedule_of
     schedule = BlurSchedule()
     if checkpoint is not None:
-        from .common import load_checkpoint
         meta = load_checkpoint(Path(checkpoint) / "model.safetensors" if Path(checkpoint).is_dir() else checkpoint)[1]
         if meta.get("model", {}).get("kind") != "blurring":
             raise DiffcliError(f"--show-forward shows a blurring process; {checkpoint} is no blurring model "

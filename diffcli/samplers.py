@@ -1,9 +1,12 @@
 """Sigma schedules and samplers: pure functions over a denoiser D(x, sigma, **extra_args) -> x0_hat.
 
 Every sampler has the signature (model, x, sigmas, extra_args, callback, ...knobs) and integrates
-the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma from sigmas[0] down to sigmas[-1].
-A sampler never knows which model or guidance it runs. `callback` receives a dict
-(x, i, sigma, sigma_hat, denoised) after each step; progress bars and strips hang off it.
+the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma from sigmas[0] down to sigmas[-1]
+(the ancestral ones its SDE). A sampler never knows which model or guidance it runs. `callback` receives a
+dict (x, i, sigma, sigma_hat, denoised) after each step; progress bars and strips hang off it. Its "x" is the
+very tensor the next step continues from, so a callback that changes it in place (x_t synchronization,
+`diffcli.sync`) steers the rest of the run; whatever a sampler keeps inside a step or from earlier steps
+(Heun's corrector evaluation, DPM-Solver++(2M)'s previous x0 estimate) is its own and is not handed out.
 """
 from __future__ import annotations
 
@@ -16,7 +19,11 @@ import torch
 Callback = Callable[[dict[str, Any]], None] | None
 Noise = Callable[[torch.Tensor], torch.Tensor]
 
-SAMPLERS = ("euler", "heun", "stochastic_heun", "ddim")
+SAMPLERS = ("euler", "heun", "stochastic_heun", "ddim", "euler_ancestral", "dpmpp_2m")
+SCHEDULES = ("scheduler", "karras")  # sigmas for a diffusers pipeline: its DDIM timesteps, or Karras over its table
+# the samplers that take eta, at their own default (what `eta=None` means): DDIM is deterministic unless asked,
+# Euler ancestral is ancestral unless asked (eta = 0 makes it plain Euler)
+ETA_DEFAULTS = {"ddim": 0.0, "euler_ancestral": 1.0}
 
 
 @dataclass
@@ -27,9 +34,9 @@ class SamplerKnobs:
     s_tmin: float = 0.05
     s_tmax: float = 50.0
     s_noise: float = 1.003
-    eta: float = 0.0
+    eta: float | None = None  # None: each sampler's own default (ETA_DEFAULTS: ddim 0, euler_ancestral 1)
 
-    def knobs(self) -> dict[str, float]:
+    def knobs(self) -> dict[str, float | None]:
         return {"s_churn": self.s_churn, "s_tmin": self.s_tmin, "s_tmax": self.s_tmax, "s_noise": self.s_noise,
                 "eta": self.eta}
 
@@ -60,6 +67,25 @@ def get_sigmas_scheduler(scheduler: Any, steps: int, device: str | torch.device 
     final_a = float(getattr(scheduler, "final_alpha_cumprod", torch.tensor(1.0)))
     final = math.sqrt((1 - final_a) / final_a)
     return torch.cat([sig[timesteps], torch.tensor([final], dtype=torch.float64)]).to(device=device, dtype=torch.float32)
+
+
+def get_sigmas_table_karras(alphas_cumprod: torch.Tensor, steps: int, rho: float = 7.0,
+                            device: str | torch.device = "cpu") -> torch.Tensor:
+    """Karras sigmas (EDM eq. 5) spanning a diffusers noise table: from its largest sigma to its smallest, then 0."""
+    a = alphas_cumprod.double()
+    table = ((1 - a) / a).sqrt()
+    return get_sigmas_karras(steps, float(table.min()), float(table.max()), rho, device)
+
+
+def get_sigmas_pipeline(scheduler: Any, steps: int, schedule: str = "scheduler",
+                        device: str | torch.device = "cpu", rho: float = 7.0) -> torch.Tensor:
+    """A diffusers scheduler's sigmas under one of SCHEDULES: "scheduler" = its own (DDIM) timesteps
+    (`get_sigmas_scheduler`), "karras" = Karras over its table, ending in 0 (`get_sigmas_table_karras`)."""
+    if schedule == "scheduler":
+        return get_sigmas_scheduler(scheduler, steps, device)
+    if schedule == "karras":
+        return get_sigmas_table_karras(scheduler.alphas_cumprod, steps, rho, device)
+    raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
 
 # ---------------------------------------------------------------- helpers
@@ -146,15 +172,71 @@ def sample_ddim(model, x, sigmas, extra_args=None, callback: Callback = None, et
     return x
 
 
+@torch.no_grad()
+def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback: Callback = None, eta: float = 1.0,
+                           s_noise: float = 1.0, noise: Noise = torch.randn_like):
+    """Euler ancestral: an Euler step down to sigma_down, then fresh noise of std s_noise * sigma_up
+    (`get_ancestral_step`); none on a step to 0. With s_noise = 1 it is `sample_ddim` at the same eta
+    (the same step, written as Euler); eta = 0 is plain Euler."""
+    extra_args = extra_args or {}
+    for i in range(len(sigmas) - 1):
+        sigma = sigmas[i]
+        denoised = _call(model, x, sigma, extra_args)
+        sigma_down, sigma_up = get_ancestral_step(sigma, sigmas[i + 1], eta)
+        x = x + to_d(x, sigma, denoised) * (sigma_down - sigma)
+        if sigma_up > 0:
+            x = x + noise(x) * (s_noise * sigma_up)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback: Callback = None):
+    """DPM-Solver++(2M) (Lu et al. 2022, data prediction, multistep), one evaluation a step.
+
+    With t = -log(sigma) and h = t_next - t, a step is x_next = (sigma_next / sigma) x - expm1(-h) D, the exact
+    solution of the ODE when x0_hat stays D over the step. D is this step's x0_hat on the first step and on a step
+    to sigma = 0 (where x_next = x0_hat); otherwise it is extrapolated linearly in t from this step's and the
+    previous step's x0_hat: with r = h_prev / h, D = (1 + 1/(2r)) D_i - 1/(2r) D_(i-1).
+    """
+    extra_args = extra_args or {}
+    prev, h_prev = None, None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = _call(model, x, sigma, extra_args)
+        if sigma_next == 0:
+            x, h = denoised.clone(), None  # the callback may project x in place: keep `denoised` as evaluated
+        else:
+            h = sigma.log() - sigma_next.log()
+            d = denoised
+            if prev is not None and h_prev > 0:  # (a repeated sigma, h_prev = 0, has no slope to extrapolate)
+                k = h / (2 * h_prev)  # 1 / (2r)
+                d = (1 + k) * denoised - k * prev
+            x = (sigma_next / sigma) * x - torch.expm1(-h) * d
+        prev, h_prev = denoised, h
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+    return x
+
+
 def nfe(sampler: str, steps: int) -> int:
-    """Network evaluations a sampler spends on `steps` steps ending at sigma = 0."""
+    """Network evaluations a sampler spends on `steps` steps ending at sigma = 0 (Heun's last step is Euler;
+    every other sampler here, and blurring's ancestral, evaluates once a step)."""
     return 2 * steps - 1 if sampler in ("heun", "stochastic_heun") else steps
 
 
 def run_sampler(name: str, model, x, sigmas, extra_args=None, callback: Callback = None,
-                noise: Noise = torch.randn_like, eta: float = 0.0, s_churn: float = 0.0,
+                noise: Noise = torch.randn_like, eta: float | None = None, s_churn: float = 0.0,
                 s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0):
-    """Dispatch by name, passing each sampler only the knobs it has."""
+    """Dispatch by name, passing each sampler only the knobs it has.
+
+    eta=None gives each eta sampler its own default (ETA_DEFAULTS: ddim 0, euler_ancestral 1); a number is used
+    as given. s_noise goes to stochastic_heun only: it is EDM's S_noise (1.003 at the commands' defaults), and
+    euler_ancestral runs at s_noise 1 as the method is usually stated (call `sample_euler_ancestral` for others).
+    """
+    if name in ETA_DEFAULTS and eta is None:
+        eta = ETA_DEFAULTS[name]
     if name == "euler":
         return sample_euler(model, x, sigmas, extra_args, callback)
     if name == "heun":
@@ -163,4 +245,8 @@ def run_sampler(name: str, model, x, sigmas, extra_args=None, callback: Callback
         return sample_stochastic_heun(model, x, sigmas, extra_args, callback, s_churn, s_tmin, s_tmax, s_noise, noise)
     if name == "ddim":
         return sample_ddim(model, x, sigmas, extra_args, callback, eta, noise)
+    if name == "euler_ancestral":
+        return sample_euler_ancestral(model, x, sigmas, extra_args, callback, eta, noise=noise)
+    if name == "dpmpp_2m":
+        return sample_dpmpp_2m(model, x, sigmas, extra_args, callback)
     raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")

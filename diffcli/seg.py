@@ -1,45 +1,42 @@
 """diffcli seg: Smoothed Energy Guidance (Hong 2024) on Stable Diffusion 1.x/2.x and SDXL, with the 000 seed's blurs.
 
-SEG is `guidance.smoothed_energy` over the pipeline's denoiser, run by our Euler (= DDIM) sampler on the
-scheduler's sigmas; the blurs live in `query_blur.py`, the processor in `attention.py`. This module chooses the guided
-steps (regions, sigma window), names and writes the outputs.
+SEG is `guidance.stack` (CFG + SEG in one batch, optional PG) over the pipeline's denoiser, run by any sampler of
+`diffcli.samplers` (default: Euler on the scheduler's sigmas = DDIM); the blurs live in `query_blur.py`, the
+processor in `attention.py`, the guided steps in `guidance.py`. This module runs prompts and blurs, names and
+writes the outputs.
 """
 from __future__ import annotations
 
 import csv
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from . import attention, pipelines
-from .query_blur import Blur, parse_blur
 from .common import (DiffcliError, PerSampleRandn, atomic_path, load_images, pick_dtype, progress_bar, safe_name,
                      save_grid, save_image, write_json, write_run_json)
 from .dist import Dist
-from .guidance import smoothed_energy
-from .samplers import sample_euler
+from .guidance import Seg, guided_steps, pg_of, seg_of, stack, step_index
+from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_sampling,
+                      record as options_record, split_list)
+from .particles import latent_kernel
+from .query_blur import Blur
+from .samplers import run_sampler
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
-DEFAULT_BLUR = "gaussian_-1_9999999"  # the official default: infinite blur
-REGIONS = ("begin", "mid", "end")
 METRIC_FIELDS = ("blur", "prompt", "step", "sigma", "layer", "role", "blurred", "l2", "laplacian_var", "edge_entropy")
 
 
-@dataclass
-class SegConfig:
+@dataclass(kw_only=True)
+class SegConfig(GuidanceOptions, SamplingOptions):
     prompts: list[str]
     model: str = DEFAULT_MODEL
-    seg_scale: float = 3.0
-    guidance: float = 5.0
-    blurs: list[str] = field(default_factory=lambda: [DEFAULT_BLUR])
-    layers: list[str] = field(default_factory=lambda: ["mid"])
-    regions: list[str] = field(default_factory=lambda: list(REGIONS))
-    sigma_start: float = math.inf
-    sigma_end: float = 0.0
-    steps: int = 50
+    cfg: float | None = 5.0        # the official SEG-SDXL default; 0 or 1 = SEG without CFG
+    seg_scale: float | None = 3.0
+    sampler: str | None = "euler"  # on the scheduler's sigmas: DDIM
+    steps: int | None = 50
     seed: int = 0
     n: int = 1
     height: int | None = None
@@ -50,86 +47,33 @@ class SegConfig:
     track_block: str = "mid"
 
 
-def split_list(values: list[str]) -> list[str]:
-    """Repeated options and comma lists alike: ['down,up', 'mid'] -> ['down', 'up', 'mid'], order kept, no repeats."""
-    return list(dict.fromkeys(v.strip() for value in values for v in value.split(",") if v.strip()))
-
-
 def validate(cfg: SegConfig) -> list[Blur]:
     """Everything checkable before a model is loaded or a file written; returns the parsed blurs."""
     if not cfg.prompts or not all(p.strip() for p in cfg.prompts):
         raise DiffcliError('give a prompt (diffcli seg "a cat") or --prompts-file FILE')
-    if cfg.steps < 1:
-        raise DiffcliError(f"--steps must be >= 1, got {cfg.steps}")
     if cfg.n < 1:
         raise DiffcliError(f"--n must be >= 1, got {cfg.n}")
-    for name in ("seg_scale", "guidance"):
-        v = getattr(cfg, name)
-        if not math.isfinite(v) or v < 0:
-            raise DiffcliError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
-    regions = split_list(cfg.regions)
-    if not regions or any(r not in REGIONS for r in regions):
-        raise DiffcliError(f"--regions {','.join(cfg.regions)!r}: choose any of {','.join(REGIONS)} "
-                           "(thirds of the steps, begin = noisiest)")
-    if not 0 <= cfg.sigma_end <= cfg.sigma_start:
-        raise DiffcliError(f"need 0 <= --sigma-end <= --sigma-start (got {cfg.sigma_end} and {cfg.sigma_start})")
-    if not split_list(cfg.layers):
-        raise DiffcliError("--layers needs at least one of down, mid, up or an indexed layer (d4, m0, u1)")
+    check_sampling(cfg, pipeline=True)
+    blurs = check_guidance(cfg, many_blurs=True)
+    check_particles(cfg, cfg.n, pipeline=True)
     for name in ("height", "width"):
         v = getattr(cfg, name)
         if v is not None and v < 1:
             raise DiffcliError(f"--{name} must be a positive number of pixels, got {v}")
-    blurs = [parse_blur(spec) for spec in split_list(cfg.blurs)]
-    if not blurs:
-        raise DiffcliError(f"--blur needs a spec, e.g. {DEFAULT_BLUR}")
-    return blurs
-
-
-# ---------------------------------------------------------------- which steps are guided
-
-def region(step: int, steps: int) -> str:
-    """begin / mid / end third of the denoising steps (begin = noisiest)."""
-    return REGIONS[min(2, 3 * step // steps)]
-
-
-def guided_steps(sigmas: torch.Tensor, regions: list[str], sigma_start: float = math.inf,
-                 sigma_end: float = 0.0) -> list[bool]:
-    """Per step: does it run the perturbed pass? Inside the chosen regions AND the noise window [end, start]."""
-    levels = sigmas[:-1].tolist()
-    return [region(i, len(levels)) in regions and sigma_end <= s <= sigma_start for i, s in enumerate(levels)]
-
-
-def step_index(sigmas: torch.Tensor, sigma: torch.Tensor | float) -> int:
-    """The step whose noise level `sigma` is (the sampler passes the schedule's own values)."""
-    s = float(torch.as_tensor(sigma).flatten()[0])
-    levels = sigmas[:-1].tolist()
-    return min(range(len(levels)), key=lambda i: abs(levels[i] - s))
-
-
-def blur_schedule(blur: Blur, sigmas: torch.Tensor, guided: list[bool]) -> Callable[[torch.Tensor], Blur | None]:
-    """sigma -> the blur of that step (EMA's alpha ramps over all the steps), or None on unguided steps."""
-    last = max(len(guided) - 1, 1)
-
-    def at(sigma: torch.Tensor) -> Blur | None:
-        i = step_index(sigmas, sigma)
-        return blur.at(i / last) if guided[i] else None
-
-    return at
+    return blurs or [None]
 
 
 # ---------------------------------------------------------------- sampling
 
 @torch.no_grad()
-def sample(pipe, cond: dict[str, Any], uncond: dict[str, Any], seeds: list[int], cfg: SegConfig, blur: Blur,
-           state: attention.SegState, sigmas: torch.Tensor, guided: list[bool], device: torch.device,
-           callback=None) -> torch.Tensor:
+def sample(pipe, cond: dict[str, Any], uncond: dict[str, Any], seeds: list[int], cfg: SegConfig, seg: Seg | None,
+           sigmas: torch.Tensor, device: torch.device, callback=None) -> torch.Tensor:
     """One batch of images (N, 3, H, W) in [-1, 1] for one prompt's encodings; sample i starts from seeds[i]."""
     height, width = size(pipe, cfg)
-    model = smoothed_energy(pipelines.denoiser(pipe), cfg.seg_scale, cfg.guidance, cond, uncond, state,
-                            blur_schedule(blur, sigmas, guided))
+    model = stack(pipelines.denoiser(pipe), cfg.cfg, cond, uncond, sigmas, seg=seg, pg=pg_of(cfg, latent_kernel()))
     rng = PerSampleRandn(seeds, device)
     x = pipelines.initial_latents(rng, pipelines.latent_shape(pipe, height, width), sigmas[0])
-    x = sample_euler(model, x, sigmas, callback=callback)
+    x = run_sampler(cfg.sampler, model, x, sigmas, callback=callback, noise=rng, **cfg.knobs())
     return pipelines.decode(pipe, x, sigmas[-1])
 
 
@@ -182,53 +126,63 @@ def _run(cfg: SegConfig, blurs: list[Blur], out: Path, overwrite: bool, resume: 
         raise DiffcliError(f"{cfg.model!r} is a pixel-space (DeepFloyd IF) pipeline; seg runs latent SD 1.x/2.x "
                            "and SDXL models")
     height, width = size(pipe, cfg)
-    perturbed = attention.resolve_layers(pipe.unet, split_list(cfg.layers))
+    perturbed = attention.resolve_layers(pipe.unet, split_list(cfg.layers), "--layers") if blurs[0] is not None else []
     tracked = attention.resolve_layers(pipe.unet, [cfg.track_block], "--track-block") if cfg.metrics else []
-    record = {**asdict(cfg), **options, "sigma_start": None if math.isinf(cfg.sigma_start) else cfg.sigma_start}
+    record = {**options_record(cfg), **options}
     out = dist.begin(out, overwrite, resume, "seg", record)  # nothing is written before this line
 
-    sigmas = pipelines.sigmas(pipe, cfg.steps, device)
-    guided = guided_steps(sigmas, split_list(cfg.regions), cfg.sigma_start, cfg.sigma_end)
+    sigmas = pipelines.sigmas(pipe, cfg.steps, device, cfg.schedule or "scheduler")
+    guided = guided_steps(sigmas, split_list(cfg.regions), cfg.sigma_start, cfg.sigma_end) if perturbed else []
     seeds = [cfg.seed + i for i in range(cfg.n)]
-    folders = {b.spec: out if len(blurs) == 1 else out / safe_name(b.spec) for b in blurs}
+    segs = {spec_of(b): seg_of(cfg, b) for b in blurs}
+    state = next((g.state for g in segs.values() if g is not None), attention.SegState())
+    for g in segs.values():
+        if g is not None:
+            g.state = state  # one set of processors serves every blur
+    folders = {spec_of(b): out if len(blurs) == 1 else out / safe_name(spec_of(b)) for b in blurs}
     jobs = list(zip(cfg.prompts, image_stems(cfg.prompts)))
-    names = lambda stem, blur: [folders[blur.spec] / f"{stem}_seed{seed}.png" for seed in seeds]  # noqa: E731
+    names = lambda stem, blur: [folders[spec_of(blur)] / f"{stem}_seed{seed}.png" for seed in seeds]  # noqa: E731
     remaining = [j for j in jobs if not (resume and all(f.is_file() for b in blurs for f in names(j[1], b)))]
     mine = dist.shard(remaining)
-    state, recorder = attention.SegState(), ([] if cfg.metrics else None)
-    metrics: dict[str, list[dict[str, Any]]] = {b.spec: [] for b in blurs}
+    recorder = [] if cfg.metrics else None
+    metrics: dict[str, list[dict[str, Any]]] = {spec_of(b): [] for b in blurs}
     with attention.installed(pipe.unet, state, perturbed, tracked, recorder), \
             progress_bar("seg", cfg.steps * len(blurs) * len(mine), disable=not dist.main) as advance:
         for prompt, stem in mine:
             cond, uncond = pipelines.encode_prompts(pipe, [prompt] * cfg.n, cfg.negative_prompt, height, width,
                                                     device)
             for blur in blurs:  # same prompt encodings and seeds for every blur
-                batch = sample(pipe, cond, uncond, seeds, cfg, blur, state, sigmas, guided, device,
+                batch = sample(pipe, cond, uncond, seeds, cfg, segs[spec_of(blur)], sigmas, device,
                                callback=lambda info: advance(1))
                 for image, path in zip(batch, names(stem, blur)):
                     save_image(path, image)
                 if recorder is not None:
-                    metrics[blur.spec] += [{"blur": blur.spec, "prompt": prompt, "step": step_index(sigmas, r["sigma"]),
+                    metrics[spec_of(blur)] += [{"blur": spec_of(blur), "prompt": prompt, "step": step_index(sigmas, r["sigma"]),
                                             **r} for r in recorder]
                     recorder.clear()
     dist.barrier()
-    files = {b.spec: [str(f.relative_to(out)) for _, stem in jobs for f in names(stem, b)] for b in blurs}
+    files = {spec_of(b): [str(f.relative_to(out)) for _, stem in jobs for f in names(stem, b)] for b in blurs}
     if dist.main:
-        stacked = [load_images(out / f for f in files[b.spec][:GRID_MAX]) for b in blurs]
+        stacked = [load_images(out / f for f in files[spec_of(b)][:GRID_MAX]) for b in blurs]
         if len(blurs) == 1:
             save_grid(out / "grid.png", stacked[0], nrow=cfg.n)
         else:  # side by side: one row per (prompt, seed), one column per blur
             save_grid(out / "grid.png", torch.stack(stacked, 1).flatten(0, 1), nrow=len(blurs))
         if cfg.metrics:
             for b in blurs:
-                write_metrics(folders[b.spec], metrics[b.spec])
+                write_metrics(folders[spec_of(b)], metrics[spec_of(b)])
         write_run_json(out, "seg", record, device, status="complete", world_size=dist.world,
                        model={"kind": type(pipe).__name__, "model": cfg.model}, height=height, width=width,
                        perturbed_layers=perturbed, tracked_layers=tracked,
                        guided_steps=[i for i, g in enumerate(guided) if g],
-                       blurs={b.spec: str(folders[b.spec].relative_to(out)) for b in blurs}, images=files)
+                       blurs={spec_of(b): str(folders[spec_of(b)].relative_to(out)) for b in blurs}, images=files)
     return {"out": str(out), "images": sum(len(f) for f in files.values()), "blurs": len(blurs),
             "skipped": len(jobs) - len(remaining), "main": dist.main}
 
 
 GRID_MAX = 256  # images per blur column in grid.png
+
+
+def spec_of(blur: Blur | None) -> str:
+    """A blur's spec, or 'none' for the SEG-off run (seg_scale 0)."""
+    return "none" if blur is None else blur.spec

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .common import DiffcliError
+from .common import DiffcliError, atomic_path, save_image, to_model_range
 
 KINDS = ("moving-mnist", "circle-jumping", "horizontal")
 
@@ -65,34 +65,34 @@ def check_spec(spec: SequenceSpec) -> None:
     if spec.kind not in KINDS:
         raise DiffcliError(f"unknown sequence dataset {spec.kind!r}; choose one of {', '.join(KINDS)}")
     if spec.frame_size < 8:
-        raise DiffcliError(f"frame size (--image-size) must be >= 8, got {spec.frame_size}")
+        raise DiffcliError(f"frame_size must be >= 8, got {spec.frame_size}")
     if spec.context_frames < 1:
-        raise DiffcliError(f"--context-frames must be >= 1, got {spec.context_frames}")
+        raise DiffcliError(f"context_frames must be >= 1, got {spec.context_frames}")
     if spec.step_size < 1:
-        raise DiffcliError(f"--step-size must be >= 1 pixel, got {spec.step_size}")
+        raise DiffcliError(f"step_size must be >= 1 pixel, got {spec.step_size}")
     if spec.directions < 1:
-        raise DiffcliError(f"--directions K must be >= 1, got {spec.directions}")
+        raise DiffcliError(f"directions must be >= 1, got {spec.directions}")
     if not (math.isfinite(spec.p_left) and 0.0 <= spec.p_left <= 1.0):
-        raise DiffcliError(f"--p-left is a probability and must be in [0, 1], got {spec.p_left}")
+        raise DiffcliError(f"p_left is a probability and must be in [0, 1], got {spec.p_left}")
     room = spec.span // 2  # pixels between the centred digit and the border
     digit = f"a {spec.digit_size}-px digit in a {spec.frame_size}-px frame has {room} px of room on each side"
     if spec.kind == "moving-mnist":
         if spec.context_frames < 2:
-            raise DiffcliError("moving-mnist needs --context-frames >= 2 (one frame shows no velocity)")
+            raise DiffcliError("moving-mnist needs context_frames >= 2 (one frame shows no velocity)")
         if spec.step_size > spec.span:
-            raise DiffcliError(f"--step-size {spec.step_size} exceeds the {spec.span} px a digit can travel in a "
+            raise DiffcliError(f"step_size {spec.step_size} exceeds the {spec.span} px a digit can travel in a "
                                f"{spec.frame_size}-px frame")
     elif spec.kind == "circle-jumping":
         if spec.step_size > room:
-            raise DiffcliError(f"--step-size {spec.step_size} leaves the frame: {digit}")
+            raise DiffcliError(f"step_size {spec.step_size} leaves the frame: {digit}")
         shifts = circle_shifts(spec.directions, spec.step_size)
         if len(torch.unique(shifts, dim=0)) < spec.directions:
-            raise DiffcliError(f"{spec.directions} directions at --step-size {spec.step_size} collide once rounded to "
-                               f"whole pixels; use a larger --step-size or fewer --directions")
+            raise DiffcliError(f"{spec.directions} directions at step_size {spec.step_size} collide once rounded to "
+                               f"whole pixels; use a larger step_size or fewer directions")
     else:
         need = spec.step_size * max(spec.context_frames - 1, 1)
         if need > room:
-            raise DiffcliError(f"--step-size {spec.step_size} x {spec.context_frames} context frames needs {need} px: "
+            raise DiffcliError(f"step_size {spec.step_size} x {spec.context_frames} context frames needs {need} px: "
                                f"{digit}")
 
 
@@ -339,13 +339,12 @@ def landing_map(moved: torch.Tensor, shifts: torch.Tensor, radius: int, cell: in
 def plot_landing(path: Path, moved: dict[str, torch.Tensor], shifts: torch.Tensor) -> bool:
     """Scatter of the digit shifts of each sample set (e.g. plain vs PG) over the true futures, with
     matplotlib if it is installed (the `plot` extra); returns whether a plot was written."""
-    try:
+    try:  # deferred: matplotlib is optional
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    from .common import atomic_path
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     gen = torch.Generator().manual_seed(0)  # a little jitter so identical shifts stay visible
     for (name, pts), marker in zip(moved.items(), "o^sv"):
@@ -366,94 +365,12 @@ def plot_landing(path: Path, moved: dict[str, torch.Tensor], shifts: torch.Tenso
     return True
 
 
-# ---------------------------------------------------------------- contexts for sampling
+# ---------------------------------------------------------------- contexts (what a next-frame model is given)
 
 def spec_from_record(record: dict[str, Any]) -> SequenceSpec:
+    """The SequenceSpec a dataset's (or a model's) `sequence` record was made from."""
     keys = SequenceSpec.__dataclass_fields__
     return SequenceSpec(**{k: v for k, v in record.items() if k in keys})
-
-
-def load_digits(record: dict[str, Any], data_root: str | None) -> torch.Tensor:
-    """The digit tiles a sequence model was trained on, from the recorded (or a given) MNIST root."""
-    root = data_root or record.get("data_root") or "data"
-    return digit_tiles(_load_mnist(root, record.get("split", "train")), spec_from_record(record).digit_size)
-
-
-def dataset_item(record: dict[str, Any], index: int, digits: torch.Tensor) -> SequenceItem:
-    if not 0 <= index < len(digits):
-        raise DiffcliError(f"--context {index} is outside the model's dataset (sequences 0..{len(digits) - 1})")
-    return make_item(spec_from_record(record), digits[index], index)
-
-
-def parse_indices(text: str) -> list[int] | None:
-    """`3`, `0,4,7` or `0:10` -> indices; None when the text is not of that form (then it is a file)."""
-    t = text.strip()
-    try:
-        if ":" in t:
-            a, b = t.split(":")
-            return list(range(int(a), int(b)))
-        return [int(p) for p in t.split(",")]
-    except ValueError:
-        return None
-
-
-def read_context(path: str | Path, frames: int, size: int) -> torch.Tensor:
-    """A context file -> (frames, size, size) float in [-1, 1].
-
-    .png/.jpg: the frames side by side, grey (a (frames*size) x size strip, as `context.png` is written);
-    .pt/.safetensors: one tensor (frames, size, size), optionally with a leading or second axis of 1;
-    uint8 tensors are 0..255, float tensors the model range [-1, 1].
-    """
-    path = Path(path)
-    expect = (f"the model expects {frames} context frame(s) of {size}x{size}: a {frames * size}x{size} PNG "
-              f"(frames side by side) or a ({frames}, {size}, {size}) tensor")
-    if not path.is_file():
-        raise DiffcliError(f"--context {path}: no such file, and not a dataset index (e.g. 3, 0,4,7 or 0:10)")
-    suffix = path.suffix.lower()
-    if suffix in (".png", ".jpg", ".jpeg", ".bmp", ".webp"):
-        import numpy as np
-        from PIL import Image, UnidentifiedImageError
-        try:
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert("L"), dtype=np.uint8)
-        except (UnidentifiedImageError, OSError) as e:
-            raise DiffcliError(f"cannot read context image {path}: {e}") from None
-        h, w = arr.shape
-        if (h, w) != (size, frames * size):
-            raise DiffcliError(f"context image {path} is {w}x{h}; {expect}")
-        t = torch.from_numpy(arr.copy()).reshape(size, frames, size).permute(1, 0, 2)
-    elif suffix in (".pt", ".pth", ".safetensors"):
-        t = _read_tensor(path)
-        while t.ndim > 3 and t.shape[0] == 1:
-            t = t[0]
-        if t.ndim == 4 and t.shape[1] == 1:
-            t = t[:, 0]
-        if tuple(t.shape) != (frames, size, size):
-            raise DiffcliError(f"context tensor in {path} has shape {tuple(t.shape)}; {expect}")
-    else:
-        raise DiffcliError(f"--context {path}: unknown file type {suffix or '(none)'}; use .png, .pt or .safetensors")
-    if t.dtype == torch.uint8:
-        return t.float() / 127.5 - 1
-    t = t.float()
-    if not torch.isfinite(t).all():
-        raise DiffcliError(f"context tensor in {path} has NaN or infinite values")
-    return t
-
-
-def _read_tensor(path: Path) -> torch.Tensor:
-    try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-            obj: Any = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
-    except Exception as e:
-        raise DiffcliError(f"cannot read context tensor {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    if isinstance(obj, dict):
-        obj = obj.get("context", next(iter(obj.values())) if len(obj) == 1 else None)
-    if not isinstance(obj, torch.Tensor):
-        raise DiffcliError(f"{path} holds no single context tensor (save one tensor, or a dict with key 'context')")
-    return obj
 
 
 @dataclass
@@ -462,30 +379,6 @@ class Context:
     source: str                     # "index 3" or the file path
     index: int | None = None
     item: SequenceItem | None = None  # the generator's truth, known for dataset indices
-
-
-def resolve_contexts(spec: str, meta: dict[str, Any], data_root: str | None = None,
-                     many: bool = False) -> list[Context]:
-    """`--context` for a sequence model: dataset indices (regenerated from the recorded parameters and the
-    MNIST digits under data_root) or one file. Checks everything against the model before any output."""
-    frames = int(meta.get("context_frames") or 0)
-    if not frames:
-        raise DiffcliError("--context is for next-frame models (trained on moving-mnist, circle-jumping or "
-                           "horizontal); this model takes no context")
-    size = int(meta["image_size"])
-    indices = parse_indices(spec)
-    if indices is None:
-        return [Context(read_context(spec, frames, size), str(spec))]
-    if not indices:
-        raise DiffcliError(f"--context {spec!r} selects no sequence")
-    if len(indices) > 1 and not many:
-        raise DiffcliError(f"--context takes one sequence here, got {len(indices)} ({spec!r}); `diffcli pg` takes several")
-    record = meta.get("sequence")
-    if not record:
-        raise DiffcliError("this model does not record its sequence dataset; pass --context FILE")
-    digits = load_digits(record, data_root)
-    items = [dataset_item(record, i, digits) for i in indices]
-    return [Context(it.context.float() / 127.5 - 1, f"index {i}", i, it) for i, it in zip(indices, items)]
 
 
 def context_metrics(samples: torch.Tensor, ctx: Context) -> dict[str, Any] | None:
@@ -500,43 +393,14 @@ def context_row(ctx: Context, samples: torch.Tensor) -> list[torch.Tensor]:
     """One strip row: context frames | samples | true futures (when known), all (n, 1, H, W) in [-1, 1]."""
     row = [ctx.frames[:, None], samples]
     if ctx.item is not None:
-        row.append(ctx.item.futures.float() / 127.5 - 1)
+        row.append(to_model_range(ctx.item.futures))
     return row
 
 
 def save_context_png(path: Path, frames: torch.Tensor) -> None:
-    """The context as an unpadded strip, readable again by `--context FILE`."""
-    from .common import save_image
+    """The context as an unpadded strip, readable again as a context file (`contexts.read_context`)."""
     save_image(path, frames.permute(1, 0, 2).reshape(1, frames.shape[1], -1))
 
 
 def landing_radius(meta: dict[str, Any]) -> int:
     return 2 * int(meta.get("sequence", {}).get("step_size", 4))
-
-
-def write_preview(cfg, out: str | Path, n: int, overwrite: bool = False) -> Path:
-    """`diffcli train --preview N`: N example sequences of the configured dataset as OUT/preview.png, one
-    row each (context | next frame | every allowed future); other datasets: a grid of their first images."""
-    from .common import prepare_out_dir, save_grid, save_image
-    from .data import load_dataset, to_model_range
-    if n < 1:
-        raise DiffcliError(f"--preview must be >= 1, got {n}")
-    ds = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.image_size, cfg.channels, cfg.sequence)
-    folder = prepare_out_dir(out, overwrite)
-    path = folder / "preview.png"
-    if ds.sequence is None:
-        save_grid(path, to_model_range(ds.images[:n]))
-        return path
-    spec = spec_from_record(ds.sequence)
-    digits = digit_tiles(_load_mnist(cfg.data_root, cfg.split), spec.digit_size)
-    rows = []
-    for i in range(min(n, len(digits))):
-        it = make_item(spec, digits[i], i)
-        rows.append([to_model_range(it.context[:, None]), to_model_range(it.target[None]), to_model_range(it.futures)])
-    save_image(path, strip(rows))
-    return path
-
-
-def _load_mnist(root: str | Path, split: str) -> torch.Tensor:
-    from .data import load_dataset
-    return load_dataset("mnist", root, split).images

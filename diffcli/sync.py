@@ -15,14 +15,24 @@ protocol), F(A(W)) = W holds along the whole path and the three synchronized cas
 float rounding (SyncTweedies' analysis of 1-to-1 and 1-to-n projections). They part ways when each view starts
 from its own noise (`noise="views"`): `xt` averages the noise away at the first step, `x0` keeps each
 instance's own noise shrinking with sigma, `eps` carries the instances' differences to the end.
+
+Steps with several evaluations or a memory. `xt` synchronizes the state after every completed step (the
+callback's x, the tensor the sampler continues from) and nothing inside a step: what a sampler evaluates within
+a step, or keeps from earlier ones, is per instance. DPM-Solver++(2M) extrapolates from each instance's own
+previous x0_hat; its step is linear in (x, x0_hats) with scalar coefficients, as Euler's and DDIM's are, so
+projecting that x0_hat a step later is the same as projecting it then, and the "same map" above holds for it.
+Heun's corrector evaluates each instance's own Euler predictor, which `xt` has not projected (`x0` and `eps`
+have, through D'): `xt` equals `x0` for heun / stochastic_heun only when the denoiser keeps agreeing instances
+agreeing (a per-pixel one); in general they differ by that unsynchronized evaluation (tests/test_samplers.py).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
 
-from .samplers import Callback
+from .samplers import Callback, run_sampler
 from .views import ViewSet
 
 CASES = ("x0", "eps", "xt", "none")
@@ -89,3 +99,22 @@ def chain(*callbacks: Callback) -> Callback:
             c(info)
 
     return run
+
+
+def sample_views(make_rows: Callable[[int, int], Denoiser], views: ViewSet, sigmas: torch.Tensor,
+                 unit_noise: Callable[[tuple[int, ...]], torch.Tensor], instance_shape: tuple[int, ...], *,
+                 sampler: str = "euler", case: str = "x0", noise: str = "canvas", view_batch: int = 8,
+                 start_scale: float | None = None, knobs: dict[str, Any] | None = None,
+                 callback: Callback = None) -> torch.Tensor:
+    """The one synchronized sampling run (panorama, anagram): final instance stack (V, ...) in x = x0 + sigma n form.
+
+    `make_rows(a, b)` builds the (guided) denoiser of instances a:b; `unit_noise(shape)` draws unit Gaussian noise.
+    Start states and every fresh noise a stochastic sampler adds are drawn the same way (`noise`: one canvas draw
+    seen through every view, or one draw per view), the start scaled by `start_scale` (default sqrt(1 + sigma_0^2),
+    the variance of a VP latent at sigma_0 in VE form).
+    """
+    model, hook = synchronized(in_batches(make_rows, len(views), view_batch), views, case)
+    scale = math.sqrt(1 + float(sigmas[0]) ** 2) if start_scale is None else start_scale
+    draw = lambda like=None: initial_instances(views, unit_noise, instance_shape, noise)  # noqa: E731
+    return run_sampler(sampler, model, draw() * scale, sigmas, callback=chain(hook, callback), noise=draw,
+                       **(knobs or {}))

@@ -10,22 +10,30 @@ import copy
 import json
 import math
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from .common import (DiffcliError, PerSampleRandn, add_prefix, flatten_state, load_checkpoint,
-                     prepare_out_dir, save_checkpoint, save_grid, strip_prefix, unflatten_state, write_run_json)
-from .data import BatchOrder, ImageSet, load_dataset, to_model_range
+from .blurring import (DEFAULT_STEPS as BLURRING_STEPS, BlurringLoss, check_blur_sigma, get_ts, sample_blurring,
+                       schedule_of)
+from .common import (DiffcliError, PerSampleRandn, add_prefix, flatten_state, load_checkpoint, prepare_out_dir,
+                     save_checkpoint, save_grid, save_image, strip_prefix, to_model_range, unflatten_state,
+                     write_run_json)
+from .data import BatchOrder, ImageSet, load_dataset, mnist_digit_tiles
 from .denoisers import EDMPrecond
 from .dist import Dist
-from .blurring import BlurringLoss, check_blur_sigma
-from .nets import MODEL_FORMAT, PRESETS, build_model, count_params, net_config
+from .models import EDM_STEPS, MODEL_FORMAT, build_model
+from .nets import PRESETS, count_params, net_config
 from .samplers import get_sigmas_karras, sample_heun
+from .sequences import make_item, spec_from_record, strip
 
 
 @dataclass
@@ -232,7 +240,6 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, dist: Dis
             raise DiffcliError(f"run in {out} is already at step {start} >= --steps {cfg.steps}; pass a larger --steps")
     ddp = model
     if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
         ddp = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
 
     if dist.main:
@@ -312,7 +319,6 @@ def _earlier_runs(path: Path) -> list[dict]:
 
 
 def _is_main_thread() -> bool:
-    import threading
     return threading.current_thread() is threading.main_thread()
 
 
@@ -321,7 +327,7 @@ def _grid_cols(record: dict) -> int:
 
 
 @torch.no_grad()
-def preview_samples(ema: EDMPrecond, record: dict, per_class: int = 4, steps: int = 18,
+def preview_samples(ema: EDMPrecond, record: dict, per_class: int = 4, steps: int = EDM_STEPS,
                     context: torch.Tensor | None = None) -> torch.Tensor:
     """A fixed-seed Heun grid (one column per class; blurring models: their own sampler) to watch training;
     never touches training RNG.
@@ -333,9 +339,8 @@ def preview_samples(ema: EDMPrecond, record: dict, per_class: int = 4, steps: in
     labels = torch.arange(n, device=device) % k if k else None
     cond = {} if context is None else {"context": to_model_range(context[torch.arange(n) % min(8, len(context))]).to(device)}
     if record["kind"] == "blurring":  # its own reverse process, the seed's T = 100 steps
-        from .blurring import DEFAULT_STEPS, get_ts, sample_blurring, schedule_of
         rng = PerSampleRandn(range(n), device)
-        return sample_blurring(lambda z, t: ema(z, t, labels), rng.randn((c, size, size)), get_ts(DEFAULT_STEPS, device),
+        return sample_blurring(lambda z, t: ema(z, t, labels), rng.randn((c, size, size)), get_ts(BLURRING_STEPS, device),
                                schedule_of(record), noise=rng).clamp(-1, 1)
     x = PerSampleRandn(range(n), device).randn((c, size, size)) * record["sigma_max"]
     sigmas = get_sigmas_karras(steps, record["sigma_min"], record["sigma_max"], device=device)
@@ -351,8 +356,6 @@ class _Progress:
         self.bar = None
         if disabled:
             return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
         self.console = Console(stderr=True)
         if self.console.is_terminal:
             self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -373,3 +376,26 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+# ---------------------------------------------------------------- --preview
+
+def write_preview(cfg: TrainConfig, out: str | Path, n: int, overwrite: bool = False) -> Path:
+    """`diffcli train --preview N`: N example sequences of the configured dataset as OUT/preview.png, one
+    row each (context | next frame | every allowed future); other datasets: a grid of their first images."""
+    if n < 1:
+        raise DiffcliError(f"--preview must be >= 1, got {n}")
+    ds = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.image_size, cfg.channels, cfg.sequence)
+    folder = prepare_out_dir(out, overwrite)
+    path = folder / "preview.png"
+    if ds.sequence is None:
+        save_grid(path, to_model_range(ds.images[:n]))
+        return path
+    spec = spec_from_record(ds.sequence)
+    digits = mnist_digit_tiles(cfg.data_root, cfg.split, spec.digit_size)
+    rows = []
+    for i in range(min(n, len(digits))):
+        it = make_item(spec, digits[i], i)
+        rows.append([to_model_range(it.context[:, None]), to_model_range(it.target[None]), to_model_range(it.futures)])
+    save_image(path, strip(rows))
+    return path

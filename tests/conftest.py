@@ -25,6 +25,25 @@ def run_cli(*args: str, check: bool = False, env: dict | None = None, timeout: f
     return proc
 
 
+def invoke_cli(args, capsys) -> tuple[int, str, str]:
+    """The console script's entry point (`diffcli.cli:run`) in this process: (exit code, stdout, stderr), without
+    paying an interpreter start and the imports per call (run_cli covers the real subprocess)."""
+    from diffcli import cli
+    capsys.readouterr()
+    argv = sys.argv
+    sys.argv = ["diffcli", *map(str, args)]
+    cli._state["debug"] = False
+    try:
+        cli.run()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def write_digit_folder(root: Path, classes: int = 3, per_class: int = 6, size: int = 8, seed: int = 0) -> Path:
     """A labelled image folder: class k is a bright bar at a class-specific row, plus noise."""
     from PIL import Image

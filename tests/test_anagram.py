@@ -125,7 +125,7 @@ def test_every_view_runs_both_stages(pipes, name):
 
 def test_cli_writes_the_003_layout_eval_reads(tmp_path, tiny_if):
     from PIL import Image
-    from diffcli.eval import plan_clip_files
+    from diffcli.grading import plan_clip_files
     pairs = tmp_path / "pairs.json"
     hostile = "../a dog/..\\NUL"
     pairs.write_text(json.dumps({"horse-village": {"canonical_prompt": "a horse", "instance_prompt": "a village"},
@@ -206,3 +206,22 @@ def test_bad_input_is_refused(tmp_path, tiny_if, tiny_sd):
     with pytest.raises(DiffcliError, match="stage II"):
         load(AnagramConfig(model=str(tiny_if[0]), sr_model=str(tiny_if[0])), CPU, torch.float32)
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- composition: SEG, samplers
+
+def test_seg_on_both_if_stages_off_is_plain_and_the_cli_example_runs(pipes, tiny_if, tmp_path, capsys):
+    from conftest import invoke_cli
+    pipe, sr_pipe = pipes
+    job = Job("x", ["a horse", "a village"])
+    base = dict(steps=3, sr_steps=2)
+    plain = generate(pipe, sr_pipe, job, AnagramConfig(**base), (16, 16), CPU)
+    off = generate(pipe, sr_pipe, job, AnagramConfig(**base, blurs=["ema_0.5_0.9_cosine"], seg_scale=0.0), (16, 16), CPU)
+    on = generate(pipe, sr_pipe, job, AnagramConfig(**base, blurs=["ema_0.5_0.9_cosine"]), (16, 16), CPU)
+    assert torch.equal(off["views"], plain["views"]) and not torch.equal(on["views"], plain["views"])
+    dpm = generate(pipe, sr_pipe, job, AnagramConfig(**base, sampler="dpmpp_2m", schedule="karras"), (16, 16), CPU)
+    assert torch.isfinite(dpm["views"]).all() and not torch.equal(dpm["views"], plain["views"])
+    code, out, err = invoke_cli(["anagram", "a horse", "a village", "--model", tiny_if[0], "--sr-model", tiny_if[1],
+                                 "--steps", "2", "--sr-steps", "1", "--frames", "2", "--blur", "ema_0.5_0.9_cosine",
+                                 "--out", tmp_path / "a"], capsys)
+    assert code == 0, err

@@ -86,7 +86,7 @@ CASES = [
     ("pg-batch-of-one", ["pg", "--checkpoint", "{run}", "--n", "1", "--out", "{tmp}/o"], "PG needs a batch"),
     ("pg-negative-factor", ["pg", "--checkpoint", "{run}", "--pg-factor", "-1", "--out", "{tmp}/o"], "--pg-factor"),
     ("pg-nan-factor", ["pg", "--checkpoint", "{run}", "--pg-factor", "nan", "--out", "{tmp}/o"], "--pg-factor"),
-    ("pg-unknown-kernel", ["pg", "--checkpoint", "{run}", "--kernel", "dino", "--out", "{tmp}/o"], "unknown kernel"),
+    ("pg-unknown-kernel", ["pg", "--checkpoint", "{run}", "--kernel", "dino", "--out", "{tmp}/o"], "unknown --kernel"),
     ("pg-prompt-without-model", ["pg", "a dog", "--out", "{tmp}/o"], "needs --model"),
     ("pg-pipeline-missing", ["pg", "a dog", "--model", "{tmp}/no-pipe", "--out", "{tmp}/o"], "local folder"),
     ("pg-pickled-classifier", ["pg", "--checkpoint", "{run}", "--kernel", "classifier", "--classifier",

@@ -17,7 +17,7 @@ from diffcli.blurring import (BlurringLoss, BlurSchedule, blurred_mean, diffuse,
 from diffcli.cli import app
 from diffcli.common import DiffcliError, load_checkpoint
 from diffcli.dct import dct, dct2, idct, idct2
-from diffcli.nets import load_model
+from diffcli.models import load_model
 from diffcli.train import TrainConfig, train
 
 SIZES = [(8, 8), (7, 12), (28, 28)]
@@ -295,8 +295,8 @@ def edm_ckpt(tmp_path_factory, digit_folder) -> Path:
 
 
 BAD = [
-    (["train", "--process", "blurring", "--blur-sigma-max", "-1"], "--blur-sigma-max must be a finite number >= 0"),
-    (["train", "--process", "blurring", "--blur-sigma-max", "nan"], "--blur-sigma-max must be a finite number >= 0"),
+    (["train", "--process", "blurring", "--blur-sigma-max", "-1"], "blur_sigma_max must be a finite number >= 0"),
+    (["train", "--process", "blurring", "--blur-sigma-max", "nan"], "blur_sigma_max must be a finite number >= 0"),
     (["train", "--process", "heat"], "unknown --process 'heat'; choose one of edm, blurring"),
     (["train", "--blur-sigma-max", "5"], "--blur-sigma-max is a --process blurring option"),
     (["sample", "--checkpoint", "{blur}", "--sampler", "heun"], "a blurring model samples with ancestral"),
@@ -308,7 +308,7 @@ BAD = [
     (["sample", "--checkpoint", "{blur}", "--clip-denoised"], "--clip-denoised works only for blur_sigma_max 0"),
     (["sample", "--checkpoint", "{blur}", "--blur-sigma-max", "3"], "--blur-sigma-max goes with --show-forward"),
     (["sample", "--show-forward", "{tmp}/none.png"], "cannot read image"),
-    (["sample", "--show-forward", "{digit}", "--blur-sigma-max", "-2"], "--blur-sigma-max must be a finite"),
+    (["sample", "--show-forward", "{digit}", "--blur-sigma-max", "-2"], "blur_sigma_max must be a finite"),
     (["sample", "--show-forward", "{digit}", "--checkpoint", "{edm}"], "is no blurring model"),
     (["pg", "--checkpoint", "{blur}"], "no diffcli EDM model"),
 ]

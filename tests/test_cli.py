@@ -6,7 +6,7 @@ import torch
 
 from conftest import run_cli
 from diffcli.classifier import SHIPPED_CLASSIFIER, load_classifier
-from diffcli.nets import load_model
+from diffcli.models import load_model
 from diffcli.sample import SHIPPED_CHECKPOINT, SampleConfig, sample_images
 
 SHIPPED_BLURRING = SHIPPED_CHECKPOINT.parent / "mnist-blurring.safetensors"

@@ -184,7 +184,8 @@ def test_ambiguous_images_and_anagram_metrics(tmp_path, tiny_clip):
 
 def test_grouping_units():
     """File name -> prompt, the panorama quirk and its opt-out, groups and means, without a model."""
-    from diffcli.eval import group_means, group_prompts, plan_clip_files, prompt_from_name
+    from diffcli.grading import group_prompts, prompt_from_name
+    from diffcli.metrics import group_means
     assert prompt_from_name("A_cat_on_a_mat_1005.png", "wide_images") == "A cat on a mat"
     assert prompt_from_name("A_cat_on_a_mat.png", "wide_images") == "A cat on a"
     assert prompt_from_name("A_cat_on_a_mat.png", "ambiguous_images") == "A cat on a mat"
@@ -196,12 +197,12 @@ def test_grouping_units():
 
 
 def test_drop_panoramas(wide_folder):
-    from diffcli.eval import plan_clip_files
+    from diffcli.grading import plan_clip_files
     kept, notes = plan_clip_files(str(wide_folder), "wide_images")
     dropped, notes_dropped = plan_clip_files(str(wide_folder), "wide_images", drop_panoramas=True)
     assert len(kept) == len(dropped) + 1 == 16
     assert "A beach scene at sunrise with golden" not in {f.prompt for f in dropped}
-    assert any("--drop-panoramas" in n and "differs" in n for n in notes_dropped)
+    assert any("drop_panoramas" in n and "differs" in n for n in notes_dropped)
 
 
 # ---------------------------------------------------------------- FID / KID / digits
@@ -295,7 +296,8 @@ def test_fid_equals_clean_fid_compute_fid(tmp_path):
     from cleanfid import fid as cfid
     from cleanfid.resize import make_resizer
     from diffcli.classifier import load_classifier
-    from diffcli.eval import cleanfid_listing, digit_feature_fn, folder_features, frechet_distance
+    from diffcli.fid import cleanfid_listing, digit_feature_fn, folder_features
+    from diffcli.metrics import frechet_distance
     a, b = tmp_path / "a", tmp_path / "b"
     write_digits(a, 140, seed=3)
     write_digits(b, 140, seed=4, shift=2)
@@ -396,7 +398,7 @@ BAD = [
     ("folder-missing", ["{bad}/nothing", "--app", "wide_images"], "not found"),
     ("unknown-app", ["{bad}/ok", "--app", "panoramas"], "unknown --app"),
     ("ref-missing", ["{bad}/ok", "--fid", "{bad}/noref", "--features", "mnist"], "reference folder not found"),
-    ("offline-weights", ["{bad}/ok", "--app", "wide_images"], "--clip-pretrained /path/to/"),
+    ("offline-weights", ["{bad}/ok", "--app", "wide_images"], "pretrained=/path/to/"),
     ("pickled-code", ["{bad}/ok", "--app", "wide_images", "--clip-model", "{config}", "--clip-pretrained",
                       "{bad}/evil.bin"], "pickled code is refused"),
     ("weights-for-another-model", ["{bad}/ok", "--app", "wide_images", "--clip-model", "RN50",

@@ -147,7 +147,7 @@ def test_cli_reproducible_by_seed(tiny_run, tmp_path):
                 "--seed", seed, "--out", out, "--device", "cpu", check=True)
         return [(out / f"{i:05d}-seed{int(seed) + i}.png").read_bytes() for i in range(3)]
     assert draw("a", "5") == draw("b", "5")
-    from diffcli.nets import load_model
+    from diffcli.models import load_model
     from diffcli.pg import PGConfig, make_kernel, sample_digits
     model, meta = load_model(tiny_run)
     five, six = (sample_digits(model, meta, PGConfig(n=3, steps=3, seed=s), 1.7, make_kernel("rbf"), torch.device("cpu"))
@@ -158,7 +158,7 @@ def test_cli_reproducible_by_seed(tiny_run, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (("--n", "1"), "PG needs a batch"),
     (("--pg-factor", "-0.5"), "--pg-factor"),
-    (("--kernel", "cosine"), "unknown kernel"),
+    (("--kernel", "cosine"), "unknown --kernel"),
 ])
 def test_bad_inputs_one_line_and_nothing_written(tiny_run, tmp_path, args, message):
     out = tmp_path / "never"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import run_cli, run_torchrun
-from diffcli.nets import load_model
+from diffcli.models import load_model
 from diffcli.sample import SampleConfig, sample_images
 
 

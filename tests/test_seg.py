@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import run_cli, run_torchrun
 
-from diffcli import attention, pipelines, seg
+from diffcli import attention, guidance, pipelines, seg
 from diffcli.query_blur import gaussian_blur, parse_blur
 from diffcli.common import DiffcliError
 from diffcli.guidance import classifier_free, smoothed_energy
@@ -135,29 +135,28 @@ def test_seg_with_no_layer_perturbed_equals_cfg(sd):
 
 def test_guided_steps_regions_and_sigma_window():
     sigmas = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.5, 0.2, 0.0])
-    assert [seg.region(i, 6) for i in range(6)] == ["begin"] * 2 + ["mid"] * 2 + ["end"] * 2
-    assert seg.guided_steps(sigmas, ["begin"]) == [True, True, False, False, False, False]
-    assert seg.guided_steps(sigmas, ["begin", "end"]) == [True, True, False, False, True, True]
-    assert seg.guided_steps(sigmas, list(seg.REGIONS), 4.0, 0.6) == [False, False, True, True, False, False]
-    assert [seg.region(i, 50) for i in (0, 16, 17, 33, 34, 49)] == ["begin", "begin", "mid", "mid", "end", "end"]
-    at = seg.blur_schedule(parse_blur("ema_0.2_0.8_linear"), sigmas, [True] * 6)
+    assert [guidance.region(i, 6) for i in range(6)] == ["begin"] * 2 + ["mid"] * 2 + ["end"] * 2
+    assert guidance.guided_steps(sigmas, ["begin"]) == [True, True, False, False, False, False]
+    assert guidance.guided_steps(sigmas, ["begin", "end"]) == [True, True, False, False, True, True]
+    assert guidance.guided_steps(sigmas, list(guidance.REGIONS), 4.0, 0.6) == [False, False, True, True, False, False]
+    assert [guidance.region(i, 50) for i in (0, 16, 17, 33, 34, 49)] == ["begin", "begin", "mid", "mid", "end", "end"]
+    at = guidance.blur_schedule(parse_blur("ema_0.2_0.8_linear"), sigmas, [True] * 6)
     assert at(torch.tensor([10.0])).alpha == pytest.approx(0.2) and at(torch.tensor([0.2])).alpha == pytest.approx(0.8)
-    assert seg.blur_schedule(parse_blur("ema_0.2_0.8_linear"), sigmas, [False] * 6)(torch.tensor([1.0])) is None
+    assert guidance.blur_schedule(parse_blur("ema_0.2_0.8_linear"), sigmas, [False] * 6)(torch.tensor([1.0])) is None
 
 
-@pytest.mark.parametrize("regions,guidance,expected", [(["begin"], 5.0, [6, 6, 4, 4, 4, 4]),
+@pytest.mark.parametrize("regions,w,expected", [(["begin"], 5.0, [6, 6, 4, 4, 4, 4]),
                                                        (["mid", "end"], 5.0, [4, 4, 6, 6, 6, 6]),
                                                        (["begin", "mid", "end"], 0.0, [4] * 6)])
-def test_regions_count_the_perturbed_passes(sd, regions, guidance, expected, monkeypatch):
+def test_regions_count_the_perturbed_passes(sd, regions, w, expected, monkeypatch):
     batches = []
     forward = sd.unet.forward
     monkeypatch.setattr(sd.unet, "forward", lambda x, *a, **k: batches.append(len(x)) or forward(x, *a, **k))
-    cfg = seg.SegConfig(prompts=["a cat"], steps=6, n=2, guidance=guidance, regions=regions)
+    cfg = seg.SegConfig(prompts=["a cat"], steps=6, n=2, cfg=w, regions=regions)
     sigmas = pipelines.sigmas(sd, 6, CPU)
-    state = attention.SegState()
-    with attention.installed(sd.unet, state, attention.resolve_layers(sd.unet, ["mid"])):
-        images = seg.sample(sd, *encodings(sd), [0, 1], cfg, parse_blur("gaussian_-1_2"), state, sigmas,
-                            seg.guided_steps(sigmas, regions), CPU)
+    g = guidance.Seg(3.0, parse_blur("gaussian_-1_2"), ["mid"], regions)
+    with g.installed(sd.unet):
+        images = seg.sample(sd, *encodings(sd), [0, 1], cfg, g, sigmas, CPU)
     assert batches == expected and images.shape == (2, 3, 16, 16)
 
 
@@ -170,7 +169,7 @@ def options(path, **kw):
 
 def test_sdxl_path_and_non_square(tiny_sdxl, tmp_path):
     out = tmp_path / "xl"
-    cfg = options(tiny_sdxl, layers=["down", "mid", "up"], height=16, width=32, guidance=5.0, n=2,
+    cfg = options(tiny_sdxl, layers=["down", "mid", "up"], height=16, width=32, cfg=5.0, n=2,
                   blurs=["gaussian_-1_1e7", "interpolatedBoxBlur_3_0.5"], metrics=True, track_block="u0")
     result = seg.run(cfg, out, False, "cpu", {})
     record = json.loads((out / "run.json").read_text())
@@ -179,7 +178,7 @@ def test_sdxl_path_and_non_square(tiny_sdxl, tmp_path):
     from PIL import Image
     first = out / record["images"]["gaussian_-1_1e7"][0]
     assert Image.open(first).size == (32, 16)
-    plain = seg.run(options(tiny_sdxl, seg_scale=0.0, height=16, width=32, guidance=5.0, n=2), tmp_path / "cfg",
+    plain = seg.run(options(tiny_sdxl, seg_scale=0.0, height=16, width=32, cfg=5.0, n=2), tmp_path / "cfg",
                     False, "cpu", {})
     assert plain["images"] == 2
     assert Image.open(tmp_path / "cfg" / "a_cat_seed0.png").tobytes() != Image.open(first).tobytes()
@@ -219,7 +218,7 @@ def test_cli_prompts_file_hostile_names_blurs_and_metrics(tiny_sd, tmp_path):
     (dict(regions=["start"]), "--regions"),
     (dict(sigma_start=1.0, sigma_end=2.0), "--sigma-end <= --sigma-start"),
     (dict(metrics=True, track_block="side"), "--track-block 'side'"),
-    (dict(guidance=-1.0), "--guidance"),
+    (dict(cfg=-1.0), "--cfg"),
 ])
 def test_bad_input_is_one_error_and_writes_nothing(tiny_sd, tmp_path, change, message):
     out = tmp_path / "out"

@@ -10,8 +10,9 @@ import torch
 
 from conftest import run_cli, write_idx
 from diffcli.common import DiffcliError
+from diffcli.contexts import read_context
 from diffcli.sequences import (SequenceSpec, centroid, check_spec, circle_shifts, draw_track, iou, make_dataset,
-                               make_item, read_context, sequence_metrics)
+                               make_item, sequence_metrics)
 
 SIZE = 16  # frames; digits are 8 px
 
@@ -117,12 +118,12 @@ def test_moving_mnist_keeps_velocity_and_bounces():
 
 
 @pytest.mark.parametrize("kw,message", [
-    (dict(directions=0), "--directions K must be >= 1"),
-    (dict(p_left=1.5), "--p-left is a probability"),
-    (dict(p_left=-0.1), "--p-left is a probability"),
+    (dict(directions=0), "directions must be >= 1"),
+    (dict(p_left=1.5), "p_left is a probability"),
+    (dict(p_left=-0.1), "p_left is a probability"),
     (dict(step_size=9), "leaves the frame"),
     (dict(directions=40, step_size=2), "collide"),
-    (dict(context_frames=0), "--context-frames must be >= 1"),
+    (dict(context_frames=0), "context_frames must be >= 1"),
 ])
 def test_bad_specs(kw, message):
     with pytest.raises(DiffcliError, match=message):
@@ -213,7 +214,7 @@ def seq_run(tmp_path_factory, mnist_root):
 
 
 def test_trained_model_records_its_sequences(seq_run, mnist_root):
-    from diffcli.nets import load_model
+    from diffcli.models import load_model
     model, meta = load_model(seq_run)
     assert meta["context_frames"] == 1 and meta["net"]["in_channels"] == 2 and meta["num_classes"] == 0
     assert meta["sequence"]["kind"] == "circle-jumping" and meta["sequence"]["directions"] == 4
@@ -269,9 +270,9 @@ def test_preview_writes_a_strip(mnist_root, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (("--p-left", "1.5", "--dataset", "horizontal"), "--p-left is a probability and must be in [0, 1]"),
-    (("--directions", "0"), "--directions K must be >= 1"),
-    (("--p-left", "0.5"), "--p-left does not apply to circle-jumping"),
+    (("--p-left", "1.5", "--dataset", "horizontal"), "p_left is a probability and must be in [0, 1]"),
+    (("--directions", "0"), "directions must be >= 1"),
+    (("--p-left", "0.5"), "'p_left' does not apply to circle-jumping"),
 ])
 def test_bad_train_inputs(mnist_root, tmp_path, args, message):
     out = tmp_path / "never"

@@ -1,0 +1,185 @@
+"""A CLIP model through open_clip: the model (a name or a JSON config), its weights (a pretrained tag from the cache
+or a download, or a local file read without unpickling code), its eval transform and tokenizer; and unit-length
+image and text embeddings from it.
+
+open_clip (and huggingface_hub, which it brings) is imported where it is used: it takes seconds to load, and only
+the CLIP metrics need it.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from .common import DiffcliError, quiet_libraries, reachable, read_image, read_json_option
+
+
+@dataclass
+class Clip:
+    model: torch.nn.Module
+    preprocess: Callable
+    tokenizer: Callable
+    device: torch.device
+    name: str
+    weights: str
+    quick_gelu: bool
+
+
+def resolve_clip_model(spec: str) -> str:
+    """An open_clip model name, or a JSON model config file registered under its file name (stem)."""
+    import open_clip
+    if spec.endswith(".json"):
+        path = Path(spec)
+        cfg = read_json_option(spec, "CLIP model", "config file")
+        if not (isinstance(cfg, dict) and all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg"))):
+            raise DiffcliError(f"CLIP model {spec} is not an open_clip model config "
+                               "(needs embed_dim, vision_cfg, text_cfg)")
+        open_clip.add_model_config(path)
+        return path.stem
+    if spec not in open_clip.list_models():
+        raise DiffcliError(f"unknown CLIP model {spec!r} "
+                           "(open_clip names such as ViT-B-32, or a JSON model config file)")
+    return spec
+
+
+def _offline_message(model: str, tag: str, repo: str) -> str:
+    return (f"the CLIP weights {model}/{tag} are not cached and cannot be downloaded here (offline); pass "
+            f"pretrained=/path/to/open_clip_model.safetensors (or open_clip_pytorch_model.bin) from "
+            f"huggingface.co/{repo}, or on a networked machine run `hf download {repo}` and copy "
+            f"~/.cache/huggingface/hub to this one")
+
+
+def fetch_tag_weights(model: str, tag: str, cfg: dict[str, Any]) -> str:
+    """A cached weights file for an open_clip pretrained tag, downloaded only where a network exists."""
+    from open_clip.pretrained import download_pretrained
+    hub = cfg.get("hf_hub", "")
+    repo, filename = os.path.split(hub) if hub else ("", "")
+    if repo:
+        from huggingface_hub import constants, hf_hub_download
+        wanted = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        for name in wanted:
+            try:
+                return hf_hub_download(repo, name, local_files_only=True)
+            except Exception:  # not cached under this name; try the next one
+                pass
+        if constants.HF_HUB_OFFLINE or not reachable(constants.ENDPOINT):
+            raise DiffcliError(_offline_message(model, tag, repo))
+    elif cfg.get("url") and not reachable(cfg["url"]):
+        cached = Path("~/.cache/clip").expanduser() / os.path.basename(cfg["url"])
+        if not cached.is_file():
+            raise DiffcliError(f"the CLIP weights {model}/{tag} are not cached and cannot be downloaded here "
+                               f"(offline); pass pretrained=/path/to/weights (safetensors or a state dict)")
+    try:
+        with quiet_libraries():
+            return download_pretrained(cfg)
+    except Exception as e:
+        raise DiffcliError(f"could not download the CLIP weights {model}/{tag}: {str(e).splitlines()[0]}") from None
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Weights from safetensors or a torch.save state dict, never by unpickling code (weights_only=True)."""
+    p = Path(path)
+    with open(p, "rb") as f:
+        head = f.read(16)
+    try:
+        if p.suffix == ".safetensors" or head[8:9] == b"{":  # safetensors: u64 header length, then JSON
+            sd: Any = load_file(str(p))
+        else:
+            if zipfile.is_zipfile(p) and any(n.endswith("constants.pkl") or "/code/" in n
+                                             for n in zipfile.ZipFile(p).namelist()):
+                raise DiffcliError(f"{path} is a TorchScript archive (OpenAI's original ViT-B-32.pt?); diffcli reads "
+                                   "CLIP weights only from safetensors or state dicts: use open_clip_model.safetensors "
+                                   "from huggingface.co/timm/vit_base_patch32_clip_224.openai")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's notes on pickle protocols; the error below says it all
+                sd = torch.load(p, map_location="cpu", weights_only=True)
+    except DiffcliError:
+        raise
+    except Exception as e:
+        reason = str(e).split(". ")[0].splitlines()[0] if str(e) else type(e).__name__
+        raise DiffcliError(f"cannot read CLIP weights from {path} (safetensors or a plain torch state dict; "
+                           f"pickled code is refused): {reason}") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not (isinstance(sd, dict) and sd and all(isinstance(v, torch.Tensor) for v in sd.values())):
+        raise DiffcliError(f"{path} does not hold a state dict of tensors")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_clip(model_spec: str, pretrained: str, device: torch.device, quick_gelu: bool | None = None) -> Clip:
+    """open_clip model + its eval transform + tokenizer; weights from a pretrained tag or a local file."""
+    import open_clip
+    name = resolve_clip_model(model_spec)
+    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained) if not os.path.isfile(pretrained) else {}
+    if tag_cfg:
+        path, weights = fetch_tag_weights(name, pretrained, tag_cfg), f"{name}/{pretrained}"
+    elif os.path.isfile(pretrained):
+        # a local file is taken to hold the OpenAI weights of this architecture (the protocol's), if it has any
+        path, weights = pretrained, pretrained
+        tag_cfg = open_clip.get_pretrained_cfg(name, "openai")
+    else:
+        looks_like_path = os.sep in pretrained or Path(pretrained).suffix in (".bin", ".pt", ".pth", ".safetensors")
+        if looks_like_path:
+            raise DiffcliError(f"CLIP pretrained weights file not found: {pretrained}")
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise DiffcliError(f"unknown CLIP pretrained {pretrained!r} for {name} "
+                           f"(tags: {', '.join(tags) or 'none'}; or a local weights file)")
+    # open_clip >= 2.29 builds 'ViT-B-32' with GELU even for the OpenAI weights (trained with QuickGELU); the
+    # 2024 grader's open_clip built QuickGELU for pretrained='openai', so follow the tag's record by default
+    use_quick_gelu = bool(tag_cfg.get("quick_gelu", False)) if quick_gelu is None else quick_gelu
+    preprocess_cfg = {f"image_{k}": tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
+    state = read_state_dict(path)
+    with quiet_libraries():
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=None, force_quick_gelu=use_quick_gelu, **preprocess_cfg)
+    if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
+        state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise DiffcliError(f"{path} does not hold weights for CLIP model {name}: "
+                           f"{' '.join(str(e).split())[:300]}") from None
+    model = model.to(device).eval().requires_grad_(False)
+    return Clip(model, preprocess, open_clip.get_tokenizer(name), device, name, weights, use_quick_gelu)
+
+
+# ---------------------------------------------------------------- embeddings (tensors in, tensors out)
+
+@torch.inference_mode()
+def encode_images(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """(N,3,H,W) preprocessed images -> (N,D) unit-length CLIP image embeddings."""
+    return F.normalize(model.encode_image(pixels).float(), dim=-1)
+
+
+@torch.inference_mode()
+def encode_texts(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """(P,L) token ids -> (P,D) unit-length CLIP text embeddings."""
+    return F.normalize(model.encode_text(tokens).float(), dim=-1)
+
+
+def embed_image_files(clip: Clip, paths: Sequence[str], batch_size: int,
+                      on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Read, preprocess and encode images `batch_size` at a time (the grader encodes them one by one)."""
+    out = []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        pixels = torch.stack([clip.preprocess(read_image(p)[0]) for p in chunk]).to(clip.device)
+        out.append(encode_images(clip.model, pixels).cpu())
+        if on_batch:
+            on_batch(len(chunk))
+    return torch.cat(out)
+
+
+def embed_prompts(clip: Clip, prompts: Sequence[str], batch_size: int) -> torch.Tensor:
+    tokens = clip.tokenizer(list(prompts))
+    return torch.cat([encode_texts(clip.model, tokens[i:i + batch_size].to(clip.device)).cpu()
+                      for i in range(0, len(prompts), batch_size)])

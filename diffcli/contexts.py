@@ -1,0 +1,126 @@
+"""Contexts for next-frame models: dataset indices, regenerated from the sequence record the model carries and the
+MNIST digits it was trained on (so the generator's truth comes along), or one context file (a PNG strip or a
+tensor). `resolve_contexts` is `--context` of `diffcli sample` and `diffcli pg`: it checks everything against the
+model before any output, and its messages name the option.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from safetensors.torch import load_file
+
+from .common import DiffcliError, to_model_range
+from .data import mnist_digit_tiles
+from .sequences import Context, SequenceItem, make_item, spec_from_record
+
+CONTEXT_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def load_digits(record: dict[str, Any], data_root: str | None) -> torch.Tensor:
+    """The digit tiles a sequence model was trained on, from the recorded (or a given) MNIST root."""
+    root = data_root or record.get("data_root") or "data"
+    return mnist_digit_tiles(root, record.get("split", "train"), spec_from_record(record).digit_size)
+
+
+def dataset_item(record: dict[str, Any], index: int, digits: torch.Tensor) -> SequenceItem:
+    if not 0 <= index < len(digits):
+        raise DiffcliError(f"sequence {index} is outside the model's dataset (sequences 0..{len(digits) - 1})")
+    return make_item(spec_from_record(record), digits[index], index)
+
+
+def parse_indices(text: str) -> list[int] | None:
+    """`3`, `0,4,7` or `0:10` -> indices; None when the text is not of that form (then it is a file)."""
+    t = text.strip()
+    try:
+        if ":" in t:
+            a, b = t.split(":")
+            return list(range(int(a), int(b)))
+        return [int(p) for p in t.split(",")]
+    except ValueError:
+        return None
+
+
+def read_context(path: str | Path, frames: int, size: int) -> torch.Tensor:
+    """A context file -> (frames, size, size) float in [-1, 1].
+
+    .png/.jpg: the frames side by side, grey (a (frames*size) x size strip, as `context.png` is written);
+    .pt/.safetensors: one tensor (frames, size, size), optionally with a leading or second axis of 1;
+    uint8 tensors are 0..255, float tensors the model range [-1, 1].
+    """
+    path = Path(path)
+    expect = (f"the model expects {frames} context frame(s) of {size}x{size}: a {frames * size}x{size} PNG "
+              f"(frames side by side) or a ({frames}, {size}, {size}) tensor")
+    if not path.is_file():
+        raise DiffcliError(f"context file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in CONTEXT_IMAGE_EXTS:
+        try:
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("L"), dtype=np.uint8)
+        except (UnidentifiedImageError, OSError) as e:
+            raise DiffcliError(f"cannot read context image {path}: {e}") from None
+        h, w = arr.shape
+        if (h, w) != (size, frames * size):
+            raise DiffcliError(f"context image {path} is {w}x{h}; {expect}")
+        t = torch.from_numpy(arr.copy()).reshape(size, frames, size).permute(1, 0, 2)
+    elif suffix in (".pt", ".pth", ".safetensors"):
+        t = _read_tensor(path)
+        while t.ndim > 3 and t.shape[0] == 1:
+            t = t[0]
+        if t.ndim == 4 and t.shape[1] == 1:
+            t = t[:, 0]
+        if tuple(t.shape) != (frames, size, size):
+            raise DiffcliError(f"context tensor in {path} has shape {tuple(t.shape)}; {expect}")
+    else:
+        raise DiffcliError(f"context file {path}: unknown file type {suffix or '(none)'}; use .png, .pt or .safetensors")
+    if t.dtype == torch.uint8:
+        return to_model_range(t)
+    t = t.float()
+    if not torch.isfinite(t).all():
+        raise DiffcliError(f"context tensor in {path} has NaN or infinite values")
+    return t
+
+
+def _read_tensor(path: Path) -> torch.Tensor:
+    try:
+        if path.suffix.lower() == ".safetensors":
+            obj: Any = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+    except Exception as e:
+        raise DiffcliError(f"cannot read context tensor {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if isinstance(obj, dict):
+        obj = obj.get("context", next(iter(obj.values())) if len(obj) == 1 else None)
+    if not isinstance(obj, torch.Tensor):
+        raise DiffcliError(f"{path} holds no single context tensor (save one tensor, or a dict with key 'context')")
+    return obj
+
+
+def resolve_contexts(spec: str, meta: dict[str, Any], data_root: str | None = None,
+                     many: bool = False) -> list[Context]:
+    """`--context` for a sequence model: dataset indices (regenerated from the recorded parameters and the
+    MNIST digits under data_root) or one file. Checks everything against the model before any output."""
+    frames = int(meta.get("context_frames") or 0)
+    if not frames:
+        raise DiffcliError("--context is for next-frame models (trained on moving-mnist, circle-jumping or "
+                           "horizontal); this model takes no context")
+    size = int(meta["image_size"])
+    indices = parse_indices(spec)
+    if indices is None:
+        if not Path(spec).is_file():
+            raise DiffcliError(f"--context {spec}: no such file, and not a dataset index (e.g. 3, 0,4,7 or 0:10)")
+        return [Context(read_context(spec, frames, size), str(spec))]
+    if not indices:
+        raise DiffcliError(f"--context {spec!r} selects no sequence")
+    if len(indices) > 1 and not many:
+        raise DiffcliError(f"--context takes one sequence here, got {len(indices)} ({spec!r}); `diffcli pg` takes several")
+    record = meta.get("sequence")
+    if not record:
+        raise DiffcliError("this model does not record its sequence dataset; pass --context FILE")
+    digits = load_digits(record, data_root)
+    items = [dataset_item(record, i, digits) for i in indices]
+    return [Context(to_model_range(it.context), f"index {i}", i, it) for i, it in zip(indices, items)]
