@@ -28,7 +28,7 @@ from diffcli.metrics import frechet_distance  # noqa: E402
 from diffcli.models import load_model  # noqa: E402
 from diffcli.sample import SHIPPED_CHECKPOINT, SampleConfig, sample_images  # noqa: E402
 from diffcli.samplers import nfe  # noqa: E402
-from mnist_data import heldout_5k, t10k  # noqa: E402
+from mnist_data import DEFAULT_ROOT, heldout_5k, t10k  # noqa: E402
 
 STEPS = {"euler": (9, 17, 35, 79), "heun": (5, 9, 18, 40), "stochastic_heun": (5, 9, 18, 40),
          "ddim": (9, 17, 35, 79), "euler_ancestral": (9, 17, 35, 79), "dpmpp_2m": (9, 12, 17, 35)}
@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--save-features", default=None, metavar="DIR",
                     help="also write each row's features and predictions (DIR/SAMPLER-STEPS.npz) for paired analysis")
     ap.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT))
+    ap.add_argument("--data-root", type=Path, default=DEFAULT_ROOT, help="MNIST folder (benchmarks/mnist_data.py)")
     ap.add_argument("--plot", default="docs/fid-vs-nfe.png")
     ap.add_argument("--replot", default=None, help="redraw --plot from a saved output of this script")
     args = ap.parse_args()
@@ -78,8 +79,8 @@ def main() -> None:
         return replot(args.replot, args.plot)
     model, meta = load_model(args.checkpoint)
     clf = load_classifier()
-    ref, _ = features(clf, heldout_5k()[0])
-    real, _ = features(clf, t10k()[0])
+    ref, _ = features(clf, heldout_5k(args.data_root)[0])
+    real, _ = features(clf, t10k(args.data_root)[0])
     floors = {"all": fid(real, ref), "n": fid(real[np.random.default_rng(0).permutation(len(real))[:args.n]], ref)}
     rows = []
     for sampler, steps in parse_rows(args.rows, args.samplers):

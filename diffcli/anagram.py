@@ -3,8 +3,9 @@
 One canvas image, one view per prompt (`views.make_view`); each view sees its own prompt (one conditioning
 row per view) and `sync.synchronized` makes them agree. Stage I (64 px) then stage II (x4, conditioned on the
 noised upsampled stage-I canvas as IF does, every view seeing its view of it) run the same synchronized DDIM.
-Writes one PNG per view named by its prompt (the 003 ambiguous_images layout) and, under `animations/`, a GIF
-and a strip of the canvas turning into each view.
+Writes one PNG per view named by its prompt (the 003 ambiguous_images layout), and nothing else, into OUT (the
+grader opens every entry with PIL); beside it, `OUT.animations/` holds a GIF and a strip of the canvas turning
+into each view, and `OUT.run.json` the run record.
 """
 from __future__ import annotations
 
@@ -17,20 +18,20 @@ from typing import Any
 import torch
 
 from . import pipelines
-from .common import (DiffcliError, PerSampleRandn, pick_dtype, progress_bar, read_json_option, safe_name, save_gif,
-                     save_grid,
-                     save_image, write_run_json)
+from .common import (DiffcliError, PerSampleRandn, beside, pick_dtype, progress_bar, read_json_option, run_record_path,
+                     check_file_names, safe_name, save_gif, save_grid, save_image, unique_stems, write_run_json)
 from .dist import Dist
 from .guidance import seg_layers, seg_of, stack
-from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_sampling, finite,
-                      record as options_record)
+from .options import (BATCH_MAX, FRAMES_MAX, SCALE_MAX, SIDE_MAX, STEPS_MAX, GuidanceOptions, SamplingOptions,
+                      check_guidance, check_image_size, check_particles, check_pipeline_steps, check_sampling, count,
+                      finite, record as options_record, seed as check_seed)
 from .panorama import key_line, resolve_prompts_file
 from .sync import CASES, NOISES, rows_of, sample_views
 from .views import VIEWS, ViewOptions, ViewSet, frame, make_view
 
 DEFAULT_MODEL = "DeepFloyd/IF-I-M-v1.0"
 DEFAULT_SR_MODEL = "DeepFloyd/IF-II-M-v1.0"
-ANIMATION_DIR = "animations"  # a subfolder, so eval (which reads the folder's own *.png) never scores it
+ANIMATIONS_BESIDE = ".animations"  # OUT.animations/ next to OUT: the graded folder holds only the view images
 
 
 @dataclass(kw_only=True)
@@ -71,6 +72,7 @@ class AnagramConfig(GuidanceOptions, SamplingOptions):
 class Job:
     name: str            # stem of the animation files
     prompts: list[str]   # one per view
+    files: list[str] = field(default_factory=list)  # one PNG per view, set by `name_jobs`
 
 
 # ---------------------------------------------------------------- input
@@ -105,12 +107,22 @@ def validate(cfg: AnagramConfig) -> list[Job]:
     for name in ("sr_steps", "view_batch", "frames", "patches", "pieces", "squares"):
         if getattr(cfg, name) < 1:
             raise DiffcliError(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("height", "width", "patches", "pieces", "squares"):  # the upper limits (options.py)
+        count(name, getattr(cfg, name), 1, SIDE_MAX)
+    if cfg.height or cfg.width:
+        check_image_size(cfg.height or cfg.width, cfg.width or cfg.height)
+    count("sr_steps", cfg.sr_steps, 1, STEPS_MAX)
+    count("view_batch", cfg.view_batch, 1, BATCH_MAX)
+    count("frames", cfg.frames, 1, FRAMES_MAX)
+    count("noise_level", cfg.noise_level, 0, STEPS_MAX)  # and below the stage II scheduler's steps (`load`)
+    check_seed("seed", cfg.seed)
+    check_seed("view_seed", cfg.view_seed)
     check_sampling(cfg, pipeline=True)
     check_guidance(cfg)
     check_particles(cfg, 1, pipeline=True, what="the number of canvases a prompt set (anagram draws one)")
-    finite("sr_cfg", cfg.sr_cfg)
-    for name in ("skew", "inner_angle"):
-        finite(name, getattr(cfg, name), low=-math.inf)
+    finite("sr_cfg", cfg.sr_cfg, high=SCALE_MAX)
+    finite("skew", cfg.skew, low=-SIDE_MAX, high=SIDE_MAX)
+    finite("inner_angle", cfg.inner_angle, low=-math.inf)
     if cfg.sync not in CASES:
         raise DiffcliError(f"unknown --sync {cfg.sync!r}; choose one of {', '.join(CASES)}")
     if cfg.noise not in NOISES:
@@ -131,6 +143,17 @@ def validate(cfg: AnagramConfig) -> list[Job]:
             shown = ", ".join(repr(p) for p in job.prompts[:6])
             raise DiffcliError(f"{len(job.prompts)} prompt(s) ({shown}) for {len(cfg.views)} view(s) "
                                f"({' '.join(cfg.views)}): give one prompt per view; views are {', '.join(VIEWS)}")
+    return name_jobs(jobs)
+
+
+def name_jobs(jobs: list[Job]) -> list[Job]:
+    """File names under the one naming rule (`common.unique_stems`), over all prompt sets: every view image is
+    named by its prompt and the animations by the set's key (or its prompts); a name an earlier one already takes
+    (equal prompts, 'a/cat' and 'a cat', keys 'a/b' and 'a b') gets `-2`, `-3`, ..., so nothing is overwritten."""
+    names = unique_stems([j.name for j in jobs], lambda i, stem: animation_files(Job(stem, [])))
+    views = iter(unique_stems([p for j in jobs for p in j.prompts], lambda i, stem: [f"{stem}.png"]))
+    for job, name in zip(jobs, names):
+        job.name, job.files = name, [f"{next(views)}.png" for _ in job.prompts]
     return jobs
 
 
@@ -222,22 +245,34 @@ def load(cfg: AnagramConfig, device: torch.device, dtype: torch.dtype):
                                "stage II pipeline (IFSuperResolutionPipeline), or pass --sr-model none")
         if sr_pipe.unet.config.sample_size % pipe.unet.config.sample_size:
             raise DiffcliError("stage II's size is not a whole multiple of stage I's")
+        check_pipeline_steps(sr_pipe, cfg.sr_steps, cfg.schedule, "sr_steps")
+        noising = getattr(getattr(sr_pipe, "image_noising_scheduler", None), "config", None)
+        if isinstance(getattr(noising, "num_train_timesteps", None), int):
+            count("noise_level", cfg.noise_level, 0, noising.num_train_timesteps - 1)
+    check_pipeline_steps(pipe, cfg.steps, cfg.schedule)
     return pipe, sr_pipe
 
 
 def view_files(job, views: list[str]) -> list[str]:
-    """One PNG per view named by its prompt (the 003 layout); equal prompts get the view index and name."""
-    stems = [safe_name(p) for p in job.prompts]
-    return [f"{stem}.png" if stems.count(stem) == 1 else f"{stem}_{i}_{views[i]}.png" for i, stem in enumerate(stems)]
+    """One PNG per view named by its prompt (the 003 layout; names as `name_jobs` gave them)."""
+    return list(job.files) or [f"{stem}.png" for stem in unique_stems(job.prompts)]
 
 
-def outputs(job, views: list[str]) -> list[str]:
-    return view_files(job, views) + [f"{ANIMATION_DIR}/{job.name}.gif", f"{ANIMATION_DIR}/{job.name}_strip.png"]
+def animation_files(job) -> list[str]:
+    """The GIF and the strip of one prompt set, in OUT.animations/."""
+    return [f"{job.name}.gif", f"{job.name}_strip.png"]
+
+
+def outputs(job, views: list[str], out: Path, anim: Path) -> list[Path]:
+    """Every file one prompt set writes: its view images in OUT, its animations in OUT.animations beside it."""
+    return [out / f for f in view_files(job, views)] + [anim / f for f in animation_files(job)]
 
 
 def run(cfg: AnagramConfig, out: Path, overwrite: bool, device_name: str | None,
         options: dict[str, Any], resume: bool = False) -> dict[str, Any]:
     jobs = validate(cfg)
+    names = [f for job in jobs for f in view_files(job, cfg.views) + animation_files(job)]
+    check_file_names(out, names)  # a name too long fails now, not after the sampling
     with Dist(device_name) as dist:
         return _run(cfg, jobs, out, overwrite, resume, dist, options)
 
@@ -247,6 +282,7 @@ def _run(cfg: AnagramConfig, jobs: list, out: Path, overwrite: bool, resume: boo
     """Prompt pairs are jobs: torchrun ranks take every world-th one, --resume skips those already written."""
     device = dist.device
     dtype = pick_dtype(cfg.dtype, device)
+    record_file, anim = run_record_path(out, "anagram"), beside(out, ANIMATIONS_BESIDE)  # OUT holds only the views
     if cfg.height or cfg.width:  # bad view/size pairs fail before loading
         build_views(cfg, cfg.height or cfg.width, cfg.width or cfg.height)
     pipe, sr_pipe = load(cfg, device, dtype)
@@ -255,10 +291,15 @@ def _run(cfg: AnagramConfig, jobs: list, out: Path, overwrite: bool, resume: boo
     default = pipelines.default_size(pipe)
     size = (cfg.height or cfg.width or default, cfg.width or cfg.height or default)
     pipelines.check_size(pipe, *size)
+    if sr_pipe is not None:  # stage II draws the canvas x its scale
+        scale = sr_pipe.unet.config.sample_size // pipe.unet.config.sample_size
+        check_image_size(size[0] * scale, size[1] * scale,
+                         (f"stage II's height (--height x {scale})", f"stage II's width (--width x {scale})"))
     build_views(cfg, *size)
     record = {**options_record(cfg), **options}
-    out = dist.begin(out, overwrite, resume, "anagram", record, model=cfg.model, sr_model=cfg.sr_model)
-    remaining = [j for j in jobs if not (resume and all((out / f).is_file() for f in outputs(j, cfg.views)))]
+    out = dist.begin(out, overwrite, resume, "anagram", record, record_path=record_file, beside_folders=[anim],
+                     model=cfg.model, sr_model=cfg.sr_model)
+    remaining = [j for j in jobs if not (resume and all(f.is_file() for f in outputs(j, cfg.views, out, anim)))]
     todo = dist.shard(remaining)
 
     per_job = cfg.steps + (cfg.sr_steps if sr_pipe is not None else 0)
@@ -267,16 +308,17 @@ def _run(cfg: AnagramConfig, jobs: list, out: Path, overwrite: bool, resume: boo
             result = generate(pipe, sr_pipe, job, cfg, size, device, lambda info: advance(1))
             for name, image in zip(view_files(job, cfg.views), result["views"]):
                 save_image(out / name, image)
-            anim = out / ANIMATION_DIR
+            gif, strip_png = (anim / f for f in animation_files(job))
             frames = animation(build_views(cfg, *size), result["canvas"], cfg.frames)
-            save_gif(anim / f"{job.name}.gif", frames)
+            save_gif(gif, frames)
             strip = [frame(v, result["canvas"], t) for v in build_views(cfg, *size) if v.name != "identity"
                      for t in (0, 0.25, 0.5, 0.75, 1)] or [result["canvas"]]
-            save_grid(anim / f"{job.name}_strip.png", torch.stack(strip), nrow=5)
+            save_grid(strip_png, torch.stack(strip), nrow=5)
     dist.barrier()
     files = [f for job in jobs for f in view_files(job, cfg.views)]
     if dist.main:
-        write_run_json(out, "anagram", record, device, status="complete", model=cfg.model, sr_model=cfg.sr_model,
-                       world_size=dist.world, size=list(size), jobs=[asdict(j) for j in jobs], files=files)
-    return {"out": str(out), "images": len(files), "pairs": len(jobs), "skipped": len(jobs) - len(remaining),
-            "main": dist.main}
+        write_run_json(out, "anagram", record, device, record_path=record_file, status="complete", model=cfg.model,
+                       sr_model=cfg.sr_model, world_size=dist.world, size=list(size), jobs=[asdict(j) for j in jobs],
+                       files=files, animations=anim.name)
+    return {"out": str(out), "run_record": str(record_file), "animations": str(anim), "images": len(files),
+            "pairs": len(jobs), "skipped": len(jobs) - len(remaining), "main": dist.main}

@@ -89,6 +89,39 @@ def shared_options(config: type, *groups: type) -> Callable:
     return deco
 
 
+def read_config(ctx: typer.Context, param: Any, value: Optional[Path]) -> Optional[Path]:
+    """`--config FILE`: a TOML file whose keys are the command's options (seg_scale or seg-scale, blur, cfg, ...);
+    they become the options' defaults, so flags given on the command line win."""
+    if value is None:
+        return None
+    from .configfile import read_options
+    try:
+        values = read_options(value, {p.name: [o.lstrip("-") for o in p.opts] for p in ctx.command.params
+                                      if p.name not in ("config", "ctx")})
+    except DiffcliError as e:
+        raise typer.BadParameter(str(e), ctx=ctx, param=param) from None
+    ctx.default_map = {**(ctx.default_map or {}), **values}
+    return value
+
+
+def with_config(fn: Callable) -> Callable:
+    """Add `--config FILE` to a command (read first, as the defaults of every other option)."""
+    sig = inspect.signature(fn, eval_str=True)
+    option = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                               default=typer.Option(None, "--config", is_eager=True, callback=read_config,
+                                                    metavar="FILE.toml", help="Options from a TOML file (the same "
+                                                    "names as the flags); flags given here win."))
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("config", None)
+        return fn(*args, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), option])
+    wrapper.__annotations__ = {p.name: p.annotation for p in wrapper.__signature__.parameters.values()}
+    return wrapper
+
+
 @app.callback()
 def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
     _state["debug"] = debug
@@ -109,6 +142,8 @@ def handle_errors(fn: Callable) -> Callable:
         except typer.Exit:
             raise
         except DiffcliError as e:
+            if _state.get("reraise"):  # a sweep checking its settings words the message itself
+                raise
             if _state["debug"]:
                 traceback.print_exc()
             _fail(str(e), e.exit_code)
@@ -134,6 +169,7 @@ def handle_errors(fn: Callable) -> Callable:
 
 @app.command()
 @handle_errors
+@with_config
 def train(
     out: Path = typer.Option(Path("runs/edm"), "--out", help="Run folder: checkpoints, grids, log, run.json."),
     dataset: str = typer.Option(default(TrainConfig, "dataset"), help="mnist, fashion-mnist, cifar10, folder:PATH, or a next-frame sequence set made from the MNIST digits under --data-root: moving-mnist, circle-jumping, horizontal."),
@@ -154,6 +190,7 @@ def train(
     ema_halflife_kimg: float = typer.Option(default(TrainConfig, "ema_halflife_kimg"), help="EMA half-life in thousands of images."),
     seed: int = typer.Option(default(TrainConfig, "seed")),
     ckpt_every: int = typer.Option(default(TrainConfig, "ckpt_every"), help="Checkpoint every N steps (0: only at the end)."),
+    snapshot_every: int = typer.Option(default(TrainConfig, "snapshot_every"), "--snapshot-every", help="Also keep the EMA model of every N-th step as snapshots/step-NNNNNNN.safetensors (0: none); sample, pg and sweep read one as --checkpoint RUN@STEP."),
     grid_every: int = typer.Option(default(TrainConfig, "grid_every"), help="Sample grid every N steps (0: never)."),
     log_every: int = typer.Option(default(TrainConfig, "log_every"), help="Loss log line every N steps."),
     precision: Optional[str] = typer.Option(None, help="fp32 (default) or bf16 autocast; on --resume, changes the run's."),
@@ -186,7 +223,7 @@ def train(
     cfg = TrainConfig(dataset=dataset, data_root=data_root, split=split, image_size=image_size, channels=channels,
                       conditional=not unconditional, p_uncond=p_uncond, net=net, net_overrides=overrides,
                       steps=steps, batch=batch, lr=lr, lr_warmup=lr_warmup, ema_halflife_kimg=ema_halflife_kimg,
-                      seed=seed, ckpt_every=ckpt_every, grid_every=grid_every, log_every=log_every, process=process,
+                      seed=seed, ckpt_every=ckpt_every, snapshot_every=snapshot_every, grid_every=grid_every, log_every=log_every, process=process,
                       blur_sigma_max=20.0 if blur_sigma_max is None else blur_sigma_max)
     if blur_sigma_max is not None and process != "blurring":
         raise DiffcliError("--blur-sigma-max is a --process blurring option")
@@ -207,9 +244,10 @@ def train(
 
 @app.command()
 @handle_errors
+@with_config
 @shared_options(SampleConfig, GuidanceOptions, SamplingOptions)
 def sample(
-    checkpoint: Optional[Path] = typer.Option(None, help="A diffcli model file or run folder (default: the shipped MNIST model)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="A diffcli model file, a run folder (its latest model), or RUN@STEP (a snapshot of --snapshot-every); default: the shipped MNIST model."),
     n: int = typer.Option(default(SampleConfig, "n"), "--n", help="Number of samples."),
     labels: Optional[str] = typer.Option(None, help="Class of each sample, cycled: '0,3,7' or 'all' (default: all)."),
     sigma_min: Optional[float] = typer.Option(None, help="Lowest noise level (default: the model's, 0.002)."),
@@ -267,6 +305,7 @@ def sample(
 
 @app.command()
 @handle_errors
+@with_config
 @shared_options(SegConfig, GuidanceOptions, SamplingOptions)
 def seg(
     prompt: Optional[str] = typer.Argument(None, help="Text prompt (or --prompts-file)."),
@@ -310,6 +349,7 @@ def seg(
 
 @app.command()
 @handle_errors
+@with_config
 @shared_options(PanoramaConfig, GuidanceOptions, SamplingOptions)
 def panorama(
     prompt: Optional[str] = typer.Argument(None, help="Text prompt (or --prompts-file)."),
@@ -354,6 +394,7 @@ def panorama(
 
 @app.command()
 @handle_errors
+@with_config
 @shared_options(AnagramConfig, GuidanceOptions, SamplingOptions)
 def anagram(
     prompts: Optional[List[str]] = typer.Argument(None, help="One prompt per view, in the order of --views."),
@@ -413,11 +454,12 @@ def anagram(
 
 @app.command()
 @handle_errors
+@with_config
 @shared_options(PGConfig, GuidanceOptions, SamplingOptions)
 def pg(
     prompt: Optional[str] = typer.Argument(None, help="Text prompt; with --model, sample a Stable Diffusion pipeline instead of a digit model."),
     model: Optional[str] = typer.Option(None, "--model", help="Stable Diffusion pipeline: a local folder (save_pretrained layout) or a hub id in the cache."),
-    checkpoint: Optional[Path] = typer.Option(None, help="A diffcli model file or run folder (default: the shipped MNIST model)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="A diffcli model file, a run folder (its latest model), or RUN@STEP (a snapshot of --snapshot-every); default: the shipped MNIST model."),
     n: int = typer.Option(default(PGConfig, "n"), "--n", help="Batch size = number of particles sampled jointly (>= 2 with PG on)."),
     labels: Optional[str] = typer.Option(None, help="Class of each sample, cycled: '0,3,7' or 'all' (default: unconditional)."),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Pipelines: the prompt of the unconditional CFG branch (default: empty)."),
@@ -472,6 +514,7 @@ def info() -> None:
 
 @app.command(name="eval")
 @handle_errors
+@with_config
 def eval_(
     folder: str = typer.Argument(..., help="Folder of images to score; eval.json is written there (images are never touched)."),
     app_name: Optional[str] = typer.Option(None, "--app", help="003 CLIP score: wide_images (<prompt>_<crop pos>.png) or ambiguous_images (<prompt>.png)."),
@@ -511,12 +554,71 @@ def eval_(
     typer.echo(f"wrote {result['eval_file']}")
 
 
+try:  # typer >= 0.20 vendors click
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exceptions
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@handle_errors
+@with_config
+def sweep(
+    ctx: typer.Context,
+    command: str = typer.Argument(..., help="The command to sweep: sample, seg, panorama, anagram or pg; its own arguments follow."),
+    grid: List[str] = typer.Option(..., "--grid", help="KEY=V1,V2,...: an option of the command (blur, seg_scale, cfg, pg_factor, sampler, steps, ...) and its values; repeat for a grid."),
+    score: Optional[List[str]] = typer.Option(None, "--score", help="Score every setting as diffcli eval does: digits (sample, pg), fid=REF, kid=REF, clip (panorama, anagram)."),
+    features: str = typer.Option("mnist", "--features", help="FID/KID features: mnist (the digit classifier's, offline) or inception."),
+    out: Path = typer.Option(Path("diffcli-out/sweep"), "--out", help="Sweep folder: one subfolder per setting, results.csv/json, plot.png, grid.png."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty folder."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed sweep: scored settings are skipped, a cut one resumes."),
+    yes: bool = typer.Option(False, "--yes", help=f"Run a grid of more than {32} settings."),
+) -> None:
+    """Run a command over a grid of its options, with the same seeds; score each setting; one table, plot and grid.
+
+    Example: diffcli sweep seg "a cat" --steps 30 --grid blur=gaussian_-1_1,gaussian_-1_2,gaussian_-1_5,gaussian_-1_10,gaussian_-1_9999999 --grid seg_scale=1,3 --out ablation
+
+    Example: diffcli sweep sample --n 1000 --grid cfg=1,1.5,2,3 --score digits --score fid=REF5K --out cfg-sweep
+    """
+    from .sweep import SweepConfig, run as run_sweep
+    cfg = SweepConfig(command=command, args=list(ctx.args), grid=grid, scores=score or [], features=features, yes=yes)
+    result = run_sweep(cfg, out, overwrite, resume, on_setting=lambda name: typer.echo(f"setting {name}", err=True))
+    if result["main"]:
+        for line in result["lines"]:
+            typer.echo(line)
+        typer.echo(f"wrote {result['settings']} settings, results.csv, results.json"
+                   f"{', plot.png' if result['plot'] else ''} and grid.png to {result['out']}")
+
+
+@app.command()
+@handle_errors
+def rerun(
+    record: Path = typer.Argument(..., metavar="RUN_JSON", help="The run.json (or its folder) of a diffcli run."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write the rerun (default: the run's folder + '-rerun'); refused if not empty unless --overwrite."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty output folder."),
+) -> None:
+    """Run a command again from the run.json it wrote: the same command line, in the same working folder, into a
+    new output folder (the same files, byte for byte, on the same machine and versions).
+
+    Example: diffcli rerun digits/run.json --out digits-again
+    """
+    from .rerun import read_record, replay_argv, working_folder
+    from .sweep import invoke
+    data = read_record(record)
+    folder = record if record.is_dir() else record.parent
+    argv = replay_argv(data, out or folder.with_name(folder.name + "-rerun"))
+    if overwrite:
+        argv.append("--overwrite")
+    typer.echo(f"diffcli {' '.join(argv)}", err=True)
+    with working_folder(data):
+        code = invoke(argv[0], argv[1:])
+    if code:
+        raise typer.Exit(code)
+
+
 def run() -> None:
     """Entry point: click's usage errors become one `error:` line too (exit 2)."""
-    try:  # typer >= 0.20 vendors click
-        from typer._click import exceptions as click_exc
-    except ImportError:  # pragma: no cover
-        from click import exceptions as click_exc
+    click_exc = click_exceptions
     try:
         code = app(standalone_mode=False)
     except click_exc.NoArgsIsHelpError as e:

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from .common import DiffcliError, quiet_libraries, reachable, read_image, read_json_option
+from .common import DiffcliError, check_memory, quiet_libraries, reachable, read_json_option
+from .image_folders import open_image
 
 
 @dataclass
@@ -41,12 +42,44 @@ def resolve_clip_model(spec: str) -> str:
         if not (isinstance(cfg, dict) and all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg"))):
             raise DiffcliError(f"CLIP model {spec} is not an open_clip model config "
                                "(needs embed_dim, vision_cfg, text_cfg)")
+        check_clip_config(cfg, spec)
         open_clip.add_model_config(path)
         return path.stem
     if spec not in open_clip.list_models():
         raise DiffcliError(f"unknown CLIP model {spec!r} "
                            "(open_clip names such as ViT-B-32, or a JSON model config file)")
     return spec
+
+
+# the fields of an open_clip config that size its tensors: (low, high); other fields open_clip checks itself
+_CLIP_SIZES = {"vision_cfg": {"layers": (1, 256), "width": (1, 16_384), "head_width": (1, 16_384),
+                              "patch_size": (1, 4_096), "image_size": (1, 4_096)},
+               "text_cfg": {"context_length": (1, 4_096), "vocab_size": (1, 1_000_000), "width": (1, 16_384),
+                            "heads": (1, 1_024), "layers": (1, 256)}}
+
+
+def check_clip_config(cfg: dict[str, Any], spec: str) -> None:
+    """A CLIP model config file's types and sizes, checked before open_clip allocates anything: a wrong field type
+    or a tower too large for this machine is a one-line error naming the field."""
+    from .options import count, finite
+    count(f"CLIP model {spec}: embed_dim", cfg["embed_dim"], 1, 16_384)
+    towers = 0
+    for tower, sizes in _CLIP_SIZES.items():
+        sub = cfg[tower]
+        if not isinstance(sub, dict):
+            raise DiffcliError(f"CLIP model {spec}: {tower} must be a JSON object, got {type(sub).__name__}")
+        for key, (low, high) in sizes.items():
+            if key in sub:
+                values = sub[key] if isinstance(sub[key], list) and key in ("layers", "image_size") else [sub[key]]
+                for v in values:
+                    count(f"CLIP model {spec}: {tower}.{key}", v, low, high)
+        if "mlp_ratio" in sub:
+            finite(f"CLIP model {spec}: {tower}.mlp_ratio", sub["mlp_ratio"], above=True, high=64.0)
+        layers = sub.get("layers", 12)
+        layers = sum(layers) if isinstance(layers, list) else layers
+        width = sub.get("width", 768)
+        towers += 12 * layers * width * width + sub.get("vocab_size", 0) * width
+    check_memory(4 * towers, "cpu", f"CLIP model {spec}: its weights", "this is no CLIP model one could evaluate with")
 
 
 def _offline_message(model: str, tag: str, repo: str) -> str:
@@ -138,9 +171,15 @@ def load_clip(model_spec: str, pretrained: str, device: torch.device, quick_gelu
     use_quick_gelu = bool(tag_cfg.get("quick_gelu", False)) if quick_gelu is None else quick_gelu
     preprocess_cfg = {f"image_{k}": tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
     state = read_state_dict(path)
-    with quiet_libraries():
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=None, force_quick_gelu=use_quick_gelu, **preprocess_cfg)
+    try:
+        with quiet_libraries():
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=None, force_quick_gelu=use_quick_gelu, **preprocess_cfg)
+    except (TypeError, ValueError, KeyError, AssertionError, AttributeError) as e:  # a config open_clip refuses
+        if isinstance(e, DiffcliError):
+            raise
+        raise DiffcliError(f"CLIP model {model_spec} does not build ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
         state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
     try:
@@ -168,15 +207,28 @@ def encode_texts(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 def embed_image_files(clip: Clip, paths: Sequence[str], batch_size: int,
                       on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Read, preprocess and encode images `batch_size` at a time (the grader encodes them one by one)."""
+    """Read, preprocess and encode images `batch_size` at a time (the grader encodes them one by one).
+
+    Each image reaches the preprocess as opened, in its own mode, as in the grader's `preprocess(Image.open(path))`:
+    CLIP's transform resizes (bicubic) and crops first and converts to RGB only then, so RGBA is resized with
+    premultiplied alpha, palette images nearest-neighbour, 16-bit ones at their depth, exactly as graded."""
     out = []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
-        pixels = torch.stack([clip.preprocess(read_image(p)[0]) for p in chunk]).to(clip.device)
+        pixels = torch.stack([preprocess(clip, p) for p in chunk]).to(clip.device)
         out.append(encode_images(clip.model, pixels).cpu())
         if on_batch:
             on_batch(len(chunk))
     return torch.cat(out)
+
+
+def preprocess(clip: Clip, path: str) -> torch.Tensor:
+    """CLIP's preprocess of one image file as opened (the grader's `preprocess(Image.open(path))`)."""
+    image = open_image(path)
+    try:
+        return clip.preprocess(image)
+    except (OSError, ValueError) as e:  # a mode PIL cannot resize or convert: the grader stops there too
+        raise DiffcliError(f"cannot preprocess image {path} (mode {image.mode}): {str(e).splitlines()[0]}") from None
 
 
 def embed_prompts(clip: Clip, prompts: Sequence[str], batch_size: int) -> torch.Tensor:

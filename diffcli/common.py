@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import io
 import json
 import logging
@@ -12,8 +13,10 @@ import os
 import platform
 import re
 import socket
+import stat
 import sys
 import tempfile
+import unicodedata
 import warnings
 import zlib
 from importlib import metadata
@@ -103,13 +106,32 @@ class PerSampleRandn:
 
 # ---------------------------------------------------------------- atomic files
 
-# atomic_path's temp names: mkstemp(prefix=".NAME.", suffix=".tmp") adds 8 characters of [a-z0-9_]
-ATOMIC_TEMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+# atomic_path's temp names: `.diffcli.<target name>.<8 random [a-z0-9_]>.tmp` (mkstemp's random part), a form no
+# user file has by accident, so --resume clears exactly what killed writers of ours left and nothing else
+TEMP_PREFIX, TEMP_SUFFIX = ".diffcli.", ".tmp"
+ATOMIC_TEMP = re.compile(r"\.diffcli\.[^/]+\.[a-z0-9_]{8}\.tmp")
+TEMP_NAME_BYTES = len(TEMP_PREFIX) + len(".12345678") + len(TEMP_SUFFIX)  # what a temp name adds: 22 bytes
 
 
-def atomic_temp_files(folder: Path) -> list[Path]:
-    """Temp files atomic_path left under `folder` (a writer killed mid-write); nothing else matches."""
-    return [p for p in folder.rglob(".*.tmp") if p.is_file() and ATOMIC_TEMP.fullmatch(p.name)]
+def atomic_temp_files(*folders: str | os.PathLike) -> list[Path]:
+    """Temp files atomic_path left directly in `folders` (writers killed mid-write): regular files named exactly as
+    ATOMIC_TEMP, never anything in a subfolder (a command names the subfolders it writes itself)."""
+    found: list[Path] = []
+    for folder in folders:
+        try:
+            with os.scandir(folder) as entries:
+                found += [Path(e.path) for e in entries
+                          if ATOMIC_TEMP.fullmatch(e.name) and e.is_file(follow_symlinks=False)]
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return sorted(found)
+
+
+def clear_temp_files(*folders: str | os.PathLike) -> None:
+    """--resume: delete the temp files killed writers left in `folders` (the output folder and the subfolders the
+    command itself writes; see atomic_temp_files)."""
+    for stale in atomic_temp_files(*folders):
+        stale.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -120,7 +142,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    except OSError as e:  # e.g. a name too long for the file system: name the file the user asked for
+        raise OSError(e.errno, e.strerror, str(path)) from e
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -211,17 +236,78 @@ def progress_bar(label: str, total: int, disable: bool = False) -> Iterator[Call
 _RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
 
 
-def safe_name(prompt: str, max_len: int = 120) -> str:
+NAME_MAX_BYTES = 255  # a file name's limit in bytes (Linux NAME_MAX; macOS and Windows allow 255 characters)
+# a stem from user text, in UTF-8 bytes: leaves room for `-<k>` (unique_stems), the suffixes commands add
+# (`_<pos>.png`, `_seed<k>.png`, `_strip.png`) and atomic_path's temp name (TEMP_NAME_BYTES) within NAME_MAX_BYTES
+STEM_MAX_BYTES = 160
+
+
+def _cap_bytes(text: str, max_bytes: int) -> str:
+    """`text` cut to at most `max_bytes` in UTF-8, at a character boundary."""
+    return text.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
+
+
+def safe_name(prompt: str, max_len: int = 120, max_bytes: int = STEM_MAX_BYTES) -> str:
     """A file-name stem from a prompt that can never leave its folder: the 003 layout (spaces -> `_`).
 
     Keeps letters, digits and `-_.,'()`; drops separators, control characters and anything else; no
-    leading dots, no Windows-reserved names, at most `max_len` characters (so `_<pos>.png` still fits).
+    leading dots, no Windows-reserved names, at most `max_len` characters and `max_bytes` UTF-8 bytes (multi-byte
+    scripts reach the file system's 255-byte limit long before 120 characters), so suffixes and temp names fit.
     """
     chars = [c if (c.isalnum() or c in "-_.,'()") else ("_" if c.isspace() or c in "/\\" else "") for c in prompt]
-    stem = re.sub(r"_+", "_", "".join(chars)).strip("._ ")[:max_len].rstrip("._ ")
+    stem = re.sub(r"_+", "_", "".join(chars)).strip("._ ")
+    stem = _cap_bytes(stem[:max_len], max_bytes).rstrip("._ ")
     if not stem or stem.lower().split(".")[0] in _RESERVED:
-        stem = "prompt_" + stem if stem else "prompt"
+        stem = _cap_bytes("prompt_" + stem, max_bytes).rstrip("._ ") if stem else "prompt"
     return stem
+
+
+def _same_file_key(name: str) -> str:
+    """Names a case-insensitive, normalising file system (macOS, Windows) takes for the same file compare equal."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+def unique_stems(texts: Sequence[str], files: Callable[[int, str], Iterable[str]] | None = None,
+                 max_len: int = 120) -> list[str]:
+    """THE rule for file names from user text (seg, panorama, anagram): item i's stem is `safe_name(texts[i])`;
+    where any file it names (`files(i, stem)`, default just the stem) is one an earlier item already names, the
+    first of `stem-2`, `stem-3`, ... whose files are all free. So 'a cat' and 'a/cat' give `a_cat` and `a_cat-2`
+    and nothing is overwritten; names compare as on a case-insensitive file system ('A cat' vs 'a cat')."""
+    files = files or (lambda i, stem: [stem])
+    claimed: set[str] = set()
+    stems = []
+    for i, text in enumerate(texts):
+        base = safe_name(text, max_len)
+        stem, k = base, 2
+        while any(_same_file_key(f) in claimed for f in files(i, stem)):
+            stem, k = f"{base}-{k}", k + 1
+        claimed.update(_same_file_key(f) for f in files(i, stem))
+        stems.append(stem)
+    return stems
+
+
+def name_max(folder: str | os.PathLike) -> int:
+    """The longest file name, in bytes, that `folder`'s file system takes (its nearest existing ancestor's)."""
+    path = Path(os.path.abspath(folder))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return int(os.pathconf(path, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no answer
+        return NAME_MAX_BYTES
+
+
+def check_file_names(folder: str | os.PathLike, names: Iterable[str]) -> None:
+    """Before any work: every file a command will write in `folder` (relative names; each part counts) fits the
+    file system's name limit together with atomic_path's temp name; else one line naming the file."""
+    limit = name_max(folder)
+    for name in names:
+        for part in Path(name).parts:
+            size = len(os.fsencode(part))
+            if size + TEMP_NAME_BYTES > limit:
+                raise DiffcliError(f"file name {part[:48]!r}... is {size} bytes; with the {TEMP_NAME_BYTES}-byte temp "
+                                   f"name it is written under first, that exceeds the {limit}-byte name limit of the "
+                                   f"file system of {folder}; shorten the prompt (or --seed) or choose another --out")
 
 
 def read_prompts_file(path: str | os.PathLike) -> list[str]:
@@ -284,9 +370,17 @@ def make_grid(x: torch.Tensor, nrow: int | None = None, pad: int = 2, pad_value:
 
 
 def save_image(path: str | os.PathLike, x: torch.Tensor) -> None:
-    """Save one (C,H,W) image in [-1, 1] as PNG, atomically."""
+    """Save one (C,H,W) image in [-1, 1] as PNG, atomically; never one with NaN/inf (they would turn black)."""
+    check_finite_image(path, x)
     with atomic_path(path) as tmp:
         _pil(to_uint8(x)).save(tmp, format="PNG")
+
+
+def check_finite_image(path: str | os.PathLike, x: torch.Tensor) -> None:
+    """Bad numbers never become files: an image with NaN or inf values (a diverged sampler) is refused, by name."""
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise DiffcliError(f"{path}: the image holds NaN or infinite values (the sampling diverged; lower the "
+                           "guidance scales or the noise settings); not written")
 
 
 def load_images(paths: Iterable[str | os.PathLike]) -> torch.Tensor:
@@ -329,45 +423,195 @@ def versions() -> dict[str, str]:
 
 
 def write_run_json(out_dir: Path, command: str, options: dict[str, Any], device: torch.device | str,
-                   **extra: Any) -> None:
-    """Record what produced a folder: argv, every option, versions, device and time."""
+                   record_path: Path | None = None, **extra: Any) -> None:
+    """Record what produced a folder: argv, every option, versions, device and time; in OUT/run.json, or at
+    `record_path` (panorama and anagram: OUT.run.json beside the folder, see `beside`)."""
     record = {
         "command": command,
         "argv": sys.argv,
+        "cwd": os.getcwd(),  # where relative paths in argv were meant (diffcli rerun)
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()},
         "versions": versions(),
         "device": str(device),
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **extra,
     }
-    write_json(Path(out_dir) / "run.json", record)
+    write_json(record_path or Path(out_dir) / "run.json", record)
+
+
+# panorama and anagram write folders a grader opens entry by entry (the 003 grader: every entry of glob(OUT/*)
+# through PIL), so their run record and animations live next to the folder, never in it
+RECORD_BESIDE = ".run.json"
+
+
+def beside(out: str | os.PathLike, suffix: str) -> Path:
+    """`OUT<suffix>` next to the folder OUT (`wide_images` -> `wide_images.run.json`); OUT given as `.` or
+    `a/..` is named by its absolute path first. The root has nothing beside it: a one-line error."""
+    path = Path(out)
+    if path.name in ("", ".", ".."):
+        path = Path(os.path.abspath(path))
+    if not path.name:
+        raise DiffcliError(f"--out {out}: panorama and anagram keep their run record beside the output folder "
+                           f"({suffix}), and {out} has no folder around it; choose a subfolder")
+    return path.with_name(path.name + suffix)
+
+
+RECORD_BESIDE_COMMANDS = ("panorama", "anagram")  # their folders are graded entry by entry
+
+
+def run_record_path(out: str | os.PathLike, command: str) -> Path:
+    """Where `command` keeps the run record of its output folder OUT: `OUT.run.json` beside it for panorama and
+    anagram, `OUT/run.json` for the other commands. Every reader of a record goes through this."""
+    return beside(out, RECORD_BESIDE) if command in RECORD_BESIDE_COMMANDS else Path(out) / "run.json"
+
+
+def is_run_record(path: str | os.PathLike) -> bool:
+    """A plain file (not a symlink, never a FIFO) holding a diffcli run record (`write_run_json`'s)."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"command", "argv", "options", "versions"} <= set(record)
+
+
+def check_beside(out: Path, record: Path, folders: Sequence[Path], overwrite: bool, resume: bool) -> None:
+    """Before anything is written: the paths diffcli keeps beside OUT (its run record, `folders` such as the
+    animations) are ours or absent, and the folder around OUT is writable. A user's file there is never touched."""
+    parent = record.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # prepare_out_dir creates the missing ones
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DiffcliError(f"cannot write {record.name} beside the output folder: {parent} is not writable "
+                           f"(panorama and anagram keep their run record next to --out); choose another --out")
+    ours = is_run_record(record)
+    if os.path.lexists(record) and not ours:
+        raise DiffcliError(f"{record} exists and is not a diffcli run record; diffcli keeps the run record of "
+                           f"{out} there: move that file away or choose another --out")
+    for folder in folders:
+        if not os.path.lexists(folder):
+            continue
+        full = folder.is_dir() and not folder.is_symlink() and any(folder.iterdir())
+        if folder.is_symlink() or not folder.is_dir() or (full and not ours):
+            raise DiffcliError(f"{folder} exists and was not written by diffcli for {out} (no run record "
+                               f"{record.name} beside it); move it away or choose another --out")
+        if full and not (overwrite or resume):
+            raise DiffcliError(f"{folder} (beside the output folder) is not empty; pass --overwrite or choose "
+                               f"another --out")
 
 
 RESUME_IGNORES = ("out", "device", "overwrite", "resume", "batch_size", "view_batch")
 
 
 def begin_output(out: str | os.PathLike, overwrite: bool, resume: bool, options: dict[str, Any],
-                 ignore: Sequence[str] = RESUME_IGNORES) -> Path:
+                 ignore: Sequence[str] = RESUME_IGNORES, record_path: Path | None = None,
+                 beside_folders: Sequence[Path] = ()) -> Path:
     """Prepare the output folder of a command that writes many files.
 
-    With `resume`, the folder must hold the run.json of a run with the same options (those in `ignore` may
-    differ: they change speed or place, not pixels); the caller then skips outputs already written.
+    With `resume`, the run record (OUT/run.json, or `record_path` beside OUT for panorama and anagram) must be
+    that of a run with the same options (those in `ignore` may differ: they change speed or place, not pixels);
+    the caller then skips outputs already written. `beside_folders` (anagram's animations) are checked with the
+    record (`check_beside`) and cleared of killed writers' temp files with OUT.
     """
     out = Path(out)
+    record = record_path or out / "run.json"
+    if record_path is not None:
+        check_beside(out, record, beside_folders, overwrite, resume)
     if not resume:
         return prepare_out_dir(out, overwrite)
-    try:
-        before = json.loads((out / "run.json").read_text())["options"]
+    try:  # never read a FIFO (it would hang); beside OUT, only our own record
+        readable = is_run_record(record) if record_path is not None else stat.S_ISREG(os.stat(record).st_mode)
+        before = json.loads(record.read_text())["options"] if readable else None
     except (OSError, ValueError, KeyError, TypeError):
-        raise DiffcliError(f"--resume: {out} holds no run.json of an earlier run; start without --resume") from None
+        before = None
+    if not isinstance(before, dict):
+        if record_path is None:
+            raise DiffcliError(f"--resume: {out} holds no run.json of an earlier run; start without --resume")
+        stem = len(record.name) - len(RECORD_BESIDE)  # OUT's name, as `beside` spelled it
+        moves = [(out / "run.json", record)] + [(out / f.name[stem + 1:], f) for f in beside_folders]
+        if is_run_record(out / "run.json"):  # an older diffcli kept them inside the folder
+            shown = " and ".join(f"{a} to {b}" for a, b in moves if os.path.lexists(a))
+            raise DiffcliError(f"--resume: {out} was written by an older diffcli, with its run record inside; it now "
+                               f"lives beside the folder: move {shown}, then resume")
+        raise DiffcliError(f"--resume: no run record of an earlier run in {record} (beside {out}); start without "
+                           f"--resume")
     now = json.loads(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}))
     differ = sorted(k for k in set(before) | set(now) if k not in ignore and before.get(k) != now.get(k))
     if differ:
         shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in differ[:4])
         raise DiffcliError(f"--resume: options differ from the run in {out} ({shown}); resume with the same options")
-    for stale in atomic_temp_files(out):
-        stale.unlink(missing_ok=True)
+    clear_temp_files(out, *beside_folders)
     return prepare_out_dir(out, True)
+
+
+# ---------------------------------------------------------------- memory and image sizes, before allocating
+
+def device_memory(device: torch.device | str) -> int | None:
+    """Bytes of memory `device` has: a GPU's total (torch.cuda.mem_get_info), else this machine's physical memory
+    (capped by a cgroup limit where one is set); None where it cannot be told."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[1])
+        except Exception:  # no driver or a device that is gone: nothing to compare against
+            return None
+    total = None
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        try:
+            with open("/proc/meminfo") as f:
+                kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+            total = kib * 1024
+        except (OSError, StopIteration, ValueError, IndexError):
+            pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            total = min(total, int(limit)) if total else int(limit)
+    except OSError:
+        pass
+    return total if total and total > 0 else None
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"
+
+
+def check_memory(need: int, device: torch.device | str, what: str, hint: str) -> None:
+    """Refuse work that needs more bytes than `device` has at all (`device_memory`), before allocating any of it."""
+    have = device_memory(device)
+    if have is not None and need > have:
+        device = torch.device(device)
+        where = f"the {human_bytes(have)} of memory of {device}" if device.type == "cuda" else \
+            f"this machine's {human_bytes(have)} of memory"
+        raise DiffcliError(f"{what} needs at least {human_bytes(need)}, more than {where}; {hint}")
+
+
+def check_image_file(path: str | os.PathLike, max_pixels: int, what: str = "image") -> tuple[int, int]:
+    """(width, height) of an image file from its header alone, refusing one of more than `max_pixels` pixels (a
+    decompression bomb: a small file that decodes to gigabytes) before anything is decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
+    except Image.DecompressionBombError as e:  # over twice PIL's own limit: PIL names the size
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        raise DiffcliError(f"{what} {path} has {found.group(1) if found else 'too many'} px; diffcli reads at most "
+                           f"{max_pixels} px (8192 x 8192) an image") from None
+    except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DiffcliError(f"cannot read {what} {path}: {reason} (corrupt or truncated file?)") from None
+    if width * height > max_pixels:
+        raise DiffcliError(f"{what} {path} is {width} x {height} = {width * height} px; diffcli reads at most "
+                           f"{max_pixels} px (8192 x 8192) an image")
+    return width, height
 
 
 # ---------------------------------------------------------------- checkpoints (safetensors only)
@@ -414,7 +658,14 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], m
     """Write tensors + a JSON metadata record as one safetensors file, atomically."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"diffcli": json.dumps(meta)})
+        try:
+            save_file(tensors, str(tmp), metadata={"diffcli": json.dumps(meta)})
+        except Exception as e:  # safetensors' own error type for a failed write (a full disk): an OSError again
+            if isinstance(e, OSError):
+                raise
+            found = re.search(r"os error (\d+)", str(e))
+            code = int(found.group(1)) if found else errno.EIO
+            raise OSError(code, os.strerror(code), str(tmp)) from e
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -436,7 +687,13 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise DiffcliError(f"{path} is not a readable safetensors file (truncated or corrupt?): {str(e).splitlines()[0]}") from e
     if meta_text is None:
         raise DiffcliError(f"{path} is a safetensors file but not a diffcli checkpoint (no 'diffcli' metadata)")
-    return tensors, json.loads(meta_text)
+    try:
+        meta = json.loads(meta_text)
+    except ValueError as e:
+        raise DiffcliError(f"{path}: its 'diffcli' metadata is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise DiffcliError(f"{path}: its 'diffcli' metadata is a JSON {type(meta).__name__}, not an object")
+    return tensors, meta
 
 
 def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .common import IMAGE_EXTS, DiffcliError
+from .common import IMAGE_EXTS, DiffcliError, check_image_file, check_memory
+from .options import PIXELS_MAX
 from .sequences import KINDS as SEQUENCE_KINDS, SequenceSpec, check_spec, digit_tiles, make_dataset
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "folder:PATH", *SEQUENCE_KINDS)
@@ -112,14 +114,22 @@ def _load_folder(path: Path, image_size: int | None, channels: int | None) -> Im
     if not path.is_dir():
         raise DiffcliError(f"image folder not found: {path}")
     subdirs = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
-    groups = [(d.name, sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTS)) for d in subdirs]
+    groups = [(d.name, _image_files(d.rglob("*"))) for d in subdirs]
     groups = [(n, fs) for n, fs in groups if fs]
     labelled = bool(groups)
     if not labelled:
-        groups = [("", sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS))]
+        groups = [("", _image_files(path.iterdir()))]
     if not any(fs for _, fs in groups):
         raise DiffcliError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) in {path}")
+    if channels not in (None, 1, 3):
+        raise DiffcliError(f"channels must be 1 or 3 (grey or RGB), got {channels!r}")
     mode = {1: "L", 3: "RGB", None: None}[channels]
+    # every header first (decompression bombs refused before any pixel is decoded), then what the set will take
+    sizes = [check_image_file(f, PIXELS_MAX) for _, files in groups for f in files]
+    c = channels or 3
+    need = sum(c * (image_size * image_size if image_size else w * h) for w, h in sizes)
+    resized = f" at {image_size} x {image_size}" if image_size else ""
+    check_memory(need, "cpu", f"the {len(sizes)} images of {path}{resized}", "pass a smaller --image-size")
     arrays, labels = [], []
     for label, (_, files) in enumerate(groups):
         for f in files:
@@ -132,7 +142,7 @@ def _load_folder(path: Path, image_size: int | None, channels: int | None) -> Im
                     if image_size:
                         im = _center_square(im).resize((image_size, image_size), Image.BICUBIC)
                     arrays.append(np.asarray(im, dtype=np.uint8).reshape(im.height, im.width, -1))
-            except (UnidentifiedImageError, OSError) as e:
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
                 raise DiffcliError(f"cannot read image {f}: {e}") from e
             labels.append(label)
     shapes = {a.shape for a in arrays}
@@ -141,6 +151,26 @@ def _load_folder(path: Path, image_size: int | None, channels: int | None) -> Im
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     names = [n for n, _ in groups] if labelled else []
     return ImageSet(images, torch.tensor(labels) if labelled else None, names, f"folder:{path}")
+
+
+def _image_files(paths) -> list[Path]:
+    """The image files among `paths`, sorted (folders skipped). An entry with an image suffix that is no regular file
+    (a FIFO, socket or device: opening it could block forever) is refused before any file is opened."""
+    files = []
+    for p in paths:
+        if p.suffix.lower() not in IMAGE_EXTS:
+            continue
+        try:
+            mode = p.stat().st_mode  # follows links: a link to an image is an image
+        except OSError as e:  # a dangling link
+            raise DiffcliError(f"cannot read image {p}: {e.strerror or e}") from None
+        if stat.S_ISDIR(mode):
+            continue
+        if not stat.S_ISREG(mode):
+            raise DiffcliError(f"{p} is not a regular file (a FIFO, socket or device); a dataset folder holds plain "
+                               "image files: remove it")
+        files.append(p)
+    return sorted(files)
 
 
 def _center_square(im):
@@ -171,6 +201,9 @@ def load_dataset(spec: str, root: str | Path = "data", split: str = "train",
     else:
         raise DiffcliError(f"unknown dataset {spec!r}; choose one of {', '.join(DATASETS)}")
     if image_size and image_size != ds.images.shape[-1]:
+        n, c, h, w = ds.images.shape  # resized in float: the set before and after, 4 bytes a value
+        check_memory(n * c * (h * w + image_size * image_size) * 4, "cpu",
+                     f"{spec} resized to {image_size} x {image_size} ({n} images)", "pass a smaller --image-size")
         ds.images = torch.nn.functional.interpolate(ds.images.float(), size=(image_size, image_size),
                                                     mode="bilinear", antialias=True, align_corners=False
                                                     ).round().clamp(0, 255).to(torch.uint8)
@@ -192,7 +225,11 @@ def _load_sequences(kind: str, root: Path, split: str, frame_size: int | None, c
         raise DiffcliError(f"sequence option {extra[0]!r} does not apply to {kind}")
     if channels not in (None, 1):
         raise DiffcliError(f"{kind} frames are grey (1 channel), not {channels} channels")
-    context, nxt = make_dataset(spec, mnist_digit_tiles(root, split, spec.digit_size))
+    tiles = mnist_digit_tiles(root, split, spec.digit_size)
+    check_memory(len(tiles) * (spec.context_frames + 1) * spec.frame_size ** 2, "cpu",
+                 f"{len(tiles)} {kind} sequences of {spec.context_frames + 1} {spec.frame_size}-px frames",
+                 "pass a smaller --image-size")
+    context, nxt = make_dataset(spec, tiles)
     record = {**spec.record(), "split": split, "data_root": str(root.resolve()), "sequences": len(nxt)}
     return ImageSet(nxt, None, [], kind, context, record)
 

@@ -7,7 +7,11 @@ running a network on whole batches) among the ranks so that rank 0 ends with wha
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -16,21 +20,93 @@ import torch
 import torch.distributed as torch_dist
 
 from .common import DiffcliError, begin_output, pick_device, write_run_json
+from .options import WORLD_MAX
 
 T, R = TypeVar("T"), TypeVar("R")
 Rows = Any  # a tensor or an array with one row per item, or a tuple of them
+
+TIMEOUT_ENV = "DIFFCLI_DIST_TIMEOUT"  # seconds the torchrun rendezvous waits for every rank to join
+TIMEOUT_DEFAULT = 300.0               # (torch's own wait is 30 minutes)
+
+
+def rendezvous_timeout() -> float:
+    """DIFFCLI_DIST_TIMEOUT in seconds (default 300): how long the ranks wait for each other at the start."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return TIMEOUT_DEFAULT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise DiffcliError(f"{TIMEOUT_ENV}={text!r}: expected a positive number of seconds (how long torchrun ranks "
+                           f"wait for each other at the start; default {TIMEOUT_DEFAULT:g})")
+    return seconds
+
+
+def init_group(backend: str, world: int) -> None:
+    """torch's env:// rendezvous, bounded by `rendezvous_timeout` (a rank whose peers never come fails in one
+    line instead of waiting torch's 30 minutes); the collectives after it keep torch's default timeout."""
+    seconds = rendezvous_timeout()
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    try:
+        with _native_stderr_hidden():  # torch's C++ store logs each failed try with a stack trace
+            store, rank, size = next(torch_dist.rendezvous("env://", timeout=timedelta(seconds=seconds)))
+    except (RuntimeError, ValueError, OSError) as e:  # DistStoreError / DistNetworkError are RuntimeErrors
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise DiffcliError(f"torchrun rendezvous at {where}: not all {world} ranks joined within {seconds:g} s "
+                           f"({reason}); start every rank, or set {TIMEOUT_ENV}=SECONDS to wait longer "
+                           f"(default {TIMEOUT_DEFAULT:g})") from None
+    from torch.distributed.constants import default_pg_timeout
+    store.set_timeout(default_pg_timeout)  # as init_process_group does with its own rendezvous
+    torch_dist.init_process_group(backend, store=torch_dist.PrefixStore("default_pg", store), rank=rank,
+                                  world_size=size)
+
+
+@contextlib.contextmanager
+def _native_stderr_hidden():
+    """File descriptor 2 (where C++ code logs) to /dev/null for the duration; Python's own messages come after."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def env_int(name: str, default: int, low: int, high: int) -> int:
+    """An integer torchrun sets in the environment (WORLD_SIZE, RANK, LOCAL_RANK), checked: a stray or mistyped
+    value is a one-line error naming the variable and its range."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        raise DiffcliError(f"environment variable {name}={text[:40]!r}: expected an integer in [{low}, {high}] "
+                           "(torchrun sets it; unset it to run one process)")
+    return value
 
 
 class Dist:
     """torchrun/DDP context: gloo on CPU, nccl on GPU; a no-op for one process."""
 
     def __init__(self, device_name: str | None):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.world = env_int("WORLD_SIZE", 1, 1, WORLD_MAX)
+        self.rank = env_int("RANK", 0, 0, self.world - 1)
+        self.local_rank = env_int("LOCAL_RANK", 0, 0, WORLD_MAX - 1)
         if self.world > 1:
             use_cuda = torch.cuda.is_available() and device_name not in ("cpu",)
-            torch_dist.init_process_group("nccl" if use_cuda else "gloo")
+            init_group("nccl" if use_cuda else "gloo", self.world)
             self.device = torch.device("cuda", self.local_rank) if use_cuda else torch.device("cpu")
             if use_cuda:
                 torch.cuda.set_device(self.device)
@@ -108,13 +184,17 @@ class Dist:
         self.barrier()
         return result
 
-    def begin(self, out: Path, overwrite: bool, resume: bool, command: str, options: dict, **extra) -> Path:
-        """Rank 0 prepares the output folder (`common.begin_output`) and, for a new run, writes a run.json with
-        status "running" that a later --resume checks its options against; every rank waits for it."""
+    def begin(self, out: Path, overwrite: bool, resume: bool, command: str, options: dict,
+              record_path: Path | None = None, beside_folders: Sequence[Path] = (), **extra) -> Path:
+        """Rank 0 prepares the output folder (`common.begin_output`) and, for a new run, writes a run record with
+        status "running" that a later --resume checks its options against; every rank waits for it. The record is
+        OUT/run.json, or `record_path` beside OUT (panorama, anagram: with `beside_folders`, see `common.beside`)."""
         def start() -> Path:
-            folder = begin_output(out, overwrite, resume, options)
+            folder = begin_output(out, overwrite, resume, options, record_path=record_path,
+                                  beside_folders=beside_folders)
             if not resume:
-                write_run_json(folder, command, options, self.device, status="running", **extra)
+                write_run_json(folder, command, options, self.device, record_path=record_path, status="running",
+                               **extra)
             return folder
 
         self.main_first(start)

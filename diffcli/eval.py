@@ -10,6 +10,8 @@ gathered values and writes the eval.json one process would (see `run`).
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,10 +27,11 @@ from .fid import (FEATURES, Reference, feature_extractor, feature_files, folder_
                   reference_statistics)
 from .grading import (APPS, ClipFile, anagram_record, clip_score_record, grade, group_prompts, plan_clip_files,
                       read_anagram_pairs)
-from .image_folders import check_images, conversion_warnings, read_digit_samples
+from .image_folders import (EVAL_FILE, check_images, conversion_warnings, file_kind, grader_chokes,
+                            read_digit_samples)
+from .options import BATCH_MAX, KID_SUBSETS_MAX, N_MAX, count
 from .metrics import cosine_per_image, digit_record, frechet_distance, group_means, kernel_distance
 
-EVAL_FILE = "eval.json"
 OTHER_FAMILIES = ("fid", "kid", "digits")  # eval.json keys a CLIP run leaves in place; the rest is the CLIP part
 
 
@@ -66,14 +69,30 @@ def validate(cfg: EvalConfig) -> None:
         raise DiffcliError("--batch-size must be >= 1")
     if cfg.kid_subsets < 1 or cfg.kid_subset_size < 2:
         raise DiffcliError("--kid-subsets must be >= 1 and --kid-subset-size >= 2")
+    count("batch_size", cfg.batch_size, 1, BATCH_MAX)  # the upper limits (options.py)
+    count("kid_subsets", cfg.kid_subsets, 1, KID_SUBSETS_MAX)
+    count("kid_subset_size", cfg.kid_subset_size, 2, N_MAX)
+
+
+def check_eval_file(folder: str) -> None:
+    """eval.json is replaced atomically at the end: refuse up front an eval.json that is not a plain file (a
+    folder, a symlink, a FIFO: it is neither read nor overwritten)."""
+    path = Path(folder) / EVAL_FILE
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return
+    if not stat.S_ISREG(mode):
+        raise DiffcliError(f"{path} exists and is {file_kind(path)}, not a file eval can replace; move it away")
 
 
 def merge_eval(folder: str, clip_part: dict[str, Any] | None, families: dict[str, Any]) -> dict[str, Any]:
     """A CLIP run rewrites the grader's part of eval.json; fid/kid/digits replace only their own keys."""
     old: dict[str, Any] = {}
     try:
-        loaded = json.loads((Path(folder) / EVAL_FILE).read_text())
-        old = loaded if isinstance(loaded, dict) else {}
+        if stat.S_ISREG(os.lstat(Path(folder) / EVAL_FILE).st_mode):  # checked up front; never read a FIFO
+            loaded = json.loads((Path(folder) / EVAL_FILE).read_text())
+            old = loaded if isinstance(loaded, dict) else {}
     except (OSError, ValueError):
         pass
     if clip_part is None:
@@ -99,12 +118,15 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
 def _run(cfg: EvalConfig, dist: Dist) -> dict[str, Any]:
     device, bs = dist.device, cfg.batch_size
     notes: list[str] = []
+    check_eval_file(cfg.folder)
 
     # ---- read everything first, so bad input fails before any model loads
     clip_files = pairs = None
     if cfg.app:
         clip_files, n = plan_clip_files(cfg.folder, cfg.app, cfg.drop_panoramas)
         notes += n + conversion_warnings(check_images([f.path for f in clip_files], dist))
+        if dist.main:  # every entry the real grader opens and would choke on, one line each
+            notes += grader_chokes(cfg.folder, decoded=[f.name for f in clip_files])
         if cfg.anagram_prompts:
             pairs = read_anagram_pairs(cfg.anagram_prompts, "--anagram-metrics")
     refs: dict[str, Reference] = {}  # "fid" / "kid" -> its reference

@@ -10,16 +10,15 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from glob import glob
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from .common import DiffcliError, check_folder, quiet_libraries, reachable
+from .common import DiffcliError, check_folder, quiet_libraries, reachable, some_names
 from .dist import Dist
-from .image_folders import SAMPLE_ARTIFACTS, check_images, is_sample_folder
+from .image_folders import SAMPLE_ARTIFACTS, check_images, is_regular, is_sample_folder
 
 FEATURES = ("inception", "mnist")
 # clean-fid's precomputed Inception statistics: name -> (default resolution, default split)
@@ -56,15 +55,41 @@ def parse_reference(spec: str, option: str = "reference") -> Reference:
                        f"for: {', '.join(DATASET_STATS)})")
 
 
-def cleanfid_listing(folder: str) -> list[str]:
-    """The image files clean-fid's get_folder_features reads in a folder (recursive, its extensions)."""
+def cleanfid_listing(folder: str, notes: list[str] | None = None) -> list[str]:
+    """The image files clean-fid's get_folder_features reads in a folder (recursive, its extensions, hidden names
+    skipped and the paths sorted, as its glob gives them), listed by us so that nothing is counted twice or hangs:
+    a folder reached through a symlink is not entered (clean-fid's recursive glob follows it, and a symlink loop
+    makes it count the same images over and over, a silently wrong FID), and entries that are not regular files
+    (FIFOs, which would hang its reader, sockets, devices, broken links) are left out. What is left out is
+    named in `notes`."""
     from cleanfid.utils import EXTENSIONS
-    return sorted(f for ext in EXTENSIONS for f in glob(os.path.join(folder, f"**/*.{ext}"), recursive=True))
+    suffixes = tuple(f".{ext}" for ext in EXTENSIONS)
+    files, linked, special = [], [], []
+    for root, dirs, names in os.walk(folder, followlinks=False):
+        for d in list(dirs):
+            if d.startswith("."):
+                dirs.remove(d)
+            elif os.path.islink(os.path.join(root, d)):  # os.walk lists it, and does not enter it
+                linked.append(os.path.join(root, d))
+        for name in names:
+            path = os.path.join(root, name)
+            if name.startswith(".") or not name.endswith(suffixes):
+                continue
+            (files if is_regular(path) else special).append(path)
+    if notes is not None:
+        if linked:
+            notes.append(f"did not enter {len(linked)} symlinked folder(s) under {folder} (clean-fid's own listing "
+                         f"follows them, a loop counting images again and again): {some_names(linked)}")
+        if special:
+            notes.append(f"left out {len(special)} image name(s) under {folder} that are not regular files (FIFOs, "
+                         f"devices, broken links; clean-fid would hang or crash on them): {some_names(special)}")
+    return sorted(files)
 
 
 def feature_files(folder: str, what: str, dist: Dist | None = None) -> tuple[list[str], list[str]]:
     """clean-fid's file list for a folder, minus the grid/strip `diffcli sample` writes beside its samples."""
-    files, notes = cleanfid_listing(str(check_folder(folder, what))), []
+    notes: list[str] = []
+    files = cleanfid_listing(str(check_folder(folder, what)), notes)
     if is_sample_folder(folder):
         extra = [f for f in files if Path(f).parent == Path(folder) and Path(f).name in SAMPLE_ARTIFACTS]
         if extra:

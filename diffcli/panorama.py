@@ -3,7 +3,8 @@
 The windows are views (`views.windows`), the synchronization is `sync.synchronized`, the sampler is DDIM =
 Euler over the scheduler's sigmas (`diffcli.samplers`); this module picks sizes, runs prompts, decodes the
 latent canvas tile by tile and writes the 003 submission layout: `<Prompt_with_underscores>.png` and its
-512x512 crops `<Prompt_with_underscores>_<pos>.png`, which `diffcli eval --app wide_images` grades.
+512x512 crops `<Prompt_with_underscores>_<pos>.png`, which `diffcli eval --app wide_images` grades. The folder
+holds only those images (the grader opens every entry with PIL): the run record is `OUT.run.json` beside it.
 """
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ import torch
 
 from . import pipelines
 from .common import (DiffcliError, PerSampleRandn, pick_dtype, progress_bar, read_json_option, read_prompts_file,
-                     safe_name, save_image, write_run_json)
+                     run_record_path, check_file_names, save_image, unique_stems, write_run_json)
 from .dist import Dist
 from .guidance import seg_layers, seg_of, stack
-from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_sampling,
-                      record as options_record)
+from .options import (BATCH_MAX, SIDE_MAX, GuidanceOptions, SamplingOptions, check_guidance, check_image_size,
+                      check_particles, check_pipeline_steps, check_sampling, count, record as options_record,
+                      seed as check_seed)
 from .shipped import prompts as shipped_prompts
 from .sync import CASES, NOISES, rows_of, sample_views
 from .views import ViewSet, windows
@@ -56,6 +58,7 @@ class PanoramaConfig(GuidanceOptions, SamplingOptions):
 class Job:
     prompt: str
     eval_pos: list[int] = field(default_factory=list)
+    stem: str = ""  # its files' stem, set by `name_jobs` (the one naming rule: no two prompts share a file)
 
 
 # ---------------------------------------------------------------- input
@@ -133,6 +136,12 @@ def validate(cfg: PanoramaConfig) -> list[Job]:
     for name in ("view_batch", "decode_batch"):
         if getattr(cfg, name) < 1:
             raise DiffcliError(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("height", "width", "window", "stride", "decode_stride"):  # the upper limits (options.py)
+        count(name, getattr(cfg, name), 1, SIDE_MAX)
+    check_image_size(cfg.height, cfg.width)
+    for name in ("view_batch", "decode_batch"):
+        count(name, getattr(cfg, name), 1, BATCH_MAX)
+    check_seed("seed", cfg.seed)
     check_sampling(cfg, pipeline=True)
     check_guidance(cfg)
     check_particles(cfg, 1, pipeline=True, what="the number of canvases a prompt (panorama draws one)")
@@ -145,7 +154,21 @@ def validate(cfg: PanoramaConfig) -> list[Job]:
         bad = [p for p in job.eval_pos if not 0 <= p < cfg.width]
         if bad:
             raise DiffcliError(f"eval position(s) {bad} lie outside the {cfg.width} px wide image")
+    return name_jobs(jobs)
+
+
+def name_jobs(jobs: list[Job]) -> list[Job]:
+    """Each prompt's stem under the one naming rule (`common.unique_stems`): a prompt whose panorama or crops
+    would take a file an earlier prompt writes ('a cat' and 'a/cat'; 'a cat 64' and the crop of 'a cat' at 64)
+    gets `-2`, `-3`, ..."""
+    stems = unique_stems([j.prompt for j in jobs], lambda i, stem: files_of(stem, jobs[i].eval_pos))
+    for job, stem in zip(jobs, stems):
+        job.stem = stem
     return jobs
+
+
+def files_of(stem: str, eval_pos: list[int]) -> list[str]:
+    return [f"{stem}.png"] + [f"{stem}_{pos}.png" for pos in eval_pos]
 
 
 @dataclass
@@ -232,13 +255,13 @@ def crops(image: torch.Tensor, positions: list[int], size: int) -> list[torch.Te
 
 def outputs(job: Job) -> list[str]:
     """The files one prompt writes: the panorama and its evaluation crops (the 003 layout)."""
-    stem = safe_name(job.prompt)
-    return [f"{stem}.png"] + [f"{stem}_{pos}.png" for pos in job.eval_pos]
+    return files_of(job.stem or unique_stems([job.prompt])[0], job.eval_pos)
 
 
 def run(cfg: PanoramaConfig, out: Path, overwrite: bool, device_name: str | None,
         options: dict[str, Any], resume: bool = False) -> dict[str, Any]:
     jobs = validate(cfg)
+    check_file_names(out, [f for job in jobs for f in outputs(job)])  # a name too long fails now, not after the work
     with Dist(device_name) as dist:
         return _run(cfg, jobs, out, overwrite, resume, dist, options)
 
@@ -248,13 +271,15 @@ def _run(cfg: PanoramaConfig, jobs: list[Job], out: Path, overwrite: bool, resum
     """Prompts are jobs: torchrun ranks take every world-th one, --resume skips those whose files all exist."""
     device = dist.device
     dtype = pick_dtype(cfg.dtype, device)
+    record_file = run_record_path(out, "panorama")  # OUT.run.json: OUT holds only the images the grader opens
     pipe = pipelines.load_pipeline(cfg.model, device, dtype)
     if pipelines.family(pipe) == "if":
         raise DiffcliError(f"{cfg.model!r} is a DeepFloyd IF pipeline; panorama needs a latent model (SD 1.x/2.x, SDXL)")
     p = plan(pipe, cfg, jobs)
+    check_pipeline_steps(pipe, cfg.steps, cfg.schedule)
     seg_layers(pipe.unet, cfg, "--layers")
     record = {**options_record(cfg), **options}
-    out = dist.begin(out, overwrite, resume, "panorama", record, model=cfg.model)
+    out = dist.begin(out, overwrite, resume, "panorama", record, record_path=record_file, model=cfg.model)
     remaining = [j for j in jobs if not (resume and all((out / f).is_file() for f in outputs(j)))]
     todo = dist.shard(remaining)
 
@@ -267,8 +292,8 @@ def _run(cfg: PanoramaConfig, jobs: list[Job], out: Path, overwrite: bool, resum
     dist.barrier()
     files = [f for job in jobs for f in outputs(job)]
     if dist.main:
-        write_run_json(out, "panorama", record, device, status="complete", model=cfg.model, world_size=dist.world,
-                       windows=len(p.views), window_px=p.crop, latent=list(p.latent), decode_tiles=len(p.tiles),
-                       prompts=[asdict(j) for j in jobs], files=files)
-    return {"out": str(out), "images": len(jobs), "crops": len(files) - len(jobs), "windows": len(p.views),
-            "skipped": len(jobs) - len(remaining), "main": dist.main}
+        write_run_json(out, "panorama", record, device, record_path=record_file, status="complete", model=cfg.model,
+                       world_size=dist.world, windows=len(p.views), window_px=p.crop, latent=list(p.latent),
+                       decode_tiles=len(p.tiles), prompts=[asdict(j) for j in jobs], files=files)
+    return {"out": str(out), "run_record": str(record_file), "images": len(jobs), "crops": len(files) - len(jobs),
+            "windows": len(p.views), "skipped": len(jobs) - len(remaining), "main": dist.main}

@@ -16,17 +16,17 @@ from .common import (DiffcliError, PerSampleRandn, pick_device, pick_dtype, prep
                      save_image, write_json, write_run_json)
 from . import pipelines
 from . import sequences as sq
-from .contexts import resolve_contexts
 from .classifier import SHIPPED_CLASSIFIER, classify, load_classifier, load_digits
 from .denoisers import ve_to_vp
 from .metrics import digit_record, mean_pairwise_cosine
 from .models import load_model
 from .guidance import pg_of, seg_layers, seg_of, stack
-from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_sampling, group_fields,
-                      record as options_record)
+from .options import (BATCH_MAX, SIDE_MAX, GuidanceOptions, SamplingOptions, check_batch_memory, check_guidance,
+                      check_image_size, check_particles, check_pipeline_steps, check_sampling, count, group_fields,
+                      record as options_record, seed as check_seed)
 from .particles import KernelGrad, latent_kernel, make_kernel
-from .sample import (SHIPPED_CHECKPOINT, SampleConfig, parse_labels, sample_images, samples_record, sequence_outputs,
-                     write_samples)
+from .sample import (SHIPPED_CHECKPOINT, SampleConfig, model_contexts, parse_labels, sample_images, samples_record,
+                     sequence_outputs, write_samples)
 from .samplers import nfe, run_sampler
 
 
@@ -63,6 +63,8 @@ def validate(cfg: PGConfig) -> None:
         raise DiffcliError("--model needs a prompt: diffcli pg \"a photo of a dog\" --model PATH")
     if cfg.model is not None and cfg.checkpoint is not None:
         raise DiffcliError("--checkpoint (a diffcli model) and --model (a pipeline) exclude each other")
+    count("n", cfg.n, 1, BATCH_MAX)  # the particles are one network batch
+    check_seed("seed", cfg.seed, cfg.n)
     check_sampling(cfg, pipeline=cfg.model is not None)
     check_guidance(cfg)
     check_particles(cfg, cfg.n, pipeline=cfg.model is not None)
@@ -76,8 +78,11 @@ def validate(cfg: PGConfig) -> None:
         raise DiffcliError("--labels is for class-conditional diffcli models; a pipeline takes a prompt")
     for name in ("height", "width"):
         v = getattr(cfg, name)
+        count(name, v, 1, SIDE_MAX)
         if v is not None and (v < 8 or v % 8):
             raise DiffcliError(f"--{name} must be a positive multiple of 8")
+    if cfg.height is not None or cfg.width is not None:
+        check_image_size(cfg.height or cfg.width, cfg.width or cfg.height)
 
 
 def family(cfg: PGConfig) -> str:
@@ -156,17 +161,6 @@ def latent_metrics(latents: torch.Tensor) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- outputs
 
-def sequence_contexts(cfg: PGConfig, meta: dict[str, Any]) -> list | None:
-    """`--context` for a next-frame model (sequences.Context each); None for other models."""
-    if cfg.context is None:
-        if meta.get("context_frames"):
-            raise DiffcliError(f"this model predicts the next frame after {meta['context_frames']} context frame(s): "
-                               f"pass --context N, a list (0,4,7), a range (0:10) of its {meta.get('dataset')} "
-                               f"sequences, or --context FILE")
-        return None
-    return resolve_contexts(cfg.context, meta, cfg.data_root, many=True)
-
-
 def sequence_compare_metrics(seq: dict[str, Any], images: torch.Tensor, n: int) -> dict[str, Any]:
     """Means over contexts of the 001 metrics (where the truth is known) and the samples' spread."""
     spread = [sq.pairwise_rmse(sq.ink(x)) for x in images.split(n)]
@@ -218,7 +212,11 @@ def run(cfg: PGConfig, out: Path, overwrite: bool, device_name: str | None, opti
     classifier, contexts = None, None
     if kind == "pipeline":
         pipe = pipelines.load_pipeline(cfg.model, device, dtype)
-        pipeline_size(pipe, cfg)  # fail before touching the output folder
+        height, width = pipeline_size(pipe, cfg)  # fail before touching the output folder
+        check_pipeline_steps(pipe, cfg.steps or DEFAULT_STEPS["pipeline"], cfg.schedule)
+        f = pipelines.scale_factor(pipe)
+        check_batch_memory(cfg.n, pipe.unet.config.block_out_channels[0], height // f, width // f, dtype, device,
+                           "the particles (one network batch)", "lower --n")
         seg_layers(pipe.unet, cfg, "--layers")
         labels, meta = None, {"kind": type(pipe).__name__, "model": cfg.model}
         draw = lambda factor, step: sample_pipeline(pipe, cfg, factor, device, step)
@@ -229,7 +227,10 @@ def run(cfg: PGConfig, out: Path, overwrite: bool, device_name: str | None, opti
         digit_scale(cfg, meta)
         seg_layers(model.net.unet, cfg, "--layers")
         labels = None if cfg.labels is None else parse_labels(cfg.labels, meta["num_classes"], cfg.n)
-        contexts = sequence_contexts(cfg, meta)
+        contexts = model_contexts(cfg, meta, many=True)
+        check_seed("seed", cfg.seed, cfg.n * len(contexts or [None]))
+        check_batch_memory(cfg.n, meta["net"]["block_out_channels"][0], meta["image_size"], meta["image_size"], dtype,
+                           device, "the particles (one network batch)", "lower --n")
         if cfg.kernel == "classifier" or (cfg.compare and not contexts):
             classifier = load_classifier(cfg.classifier or SHIPPED_CLASSIFIER, device)
         kernel = make_kernel(cfg.kernel, classifier)

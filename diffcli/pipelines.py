@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from .common import DiffcliError, PerSampleRandn, pick_device, pick_dtype
+from .cache import cached
+from .common import DiffcliError, PerSampleRandn, pick_device, pick_dtype, some_names
 from .denoisers import DiffusersDenoiser, ve_to_vp, vp_to_ve
 from .samplers import get_sigmas_pipeline
 
@@ -24,7 +25,14 @@ def load_pipeline(spec: str, device: torch.device | str | None = None, dtype: to
 
     device None: cuda, then mps, then cpu; dtype None: fp16 on CUDA, else fp32.
     `components` replace parts of the pipeline (IF stage II: text_encoder=None, it reuses stage I's T5 embeddings).
+    Within `cache.caching()` (a sweep) each pipeline loads once.
     """
+    key = ("pipeline", spec, str(device), str(dtype), kind, tuple(sorted((k, repr(v)) for k, v in components.items())))
+    return cached(key, lambda: _load_pipeline(spec, device, dtype, kind, **components))
+
+
+def _load_pipeline(spec: str, device: torch.device | str | None, dtype: torch.dtype | None, kind: str,
+                   **components):
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
@@ -34,15 +42,21 @@ def load_pipeline(spec: str, device: torch.device | str | None = None, dtype: to
     tlog.disable_progress_bar()
     device = pick_device(None if device is None else str(device))
     dtype = pick_dtype(None, device) if dtype is None else dtype
+    pickled = pickled_weights(Path(spec)) if Path(spec).is_dir() else []
+    if pickled:
+        what = "is a pickled weight file" if len(pickled) == 1 else "are pickled weight files"
+        raise DiffcliError(f"{spec}: {some_names(pickled)} {what} with no safetensors beside; {NO_PICKLES}")
     try:
         with warnings.catch_warnings():  # library deprecation chatter is not the user's business
             warnings.simplefilter("ignore")
-            # never run code shipped with a model; diffusers reads .bin weights with weights_only=True
+            # never run code shipped with a model: no remote code, and safetensors weights only (no unpickling)
             pipe = DiffusionPipeline.from_pretrained(spec, dtype=dtype, safety_checker=None,
                                                      requires_safety_checker=False, trust_remote_code=False,
-                                                     **components)
+                                                     use_safetensors=True, **components)
     except Exception as e:  # hub errors, missing folders and bad configs all come as different types
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "safetensors" in first:  # a component with pickled (.bin) weights only
+            raise DiffcliError(f"cannot load {spec!r} ({first[:160]}); {NO_PICKLES}") from None
         repo = spec if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not Path(spec).exists() else "ORG/MODEL"
         raise DiffcliError(f"cannot load a {kind} pipeline from {spec!r} ({first[:160]}); get it with `hf download "
                            f"{repo} --local-dir DIR` where there is a network and pass the local folder"
@@ -52,6 +66,23 @@ def load_pipeline(spec: str, device: torch.device | str | None = None, dtype: to
                            "DeepFloyd IF); transformer models (SD3, Flux) are not supported yet")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+NO_PICKLES = ("diffcli loads pipeline weights from safetensors only and never unpickles (a pickle can run code): "
+              "convert it once where you trust it, e.g. `DiffusionPipeline.from_pretrained(DIR)"
+              ".save_pretrained(NEW_DIR)` (safetensors is the default), and pass NEW_DIR")
+
+
+def pickled_weights(folder: Path) -> list[str]:
+    """Pickled weight files (`component/name.bin`, ...) in a local pipeline folder's components that have no
+    safetensors file beside them: what `from_pretrained` would otherwise unpickle."""
+    found = []
+    for part in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = [f for f in part.iterdir() if f.is_file()]
+        if not any(f.suffix == ".safetensors" for f in files):
+            found += [f"{part.name}/{f.name}" for f in sorted(files) if f.suffix in PICKLE_SUFFIXES]
+    return found
 
 
 def _device(pipe, device: torch.device | str | None) -> torch.device:
@@ -87,13 +118,15 @@ def denoiser(pipe) -> DiffusersDenoiser:
     return DiffusersDenoiser.from_scheduler(pipe.unet, pipe.scheduler)
 
 
-def sigmas(pipe, steps: int, device: torch.device, schedule: str = "scheduler", rho: float = 7.0) -> torch.Tensor:
+def sigmas(pipe, steps: int, device: torch.device | str | None = None, schedule: str = "scheduler",
+           rho: float = 7.0) -> torch.Tensor:
     """The pipeline's sigmas under one of `samplers.SCHEDULES`: "scheduler", the DDIM timesteps of its noise table
     (ending where its DDIM ends: 0, or the table's first level); "karras", Karras sigmas (exponent `rho`) from the
     table's largest sigma to its smallest, then 0."""
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler  # deferred like every diffusers import: `diffcli --help` stays fast
 
-    return get_sigmas_pipeline(DDIMScheduler.from_config(pipe.scheduler.config), steps, schedule, device, rho)
+    return get_sigmas_pipeline(DDIMScheduler.from_config(pipe.scheduler.config), steps, schedule, _device(pipe, device),
+                               rho)
 
 
 @torch.no_grad()
@@ -107,6 +140,12 @@ def encode_prompts(pipe, prompts: list[str], negative: str | list[str] | None, h
     if isinstance(negative, str):
         negative = [negative] * len(prompts)
     device = _device(pipe, device)
+    key = ("prompts", id(pipe), tuple(prompts), None if negative is None else tuple(negative), height, width, str(device))
+    return cached(key, lambda: _encode_prompts(pipe, prompts, negative, height, width, device))
+
+
+def _encode_prompts(pipe, prompts: list[str], negative: list[str] | None, height: int, width: int,
+                    device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
     out = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
                              do_classifier_free_guidance=True, negative_prompt=negative)
     cond, uncond = {"encoder_hidden_states": out[0]}, {"encoder_hidden_states": out[1]}

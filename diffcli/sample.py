@@ -9,13 +9,15 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .common import (DiffcliError, PerSampleRandn, load_checkpoint, load_images, make_grid, pick_dtype, progress_bar,
-                     prepare_out_dir, save_gif, save_grid, save_image, write_run_json)
+from .common import (DiffcliError, PerSampleRandn, check_image_file, check_memory, load_checkpoint, load_images,
+                     make_grid, pick_dtype, progress_bar, prepare_out_dir, save_gif, save_grid, save_image,
+                     write_run_json)
 from .dist import Dist
 from .guidance import pg_of, seg_layers, seg_of, stack
-from .models import load_model
-from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_sampling,
-                      record as options_record)
+from .models import check_record, load_model
+from .options import (BATCH_MAX, N_MAX, PIXELS_MAX, SIGMA_LIMIT, GuidanceOptions, SamplingOptions,
+                      check_batch_memory, check_guidance, check_particles, check_sampling, count, finite,
+                      record as options_record, seed as check_seed)
 from .particles import KernelGrad, latent_kernel
 from .samplers import SAMPLERS, get_sigmas_karras, nfe, run_sampler
 from . import sequences as sq
@@ -66,10 +68,13 @@ def parse_labels(spec: str | None, num_classes: int, n: int) -> list[int] | None
 
 
 def validate(cfg: SampleConfig) -> None:
-    if cfg.n < 1:
-        raise DiffcliError("--n must be >= 1")
-    if cfg.batch_size < 1:
-        raise DiffcliError("--batch-size must be >= 1")
+    """Every option checked before a model loads or a file is written (ranges: options.py)."""
+    count("n", cfg.n, 1, N_MAX)
+    count("batch_size", cfg.batch_size, 1, BATCH_MAX)
+    check_seed("seed", cfg.seed, cfg.n)
+    count("nrow", cfg.nrow, 1, GRID_MAX)
+    for name in ("sigma_min", "sigma_max"):
+        finite(name, getattr(cfg, name), above=True, high=SIGMA_LIMIT)
     if cfg.sampler is not None and cfg.sampler not in SAMPLERS + BLURRING_SAMPLERS:
         raise DiffcliError(f"unknown sampler {cfg.sampler!r}; choose one of {', '.join(SAMPLERS)} (EDM models) "
                            f"or {', '.join(BLURRING_SAMPLERS)} (blurring models)")
@@ -98,6 +103,10 @@ def resolve(cfg: SampleConfig, meta: dict[str, Any]) -> SampleConfig:
         return replace(cfg, sampler=cfg.sampler or BLURRING_SAMPLERS[0], steps=cfg.steps or BLURRING_STEPS)
     if cfg.clip_denoised:
         raise DiffcliError("--clip-denoised is a blurring-model option; EDM samplers integrate x itself")
+    low, high = cfg.sigma_min or meta["sigma_min"], cfg.sigma_max or meta["sigma_max"]
+    if not low < high:
+        raise DiffcliError(f"need --sigma-min < --sigma-max, got {low:g} and {high:g} (the model's own where one "
+                           "is not given)")
     if cfg.sampler in BLURRING_SAMPLERS:
         raise DiffcliError(f"--sampler {cfg.sampler} is the blurring-diffusion sampler; an EDM model samples with "
                            f"{', '.join(SAMPLERS)}")
@@ -146,8 +155,8 @@ def _draw(model, meta, cfg, device, indices, labels, seg, pg, on_step, context):
                                    cfg.rho, device=device)
         start_scale = sigmas[0]
     shape = (meta["channels"], meta["image_size"], meta["image_size"])
-    for start in range(0, len(indices), cfg.batch_size):
-        idx = indices[start:start + cfg.batch_size]
+    group = net_group(device)
+    for idx in batches(indices, cfg.batch_size, None if pg else group):
         rng = PerSampleRandn([cfg.seed + i for i in idx], device)
         x = rng.randn(shape) * start_scale
         cond = {} if context is None else {"context": context.to(device).expand(len(idx), *context.shape)}
@@ -156,7 +165,8 @@ def _draw(model, meta, cfg, device, indices, labels, seg, pg, on_step, context):
         else:
             y = torch.tensor([labels[i] for i in idx], device=device)
             both = ({"class_labels": y, **cond}, {"class_labels": torch.full_like(y, model.null_label), **cond})
-        denoiser = stack(model, scale, *both, None if blurring else sigmas, seg=seg, pg=pg)
+        net = fixed_groups(model, idx, group)
+        denoiser = stack(net, scale, *both, None if blurring else sigmas, seg=seg, pg=pg)
         keep = (cfg.strip or cfg.gif) and 0 in idx
         # blurring: the state z_t itself, from the noise at t = 1 (x0_hat would divide by d_t ~ 0.001)
         frames: list[torch.Tensor] = [x[:8].clamp(-1, 1).cpu()] if blurring and keep else []
@@ -175,6 +185,65 @@ def _draw(model, meta, cfg, device, indices, labels, seg, pg, on_step, context):
         images = x.clamp(-1, 1).cpu()
         # rows: samples; columns: x0_hat after each step, then the final image (blurring: z_t from t = 1 to 0)
         yield idx, images, (torch.stack(frames if blurring else frames + [images[:8]], dim=1) if keep else None)
+
+
+def batches(indices: Sequence[int], batch_size: int, group: int | None = None) -> list[list[int]]:
+    """The batches `indices` are sampled in: runs of `batch_size`; with `group` (no PG, whose particle sets are the
+    batches themselves), whole network groups (`fixed_groups`) packed up to max(batch_size, group) samples, so no
+    group is computed twice and a batch below one group costs no padding (a call holds `group` rows anyway)."""
+    indices = list(indices)
+    if group is None:
+        return [indices[s:s + batch_size] for s in range(0, len(indices), batch_size)]
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and runs[-1][0] // group == i // group:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    out: list[list[int]] = []
+    for run in runs:
+        if out and len(out[-1]) + len(run) <= max(batch_size, group):
+            out[-1] += run
+        else:
+            out.append(run)
+    return out
+
+
+def net_group(device: torch.device) -> int:
+    """Samples per network call (see `fixed_groups`): 8 on a CPU (no slower than one call for 64 there, measured),
+    64 on a GPU (the default --batch-size, so a default run's calls keep their size)."""
+    return 8 if torch.device(device).type == "cpu" else 64
+
+
+def fixed_groups(model, idx: Sequence[int], size: int):
+    """`model` called only on fixed groups: sample i sits in row i % size of group i // size (of each role chunk,
+    when CFG or SEG stack their passes), rows this batch does not fill repeat a member. The network then always
+    runs `size` rows a chunk at fixed places, and since BLAS and convolution kernels pick their blocking (so their
+    rounding) by batch size, this is what makes a sample's floats independent of --batch-size, of resume and of
+    torchrun ranks. Costs padding where a batch holds part of a group."""
+    b = len(idx)
+    groups: dict[int, list[tuple[int, int]]] = {}
+    for pos, i in enumerate(idx):
+        groups.setdefault(i // size, []).append((pos, i % size))
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor, **kw: Any) -> torch.Tensor:
+        rows = x.shape[0]
+        k = rows // b  # role chunks: 1, 2 (CFG) or 3 (CFG + SEG), each b rows in batch order
+        out = None
+        for members in groups.values():
+            src = [members[0][0]] * size
+            for pos, slot in members:
+                src[slot] = pos
+            take = torch.tensor([r * b + p for r in range(k) for p in src], device=x.device)
+            pick = lambda t: (t.index_select(0, take.to(t.device))  # noqa: E731
+                              if isinstance(t, torch.Tensor) and t.ndim and t.shape[0] == rows else t)
+            y = model(pick(x), pick(sigma), **{name: pick(v) for name, v in kw.items()})
+            out = y.new_empty((rows, *y.shape[1:])) if out is None else out
+            dst = torch.tensor([r * b + pos for r in range(k) for pos, _ in members], device=y.device)
+            out[dst] = y[torch.tensor([r * size + slot for r in range(k) for _, slot in members], device=y.device)]
+        return out
+
+    return denoise
 
 
 def sample_images(model, meta: dict[str, Any], cfg: SampleConfig, device: torch.device,
@@ -207,9 +276,12 @@ def _run(cfg: SampleConfig, out: Path, overwrite: bool, resume: bool, dist: Dist
     model.net.to(dtype)
     cfg = resolve(cfg, meta)
     labels = check_against_model(cfg, meta)  # fail before touching the output folder
+    size = meta["image_size"]
+    check_batch_memory(min(cfg.batch_size, cfg.n), meta["net"]["block_out_channels"][0], size, size, dtype, device,
+                       "one network batch", "lower --batch-size")
     if meta["kind"] == "edm":
         seg_layers(model.net.unet, cfg, "--layers")
-    ctx = model_context(cfg, meta)
+    ctx = (model_contexts(cfg, meta) or [None])[0]
     record = {**options_record(cfg), **options}
     names = sample_names(cfg.n, labels, cfg.seed)
 
@@ -249,15 +321,17 @@ def save_process(out: Path, trajectory: torch.Tensor, strip: bool, gif: bool) ->
         save_gif(out / "process.gif", frames + [frames[-1]] * 20, duration_ms=60)
 
 
-def model_context(cfg: SampleConfig, meta: dict[str, Any]):
-    """The one context of a next-frame model (sequences.Context), None for other models; errors before output."""
+def model_contexts(cfg, meta: dict[str, Any], many: bool = False) -> list | None:
+    """The context(s) `cfg.context` names for a next-frame model (sequences.Context each; several with `many`),
+    None for other models; errors before any output."""
     if cfg.context is None:
         if meta.get("context_frames"):
+            several = ", a list (0,4,7), a range (0:10)" if many else ""
             raise DiffcliError(f"this model predicts the next frame after {meta['context_frames']} context frame(s) of "
-                               f"{meta['image_size']}x{meta['image_size']}: pass --context N (a sequence of its "
+                               f"{meta['image_size']}x{meta['image_size']}: pass --context N{several} (sequences of its "
                                f"{meta.get('dataset')} dataset) or --context FILE")
         return None
-    return resolve_contexts(cfg.context, meta, cfg.data_root)[0]
+    return resolve_contexts(cfg.context, meta, cfg.data_root, many=many)
 
 
 def sequence_outputs(out: Path, contexts: list, images: list[torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
@@ -305,19 +379,26 @@ def show_forward(image: Path, out: Path, overwrite: bool, checkpoint: str | None
     two rows, the blurred image IDCT(d_t DCT(x)) and z_t (blurred, scaled by a_t, noised with one fixed noise);
     forward.gif (with `gif`) runs t through 50 values. The process is --checkpoint's if that is a blurring model
     (--blur-sigma-max overrides its sigma_B,max), else sigma_B,max = --blur-sigma-max or 20."""
+    check_seed("seed", seed)
     schedule = BlurSchedule()
     if checkpoint is not None:
-        meta = load_checkpoint(Path(checkpoint) / "model.safetensors" if Path(checkpoint).is_dir() else checkpoint)[1]
-        if meta.get("model", {}).get("kind") != "blurring":
+        path = Path(checkpoint) / "model.safetensors" if Path(checkpoint).is_dir() else checkpoint
+        record = load_checkpoint(path)[1].get("model")
+        if not isinstance(record, dict) or record.get("kind") != "blurring":
             raise DiffcliError(f"--show-forward shows a blurring process; {checkpoint} is no blurring model "
                                "(leave --checkpoint out and pass --blur-sigma-max)")
-        schedule = schedule_of(meta["model"])
+        check_record(record, f"{path}: the model record")
+        schedule = schedule_of(record)
     if blur_sigma_max is not None:
         schedule = replace(schedule, blur_sigma_max=check_blur_sigma(blur_sigma_max))
+        finite("blur_sigma_max", blur_sigma_max, high=SIGMA_LIMIT)
+    check_image_file(image, PIXELS_MAX)  # a decompression bomb is refused from its header, before decoding
     try:
         x = load_images([image])
     except OSError as e:
         raise DiffcliError(f"cannot read image {image}: {getattr(e, 'strerror', None) or e}") from None
+    check_memory(2 * columns * x[0].numel() * 4, "cpu", f"forward.png of a {x.shape[-1]} x {x.shape[-2]} image",
+                 "pass a smaller image")
     out = prepare_out_dir(out, overwrite)
     noise = PerSampleRandn([seed]).randn(x.shape[1:])
 

@@ -15,12 +15,14 @@ from typing import Any
 import torch
 
 from . import attention, pipelines
-from .common import (DiffcliError, PerSampleRandn, atomic_path, load_images, pick_dtype, progress_bar, safe_name,
-                     save_grid, save_image, write_json, write_run_json)
+from .common import (DiffcliError, PerSampleRandn, atomic_path, check_file_names, clear_temp_files, load_images,
+                     pick_dtype, progress_bar, safe_name, save_grid, save_image, unique_stems, write_json,
+                     write_run_json)
 from .dist import Dist
 from .guidance import Seg, guided_steps, pg_of, seg_of, stack, step_index
-from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_sampling,
-                      record as options_record, split_list)
+from .options import (BATCH_MAX, N_MAX, SIDE_MAX, GuidanceOptions, SamplingOptions, check_batch_memory,
+                      check_guidance, check_image_size, check_particles, check_pipeline_steps, check_sampling, count,
+                      record as options_record, seed as check_seed, split_list)
 from .particles import latent_kernel
 from .query_blur import Blur
 from .samplers import run_sampler
@@ -51,15 +53,19 @@ def validate(cfg: SegConfig) -> list[Blur]:
     """Everything checkable before a model is loaded or a file written; returns the parsed blurs."""
     if not cfg.prompts or not all(p.strip() for p in cfg.prompts):
         raise DiffcliError('give a prompt (diffcli seg "a cat") or --prompts-file FILE')
-    if cfg.n < 1:
-        raise DiffcliError(f"--n must be >= 1, got {cfg.n}")
+    count("n", cfg.n, 1, BATCH_MAX)  # a prompt's images are one network batch
+    check_seed("seed", cfg.seed, cfg.n)
     check_sampling(cfg, pipeline=True)
     blurs = check_guidance(cfg, many_blurs=True)
     check_particles(cfg, cfg.n, pipeline=True)
     for name in ("height", "width"):
-        v = getattr(cfg, name)
-        if v is not None and v < 1:
-            raise DiffcliError(f"--{name} must be a positive number of pixels, got {v}")
+        count(name, getattr(cfg, name), 1, SIDE_MAX)
+    if cfg.height is not None and cfg.width is not None:
+        check_image_size(cfg.height, cfg.width)
+    images = len(cfg.prompts) * cfg.n * len(blurs or [None])
+    if images > N_MAX:
+        raise DiffcliError(f"{len(cfg.prompts)} prompt(s) x --n {cfg.n} x {len(blurs or [None])} blur(s) = {images} "
+                           f"images; a run writes at most {N_MAX}")
     return blurs or [None]
 
 
@@ -85,14 +91,21 @@ def size(pipe, cfg: SegConfig) -> tuple[int, int]:
 
 
 def image_stems(prompts: list[str]) -> list[str]:
-    """safe_name of each prompt; prompts that clean to the same name ('a/b', 'a b') get -2, -3 ... suffixes."""
-    stems: list[str] = []
-    for prompt in prompts:
-        stem, k = safe_name(prompt), 2
-        while stem in stems:
-            stem, k = f"{safe_name(prompt)}-{k}", k + 1
-        stems.append(stem)
-    return stems
+    """One file-name stem per prompt under diffcli's one naming rule (`common.unique_stems`): prompts that clean to
+    the same name ('a/b', 'a b', 'A b') get -2, -3 ... suffixes."""
+    return unique_stems(prompts)
+
+
+def blur_folder(blur: Blur | None) -> str:
+    """The subfolder of one blur's images when a run has several."""
+    return safe_name(spec_of(blur))
+
+
+def planned_files(cfg: SegConfig, blurs: list[Blur]) -> list[str]:
+    """The images a run writes, relative to OUT (checked for the file system's name limit before any work)."""
+    folders = [""] if len(blurs) == 1 else [blur_folder(b) + "/" for b in blurs]
+    return [f"{d}{stem}_seed{cfg.seed + i}.png" for d in folders for stem in image_stems(cfg.prompts)
+            for i in range(cfg.n)]
 
 
 def write_metrics(folder: Path, rows: list[dict[str, Any]]) -> None:
@@ -108,6 +121,7 @@ def write_metrics(folder: Path, rows: list[dict[str, Any]]) -> None:
 def run(cfg: SegConfig, out: Path, overwrite: bool, device_name: str | None, options: dict[str, Any],
         resume: bool = False) -> dict[str, Any]:
     blurs = validate(cfg)
+    check_file_names(out, planned_files(cfg, blurs))  # a name too long fails now, not after the sampling
     with Dist(device_name) as dist:
         if cfg.metrics and (resume or dist.world > 1):
             raise DiffcliError("--metrics records one uninterrupted single-process run; drop --resume/torchrun or "
@@ -126,6 +140,11 @@ def _run(cfg: SegConfig, blurs: list[Blur], out: Path, overwrite: bool, resume: 
         raise DiffcliError(f"{cfg.model!r} is a pixel-space (DeepFloyd IF) pipeline; seg runs latent SD 1.x/2.x "
                            "and SDXL models")
     height, width = size(pipe, cfg)
+    check_image_size(height, width)
+    check_pipeline_steps(pipe, cfg.steps, cfg.schedule)
+    f = pipelines.scale_factor(pipe)
+    check_batch_memory(cfg.n, pipe.unet.config.block_out_channels[0], height // f, width // f, dtype, device,
+                       "a prompt's images (one network batch)", "lower --n")
     perturbed = attention.resolve_layers(pipe.unet, split_list(cfg.layers), "--layers") if blurs[0] is not None else []
     tracked = attention.resolve_layers(pipe.unet, [cfg.track_block], "--track-block") if cfg.metrics else []
     record = {**options_record(cfg), **options}
@@ -139,7 +158,9 @@ def _run(cfg: SegConfig, blurs: list[Blur], out: Path, overwrite: bool, resume: 
     for g in segs.values():
         if g is not None:
             g.state = state  # one set of processors serves every blur
-    folders = {spec_of(b): out if len(blurs) == 1 else out / safe_name(spec_of(b)) for b in blurs}
+    folders = {spec_of(b): out if len(blurs) == 1 else out / blur_folder(b) for b in blurs}
+    if resume and len(blurs) > 1:  # the per-blur folders are ours too: clear their killed writers' temp files
+        dist.main_first(lambda: clear_temp_files(*folders.values()))
     jobs = list(zip(cfg.prompts, image_stems(cfg.prompts)))
     names = lambda stem, blur: [folders[spec_of(blur)] / f"{stem}_seed{seed}.png" for seed in seeds]  # noqa: E731
     remaining = [j for j in jobs if not (resume and all(f.is_file() for b in blurs for f in names(j[1], b)))]

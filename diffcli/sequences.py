@@ -338,8 +338,8 @@ def landing_map(moved: torch.Tensor, shifts: torch.Tensor, radius: int, cell: in
 
 def plot_landing(path: Path, moved: dict[str, torch.Tensor], shifts: torch.Tensor) -> bool:
     """Scatter of the digit shifts of each sample set (e.g. plain vs PG) over the true futures, with
-    matplotlib if it is installed (the `plot` extra); returns whether a plot was written."""
-    try:  # deferred: matplotlib is optional
+    matplotlib; returns whether a plot was written."""
+    try:  # deferred: matplotlib is slow to import and only pictures need it
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

@@ -24,14 +24,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .blurring import (DEFAULT_STEPS as BLURRING_STEPS, BlurringLoss, check_blur_sigma, get_ts, sample_blurring,
                        schedule_of)
-from .common import (DiffcliError, PerSampleRandn, add_prefix, flatten_state, load_checkpoint, prepare_out_dir,
-                     save_checkpoint, save_grid, save_image, strip_prefix, to_model_range, unflatten_state,
-                     write_run_json)
+from .common import (DiffcliError, PerSampleRandn, add_prefix, clear_temp_files, flatten_state, load_checkpoint,
+                     prepare_out_dir, save_checkpoint, save_grid, save_image, strip_prefix, to_model_range,
+                     unflatten_state, write_run_json)
 from .data import BatchOrder, ImageSet, load_dataset, mnist_digit_tiles
 from .denoisers import EDMPrecond
 from .dist import Dist
-from .models import EDM_STEPS, MODEL_FORMAT, build_model
+from .models import EDM_STEPS, MODEL_FORMAT, build_model, snapshot_path
 from .nets import PRESETS, count_params, net_config
+from .options import (BATCH_MAX, CHANNELS_MAX, CONTEXT_FRAMES_MAX, PREVIEW_MAX, SIDE_MAX, SIGMA_LIMIT, TRAIN_SEED_MAX,
+                      TRAIN_STEPS_MAX, check_batch_memory, check_image_size, count, finite, seed as check_seed)
 from .samplers import get_sigmas_karras, sample_heun
 from .sequences import make_item, spec_from_record, strip
 
@@ -82,6 +84,7 @@ class TrainConfig:
     ema_rampup: float = 0.05
     seed: int = 0
     ckpt_every: int = 500
+    snapshot_every: int = 0  # keep the EMA model of every N-th step as snapshots/step-NNNNNNN.safetensors
     grid_every: int = 1000
     log_every: int = 50
     precision: str = "fp32"  # or bf16: autocast for the forward/backward, fp32 weights and optimizer
@@ -138,7 +141,21 @@ def load_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors, meta = load_checkpoint(path)
     if "train" not in meta:
         raise DiffcliError(f"{path} is not a training state (no 'train' record)")
+    train_meta = meta["train"]
+    if not (isinstance(train_meta, dict) and isinstance(train_meta.get("config"), dict)
+            and isinstance(train_meta.get("optim"), dict)):
+        raise DiffcliError(f"{path}: its 'train' record is malformed (needs config, step and optim); it cannot be "
+                           "resumed")
+    count(f"{path}: the 'train' record's step", train_meta.get("step"), 0, TRAIN_STEPS_MAX)
     return tensors, meta
+
+
+def saved_config(train_meta: dict[str, Any], path: Path) -> TrainConfig:
+    """The TrainConfig a training state recorded (checked by `_validate` with the rest)."""
+    try:
+        return TrainConfig(**train_meta["config"])
+    except TypeError as e:
+        raise DiffcliError(f"{path}: its training config does not fit this diffcli ({e}); it cannot be resumed") from None
 
 
 # ---------------------------------------------------------------- the loop
@@ -165,25 +182,69 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, overwrite: bool = F
         dist.close()
 
 
+SEQUENCE_FLAGS = {"context_frames": "--context-frames", "step_size": "--step-size", "directions": "--directions",
+                  "p_left": "--p-left", "seed": "--data-seed"}
+
+
 def _validate(cfg: TrainConfig) -> None:
-    if cfg.steps < 1:
-        raise DiffcliError("--steps must be >= 1")
-    if cfg.batch < 1:
-        raise DiffcliError("--batch must be >= 1")
-    if not 0.0 <= cfg.p_uncond <= 1.0:
-        raise DiffcliError("--p-uncond must be in [0, 1]")
-    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
-        raise DiffcliError("--lr must be a positive number")
+    """Every setting, from the command line or from a resumed run's training state, checked before any data is read
+    or any file written (ranges: options.py)."""
+    for name in ("dataset", "data_root", "split", "net", "process", "precision"):
+        if not isinstance(getattr(cfg, name), str):
+            raise DiffcliError(f"--{name.replace('_', '-')} must be a string, got {getattr(cfg, name)!r}")
+    for name in ("net_overrides", "sequence"):
+        if not isinstance(getattr(cfg, name), dict):
+            raise DiffcliError(f"the training config's {name} must be a JSON object, got {getattr(cfg, name)!r}")
+    if not isinstance(cfg.conditional, bool):
+        raise DiffcliError(f"the training config's conditional must be true or false, got {cfg.conditional!r}")
+    count("steps", cfg.steps, 1, TRAIN_STEPS_MAX)
+    count("batch", cfg.batch, 1, BATCH_MAX)
+    finite("p_uncond", cfg.p_uncond, high=1.0)
+    finite("lr", cfg.lr, above=True, high=1.0)
+    count("lr_warmup", cfg.lr_warmup, 0, TRAIN_STEPS_MAX)
+    finite("ema_halflife_kimg", cfg.ema_halflife_kimg)
+    finite("ema_rampup", cfg.ema_rampup, high=1.0)
+    check_seed("seed", cfg.seed, high=TRAIN_SEED_MAX)
+    for name in ("ckpt_every", "snapshot_every", "grid_every", "log_every"):
+        count(name, getattr(cfg, name), 0, TRAIN_STEPS_MAX)
+    count("image_size", cfg.image_size, 1, SIDE_MAX)
+    if cfg.image_size is not None:
+        check_image_size(cfg.image_size, cfg.image_size, ("--image-size", "--image-size"))
+    if cfg.channels is not None and (cfg.channels not in (1, 3) or isinstance(cfg.channels, bool)):
+        raise DiffcliError(f"--channels must be 1 or 3 (grey or RGB), got {cfg.channels!r}")
     if cfg.precision not in ("fp32", "bf16"):
         raise DiffcliError(f"unknown --precision {cfg.precision!r} (fp32 or bf16)")
     if cfg.process not in PROCESSES:
         raise DiffcliError(f"unknown --process {cfg.process!r}; choose one of {', '.join(PROCESSES)}")
     check_blur_sigma(cfg.blur_sigma_max)
+    finite("blur_sigma_max", cfg.blur_sigma_max, high=SIGMA_LIMIT)
     if cfg.net not in PRESETS:
         raise DiffcliError(f"unknown --net {cfg.net!r}; choose one of {', '.join(PRESETS)}")
-    for name in ("ckpt_every", "grid_every", "log_every"):
-        if getattr(cfg, name) < 0:
-            raise DiffcliError(f"--{name.replace('_', '-')} must be >= 0")
+    _validate_overrides(cfg)
+    limits = {"context_frames": (1, CONTEXT_FRAMES_MAX), "step_size": (1, SIDE_MAX), "directions": (1, 1024)}
+    for key, value in cfg.sequence.items():
+        if key in limits:
+            count(SEQUENCE_FLAGS[key], value, *limits[key])
+        elif key == "seed":
+            check_seed("--data-seed", value, high=TRAIN_SEED_MAX)
+        elif key == "p_left" and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):  # nan fails too
+            raise DiffcliError(f"--p-left: p_left is a probability and must be in [0, 1], got {value!r}")
+
+
+def _validate_overrides(cfg: TrainConfig) -> None:
+    """--block-channels: one width per block of the preset, each a multiple of its norm groups."""
+    widths = cfg.net_overrides.get("block_out_channels")
+    if widths is None:
+        return
+    preset = PRESETS[cfg.net]
+    blocks, groups = len(preset["block_out_channels"]), preset.get("norm_num_groups", 32)
+    if not isinstance(widths, (list, tuple)) or len(widths) != blocks:
+        raise DiffcliError(f"--block-channels needs {blocks} widths (one per block of --net {cfg.net}), got {widths!r}")
+    for w in widths:
+        count("--block-channels: each width", w, 1, CHANNELS_MAX)
+        if w % groups:
+            raise DiffcliError(f"--block-channels: each width must be a multiple of {groups} (the norm groups of --net "
+                               f"{cfg.net}), got {w}")
 
 
 def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, dist: Dist, quiet: bool,
@@ -194,9 +255,10 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, dist: Dis
     state_tensors, state_meta = None, None
     if resume:
         state_tensors, state_meta = load_state(out)
-        saved = TrainConfig(**state_meta["train"]["config"])
+        saved = saved_config(state_meta["train"], out / "training-state.safetensors")
         saved.steps, saved.ckpt_every, saved.grid_every, saved.log_every = \
             cfg.steps, cfg.ckpt_every, cfg.grid_every, cfg.log_every  # a resumed run may go further
+        saved.snapshot_every = cfg.snapshot_every
         if precision is not None:
             saved.precision = precision
         cfg = saved
@@ -221,23 +283,38 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, dist: Dis
     if not resume and dist.main:
         if (out / "training-state.safetensors").exists() and not overwrite:
             raise DiffcliError(f"{out} already holds a training run; pass --resume to continue it or --overwrite")
-        prepare_out_dir(out, overwrite=overwrite)
+        if out.exists() and not out.is_dir():  # prepare_out_dir's own refusals, before the model is built
+            raise DiffcliError(f"output path {out} exists and is not a folder")
+        if out.is_dir() and any(out.iterdir()) and not overwrite:
+            raise DiffcliError(f"output folder {out} is not empty; pass --overwrite or choose another --out")
+    if resume and dist.main:  # what writers killed mid-checkpoint left: in the run folder and its grids/ only
+        clear_temp_files(out, out / "grids")
     dist.barrier()
 
     loss_fn = make_loss(cfg)
     record = model_record(cfg, ds, net_cfg, loss_fn, 0)
+    check_batch_memory(cfg.batch // dist.world, net_cfg["block_out_channels"][0], int(ds.images.shape[-2]), size,
+                       torch.float32, dist.device, "one training batch", "lower --batch")
     torch.manual_seed(cfg.seed)  # initial weights
-    model = build_model(record).to(dist.device)
+    model = build_model(record, f"the net of this run (--net {cfg.net})").to(dist.device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     start = 0
     if state_tensors is not None:
-        model.net.load_state_dict(strip_prefix(state_tensors, "net."))
-        ema.net.load_state_dict(strip_prefix(state_tensors, "ema."))
-        opt.load_state_dict(unflatten_state(state_meta["train"]["optim"], state_tensors))
+        try:
+            model.net.load_state_dict(strip_prefix(state_tensors, "net."))
+            ema.net.load_state_dict(strip_prefix(state_tensors, "ema."))
+            opt.load_state_dict(unflatten_state(state_meta["train"]["optim"], state_tensors))
+        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise DiffcliError(f"{out / 'training-state.safetensors'}: its weights or optimizer state do not match "
+                               f"the recorded run ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                               ) from None
         start = int(state_meta["train"]["step"])
         if start >= cfg.steps:
             raise DiffcliError(f"run in {out} is already at step {start} >= --steps {cfg.steps}; pass a larger --steps")
+    if not resume and dist.main:  # everything is checked: only now the run folder appears
+        prepare_out_dir(out, overwrite=overwrite)
+    dist.barrier()
     ddp = model
     if dist.world > 1:
         ddp = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
@@ -296,6 +373,9 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, dist: Dis
                 if at_ckpt:
                     save_state(out, cfg, {**record, "train_step": done, "train_images": done * cfg.batch},
                                done, model, ema, opt)
+                if cfg.snapshot_every and done % cfg.snapshot_every == 0:
+                    save_checkpoint(snapshot_path(out, done), add_prefix(ema.net.state_dict(), "net."),
+                                    {"model": {**record, "train_step": done, "train_images": done * cfg.batch}})
                 if cfg.grid_every and (done % cfg.grid_every == 0 or done == cfg.steps):
                     save_grid(out / "grids" / f"step-{done:07d}.png", preview_samples(ema, record, context=ds.context), nrow=_grid_cols(record))
             dist.barrier()
@@ -314,8 +394,10 @@ def _earlier_runs(path: Path) -> list[dict]:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         return []
+    if not isinstance(old, dict):  # a damaged run.json: its history is lost, the run itself is not
+        return []
     history = old.pop("earlier_sessions", [])
-    return history + [old]
+    return (history if isinstance(history, list) else []) + [old]
 
 
 def _is_main_thread() -> bool:
@@ -383,8 +465,8 @@ class _Progress:
 def write_preview(cfg: TrainConfig, out: str | Path, n: int, overwrite: bool = False) -> Path:
     """`diffcli train --preview N`: N example sequences of the configured dataset as OUT/preview.png, one
     row each (context | next frame | every allowed future); other datasets: a grid of their first images."""
-    if n < 1:
-        raise DiffcliError(f"--preview must be >= 1, got {n}")
+    count("preview", n, 1, PREVIEW_MAX)
+    _validate(cfg)
     ds = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.image_size, cfg.channels, cfg.sequence)
     folder = prepare_out_dir(out, overwrite)
     path = folder / "preview.png"

@@ -13,7 +13,7 @@ from diffcli import pipelines
 from diffcli.anagram import AnagramConfig, Job, generate, load, read_pairs, validate
 from diffcli.common import DiffcliError, PerSampleRandn, safe_name
 from diffcli.guidance import classifier_free
-from diffcli.panorama import PROMPTS_DIR
+from diffcli.shipped import PROMPTS_DIR
 from diffcli.samplers import sample_euler
 from diffcli.views import VIEWS
 
@@ -141,7 +141,8 @@ def test_cli_writes_the_003_layout_eval_reads(tmp_path, tiny_if):
     assert "/" not in evil and "\\" not in evil and not evil.startswith(".")
     horse, village = (np.asarray(Image.open(out / n)) for n in ("a_horse.png", "a_village.png"))
     assert horse.shape == (32, 32, 3) and np.array_equal(village, np.rot90(horse, -1))
-    assert {p.name for p in (out / "animations").iterdir()} == {
+    assert sorted(p.name for p in out.iterdir()) == pngs  # the graded folder holds only the views
+    assert {p.name for p in (tmp_path / "ambiguous_images.animations").iterdir()} == {
         "horse-village.gif", "horse-village_strip.png", "evil.gif", "evil_strip.png"}
     files, _ = plan_clip_files(str(out), "ambiguous_images")
     assert {f.prompt for f in files} == {"a cat", evil[:-4].replace("_", " "), "a horse", "a village"}
@@ -165,12 +166,14 @@ def test_two_ranks_write_the_same_files(tmp_path, tiny_if):
     run_cli(*args, "--out", one, check=True)
     proc = run_torchrun(*args, "--out", two, port=29571)  # one pair per rank
     assert proc.stdout.count("4 view image(s) of 2 anagram(s)") == 1  # one merged report, from rank 0
-    files = sorted(str(p.relative_to(one)) for p in one.rglob("*") if p.is_file() and p.name != "run.json")
+    def written(d):  # name -> bytes: the views in the folder, the animations in d.animations beside it
+        anim = d.with_name(d.name + ".animations")
+        return {("animations/" if f.parent == anim else "") + f.name: f.read_bytes()
+                for f in [*d.iterdir(), *anim.iterdir()]}
+    files = written(one)
     assert len(files) == 4 + 2 * 2  # a PNG per view, a GIF and a strip per pair
-    assert sorted(str(p.relative_to(two)) for p in two.rglob("*") if p.is_file() and p.name != "run.json") == files
-    for name in files:
-        assert (two / name).read_bytes() == (one / name).read_bytes(), name
-    record, single = (json.loads((d / "run.json").read_text()) for d in (two, one))
+    assert written(two) == files
+    record, single = (json.loads(d.with_name(d.name + ".run.json").read_text()) for d in (two, one))
     assert record["world_size"] == 2 and record["status"] == "complete" and record["files"] == single["files"]
 
 

@@ -8,25 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import invoke_cli
 
 
 
 def invoke(args: list[str], capsys) -> tuple[int, str]:
-    """The console script's own entry point (`diffcli.cli:run`) in this process: the real CLI without paying
-    the interpreter start and imports once per case (tests/test_cli.py covers the installed script)."""
-    from diffcli import cli
-    capsys.readouterr()  # what fixtures printed while being built is not the command's
-    argv = sys.argv
-    sys.argv = ["diffcli", *map(str, args)]
-    cli._state["debug"] = False
-    try:
-        cli.run()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = argv
-    return code, capsys.readouterr().err
+    """The console script's entry point in this process: (exit code, stderr)."""
+    code, _, err = invoke_cli(args, capsys)
+    return code, err
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

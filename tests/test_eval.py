@@ -94,7 +94,8 @@ def reference_003(folder: Path, app: str, clip) -> dict:
         stem = name[:-4]
         prompt = " ".join(stem.split("_")[:-1]) if app == "wide_images" else stem.replace("_", " ")
         with torch.no_grad():
-            image = clip.model.encode_image(clip.preprocess(Image.open(folder / name).convert("RGB")).unsqueeze(0))
+            # the grader's preprocess(Image.open(path)): resize and crop in the file's own mode, then RGB
+            image = clip.model.encode_image(clip.preprocess(Image.open(folder / name)).unsqueeze(0))
             text = clip.model.encode_text(clip.tokenizer([prompt]))
         scores.setdefault(prompt, []).append(torch.cosine_similarity(image, text).item())
         first.setdefault(prompt, os.path.join(str(folder), name))
@@ -165,7 +166,7 @@ def test_ambiguous_images_and_anagram_metrics(tmp_path, tiny_clip):
     for key, views in kept.items():
         with torch.no_grad():
             img = torch.cat([tiny_clip.model.encode_image(tiny_clip.preprocess(
-                Image.open(d / f"{p.replace(' ', '_')}.png").convert("RGB")).unsqueeze(0)) for p in views])
+                Image.open(d / f"{p.replace(' ', '_')}.png")).unsqueeze(0)) for p in views])
             txt = tiny_clip.model.encode_text(tiny_clip.tokenizer(list(views)))
         S = [[torch.cosine_similarity(img[i:i + 1], txt[j:j + 1]).item() for j in range(2)] for i in range(2)]
         e = [[math.exp(LOGIT_SCALE * s) for s in row] for row in S]

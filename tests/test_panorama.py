@@ -96,14 +96,14 @@ def test_cli_writes_the_003_layout_eval_reads(tmp_path, tiny_sd):
     assert "2 image(s)" in proc.stdout and "4 crop(s)" in proc.stdout
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["A_beach_scene.png", "A_beach_scene_0.png", "A_beach_scene_5.png",
-                            "A_beach_scene_32.png", "evil_CON_a_b_x.png", "evil_CON_a_b_x_16.png", "run.json"])
+                            "A_beach_scene_32.png", "evil_CON_a_b_x.png", "evil_CON_a_b_x_16.png"])  # images only
     full = np.asarray(Image.open(out / "A_beach_scene.png"))
     assert full.shape == (16, 48, 3)
     for pos in (0, 5, 32):
         assert np.array_equal(np.asarray(Image.open(out / f"A_beach_scene_{pos}.png")), full[:, pos:pos + 16])
     files, _ = plan_clip_files(str(out), "wide_images")
     assert {f.prompt for f in files if f.name.startswith("A_beach_scene_")} == {"A beach scene"}
-    record = json.loads((out / "run.json").read_text())
+    record = json.loads((tmp_path / "wide_images.run.json").read_text())  # the run record beside the folder
     assert record["windows"] == 9 and record["command"] == "panorama"
 
 
@@ -170,4 +170,4 @@ def test_resume_and_two_ranks_write_the_same_files(tmp_path, tiny_sd):
         assert sorted(p.name for p in folder.glob("*.png")) == pngs
         for name in pngs:
             assert (folder / name).read_bytes() == (whole / name).read_bytes(), (folder.name, name)
-    assert json.loads((two / "run.json").read_text())["world_size"] == 2
+    assert json.loads((tmp_path / "two.run.json").read_text())["world_size"] == 2

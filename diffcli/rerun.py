@@ -1,0 +1,67 @@
+"""diffcli rerun: run a command again from the run.json it wrote (its argv and working folder), into a new folder."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from .common import DiffcliError
+from .image_folders import is_regular
+
+RERUNNABLE = ("train", "sample", "seg", "panorama", "anagram", "pg", "sweep")
+OUTPUT_FLAGS = ("--out", "--resume", "--overwrite")
+
+
+def read_record(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "run.json"
+    if not is_regular(path):
+        raise DiffcliError(f"no run.json at {path}")
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DiffcliError(f"{path} is not a readable run record: {e}") from None
+    if not (isinstance(record, dict) and isinstance(record.get("argv"), list) and isinstance(record.get("command"), str)
+            and all(isinstance(a, str) for a in record["argv"])):
+        raise DiffcliError(f"{path} is no diffcli run record (it needs command and argv)")
+    return record
+
+
+def replay_argv(record: dict[str, Any], out: Path) -> list[str]:
+    """The recorded command line, from the command name on, with --out set to `out` (--resume/--overwrite dropped)."""
+    command = record["command"].split()[0]
+    if command not in RERUNNABLE:
+        raise DiffcliError(f"cannot rerun a `{record['command']}` record; rerun takes {', '.join(RERUNNABLE)}")
+    args = record["argv"][1:]
+    if command not in args:
+        raise DiffcliError(f"the record's argv does not name the command {command!r}: {' '.join(args)[:200]}")
+    args = args[args.index(command) + 1:]
+    kept: list[str] = []
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a == "--out":
+            skip = True
+            continue
+        if a.startswith("--out=") or a in ("--resume", "--overwrite"):
+            continue
+        kept.append(a)
+    return [command, *kept, "--out", str(out.resolve())]
+
+
+@contextlib.contextmanager
+def working_folder(record: dict[str, Any]) -> Iterator[None]:
+    """The run's working folder, so its relative paths mean what they meant (the current one if it is gone)."""
+    before = os.getcwd()
+    cwd = record.get("cwd")
+    if isinstance(cwd, str) and Path(cwd).is_dir():
+        os.chdir(cwd)
+    try:
+        yield
+    finally:
+        os.chdir(before)

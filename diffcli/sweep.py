@@ -1,0 +1,348 @@
+"""diffcli sweep: run a generating command over a grid of its options, score every setting with `diffcli eval`'s
+code, and write the table, the plot and the side-by-side grid a paper shows.
+
+Each setting is the command run in this process with the base arguments plus `--KEY VALUE` for each grid key, into
+OUT/<setting>/ with its own run.json; every setting uses the same seeds. Models and prompt encodings are loaded
+once for the whole sweep (`pipelines.caching`, `models.caching`). A killed sweep resumes where it stopped: a setting
+whose folder is complete and scored is skipped, one cut short continues with the command's own --resume. Under
+torchrun every setting is sharded by its command across the ranks, and rank 0 writes the results.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import itertools
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import typer
+
+from .cache import caching
+from .common import DiffcliError, atomic_path, load_images, prepare_out_dir, safe_name, save_grid, write_json
+
+COMMANDS = ("sample", "seg", "panorama", "anagram", "pg")
+MAX_SETTINGS = 32  # more settings than this need --yes
+SCORES = ("digits", "fid", "kid", "clip")
+CLIP_APPS = {"panorama": "wide_images", "anagram": "ambiguous_images"}
+DIGIT_COMMANDS = ("sample", "pg")
+GRID_SAMPLES = 8  # rows of the side-by-side grid
+RESULTS = ("results.csv", "results.json", "plot.png", "grid.png")
+
+
+@dataclass
+class SweepConfig:
+    command: str
+    args: list[str]                       # the command's own arguments, shared by every setting
+    grid: list[str]                       # KEY=V1,V2,... (KEY: the option's name, e.g. blur, seg_scale, cfg)
+    scores: list[str] = field(default_factory=list)  # digits, fid=REF, kid=REF, clip
+    features: str = "mnist"               # FID/KID features: mnist (digits, offline) or inception
+    yes: bool = False
+
+
+# ---------------------------------------------------------------- the grid
+
+def parse_grid(specs: list[str], options: dict[str, str]) -> list[tuple[str, list[str]]]:
+    """['blur=a,b', 'seg_scale=1,3'] -> [('blur', ['a', 'b']), ('seg_scale', ['1', '3'])]; keys must be options."""
+    if not specs:
+        raise DiffcliError("give at least one --grid KEY=V1,V2 (e.g. --grid cfg=1,2,3)")
+    grid: list[tuple[str, list[str]]] = []
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not key or not vals:
+            raise DiffcliError(f"--grid {spec!r}: expected KEY=V1,V2,... (e.g. seg_scale=1,3)")
+        if key not in options:
+            raise DiffcliError(f"--grid {key!r} is no option of this command; valid: {', '.join(sorted(options))}")
+        if key in (k for k, _ in grid):
+            raise DiffcliError(f"--grid {key!r} given twice; put all its values in one --grid {key}=V1,V2")
+        if len(set(vals)) != len(vals):
+            raise DiffcliError(f"--grid {key}: a value is repeated ({spec})")
+        grid.append((key, vals))
+    return grid
+
+
+def settings(grid: list[tuple[str, list[str]]]) -> list[dict[str, str]]:
+    """Every combination, the first key varying slowest."""
+    keys = [k for k, _ in grid]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(v for _, v in grid))]
+
+
+def setting_name(setting: dict[str, str]) -> str:
+    return safe_name("_".join(f"{k}-{v}" for k, v in setting.items()), 200)
+
+
+def parse_scores(scores: list[str], command: str) -> dict[str, str | None]:
+    """['digits', 'fid=REF'] -> {'digits': None, 'fid': 'REF'}, refused where the score does not apply."""
+    out: dict[str, str | None] = {}
+    for spec in scores:
+        name, _, ref = spec.partition("=")
+        if name not in SCORES:
+            raise DiffcliError(f"--score {spec!r}: choose from digits, fid=REF, kid=REF, clip")
+        if name in ("fid", "kid") and not ref:
+            raise DiffcliError(f"--score {name} needs a reference: {name}=FOLDER (or a clean-fid dataset name)")
+        if name == "digits" and command not in DIGIT_COMMANDS:
+            raise DiffcliError(f"--score digits scores digit samples (sample, pg); {command} writes text-to-image "
+                               "pictures")
+        if name == "clip" and command not in CLIP_APPS:
+            raise DiffcliError(f"--score clip is the 003 CLIP score of panorama and anagram folders; not of "
+                               f"{command} outputs")
+        out[name] = ref or None
+    return out
+
+
+# ---------------------------------------------------------------- running a command in this process
+
+class _Checked(BaseException):
+    """Raised in place of a command's run once its options are checked (a dry run; not an error)."""
+
+
+def invoke(command: str, argv: list[str]) -> int:
+    """Run `diffcli COMMAND ARGV` in this process; its errors print their one line; returns the exit code."""
+    import sys
+    from .cli import app, click_exceptions
+    outer, sys.argv = sys.argv, ["diffcli", command, *map(str, argv)]  # what the run's run.json records
+    try:
+        code = typer.main.get_command(app).main(args=[command, *argv], prog_name="diffcli", standalone_mode=False)
+    except click_exceptions.UsageError as e:
+        raise DiffcliError(f"diffcli {command}: {e.format_message()}") from None
+    finally:
+        sys.argv = outer
+    return code if isinstance(code, int) else 0
+
+
+@contextlib.contextmanager
+def dry_run(command: str) -> Iterator[None]:
+    """Within it, the command parses and checks its options (its module's `validate`) and stops before any work;
+    a refused option raises its DiffcliError here instead of printing it."""
+    import importlib
+    from .cli import _state
+    module = importlib.import_module(f".{command}", __package__)
+    real = module.run
+
+    def check(cfg: Any, *args: Any, **kwargs: Any) -> None:
+        module.validate(cfg)
+        raise _Checked
+
+    module.run, _state["reraise"] = check, True
+    try:
+        yield
+    finally:
+        module.run, _state["reraise"] = real, False
+
+
+def option_names(command: str) -> dict[str, str]:
+    """Grid keys -> the command's flag, for every option except where output goes: a key is the flag without
+    dashes, '-' as '_' (--seg-scale: seg_scale; --blur: blur; both --cfg and --guidance)."""
+    from .cli import app
+    cmd = typer.main.get_command(app).commands[command]
+    names = {}
+    for p in cmd.params:
+        flags = [o for o in p.opts if o.startswith("--")]
+        if flags and p.name not in ("out", "overwrite", "resume", "device"):
+            for flag in flags:
+                names[flag[2:].replace("-", "_")] = flags[0]
+    return names
+
+
+def setting_argv(cfg: SweepConfig, options: dict[str, str], setting: dict[str, str], out: Path) -> list[str]:
+    return [*cfg.args, *(a for k, v in setting.items() for a in (options[k], v)), "--out", str(out)]
+
+
+# ---------------------------------------------------------------- scoring and results
+
+def score(folder: Path, command: str, scores: dict[str, str | None], features: str) -> dict[str, float]:
+    """The numbers `diffcli eval` writes for one setting's folder, flattened to name -> value."""
+    from .eval import EvalConfig, run as run_eval
+    if not scores:
+        return {}
+    ecfg = EvalConfig(folder=str(folder), app=CLIP_APPS.get(command) if "clip" in scores else None,
+                      fid=scores.get("fid"), kid=scores.get("kid"), features=features, digits="digits" in scores)
+    result = run_eval(ecfg)
+    record = result.get("eval") or json.loads((folder / "eval.json").read_text())
+    values: dict[str, float] = {}
+    for name in ("fid", "kid"):
+        if isinstance(record.get(name), dict):
+            values[name] = record[name]["value"]
+    digits = record.get("digits") or {}
+    for key, name in (("accuracy", "accuracy"), ("modes_discovered", "modes"), ("mean_similarity", "similarity")):
+        if digits.get(key) is not None:
+            values[name] = digits[key]
+    if "score" in record:
+        values["clip"] = record["score"]
+    return values
+
+
+def written_files(folder: Path, record: dict[str, Any]) -> list[str]:
+    """The images a setting wrote, in the command's own order (its run.json), for the side-by-side grid."""
+    if record.get("samples"):
+        return [s["file"] for s in record["samples"]]
+    images = record.get("images") or record.get("files")
+    if isinstance(images, dict):  # seg: one list per blur
+        images = [f for files in images.values() for f in files]
+    return list(images or sorted(p.name for p in folder.glob("*.png") if p.name != "grid.png"))
+
+
+def write_table(out: Path, grid: list[tuple[str, list[str]]], rows: list[dict[str, Any]]) -> list[str]:
+    """results.csv and results.json; returns the terminal table's lines."""
+    keys = [k for k, _ in grid]
+    metrics = list(dict.fromkeys(m for r in rows for m in r["scores"]))
+    with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*keys, "folder", *metrics])
+        for r in rows:
+            writer.writerow([*(r["setting"][k] for k in keys), r["folder"], *(r["scores"].get(m, "") for m in metrics)])
+    write_json(out / "results.json", {"grid": dict(grid), "rows": rows}, indent=2)
+    cells = [[*(r["setting"][k] for k in keys), *(fmt(r["scores"].get(m)) for m in metrics)] for r in rows]
+    head = [*keys, *metrics]
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *cells)]
+    return ["  ".join(str(c).rjust(w) for c, w in zip(line, widths)) for line in [head, *cells]]
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def side_by_side(out: Path, rows: list[dict[str, Any]]) -> None:
+    """grid.png: one column per setting, one row per sample (the same seeds), the first GRID_SAMPLES of each."""
+    columns = []
+    for r in rows:
+        files = r["files"][:GRID_SAMPLES]
+        if not files:
+            return
+        columns.append(load_images([out / r["folder"] / f for f in files]))
+    n = min(len(c) for c in columns)
+    shapes = {tuple(c.shape[1:]) for c in columns}
+    if n == 0 or len(shapes) != 1:
+        return  # settings of different image sizes have no common grid
+    save_grid(out / "grid.png", torch.stack([c[:n] for c in columns], 1).flatten(0, 1), nrow=len(columns))
+
+
+def plot(out: Path, grid: list[tuple[str, list[str]]], rows: list[dict[str, Any]]) -> bool:
+    """plot.png: each score against the first grid key, one line per value of the other keys; False when there is
+    no score to plot (or matplotlib is missing)."""
+    try:  # deferred: matplotlib is slow to import and only this picture needs it
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    metrics = list(dict.fromkeys(m for r in rows for m in r["scores"]))
+    if not metrics:
+        return False
+    key, values = grid[0]
+    others = [k for k, _ in grid[1:]]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
+    numeric = all(_x_value(v) is not None for v in values)
+    xs = [_x_value(v) for v in values] if numeric else list(range(len(values)))
+    for ax, m in zip(axes[0], metrics):
+        for group in dict.fromkeys(tuple(r["setting"][k] for k in others) for r in rows):
+            ys = [next((r["scores"].get(m) for r in rows if r["setting"][key] == v
+                        and tuple(r["setting"][k] for k in others) == group), None) for v in values]
+            label = ", ".join(f"{k}={g}" for k, g in zip(others, group)) or None
+            ax.plot(xs, [math.nan if y is None else y for y in ys], marker="o", label=label)
+        ax.set_xlabel("training step" if all("@" in v for v in values) else key)
+        ax.set_title(m)
+        if not numeric:
+            ax.set_xticks(xs, values, rotation=30, ha="right", fontsize=7)
+        if others:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(out / "plot.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _x_value(text: str) -> float | None:
+    """A grid value as a number on the plot's axis: the number itself, or the step of a RUN@STEP snapshot."""
+    try:
+        value = float(text.rpartition("@")[2] if "@" in text else text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+# ---------------------------------------------------------------- the command
+
+def plan(cfg: SweepConfig) -> tuple[list[tuple[str, list[str]]], list[dict[str, str]], dict[str, str | None],
+                                    dict[str, str]]:
+    """Everything checked before any setting runs: command, grid keys, every setting's options, scores."""
+    if cfg.command not in COMMANDS:
+        raise DiffcliError(f"diffcli sweep runs one of {', '.join(COMMANDS)}; got {cfg.command!r}")
+    if any(a in ("--out", "--resume", "--overwrite") or a.startswith("--out=") for a in cfg.args):
+        raise DiffcliError("give --out, --resume and --overwrite to the sweep, not to the swept command")
+    options = option_names(cfg.command)
+    grid = parse_grid(cfg.grid, options)
+    todo = settings(grid)
+    if len(todo) > MAX_SETTINGS and not cfg.yes:
+        raise DiffcliError(f"the grid makes {len(todo)} settings (more than {MAX_SETTINGS}); pass --yes to run them all")
+    scores = parse_scores(cfg.scores, cfg.command)
+    if cfg.features not in ("mnist", "inception"):
+        raise DiffcliError(f"--features {cfg.features!r}: choose mnist or inception")
+    with dry_run(cfg.command):
+        for s in todo:
+            try:
+                invoke(cfg.command, setting_argv(cfg, options, s, Path(os.devnull) / "never"))
+            except _Checked:
+                continue
+            except DiffcliError as e:
+                raise DiffcliError(f"setting {setting_name(s)}: {e}") from None
+    return grid, todo, scores, options
+
+
+def run(cfg: SweepConfig, out: Path, overwrite: bool, resume: bool,
+        on_setting: Callable[[str], None] | None = None) -> dict[str, Any]:
+    grid, todo, scores, options = plan(cfg)
+    main = int(os.environ.get("RANK", "0")) == 0
+    record_path = out / "sweep.json"
+    record = {"command": cfg.command, "args": cfg.args, "grid": dict(grid), "scores": cfg.scores,
+              "features": cfg.features}
+    if resume:
+        try:
+            before = json.loads(record_path.read_text())
+        except (OSError, ValueError):
+            raise DiffcliError(f"--resume: {out} holds no sweep.json of an earlier sweep; start without --resume"
+                               ) from None
+        if before != record:
+            raise DiffcliError(f"--resume: the sweep in {out} had other arguments; resume with the same ones")
+    elif main:
+        prepare_out_dir(out, overwrite)
+        write_json(record_path, record, indent=2)
+    rows = []
+    with caching():
+        for s in todo:
+            name = setting_name(s)
+            folder = out / name
+            done = folder / ".scored.json"
+            if resume and done.is_file():
+                rows.append(json.loads(done.read_text()))
+                continue
+            argv = setting_argv(cfg, options, s, folder)
+            if (folder / "run.json").is_file():
+                argv.append("--resume")
+            if on_setting:
+                on_setting(name)
+            code = invoke(cfg.command, argv)
+            if code:
+                raise DiffcliError(f"setting {name} failed (its message is above); rerun with --resume to continue")
+            values = score(folder, cfg.command, scores, cfg.features)
+            run_record = json.loads((folder / "run.json").read_text())
+            files = written_files(folder, run_record)
+            row = {"setting": s, "folder": name, "scores": values, "files": files}
+            if main:
+                write_json(done, row, indent=2)
+            rows.append(row)
+    if not main:
+        return {"out": str(out), "main": False}
+    lines = write_table(out, grid, rows)
+    plotted = plot(out, grid, rows)
+    side_by_side(out, rows)
+    return {"out": str(out), "main": True, "lines": lines, "settings": len(rows), "plot": plotted}
