@@ -368,7 +368,7 @@ def panorama(
     decode_batch: int = typer.Option(default(PanoramaConfig, "decode_batch"), "--decode-batch", help="VAE tiles decoded at once (memory does not grow with the width)."),
     eval_pos: Optional[str] = typer.Option(None, "--eval-pos", help="x offsets (px) of window-sized crops written as <Prompt>_<pos>.png, e.g. 243,1005 (overrides the prompts file's)."),
     dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, else fp32)."),
-    out: Path = typer.Option(Path("diffcli-out/panorama"), "--out", help="Output folder (the 003 wide_images layout)."),
+    out: Path = typer.Option(Path("diffcli-out/panorama"), "--out", help="Output folder: only the images (the 003 wide_images layout, gradable as written); OUT.run.json goes beside it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty output folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out (same options): prompts whose files all exist are skipped."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps."),
@@ -420,7 +420,7 @@ def anagram(
     inner_angle: float = typer.Option(default(AnagramConfig, "inner_angle"), "--inner-angle", help="inner_rotate: degrees the central disc turns clockwise."),
     frames: int = typer.Option(default(AnagramConfig, "frames"), help="Animation frames per transition."),
     dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, else fp32)."),
-    out: Path = typer.Option(Path("diffcli-out/anagram"), "--out", help="Output folder (the 003 ambiguous_images layout; animations/ inside)."),
+    out: Path = typer.Option(Path("diffcli-out/anagram"), "--out", help="Output folder: only the view images (the 003 ambiguous_images layout, gradable as written); OUT.run.json and OUT.animations/ go beside it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty output folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out (same options): prompts whose files all exist are skipped."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps."),
@@ -448,8 +448,8 @@ def anagram(
     result = run_anagram(config, out, overwrite, device, {"out": str(out), "device": device}, resume=resume)
     if result["main"]:
         skipped = f" ({result['skipped']} already there)" if resume else ""
-        typer.echo(f"wrote {result['images']} view image(s) of {result['pairs']} anagram(s){skipped} and their "
-                   f"animations to {result['out']}")
+        typer.echo(f"wrote {result['images']} view image(s) of {result['pairs']} anagram(s){skipped} to {result['out']}, "
+                   f"their animations to {result['out']}.animations and the run record to {result['out']}.run.json")
 
 
 @app.command()
@@ -516,7 +516,7 @@ def info() -> None:
 @handle_errors
 @with_config
 def eval_(
-    folder: str = typer.Argument(..., help="Folder of images to score; eval.json is written there (images are never touched)."),
+    folders: List[str] = typer.Argument(..., metavar="FOLDER...", help="Folder(s) of images to score (or quoted glob patterns); each gets its eval.json (images are never touched)."),
     app_name: Optional[str] = typer.Option(None, "--app", help="003 CLIP score: wide_images (<prompt>_<crop pos>.png) or ambiguous_images (<prompt>.png)."),
     clip_model: str = typer.Option(default(EvalConfig, "clip_model"), "--clip-model", help="open_clip model name, or a JSON model config file (embed_dim, vision_cfg, text_cfg), registered at run time under its file name."),
     clip_pretrained: str = typer.Option(default(EvalConfig, "clip_pretrained"), "--clip-pretrained", help="open_clip pretrained tag (from the cache, downloaded where a network exists) or a local weights file: safetensors or a torch state dict (read with weights_only=True)."),
@@ -532,26 +532,40 @@ def eval_(
     kid_subset_size: int = typer.Option(default(EvalConfig, "kid_subset_size"), "--kid-subset-size", help="KID: largest subset size (clean-fid's default)."),
     batch_size: int = typer.Option(default(EvalConfig, "batch_size"), "--batch-size", help="Images per network batch."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps."),
+    summary: Path = typer.Option(Path("eval-summary"), "--summary", metavar="PATH", help="Several folders: the combined table goes to PATH.csv and PATH.json."),
 ) -> None:
-    """Score a folder: the 003 CLIP score exactly as graded, anagram metrics, FID/KID (clean-fid), digit metrics.
+    """Score folders: the 003 CLIP score exactly as graded, anagram metrics, FID/KID (clean-fid), digit metrics.
 
     Example: diffcli eval results/wide_images --app wide_images
 
     Results go to FOLDER/eval.json: a CLIP run writes the grader's layout (source_dir, the first image path of each prompt with its mean, score; indent 4); fid, kid and digits keep their own keys beside it.
     """
-    from .eval import EvalConfig, run as run_eval
-    cfg = EvalConfig(folder=folder, app=app_name, clip_model=clip_model, clip_pretrained=clip_pretrained,
+    from .eval import EvalConfig, expand_folders, run_many, write_summary
+    paths = expand_folders(folders)
+    cfg = EvalConfig(folder=paths[0], app=app_name, clip_model=clip_model, clip_pretrained=clip_pretrained,
                      quick_gelu=quick_gelu, anagram_prompts=anagram_metrics, drop_panoramas=drop_panoramas,
                      fid=fid, kid=kid, features=features, classifier=classifier, digits=digits,
                      kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, batch_size=batch_size, device=device)
-    result = run_eval(cfg)
-    if not result["main"]:  # torchrun: rank 0 reports for all
-        return
-    for note in result["warnings"]:
-        typer.echo(f"warning: {note}", err=True)
-    for line in result["lines"]:
-        typer.echo(line)
-    typer.echo(f"wrote {result['eval_file']}")
+
+    def report(folder: str, result: Optional[dict], error: Optional[str]) -> None:
+        if error is not None:
+            if len(paths) == 1:
+                raise DiffcliError(error)
+            typer.echo(f"error: {folder}: {error}", err=True)
+            return
+        for note in result["warnings"]:
+            typer.echo(f"warning: {note}", err=True)
+        for line in result["lines"]:
+            typer.echo(line)
+        typer.echo(f"wrote {result['eval_file']}")
+
+    outcome = run_many(cfg, paths, report)
+    if len(paths) > 1 and outcome["main"]:
+        for line in write_summary(summary, outcome["rows"], outcome["failures"]):
+            typer.echo(line)
+        typer.echo(f"wrote {summary}.csv and {summary}.json ({len(outcome['rows'])} of {len(paths)} folders scored)")
+    if outcome["failures"]:
+        raise typer.Exit(1)
 
 
 try:  # typer >= 0.20 vendors click
@@ -593,7 +607,7 @@ def sweep(
 @app.command()
 @handle_errors
 def rerun(
-    record: Path = typer.Argument(..., metavar="RUN_JSON", help="The run.json (or its folder) of a diffcli run."),
+    record: Path = typer.Argument(..., metavar="RUN_JSON", help="The run record of a diffcli run: OUT/run.json, OUT.run.json (panorama, anagram), or the folder OUT."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write the rerun (default: the run's folder + '-rerun'); refused if not empty unless --overwrite."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty output folder."),
 ) -> None:
@@ -602,10 +616,10 @@ def rerun(
 
     Example: diffcli rerun digits/run.json --out digits-again
     """
-    from .rerun import read_record, replay_argv, working_folder
+    from .rerun import read_record, record_and_folder, replay_argv, working_folder
     from .sweep import invoke
-    data = read_record(record)
-    folder = record if record.is_dir() else record.parent
+    path, folder = record_and_folder(record)
+    data = read_record(path)
     argv = replay_argv(data, out or folder.with_name(folder.name + "-rerun"))
     if overwrite:
         argv.append("--overwrite")

@@ -13,7 +13,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file
 
-from .common import DiffcliError, to_model_range
+from .common import DiffcliError, check_image_file, to_model_range
+from .options import PIXELS_MAX
 from .data import mnist_digit_tiles
 from .sequences import Context, SequenceItem, make_item, spec_from_record
 
@@ -58,6 +59,7 @@ def read_context(path: str | Path, frames: int, size: int) -> torch.Tensor:
         raise DiffcliError(f"context file not found: {path}")
     suffix = path.suffix.lower()
     if suffix in CONTEXT_IMAGE_EXTS:
+        check_image_file(path, PIXELS_MAX, "context image")  # a decompression bomb is refused from its header
         try:
             with Image.open(path) as im:
                 arr = np.asarray(im.convert("L"), dtype=np.uint8)

@@ -9,19 +9,21 @@ gathered values and writes the eval.json one process would (see `run`).
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from glob import glob
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from .classifier import SHIPPED_CLASSIFIER, classify, load_classifier, read_digit, stack_digits
 from .clip_model import Clip, embed_image_files, embed_prompts, load_clip
-from .common import BATCH_SIZE, DiffcliError, progress_bar, write_json
+from .common import BATCH_SIZE, DiffcliError, atomic_path, progress_bar, write_json
 from .dist import Dist, batch_share, per_image, read_each
 from .fid import (FEATURES, Reference, feature_extractor, feature_files, folder_features, parse_reference,
                   reference_statistics)
@@ -248,3 +250,73 @@ def fid_kid(cfg: EvalConfig, refs: dict[str, Reference], feats: dict[str, np.nda
                            "subsets": cfg.kid_subsets, "subset_size": m}
         lines.append(f"KID {value:.6f} ({cfg.features} features, {cfg.kid_subsets} subsets of {m})")
     return families
+
+
+# ---------------------------------------------------------------- several folders: one table
+
+def scores_of(record: dict[str, Any]) -> dict[str, float]:
+    """An eval.json's headline numbers, flat: fid, kid, accuracy, modes, similarity, clip (those it has)."""
+    values: dict[str, float] = {}
+    for name in ("fid", "kid"):
+        if isinstance(record.get(name), dict) and "value" in record[name]:
+            values[name] = record[name]["value"]
+    digits = record.get("digits") or {}
+    for key, name in (("accuracy", "accuracy"), ("modes_discovered", "modes"), ("mean_similarity", "similarity")):
+        if digits.get(key) is not None:
+            values[name] = digits[key]
+    if "score" in record:
+        values["clip"] = record["score"]
+    return values
+
+
+def expand_folders(specs: Sequence[str]) -> list[str]:
+    """Folders and glob patterns (quoted, so the shell leaves them) -> folders, in order, once each."""
+    out: list[str] = []
+    for spec in specs:
+        matches = sorted(glob(spec)) if any(c in spec for c in "*?[") else [spec]
+        if not matches:
+            raise DiffcliError(f"no folder matches {spec!r}")
+        out += [m for m in matches if m not in out and (m == spec or Path(m).is_dir())]
+    return out
+
+
+def run_many(cfg: EvalConfig, folders: Sequence[str], on_folder: Callable[[str, dict[str, Any] | None, str | None],
+             None] | None = None) -> dict[str, Any]:
+    """Score each folder as `run` does (its own eval.json); one that cannot be scored is reported and skipped.
+    Returns the table rows (folder, scores) and the failures (folder, message)."""
+    rows: list[dict[str, Any]] = []
+    failures: list[tuple[str, str]] = []
+    main = True
+    for folder in folders:
+        try:
+            result = run(replace(cfg, folder=folder))
+        except DiffcliError as e:
+            failures.append((folder, str(e)))
+            if on_folder:
+                on_folder(folder, None, str(e))
+            continue
+        main = result["main"]
+        if main:
+            rows.append({"folder": folder, "scores": scores_of(result["eval"])})
+            if on_folder:
+                on_folder(folder, result, None)
+    return {"rows": rows, "failures": failures, "main": main}
+
+
+def write_summary(path: Path, rows: list[dict[str, Any]], failures: list[tuple[str, str]]) -> list[str]:
+    """PATH.csv and PATH.json: a row per folder and every score; returns the terminal table's lines."""
+    metrics = list(dict.fromkeys(m for r in rows for m in r["scores"]))
+    with atomic_path(path.with_suffix(".csv")) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["folder", *metrics])
+        for r in rows:
+            writer.writerow([r["folder"], *(r["scores"].get(m, "") for m in metrics)])
+    write_json(path.with_suffix(".json"), {"rows": rows, "failed": [{"folder": f, "error": e} for f, e in failures]},
+               indent=2)
+    cells = [[r["folder"], *(_cell(r["scores"].get(m)) for m in metrics)] for r in rows]
+    widths = [max(len(c) for c in col) for col in zip(["folder", *metrics], *cells)]
+    return ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in [["folder", *metrics], *cells]]
+
+
+def _cell(v: Any) -> str:
+    return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))

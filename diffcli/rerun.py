@@ -14,10 +14,19 @@ RERUNNABLE = ("train", "sample", "seg", "panorama", "anagram", "pg", "sweep")
 OUTPUT_FLAGS = ("--out", "--resume", "--overwrite")
 
 
-def read_record(path: str | Path) -> dict[str, Any]:
+def record_and_folder(path: str | Path) -> tuple[Path, Path]:
+    """(the run record, the output folder it describes): OUT/run.json, or OUT.run.json beside OUT (panorama,
+    anagram); a folder means the record inside it."""
     path = Path(path)
     if path.is_dir():
-        path = path / "run.json"
+        return path / "run.json", path
+    if path.name.endswith(".run.json"):
+        return path, path.with_name(path.name[: -len(".run.json")])
+    return path, path.parent
+
+
+def read_record(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
     if not is_regular(path):
         raise DiffcliError(f"no run.json at {path}")
     try:

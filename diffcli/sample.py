@@ -3,15 +3,16 @@ optional CFG, a denoising strip and GIF; `show_forward` pictures the blurring fo
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .common import (DiffcliError, PerSampleRandn, check_image_file, check_memory, load_checkpoint, load_images,
-                     make_grid, pick_dtype, progress_bar, prepare_out_dir, save_gif, save_grid, save_image,
-                     write_run_json)
+from .common import (DiffcliError, PerSampleRandn, check_image_file, check_memory, is_run_record, load_checkpoint,
+                     load_images, make_grid, pick_dtype, progress_bar, prepare_out_dir, save_gif, save_grid,
+                     save_image, write_run_json)
 from .dist import Dist
 from .guidance import pg_of, seg_layers, seg_of, stack
 from .models import check_record, load_model
@@ -285,14 +286,19 @@ def _run(cfg: SampleConfig, out: Path, overwrite: bool, resume: bool, dist: Dist
     record = {**options_record(cfg), **options}
     names = sample_names(cfg.n, labels, cfg.seed)
 
+    if resume and cfg.pg_factor:
+        check_particle_batches(out, cfg.batch_size)
     dist.begin(out, overwrite, resume, "sample", record, model=meta)
     pending = [i for i in range(cfg.n) if not (resume and (out / names[i]).is_file())]
-    todo = dist.shard(pending)
+    pg = bool(cfg.pg_factor)
+    todo = share(dist, cfg.n, pending, cfg.batch_size if pg else net_group(device), whole=pg)
+    wanted = set(pending)
     with progress_bar("sampling", len(todo) * cfg.steps, disable=not dist.main) as advance:
         for idx, images, strip in sample_batches(model, meta, cfg, device, todo, on_step=advance,
                                                  context=None if ctx is None else ctx.frames):
             for i, img in zip(idx, images):
-                save_image(out / names[i], img)
+                if i in wanted:  # a PG batch re-runs whole; what is on disk stays as it is
+                    save_image(out / names[i], img)
             if strip is not None:
                 save_process(out, strip, cfg.strip, cfg.gif)
     dist.barrier()
@@ -304,6 +310,28 @@ def _run(cfg: SampleConfig, out: Path, overwrite: bool, resume: bool, dist: Dist
                        nfe_per_sample=nfe(cfg.sampler, cfg.steps) * (2 if cfg.cfg not in (None, 0.0, 1.0) else 1),
                        samples=samples_record(names, labels, cfg.seed))
     return {"out": str(out), "n": cfg.n, "skipped": cfg.n - len(pending), "main": dist.main}
+
+
+def share(dist: Dist, n: int, pending: list[int], block: int, whole: bool) -> list[int]:
+    """This rank's pending samples, in blocks of `block` consecutive indices, every world-th block: network groups
+    (`fixed_groups`), or with PG (`whole`) the --batch-size batches, its particle sets, which run whole when any of
+    their samples is pending, so the particles come out as in an uninterrupted run."""
+    wanted = set(pending)
+    blocks = [range(s, min(s + block, n)) for s in range(0, n, block)]
+    mine = dist.shard([b for b in blocks if any(i in wanted for i in b)])
+    return [i for b in mine for i in b if whole or i in wanted]
+
+
+def check_particle_batches(out: Path, batch_size: int) -> None:
+    """--resume with PG: each --batch-size batch is one particle set, so a run resumes only with its own."""
+    record = Path(out) / "run.json"
+    try:
+        before = json.loads(record.read_text())["options"]["batch_size"] if is_run_record(record) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        before = None  # begin_output says what is wrong with the folder
+    if before is not None and before != batch_size:
+        raise DiffcliError(f"--resume: with --pg-factor each --batch-size batch is one particle set, so this run "
+                           f"resumes only with --batch-size {before} (got {batch_size})")
 
 
 STRIP_MAX = 21  # more columns than this (blurring's 100 steps) are thinned to 11: t = 1, 0.9, ..., 0

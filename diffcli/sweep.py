@@ -23,7 +23,8 @@ import torch
 import typer
 
 from .cache import caching
-from .common import DiffcliError, atomic_path, load_images, prepare_out_dir, safe_name, save_grid, write_json
+from .common import (DiffcliError, atomic_path, load_images, prepare_out_dir, run_record_path, safe_name, save_grid,
+                     write_json)
 
 COMMANDS = ("sample", "seg", "panorama", "anagram", "pg")
 MAX_SETTINGS = 32  # more settings than this need --yes
@@ -158,24 +159,13 @@ def setting_argv(cfg: SweepConfig, options: dict[str, str], setting: dict[str, s
 
 def score(folder: Path, command: str, scores: dict[str, str | None], features: str) -> dict[str, float]:
     """The numbers `diffcli eval` writes for one setting's folder, flattened to name -> value."""
-    from .eval import EvalConfig, run as run_eval
+    from .eval import EvalConfig, run as run_eval, scores_of
     if not scores:
         return {}
     ecfg = EvalConfig(folder=str(folder), app=CLIP_APPS.get(command) if "clip" in scores else None,
                       fid=scores.get("fid"), kid=scores.get("kid"), features=features, digits="digits" in scores)
     result = run_eval(ecfg)
-    record = result.get("eval") or json.loads((folder / "eval.json").read_text())
-    values: dict[str, float] = {}
-    for name in ("fid", "kid"):
-        if isinstance(record.get(name), dict):
-            values[name] = record[name]["value"]
-    digits = record.get("digits") or {}
-    for key, name in (("accuracy", "accuracy"), ("modes_discovered", "modes"), ("mean_similarity", "similarity")):
-        if digits.get(key) is not None:
-            values[name] = digits[key]
-    if "score" in record:
-        values["clip"] = record["score"]
-    return values
+    return scores_of(result.get("eval") or json.loads((folder / "eval.json").read_text()))
 
 
 def written_files(folder: Path, record: dict[str, Any]) -> list[str]:
@@ -326,7 +316,7 @@ def run(cfg: SweepConfig, out: Path, overwrite: bool, resume: bool,
                 rows.append(json.loads(done.read_text()))
                 continue
             argv = setting_argv(cfg, options, s, folder)
-            if (folder / "run.json").is_file():
+            if run_record_path(folder, cfg.command).is_file():
                 argv.append("--resume")
             if on_setting:
                 on_setting(name)
@@ -334,7 +324,7 @@ def run(cfg: SweepConfig, out: Path, overwrite: bool, resume: bool,
             if code:
                 raise DiffcliError(f"setting {name} failed (its message is above); rerun with --resume to continue")
             values = score(folder, cfg.command, scores, cfg.features)
-            run_record = json.loads((folder / "run.json").read_text())
+            run_record = json.loads(run_record_path(folder, cfg.command).read_text())
             files = written_files(folder, run_record)
             row = {"setting": s, "folder": name, "scores": values, "files": files}
             if main:

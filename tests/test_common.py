@@ -59,7 +59,8 @@ def test_resume_clears_only_atomic_temp_files(tmp_path):
     """--resume removes what a killed atomic write left, never a user's own hidden .tmp file."""
     import tempfile
     from diffcli.common import atomic_temp_files
-    fd, left = tempfile.mkstemp(prefix=".00001-seed1.png.", suffix=".tmp", dir=tmp_path)
+    fd, left = tempfile.mkstemp(prefix=".diffcli.00001-seed1.png.", suffix=".tmp", dir=tmp_path)  # atomic_path's
     os.close(fd)
     (tmp_path / ".notes.tmp").write_text("mine")
+    (tmp_path / ".notes.abcdefgh.tmp").write_text("mine")  # the old pattern's shape, a user's file
     assert atomic_temp_files(tmp_path) == [Path(left)]

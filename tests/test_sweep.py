@@ -99,3 +99,22 @@ def test_snapshots_select_a_step_and_sweep_over_training(digit_folder, tmp_path,
                                  "--out", tmp_path / "sw"], capsys)
     assert code == 0, err
     assert len(json.loads((tmp_path / "sw" / "results.json").read_text())["rows"]) == 2
+
+
+def test_eval_over_several_folders_writes_one_table_and_reports_the_unreadable_one(tmp_path, capsys):
+    for name, cfg in (("a", "1"), ("b", "2")):
+        code, _, err = invoke_cli([*BASE, "--cfg", cfg, "--out", tmp_path / "runs" / name], capsys)
+        assert code == 0, err
+    (tmp_path / "runs" / "empty").mkdir()
+    code, out, err = invoke_cli(["eval", str(tmp_path / "runs" / "*"), "--digits", "--summary", tmp_path / "table"],
+                                capsys)
+    assert code == 1  # after the others were scored and written
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        line for line in err.splitlines() if "runs/empty" in line and line.startswith("error:")]
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert [r["folder"].rsplit("/", 1)[1] for r in table["rows"]] == ["a", "b"]
+    assert [f["folder"].rsplit("/", 1)[1] for f in table["failed"]] == ["empty"]
+    for r in table["rows"]:
+        assert r["scores"]["accuracy"] == json.loads((tmp_path / "runs" / r["folder"].rsplit("/", 1)[1] / "eval.json")
+                                                     .read_text())["digits"]["accuracy"]
+    assert (tmp_path / "table.csv").read_text().splitlines()[0] == "folder,accuracy,modes,similarity"
