@@ -597,6 +597,11 @@ def check_image_file(path: str | os.PathLike, max_pixels: int, what: str = "imag
     """(width, height) of an image file from its header alone, refusing one of more than `max_pixels` pixels (a
     decompression bomb: a small file that decodes to gigabytes) before anything is decoded."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block the read forever
+            raise DiffcliError(f"{what} {path} is not a regular file")
+    except OSError as e:
+        raise DiffcliError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:

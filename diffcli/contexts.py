@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file
 
 from .common import DiffcliError, check_image_file, to_model_range
-from .options import PIXELS_MAX
+from .options import N_MAX, PIXELS_MAX
 from .data import mnist_digit_tiles
 from .sequences import Context, SequenceItem, make_item, spec_from_record
 
@@ -39,8 +39,12 @@ def parse_indices(text: str) -> list[int] | None:
     try:
         if ":" in t:
             a, b = t.split(":")
+            if int(b) - int(a) > N_MAX:  # before the list exists: 0:10**12 is no bomb
+                raise DiffcliError(f"--context {text}: {int(b) - int(a)} sequences; at most {N_MAX}")
             return list(range(int(a), int(b)))
         return [int(p) for p in t.split(",")]
+    except DiffcliError:
+        raise
     except ValueError:
         return None
 

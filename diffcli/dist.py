@@ -104,9 +104,11 @@ class Dist:
         self.world = env_int("WORLD_SIZE", 1, 1, WORLD_MAX)
         self.rank = env_int("RANK", 0, 0, self.world - 1)
         self.local_rank = env_int("LOCAL_RANK", 0, 0, WORLD_MAX - 1)
+        self.owner = self.world > 1 and not torch_dist.is_initialized()  # a sweep's group serves its commands
         if self.world > 1:
             use_cuda = torch.cuda.is_available() and device_name not in ("cpu",)
-            init_group("nccl" if use_cuda else "gloo", self.world)
+            if self.owner:
+                init_group("nccl" if use_cuda else "gloo", self.world)
             self.device = torch.device("cuda", self.local_rank) if use_cuda else torch.device("cpu")
             if use_cuda:
                 torch.cuda.set_device(self.device)
@@ -132,12 +134,15 @@ class Dist:
     def __enter__(self) -> "Dist":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.barrier()  # every rank leaves after rank 0 wrote the outputs (a sweep's next step reads them)
         self.close()
 
     def close(self) -> None:
-        if self.world > 1:
+        if self.owner:
             torch_dist.destroy_process_group()
+            self.owner = False
 
     def shard(self, items: Sequence[T]) -> list[T]:
         """This rank's share: every world-th item (seeds stay those of the items, so results match 1 rank)."""

@@ -105,6 +105,12 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-") if name.isidentifier() else name
 
 
+def _shown(value: Any) -> str:
+    """A value as a message shows it: floats as %g, ints as digits, the rest as repr, at most 40 characters."""
+    text = f"{value:g}" if isinstance(value, float) else str(value) if isinstance(value, int) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -115,7 +121,10 @@ def finite(name: str, value: float | None, low: float = 0.0, allow_inf: bool = F
     the message (inf only where it means 'no limit'). None means 'not given' and passes."""
     if value is None:
         return
-    ok = _number(value) and not math.isnan(value) and (allow_inf or not math.isinf(value))
+    try:  # an int too large for a float (10**400 in a JSON record) is no finite number either
+        ok = _number(value) and not math.isnan(value) and (allow_inf or not math.isinf(value))
+    except OverflowError:
+        ok = False
     if ok and (value <= low if above else value < low):
         ok = False
     if ok and value > high and not (allow_inf and math.isinf(value)):
@@ -124,9 +133,8 @@ def finite(name: str, value: float | None, low: float = 0.0, allow_inf: bool = F
         bounds = [f"{'>' if above else '>='} {low:g}" if math.isfinite(low) else "",
                   f"<= {high:g}" if math.isfinite(high) else ""]
         bound = " and ".join(b for b in bounds if b)
-        got = f"{value:g}" if _number(value) else repr(value)
         raise DiffcliError(f"{_flag(name)} must be a {'' if allow_inf else 'finite '}number{' ' + bound if bound else ''}"
-                           f", got {got}")
+                           f", got {_shown(value)}")
 
 
 def count(name: str, value: int | None, low: int = 1, high: int | None = None) -> None:
@@ -136,9 +144,9 @@ def count(name: str, value: int | None, low: int = 1, high: int | None = None) -
         return
     bound = f">= {low}" + (f" and <= {high}" if high is not None else "")
     if not isinstance(value, int) or isinstance(value, bool):
-        raise DiffcliError(f"{_flag(name)} must be an integer {bound}, got {value!r}")
+        raise DiffcliError(f"{_flag(name)} must be an integer {bound}, got {_shown(value)}")
     if value < low or (high is not None and value > high):
-        raise DiffcliError(f"{_flag(name)} must be {bound}, got {value}")
+        raise DiffcliError(f"{_flag(name)} must be {bound}, got {_shown(value)}")
 
 
 def seed(name: str, value: int, n: int = 1, high: int = SEED_MAX) -> None:
@@ -147,7 +155,7 @@ def seed(name: str, value: int, n: int = 1, high: int = SEED_MAX) -> None:
     top = high - (max(n, 1) - 1)
     if value > top:
         raise DiffcliError(f"{_flag(name)} must be >= 0 and <= {top} for {n} items (item i uses seed + i, at most "
-                           f"{high}), got {value}")
+                           f"{high}), got {_shown(value)}")
 
 
 def check_image_size(height: int, width: int, what: tuple[str, str] = ("--height", "--width")) -> None:

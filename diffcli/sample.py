@@ -126,10 +126,11 @@ def sample_batches(model, meta: dict[str, Any], cfg: SampleConfig, device: torch
                    indices: Sequence[int] | None = None, on_step: Callable[[int], None] | None = None,
                    kernel: tuple[KernelGrad, bool] | None = None, context: torch.Tensor | None = None,
                    ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
-    """Yields (sample indices, images (B,C,H,W) in [-1,1], x0_hat strip or None) per batch of `cfg.batch_size`.
+    """Yields (sample indices, images (B,C,H,W) in [-1,1], x0_hat strip or None) per batch (`batches`).
 
-    Sample i uses seed cfg.seed + i for its initial and its per-step noise, so it does not depend on batching,
-    on which other indices are drawn (resume, ranks) or on their order. The strip comes with the batch that
+    Sample i uses seed cfg.seed + i for its initial and its per-step noise, and the network sees it in a fixed
+    group (`fixed_groups`), so it does not depend, to the bit, on batching, on which other indices are drawn
+    (resume, ranks) or on their order (PG excepted: its particle set is the batch). The strip comes with the batch that
     holds index 0. Each batch samples `guidance.stack`: CFG and SEG (`--blur`, on the net's self-attention) in one
     network batch, then PG with `kernel` (particles.make_kernel; default the RBF on x) across the batch.
     Next-frame models take `context` (C_ctx, H, W) in [-1, 1], shared by every sample.
@@ -189,9 +190,9 @@ def _draw(model, meta, cfg, device, indices, labels, seg, pg, on_step, context):
 
 
 def batches(indices: Sequence[int], batch_size: int, group: int | None = None) -> list[list[int]]:
-    """The batches `indices` are sampled in: runs of `batch_size`; with `group` (no PG, whose particle sets are the
-    batches themselves), whole network groups (`fixed_groups`) packed up to max(batch_size, group) samples, so no
-    group is computed twice and a batch below one group costs no padding (a call holds `group` rows anyway)."""
+    """The batches `indices` are sampled in, each at most `batch_size`: runs of it; with `group` (no PG, whose
+    particle sets are the batches themselves), whole network groups (`fixed_groups`) packed into each batch, so
+    that no group is computed in two batches (a batch below one group still costs a group's network call)."""
     indices = list(indices)
     if group is None:
         return [indices[s:s + batch_size] for s in range(0, len(indices), batch_size)]
@@ -203,10 +204,10 @@ def batches(indices: Sequence[int], batch_size: int, group: int | None = None) -
             runs.append([i])
     out: list[list[int]] = []
     for run in runs:
-        if out and len(out[-1]) + len(run) <= max(batch_size, group):
-            out[-1] += run
-        else:
-            out.append(run)
+        pieces = [run[s:s + batch_size] for s in range(0, len(run), batch_size)]
+        if out and len(out[-1]) + len(pieces[0]) <= batch_size:
+            out[-1] += pieces.pop(0)
+        out += pieces
     return out
 
 

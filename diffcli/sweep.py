@@ -23,6 +23,7 @@ import torch
 import typer
 
 from .cache import caching
+from .dist import Dist
 from .common import (DiffcliError, atomic_path, load_images, prepare_out_dir, run_record_path, safe_name, save_grid,
                      write_json)
 
@@ -307,7 +308,7 @@ def run(cfg: SweepConfig, out: Path, overwrite: bool, resume: bool,
         prepare_out_dir(out, overwrite)
         write_json(record_path, record, indent=2)
     rows = []
-    with caching():
+    with caching(), Dist(None):  # under torchrun, one process group for every setting's command and score
         for s in todo:
             name = setting_name(s)
             folder = out / name

@@ -118,3 +118,14 @@ def test_eval_over_several_folders_writes_one_table_and_reports_the_unreadable_o
         assert r["scores"]["accuracy"] == json.loads((tmp_path / "runs" / r["folder"].rsplit("/", 1)[1] / "eval.json")
                                                      .read_text())["digits"]["accuracy"]
     assert (tmp_path / "table.csv").read_text().splitlines()[0] == "folder,accuracy,modes,similarity"
+
+
+def test_two_ranks_sweep_equals_one_process(tmp_path):
+    from conftest import run_cli, run_torchrun
+    args = ["sweep", "sample", "--n", "4", "--steps", "2", "--labels", "1,7", "--sampler", "euler",
+            "--grid", "cfg=1,2", "--score", "digits"]
+    run_cli(*args, "--out", tmp_path / "one", check=True)
+    run_torchrun(*args, "--out", tmp_path / "two", port=29557)
+    assert (tmp_path / "one" / "results.csv").read_text() == (tmp_path / "two" / "results.csv").read_text()
+    for png in sorted((tmp_path / "one").rglob("0*.png")):
+        assert png.read_bytes() == (tmp_path / "two" / png.relative_to(tmp_path / "one")).read_bytes()

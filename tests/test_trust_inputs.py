@@ -430,6 +430,16 @@ def test_disk_full_inside_the_safetensors_writer(digit_folder, tmp_path, capsys,
     assert common.atomic_temp_files(out) == []
 
 
+def test_context_bombs(bombs):
+    """--context of a next-frame model: a range is bounded before its list exists, a PNG before it is decoded."""
+    from diffcli.contexts import parse_indices, read_context
+    with pytest.raises(DiffcliError, match="--context 0:1000000000000: 1000000000000 sequences; at most 1000000"):
+        parse_indices("0:1000000000000")
+    for bomb in ("bomb.png", "huge.png"):
+        with pytest.raises(DiffcliError, match="context image .* diffcli reads at most 67108864 px"):
+            read_context(bombs / bomb, 2, 32)
+
+
 def test_a_nan_image_never_becomes_a_file(tmp_path):
     x = torch.zeros(1, 4, 4)
     x[0, 1, 1] = float("nan")
