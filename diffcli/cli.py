@@ -13,6 +13,9 @@ import typer
 from .common import DiffcliError
 from .anagram import AnagramConfig
 from .eval import EvalConfig
+from .query_blur import SPEC_FORMS
+from .samplers import SAMPLERS
+from .views import VIEWS
 from .options import GuidanceOptions, SamplingOptions, default, defaults, group_fields
 from .panorama import PanoramaConfig
 from .pg import PGConfig
@@ -36,8 +39,7 @@ SHARED: dict[str, tuple[tuple[str, ...], Any, str]] = {
     "seg_scale": (("--seg-scale",), Optional[float],
                   "SEG: s in D_c + s (D_c - D_seg); 0 = off (default: 3 when --blur is given, else off)."),
     "blurs": (("--blur",), Optional[List[str]],
-              "SEG query blur: gaussian_K_S (K -1: from S; S 0: none; S > 9999: infinite), interpolatedBoxBlur_K_A, "
-              "ema_A0_A1_linear|quadratic|cosine. Turns SEG on (default infinite blur)."),
+              f"SEG query blur: {SPEC_FORMS}. Turns SEG on (default infinite blur)."),
     "layers": (("--layers",), List[str],
                "SEG: self-attention layers to perturb: down, mid, up, or indexed d4, m0, u1 (repeatable or "
                "comma-separated)."),
@@ -57,8 +59,7 @@ SHARED: dict[str, tuple[tuple[str, ...], Any, str]] = {
     "s_noise": (("--s-noise",), float, "stochastic_heun, euler_ancestral: noise scale S_noise."),
     "eta": (("--eta",), Optional[float], "ddim: 0 deterministic (default), 1 ancestral; euler_ancestral: default 1."),
     "sampler": (("--sampler",), Optional[str],
-                "euler, heun, stochastic_heun, ddim, euler_ancestral or dpmpp_2m (DPM-Solver++(2M)). On a "
-                "pipeline's own sigmas euler is DDIM."),
+                f"{', '.join(SAMPLERS)} (dpmpp_2m: DPM-Solver++(2M)). On a pipeline's own sigmas euler is DDIM."),
     "steps": (("--steps",), Optional[int], "Sampling steps (heun: 2*steps-1 network evaluations)."),
     "schedule": (("--schedule",), Optional[str],
                  "Pipelines: the noise levels: scheduler (its own timesteps, default) or karras (in its sigma range)."),
@@ -398,7 +399,7 @@ def panorama(
 @shared_options(AnagramConfig, GuidanceOptions, SamplingOptions)
 def anagram(
     prompts: Optional[List[str]] = typer.Argument(None, help="One prompt per view, in the order of --views."),
-    views: Optional[List[str]] = typer.Option(None, "--views", help="Views, one per prompt (default: identity rotate_cw): identity, flip, rotate_cw, rotate_ccw, rotate_180, negate, skew, patch_permute, pixel_permute, jigsaw, inner_rotate, square_hinge. '--views identity rotate_cw', '--views identity,rotate_cw' and repeating --views all work."),
+    views: Optional[List[str]] = typer.Option(None, "--views", help=f"Views, one per prompt (default: identity rotate_cw): {', '.join(VIEWS)}. '--views identity rotate_cw', '--views identity,rotate_cw' and repeating --views all work."),
     prompts_file: Optional[str] = typer.Option(None, "--prompts-file", help="003 ambiguous_image_prompts.json (canonical_prompt, instance_prompt per entry): runs every pair; 'assignment' = the shipped 003 set."),
     model: str = typer.Option(default(AnagramConfig, "model"), "--model", help="DeepFloyd IF stage I pipeline: a local folder or a hub id in the cache."),
     sr_model: str = typer.Option(default(AnagramConfig, "sr_model"), "--sr-model", help="DeepFloyd IF stage II pipeline, or 'none' for stage I images only."),
@@ -433,7 +434,6 @@ def anagram(
     Example: diffcli anagram --prompts-file assignment --out ambiguous_images && diffcli eval ambiguous_images --app ambiguous_images
     """
     from .anagram import AnagramConfig, run as run_anagram
-    from .views import VIEWS
     # click gives an option one value, so in `--views identity rotate_cw` the second name lands among the
     # prompts: a bare view name there is taken as a view (a prompt is never just a view's name)
     names = [v for spec in views or [] for v in spec.replace(",", " ").split()]
