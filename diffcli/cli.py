@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import sys
 import traceback
@@ -596,7 +597,8 @@ def sweep(
     """
     from .sweep import SweepConfig, run as run_sweep
     cfg = SweepConfig(command=command, args=list(ctx.args), grid=grid, scores=score or [], features=features, yes=yes)
-    result = run_sweep(cfg, out, overwrite, resume, on_setting=lambda name: typer.echo(f"setting {name}", err=True))
+    result = run_sweep(cfg, Commands(), out, overwrite, resume,
+                       on_setting=lambda name: typer.echo(f"setting {name}", err=True))
     if result["main"]:
         for line in result["lines"]:
             typer.echo(line)
@@ -617,7 +619,6 @@ def rerun(
     Example: diffcli rerun digits/run.json --out digits-again
     """
     from .rerun import read_record, record_and_folder, replay_argv, working_folder
-    from .sweep import invoke
     path, folder = record_and_folder(record)
     data = read_record(path)
     argv = replay_argv(data, out or folder.with_name(folder.name + "-rerun"))
@@ -625,9 +626,58 @@ def rerun(
         argv.append("--overwrite")
     typer.echo(f"diffcli {' '.join(argv)}", err=True)
     with working_folder(data):
-        code = invoke(argv[0], argv[1:])
+        code = Commands().run(argv[0], argv[1:])
     if code:
         raise typer.Exit(code)
+
+
+# ---------------------------------------------------------------- commands run by argv in this process
+
+class _Checked(BaseException):
+    """Raised in place of a command's work once its options are checked (a dry run; not an error)."""
+
+
+class Commands:
+    """diffcli's own commands run by their argv in this process: a sweep's settings, a rerun (sweep.Commands)."""
+
+    def options(self, command: str) -> dict[str, str]:
+        """Grid keys -> the command's flag, for every option except where output goes: a key is the flag without
+        dashes, '-' as '_' (--seg-scale: seg_scale; --blur: blur; both --cfg and --guidance)."""
+        names = {}
+        for p in typer.main.get_command(app).commands[command].params:
+            flags = [o for o in p.opts if o.startswith("--")]
+            if flags and p.name not in ("out", "overwrite", "resume", "device"):
+                names.update({flag[2:].replace("-", "_"): flags[0] for flag in flags})
+        return names
+
+    def check(self, command: str, argv: list[str]) -> None:
+        """Parse and validate the command's options (its module's `validate`) and stop before any work; a refused
+        option raises its DiffcliError instead of printing it."""
+        module = importlib.import_module(f".{command}", __package__)
+        real = module.run
+
+        def stop(cfg: Any, *args: Any, **kwargs: Any) -> None:
+            module.validate(cfg)
+            raise _Checked
+
+        module.run, _state["reraise"] = stop, True
+        try:
+            self.run(command, argv)
+        except _Checked:
+            pass
+        finally:
+            module.run, _state["reraise"] = real, False
+
+    def run(self, command: str, argv: list[str]) -> int:
+        """`diffcli COMMAND ARGV` in this process; its errors print their one line; returns the exit code."""
+        outer, sys.argv = sys.argv, ["diffcli", command, *map(str, argv)]  # what the run's run.json records
+        try:
+            code = typer.main.get_command(app).main(args=[command, *argv], prog_name="diffcli", standalone_mode=False)
+        except click_exceptions.UsageError as e:
+            raise DiffcliError(f"diffcli {command}: {e.format_message()}") from None
+        finally:
+            sys.argv = outer
+        return code if isinstance(code, int) else 0
 
 
 def run() -> None:

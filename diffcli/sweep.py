@@ -9,7 +9,6 @@ torchrun every setting is sharded by its command across the ranks, and rank 0 wr
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import itertools
 import json
@@ -17,10 +16,9 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Protocol
 
 import torch
-import typer
 
 from .cache import caching
 from .dist import Dist
@@ -98,58 +96,14 @@ def parse_scores(scores: list[str], command: str) -> dict[str, str | None]:
     return out
 
 
-# ---------------------------------------------------------------- running a command in this process
+# ---------------------------------------------------------------- the commands a sweep runs
 
-class _Checked(BaseException):
-    """Raised in place of a command's run once its options are checked (a dry run; not an error)."""
+class Commands(Protocol):
+    """diffcli's own commands run by their argv in this process (the CLI provides it: `cli.Commands`)."""
 
-
-def invoke(command: str, argv: list[str]) -> int:
-    """Run `diffcli COMMAND ARGV` in this process; its errors print their one line; returns the exit code."""
-    import sys
-    from .cli import app, click_exceptions
-    outer, sys.argv = sys.argv, ["diffcli", command, *map(str, argv)]  # what the run's run.json records
-    try:
-        code = typer.main.get_command(app).main(args=[command, *argv], prog_name="diffcli", standalone_mode=False)
-    except click_exceptions.UsageError as e:
-        raise DiffcliError(f"diffcli {command}: {e.format_message()}") from None
-    finally:
-        sys.argv = outer
-    return code if isinstance(code, int) else 0
-
-
-@contextlib.contextmanager
-def dry_run(command: str) -> Iterator[None]:
-    """Within it, the command parses and checks its options (its module's `validate`) and stops before any work;
-    a refused option raises its DiffcliError here instead of printing it."""
-    import importlib
-    from .cli import _state
-    module = importlib.import_module(f".{command}", __package__)
-    real = module.run
-
-    def check(cfg: Any, *args: Any, **kwargs: Any) -> None:
-        module.validate(cfg)
-        raise _Checked
-
-    module.run, _state["reraise"] = check, True
-    try:
-        yield
-    finally:
-        module.run, _state["reraise"] = real, False
-
-
-def option_names(command: str) -> dict[str, str]:
-    """Grid keys -> the command's flag, for every option except where output goes: a key is the flag without
-    dashes, '-' as '_' (--seg-scale: seg_scale; --blur: blur; both --cfg and --guidance)."""
-    from .cli import app
-    cmd = typer.main.get_command(app).commands[command]
-    names = {}
-    for p in cmd.params:
-        flags = [o for o in p.opts if o.startswith("--")]
-        if flags and p.name not in ("out", "overwrite", "resume", "device"):
-            for flag in flags:
-                names[flag[2:].replace("-", "_")] = flags[0]
-    return names
+    def options(self, command: str) -> dict[str, str]: ...  # grid key -> flag, for every option but the output's
+    def check(self, command: str, argv: list[str]) -> None: ...  # parse and validate only; DiffcliError if refused
+    def run(self, command: str, argv: list[str]) -> int: ...  # the exit code; errors print their own line
 
 
 def setting_argv(cfg: SweepConfig, options: dict[str, str], setting: dict[str, str], out: Path) -> list[str]:
@@ -263,14 +217,14 @@ def _x_value(text: str) -> float | None:
 
 # ---------------------------------------------------------------- the command
 
-def plan(cfg: SweepConfig) -> tuple[list[tuple[str, list[str]]], list[dict[str, str]], dict[str, str | None],
-                                    dict[str, str]]:
+def plan(cfg: SweepConfig, commands: Commands) -> tuple[list[tuple[str, list[str]]], list[dict[str, str]],
+                                                        dict[str, str | None], dict[str, str]]:
     """Everything checked before any setting runs: command, grid keys, every setting's options, scores."""
     if cfg.command not in COMMANDS:
         raise DiffcliError(f"diffcli sweep runs one of {', '.join(COMMANDS)}; got {cfg.command!r}")
     if any(a in ("--out", "--resume", "--overwrite") or a.startswith("--out=") for a in cfg.args):
         raise DiffcliError("give --out, --resume and --overwrite to the sweep, not to the swept command")
-    options = option_names(cfg.command)
+    options = commands.options(cfg.command)
     grid = parse_grid(cfg.grid, options)
     todo = settings(grid)
     if len(todo) > MAX_SETTINGS and not cfg.yes:
@@ -278,20 +232,17 @@ def plan(cfg: SweepConfig) -> tuple[list[tuple[str, list[str]]], list[dict[str, 
     scores = parse_scores(cfg.scores, cfg.command)
     if cfg.features not in ("mnist", "inception"):
         raise DiffcliError(f"--features {cfg.features!r}: choose mnist or inception")
-    with dry_run(cfg.command):
-        for s in todo:
-            try:
-                invoke(cfg.command, setting_argv(cfg, options, s, Path(os.devnull) / "never"))
-            except _Checked:
-                continue
-            except DiffcliError as e:
-                raise DiffcliError(f"setting {setting_name(s)}: {e}") from None
+    for s in todo:
+        try:
+            commands.check(cfg.command, setting_argv(cfg, options, s, Path(os.devnull) / "never"))
+        except DiffcliError as e:
+            raise DiffcliError(f"setting {setting_name(s)}: {e}") from None
     return grid, todo, scores, options
 
 
-def run(cfg: SweepConfig, out: Path, overwrite: bool, resume: bool,
+def run(cfg: SweepConfig, commands: Commands, out: Path, overwrite: bool, resume: bool,
         on_setting: Callable[[str], None] | None = None) -> dict[str, Any]:
-    grid, todo, scores, options = plan(cfg)
+    grid, todo, scores, options = plan(cfg, commands)
     main = int(os.environ.get("RANK", "0")) == 0
     record_path = out / "sweep.json"
     record = {"command": cfg.command, "args": cfg.args, "grid": dict(grid), "scores": cfg.scores,
@@ -321,7 +272,7 @@ def run(cfg: SweepConfig, out: Path, overwrite: bool, resume: bool,
                 argv.append("--resume")
             if on_setting:
                 on_setting(name)
-            code = invoke(cfg.command, argv)
+            code = commands.run(cfg.command, argv)
             if code:
                 raise DiffcliError(f"setting {name} failed (its message is above); rerun with --resume to continue")
             values = score(folder, cfg.command, scores, cfg.features)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import invoke_cli
-from diffcli import sweep
+from diffcli import cli
 
 BASE = ["sample", "--n", "4", "--steps", "3", "--labels", "1,7", "--sampler", "euler"]
 
@@ -43,19 +43,20 @@ def test_killed_sweep_resumes_to_the_same_table(tmp_path, capsys, monkeypatch):
     straight = tmp_path / "straight"
     assert run_sweep(capsys, straight)[0] == 0
     cut = tmp_path / "cut"
-    real = sweep.invoke
-    calls = []
+    real = cli.Commands.run
+    runs = []
 
-    def dies_on_the_third(command, argv):
-        calls.append(argv)
-        if len(calls) == 3 and "--out" in argv and "never" not in argv[argv.index("--out") + 1]:
-            raise KeyboardInterrupt
-        return real(command, argv)
+    def dies_on_the_third(self, command, argv):
+        if "never" not in argv[argv.index("--out") + 1]:  # a real setting, not the options check before them
+            runs.append(argv)
+            if len(runs) == 3:
+                raise KeyboardInterrupt
+        return real(self, command, argv)
 
-    monkeypatch.setattr(sweep, "invoke", lambda c, a: dies_on_the_third(c, a) if "never" not in str(a) else real(c, a))
+    monkeypatch.setattr(cli.Commands, "run", dies_on_the_third)
     code, _, err = run_sweep(capsys, cut)
     assert code == 130, err
-    monkeypatch.setattr(sweep, "invoke", real)
+    monkeypatch.setattr(cli.Commands, "run", real)
     code, _, err = run_sweep(capsys, cut, "--resume")
     assert code == 0, err
     assert (cut / "results.csv").read_text().replace("cut", "") == (straight / "results.csv").read_text().replace(
