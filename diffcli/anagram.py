@@ -290,7 +290,7 @@ def _run(cfg: AnagramConfig, jobs: list, out: Path, overwrite: bool, resume: boo
         seg_layers(unet, cfg, "--layers")
     default = pipelines.default_size(pipe)
     size = (cfg.height or cfg.width or default, cfg.width or cfg.height or default)
-    pipelines.check_size(pipe, *size)
+    pipelines.check_size(pipe, *size, ("--height", "--width"))
     if sr_pipe is not None:  # stage II draws the canvas x its scale
         scale = sr_pipe.unet.config.sample_size // pipe.unet.config.sample_size
         check_image_size(size[0] * scale, size[1] * scale,

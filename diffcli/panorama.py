@@ -188,7 +188,7 @@ class Plan:
 def plan(pipe, cfg: PanoramaConfig, jobs: list[Job]) -> Plan:
     f = pipelines.scale_factor(pipe)
     window = cfg.window or pipe.unet.config.sample_size
-    pipelines.check_size(pipe, window * f, window * f)
+    pipelines.check_size(pipe, window * f, window * f, ("--window (in px)", "--window (in px)"))
     for name, v in (("height", cfg.height), ("width", cfg.width)):
         if v % f:
             raise DiffcliError(f"--{name} {v}: must be a multiple of {f} px (one latent cell)")

@@ -148,7 +148,7 @@ def sample_pipeline(pipe, cfg: PGConfig, factor: float, device: torch.device,
 def pipeline_size(pipe, cfg: PGConfig) -> tuple[int, int]:
     size = pipelines.default_size(pipe)
     height, width = cfg.height or size, cfg.width or size
-    pipelines.check_size(pipe, height, width)
+    pipelines.check_size(pipe, height, width, ("--height", "--width"))
     return height, width
 
 

@@ -107,11 +107,12 @@ def default_size(pipe) -> int:
     return pipe.unet.config.sample_size * scale_factor(pipe)
 
 
-def check_size(pipe, height: int, width: int) -> None:
+def check_size(pipe, height: int, width: int, names: tuple[str, str] = ("height", "width")) -> None:
+    """Sizes the UNet can take (a multiple of its total downsampling); `names` word the error (commands: flags)."""
     f = scale_factor(pipe) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-    for name, v in (("height", height), ("width", width)):
+    for name, v in zip(names, (height, width)):
         if v < f or v % f:
-            raise DiffcliError(f"--{name} {v}: this model needs a positive multiple of {f} px")
+            raise DiffcliError(f"{name} {v}: this model needs a positive multiple of {f} px")
 
 
 def denoiser(pipe) -> DiffusersDenoiser:

@@ -86,7 +86,7 @@ def sample(pipe, cond: dict[str, Any], uncond: dict[str, Any], seeds: list[int],
 def size(pipe, cfg: SegConfig) -> tuple[int, int]:
     default = pipelines.default_size(pipe)
     height, width = cfg.height or default, cfg.width or default
-    pipelines.check_size(pipe, height, width)
+    pipelines.check_size(pipe, height, width, ("--height", "--width"))
     return height, width
 
 
