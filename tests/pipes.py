@@ -1,4 +1,4 @@
-"""Tiny random diffusers pipelines built in code and saved with save_pretrained (DESIGN.md section 9).
+"""Tiny random diffusers pipelines built in code and saved with save_pretrained, so every pipeline test runs offline.
 
 Real classes, real `from_pretrained` loading; only the sizes are tiny so the suite runs on a CPU.
 """
