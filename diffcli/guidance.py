@@ -14,11 +14,10 @@ import torch
 
 from . import attention
 from .denoisers import expand_sigma
-from .options import GuidanceOptions, split_list
+from .options import REGIONS, GuidanceOptions, split_list
 from .particles import KernelGrad
 from .query_blur import Blur
 
-REGIONS = ("begin", "mid", "end")
 
 
 def cat_cond(*conds: Any) -> Any:
