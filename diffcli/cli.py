@@ -50,8 +50,14 @@ SHARED: dict[str, tuple[tuple[str, ...], Any, str]] = {
     "pg_factor": (("--pg-factor",), float,
                   "PG: lambda in dx/dsigma = (x - D)/sigma + lambda sigma grad_x sum_j k(x_i, x_j) over the batch; "
                   "> 0 repels, 0 = off."),
-    "kernel": (("--kernel",), str, "PG kernel: rbf on the sample itself (pixels, or a pipeline's latent); "
-                                   "classifier: RBF on the digit classifier's 128-d features of x0_hat (digit models)."),
+    "kernel": (("--kernel",), str, "PG kernel, an RBF on: rbf the sample x itself (pixels, or a pipeline's latent); "
+                                   "x0 the denoiser's x0_hat; classifier the digit classifier's 128-d features of "
+                                   "x0_hat (digit models); clip CLIP image features of the decoded x0_hat (pipelines)."),
+    "pg_grad": (("--pg-grad",), str, "PG kernels on x0_hat (x0, classifier, clip): exact = the gradient through the "
+                                     "network (one backward pass a step), skip = EDM's c_skip(sigma) I (no backward "
+                                     "pass, nearly nothing at high sigma)."),
+    "pg_bandwidth": (("--pg-bandwidth",), float, "PG: kernel bandwidth as a multiple of the median heuristic "
+                                                 "(< 1: only near neighbours repel)."),
     "pg_sigma_min": (("--pg-sigma-min",), float, "PG acts only at noise levels sigma >= this."),
     "pg_sigma_max": (("--pg-sigma-max",), float, "PG acts only at noise levels sigma <= this."),
     "s_churn": (("--s-churn",), float, "stochastic_heun: EDM S_churn."),
@@ -183,6 +189,8 @@ def train(
     p_uncond: float = typer.Option(default(TrainConfig, "p_uncond"), help="Label dropout probability (one model does CFG)."),
     process: str = typer.Option(default(TrainConfig, "process"), help="edm (Karras et al. 2022) or blurring (Hoogeboom & Salimans 2023: DCT heat dissipation under cosine noise, eps-prediction)."),
     blur_sigma_max: Optional[float] = typer.Option(None, "--blur-sigma-max", help="blurring: largest blur std in pixels, sigma_B,max (default 20; 0 = plain DDPM-style diffusion)."),
+    p_mean: Optional[float] = typer.Option(None, "--p-mean", help=f"edm: mean of ln(sigma) drawn in training (default {default(TrainConfig, 'p_mean')}; higher = more training at high noise, where a digit's class is decided)."),
+    p_std: Optional[float] = typer.Option(None, "--p-std", help=f"edm: standard deviation of ln(sigma) drawn in training (default {default(TrainConfig, 'p_std')})."),
     net: str = typer.Option(default(TrainConfig, "net"), help="Architecture preset: small, tiny, base."),
     channels_mult: Optional[str] = typer.Option(None, "--block-channels", help="Override block widths, e.g. 32,64,96."),
     steps: int = typer.Option(default(TrainConfig, "steps"), help="Total optimizer steps (a resumed run may raise it)."),
@@ -226,9 +234,13 @@ def train(
                       conditional=not unconditional, p_uncond=p_uncond, net=net, net_overrides=overrides,
                       steps=steps, batch=batch, lr=lr, lr_warmup=lr_warmup, ema_halflife_kimg=ema_halflife_kimg,
                       seed=seed, ckpt_every=ckpt_every, snapshot_every=snapshot_every, grid_every=grid_every, log_every=log_every, process=process,
-                      blur_sigma_max=20.0 if blur_sigma_max is None else blur_sigma_max)
+                      blur_sigma_max=20.0 if blur_sigma_max is None else blur_sigma_max,
+                      p_mean=default(TrainConfig, "p_mean") if p_mean is None else p_mean,
+                      p_std=default(TrainConfig, "p_std") if p_std is None else p_std)
     if blur_sigma_max is not None and process != "blurring":
         raise DiffcliError("--blur-sigma-max is a --process blurring option")
+    if (p_mean is not None or p_std is not None) and process != "edm":
+        raise DiffcliError("--p-mean and --p-std are --process edm options")
     given = {"context_frames": context_frames, "step_size": step_size, "directions": directions, "p_left": p_left,
              "seed": data_seed}
     cfg.sequence = {k: v for k, v in given.items() if v is not None}
@@ -469,6 +481,8 @@ def pg(
     width: Optional[int] = typer.Option(None, help="Pipelines: image width."),
     compare: bool = typer.Option(default(PGConfig, "compare"), "--compare", help="Also sample the same seeds without PG (in OUT/plain) and report diversity side by side: compare.png, compare.json."),
     classifier: Optional[str] = typer.Option(None, "--classifier", help="Digit classifier for --kernel classifier and --compare (default: the shipped one)."),
+    clip_model: str = typer.Option(default(PGConfig, "clip_model"), "--clip-model", help="Pipelines, --kernel clip: open_clip model name or a JSON model config file (as diffcli eval)."),
+    clip_pretrained: str = typer.Option(default(PGConfig, "clip_pretrained"), "--clip-pretrained", help="Pipelines, --kernel clip: open_clip pretrained tag or a local weights file (safetensors or a state dict)."),
     dtype: Optional[str] = typer.Option(None, help="Network precision: fp32 (default), fp16 or bf16 (GPU)."),
     out: Path = typer.Option(Path("diffcli-out/pg"), "--out", help="Output folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty output folder."),
@@ -488,7 +502,7 @@ def pg(
     from .pg import PGConfig, run as run_pg
     config = PGConfig(**shared, checkpoint=str(checkpoint) if checkpoint else None, prompt=prompt, model=model,
                       n=n, labels=labels, negative_prompt=negative_prompt, seed=seed, height=height, width=width, dtype=dtype, classifier=classifier, compare=compare,
-                      context=context, data_root=data_root)
+                      context=context, data_root=data_root, clip_model=clip_model, clip_pretrained=clip_pretrained)
     result = run_pg(config, out, overwrite, device, {"out": str(out), "device": device})
     for line in result["lines"]:
         typer.echo(line)

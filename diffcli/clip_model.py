@@ -193,6 +193,24 @@ def load_clip(model_spec: str, pretrained: str, device: torch.device, quick_gelu
 
 # ---------------------------------------------------------------- embeddings (tensors in, tensors out)
 
+def image_features_fn(clip: Clip) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A differentiable image -> unit-length CLIP embedding map for images (N, 3, H, W) in [-1, 1]: bicubic resize
+    of the whole image to the model's input size, then its mean/std normalisation (its eval transform without the
+    centre crop and the uint8 rounding, so that gradients flow, as particle guidance's clip kernel needs)."""
+    norm = next(t for t in getattr(clip.preprocess, "transforms", []) if type(t).__name__ == "Normalize")
+    mean = torch.tensor(norm.mean, device=clip.device).view(1, -1, 1, 1)
+    std = torch.tensor(norm.std, device=clip.device).view(1, -1, 1, 1)
+    size = clip.model.visual.image_size
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    dtype = next(clip.model.parameters()).dtype
+
+    def features(images: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate((images.to(dtype) + 1) / 2, size=size, mode="bicubic", align_corners=False)
+        return F.normalize(clip.model.encode_image((x - mean.to(dtype)) / std.to(dtype)), dim=-1)
+
+    return features
+
+
 @torch.inference_mode()
 def encode_images(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """(N,3,H,W) preprocessed images -> (N,D) unit-length CLIP image embeddings."""

@@ -19,7 +19,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from .common import DiffcliError, check_memory
-from .particles import KERNELS
+from .particles import DIGIT_KERNELS, KERNELS, PG_GRADS, PIPELINE_KERNELS
 from .query_blur import Blur, parse_blur
 from .samplers import SAMPLERS, SCHEDULES, SamplerKnobs
 
@@ -45,6 +45,8 @@ class GuidanceOptions:
     sigma_end: float = 0.0                    # ... and sigma >= sigma_end
     pg_factor: float = 0.0                    # particle guidance lambda; 0 = off
     kernel: str = "rbf"
+    pg_grad: str = "exact"                    # kernels on x0_hat: through the network (exact) or c_skip I (skip)
+    pg_bandwidth: float = 1.0                 # times the median-heuristic kernel bandwidth
     pg_sigma_min: float = 0.0
     pg_sigma_max: float = math.inf
 
@@ -200,6 +202,9 @@ def check_guidance(opts: GuidanceOptions, *, many_blurs: bool = False) -> list[B
         raise DiffcliError("--layers needs at least one of down, mid, up or an indexed layer (d4, m0, u1)")
     if opts.kernel not in KERNELS:
         raise DiffcliError(f"unknown --kernel {opts.kernel!r}; choose one of {', '.join(KERNELS)}")
+    if opts.pg_grad not in PG_GRADS:
+        raise DiffcliError(f"unknown --pg-grad {opts.pg_grad!r}; choose one of {', '.join(PG_GRADS)}")
+    finite("pg_bandwidth", opts.pg_bandwidth, above=True, high=SCALE_MAX)
     blurs = [parse_blur(spec) for spec in opts.blur_specs()]
     if len(blurs) > 1 and not many_blurs:
         raise DiffcliError(f"{len(blurs)} --blur specs: this command runs one blur (diffcli seg runs one pass per blur)")
@@ -207,12 +212,14 @@ def check_guidance(opts: GuidanceOptions, *, many_blurs: bool = False) -> list[B
 
 
 def check_particles(opts: GuidanceOptions, n: int, pipeline: bool, what: str = "--n") -> None:
-    """PG needs a batch of particles, and the classifier kernel a digit model."""
+    """PG needs a batch of particles; the classifier kernel a digit model, the clip kernel a pipeline."""
     if opts.pg_factor > 0 and n < 2:
         raise DiffcliError(f"PG needs a batch: particles repel each other, so {what} must be >= 2 (got {n}), "
                            "or --pg-factor 0")
-    if pipeline and opts.pg_factor > 0 and opts.kernel != "rbf":
-        raise DiffcliError(f"--kernel {opts.kernel} is for digit models; pipelines use rbf (on the latent)")
+    allowed = PIPELINE_KERNELS if pipeline else DIGIT_KERNELS
+    if opts.pg_factor > 0 and opts.kernel not in allowed:
+        raise DiffcliError(f"--kernel {opts.kernel} is for {'digit models' if pipeline else 'pipelines'}; "
+                           f"{'pipelines' if pipeline else 'diffcli models'} take {', '.join(allowed)}")
 
 
 def record(config: Any) -> dict[str, Any]:

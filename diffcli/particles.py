@@ -11,7 +11,13 @@ from typing import Callable
 import torch
 
 KernelGrad = Callable[[torch.Tensor], torch.Tensor]
-KERNELS = ("rbf", "classifier")
+KERNELS = ("rbf", "x0", "classifier", "clip")
+# where each kernel reads the particles: the noisy sample x itself, or the denoiser's x0_hat
+READS_X0 = {"rbf": False, "x0": True, "classifier": True, "clip": True}
+DIGIT_KERNELS = ("rbf", "x0", "classifier")     # diffcli digit models (the classifier reads 28x28 digits)
+PIPELINE_KERNELS = ("rbf", "x0", "clip")        # diffusers pipelines (clip: decoded x0_hat through open_clip)
+# how a kernel on x0_hat reaches x: exact = through the network (a backward pass), skip = EDM's c_skip(sigma) I
+PG_GRADS = ("exact", "skip")
 
 
 def pairwise_sq_dists(z: torch.Tensor) -> torch.Tensor:
@@ -20,37 +26,39 @@ def pairwise_sq_dists(z: torch.Tensor) -> torch.Tensor:
     return d2
 
 
-def median_bandwidth(d2: torch.Tensor) -> torch.Tensor:
-    """h = median(d^2 over pairs i != j) / log(N - 1), detached (Corso et al. 2023).
+def median_bandwidth(d2: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """h = scale * median(d^2 over pairs i != j) / log(N - 1), detached (Corso et al. 2023; scale 1).
 
-    N = 2 would make log(N - 1) = 0 and h infinite (no repulsion at all); log 2 stands in there.
+    N = 2 would make log(N - 1) = 0 and h infinite (no repulsion at all); log 2 stands in there. A smaller
+    scale makes the kernel local (only near neighbours repel), a larger one global.
     """
     n = d2.shape[0]
     off = d2.detach()[~torch.eye(n, dtype=torch.bool, device=d2.device)]
-    return off.median().clamp(min=1e-12) / math.log(max(n - 1, 2))
+    return scale * off.median().clamp(min=1e-12) / math.log(max(n - 1, 2))
 
 
-def rbf_grad(z: torch.Tensor) -> torch.Tensor:
-    """Closed form of grad_{z_i} sum_j exp(-|z_i - z_j|^2 / h) = -2/h sum_j k_ij (z_i - z_j).
+def rbf_grad(z: torch.Tensor, bandwidth: float = 1.0) -> torch.Tensor:
+    """Closed form of grad_{z_i} sum_j exp(-|z_i - z_j|^2 / h) = -2/h sum_j k_ij (z_i - z_j), h the median
+    heuristic times `bandwidth`.
 
     It points from the other particles towards z_i's neighbours; PG moves against it (repulsion).
     """
     flat = z.flatten(1).double()  # the sum over D and the median are sensitive in fp32 for big latents
     d2 = pairwise_sq_dists(flat)
-    h = median_bandwidth(d2)
+    h = median_bandwidth(d2, bandwidth)
     k = torch.exp(-d2 / h)
     grad = -2 / h * (k.sum(1, keepdim=True) * flat - k @ flat)
     return grad.to(z.dtype).view_as(z)
 
 
-def rbf_energy(z: torch.Tensor) -> torch.Tensor:
+def rbf_energy(z: torch.Tensor, bandwidth: float = 1.0) -> torch.Tensor:
     """0.5 sum_ij k(z_i, z_j) with h detached: its autograd gradient is `rbf_grad` (kernel symmetric)."""
     flat = z.flatten(1)
     d2 = pairwise_sq_dists(flat)
-    return 0.5 * torch.exp(-d2 / median_bandwidth(d2)).sum()
+    return 0.5 * torch.exp(-d2 / median_bandwidth(d2, bandwidth)).sum()
 
 
-def feature_grad(features: Callable[[torch.Tensor], torch.Tensor]) -> KernelGrad:
+def feature_grad(features: Callable[[torch.Tensor], torch.Tensor], bandwidth: float = 1.0) -> KernelGrad:
     """RBF kernel on features f(z): grad_{z_i} sum_j k(f(z_i), f(z_j)) by one vector-Jacobian product.
 
     The kernel gradient in feature space is closed form (`rbf_grad`); autograd only carries it back
@@ -60,7 +68,7 @@ def feature_grad(features: Callable[[torch.Tensor], torch.Tensor]) -> KernelGrad
         with torch.enable_grad():
             z_in = z.detach().requires_grad_(True)
             f = features(z_in).flatten(1)
-            g_f = rbf_grad(f.detach())
+            g_f = rbf_grad(f.detach(), bandwidth)
             (g,) = torch.autograd.grad((f * g_f).sum(), z_in)
         return g.to(z.dtype)
 
@@ -72,16 +80,19 @@ def latent_kernel() -> tuple[KernelGrad, bool]:
     return rbf_grad, False
 
 
-def make_kernel(name: str, classifier: torch.nn.Module | None = None) -> tuple[KernelGrad, bool]:
-    """(kernel gradient, whether it reads x0_hat) by name: rbf on x itself, classifier on the digit classifier's
-    features of x0_hat."""
-    if name == "rbf":
-        return latent_kernel()
-    if name != "classifier":
+def make_kernel(name: str, features: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                bandwidth: float = 1.0) -> tuple[KernelGrad, bool]:
+    """(kernel gradient, whether it reads x0_hat) by name (KERNELS): rbf on x itself, x0 on the denoiser's x0_hat,
+    classifier / clip on `features` of x0_hat (the digit classifier's, `classifier_features`; CLIP's of the decoded
+    image, `clip_model.image_features_fn`). `bandwidth` scales the median-heuristic bandwidth."""
+    if name not in KERNELS:
         raise ValueError(f"unknown kernel {name!r}; choose one of {', '.join(KERNELS)}")
-    if classifier is None:
-        raise ValueError("the classifier kernel needs a digit classifier")
-    return feature_grad(classifier_features(classifier)), True
+    if name in ("rbf", "x0"):
+        grad = rbf_grad if bandwidth == 1.0 else (lambda z: rbf_grad(z, bandwidth))
+        return grad, READS_X0[name]
+    if features is None:
+        raise ValueError(f"the {name} kernel needs its feature network")
+    return feature_grad(features, bandwidth), True
 
 
 def classifier_features(classifier: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

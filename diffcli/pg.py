@@ -24,8 +24,8 @@ from .guidance import pg_of, seg_layers, seg_of, stack
 from .options import (BATCH_MAX, SIDE_MAX, GuidanceOptions, SamplingOptions, check_batch_memory, check_guidance,
                       check_image_size, check_particles, check_pipeline_steps, check_sampling, count, group_fields,
                       record as options_record, seed as check_seed)
-from .particles import KernelGrad, latent_kernel, make_kernel
-from .sample import (SHIPPED_CHECKPOINT, SampleConfig, model_contexts, parse_labels, sample_images, samples_record,
+from .particles import KernelGrad, make_kernel  # make_kernel: the benchmarks' import
+from .sample import (SHIPPED_CHECKPOINT, SampleConfig, digit_kernel, model_contexts, parse_labels, sample_images, samples_record,
                      sequence_outputs, write_samples)
 from .samplers import nfe, run_sampler
 
@@ -47,6 +47,8 @@ class PGConfig(GuidanceOptions, SamplingOptions):
     dtype: str | None = None
     classifier: str | None = None
     compare: bool = False
+    clip_model: str = "ViT-B-32"      # --kernel clip (pipelines): open_clip model and weights, as diffcli eval
+    clip_pretrained: str = "openai"
     context: str | None = None    # next-frame models: dataset indices (3, 0,4,7 or 0:10) or a context file
     data_root: str | None = None
 
@@ -127,7 +129,8 @@ def digit_metrics(files: list[str], labels: list[int] | None, classifier, device
 
 @torch.no_grad()
 def sample_pipeline(pipe, cfg: PGConfig, factor: float, device: torch.device,
-                    on_step: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    on_step: Callable[[int], None] | None = None,
+                    kernel: tuple[KernelGrad, bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(images (N,3,H,W) in [-1,1], final latents): the pipeline's sigmas (or Karras), the guidance stack (CFG, SEG
     with --blur, PG on the latent), any sampler, VAE decode."""
     sigmas = pipelines.sigmas(pipe, cfg.steps or DEFAULT_STEPS["pipeline"], device, cfg.schedule or "scheduler")
@@ -136,7 +139,7 @@ def sample_pipeline(pipe, cfg: PGConfig, factor: float, device: torch.device,
     opts = replace(cfg, pg_factor=factor)
     seg = seg_of(cfg, check_guidance(cfg)[0] if cfg.seg_on else None)
     denoiser = stack(pipelines.denoiser(pipe), DEFAULT_CFG["pipeline"] if cfg.cfg is None else cfg.cfg, cond, uncond,
-                     sigmas, seg=seg, pg=pg_of(opts, latent_kernel()))
+                     sigmas, seg=seg, pg=pg_of(opts, kernel, pipelines.SIGMA_DATA))
     rng = PerSampleRandn([cfg.seed + i for i in range(cfg.n)], device)
     x = pipelines.initial_latents(rng, pipelines.latent_shape(pipe, height, width), sigmas[0])
     with seg.installed(pipe.unet) if seg else contextlib.nullcontext():
@@ -219,7 +222,12 @@ def run(cfg: PGConfig, out: Path, overwrite: bool, device_name: str | None, opti
                            "the particles (one network batch)", "lower --n")
         seg_layers(pipe.unet, cfg, "--layers")
         labels, meta = None, {"kind": type(pipe).__name__, "model": cfg.model}
-        draw = lambda factor, step: sample_pipeline(pipe, cfg, factor, device, step)
+        image_features = None
+        if cfg.kernel == "clip" and cfg.pg_factor:
+            from .clip_model import image_features_fn, load_clip
+            image_features = image_features_fn(load_clip(cfg.clip_model, cfg.clip_pretrained, device))
+        kernel = pipelines.pipeline_kernel(pipe, cfg, image_features)
+        draw = lambda factor, step: sample_pipeline(pipe, cfg, factor, device, step, kernel)
         nfe_each = nfe(cfg.sampler, cfg.steps or DEFAULT_STEPS["pipeline"])
     else:
         model, meta = load_model(cfg.checkpoint or SHIPPED_CHECKPOINT, device)
@@ -231,9 +239,9 @@ def run(cfg: PGConfig, out: Path, overwrite: bool, device_name: str | None, opti
         check_seed("seed", cfg.seed, cfg.n * len(contexts or [None]))
         check_batch_memory(cfg.n, meta["net"]["block_out_channels"][0], meta["image_size"], meta["image_size"], dtype,
                            device, "the particles (one network batch)", "lower --n")
-        if cfg.kernel == "classifier" or (cfg.compare and not contexts):
+        if cfg.compare and not contexts:
             classifier = load_classifier(cfg.classifier or SHIPPED_CLASSIFIER, device)
-        kernel = make_kernel(cfg.kernel, classifier)
+        kernel = digit_kernel(cfg, device, cfg.classifier)
         # next-frame models: one particle set per context, seeds running on across them
         draw = lambda factor, step: (torch.cat([
             sample_digits(model, meta, cfg, factor, kernel, device, step, c.frames if c else None, j * cfg.n)

@@ -182,6 +182,38 @@ def decode(pipe, x: torch.Tensor, sigma_last: torch.Tensor | float) -> torch.Ten
     return images.clamp(-1, 1).cpu()
 
 
+def decoded_features(pipe, features):
+    """x0_hat in the pipeline's sample space -> `features` of its decoded image (N, 3, H, W) in [-1, 1],
+    differentiable (no clamp, no uint8): what PG's clip kernel compares. IF samples are the image itself."""
+    vae = getattr(pipe, "vae", None)
+
+    def decoded(x0: torch.Tensor) -> torch.Tensor:
+        if vae is None:
+            return features(x0)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return features(vae.decode((x0 / vae.config.scaling_factor + shift).to(vae.dtype)).sample)
+
+    return decoded
+
+
+def pipeline_kernel(pipe, opts, image_features=None):
+    """The PG kernel a pipeline command asks for (--kernel, --pg-bandwidth), None with PG off. The clip kernel
+    compares `image_features` (clip_model.image_features_fn) of the decoded x0_hat."""
+    from .particles import make_kernel
+    if not opts.pg_factor:
+        return None
+    features = None
+    if opts.kernel == "clip":
+        if image_features is None:
+            raise DiffcliError("--kernel clip needs a CLIP model (diffcli pg --clip-model/--clip-pretrained)")
+        features = decoded_features(pipe, image_features)
+    return make_kernel(opts.kernel, features, opts.pg_bandwidth)
+
+
+# the data's std in the space pipelines sample (scaled latents, IF's pixels): PG's c_skip for --pg-grad skip
+SIGMA_DATA = 1.0
+
+
 def clip_x0(model, pipe):
     """The scheduler's own limits on x0_hat as a denoiser combinator: dynamic thresholding (IF's schedulers ask
     for it), else clipping, else `model` itself (SD). An Euler step from the limited x0_hat is DDIM with

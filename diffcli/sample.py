@@ -19,7 +19,8 @@ from .models import check_record, load_model
 from .options import (BATCH_MAX, N_MAX, PIXELS_MAX, SIGMA_LIMIT, GuidanceOptions, SamplingOptions,
                       check_batch_memory, check_guidance, check_particles, check_sampling, count, finite,
                       record as options_record, seed as check_seed)
-from .particles import KernelGrad, latent_kernel
+from .classifier import SHIPPED_CLASSIFIER, load_classifier
+from .particles import KernelGrad, classifier_features, make_kernel
 from .samplers import SAMPLERS, get_sigmas_karras, nfe, run_sampler
 from . import sequences as sq
 from .blurring import (DEFAULT_STEPS as BLURRING_STEPS, SAMPLERS as BLURRING_SAMPLERS, BlurSchedule, blurred_mean,
@@ -122,6 +123,18 @@ def check_against_model(cfg: SampleConfig, meta: dict[str, Any]) -> list[int] | 
     return labels
 
 
+def digit_kernel(opts: GuidanceOptions, device: torch.device, classifier: str | Path | None = None,
+                 ) -> tuple[KernelGrad, bool] | None:
+    """The PG kernel a digit model's command asks for (--kernel, --pg-bandwidth); the classifier kernel loads the
+    digit classifier (default the shipped one). None with PG off."""
+    if not opts.pg_factor:
+        return None
+    features = None
+    if opts.kernel == "classifier":
+        features = classifier_features(load_classifier(classifier or SHIPPED_CLASSIFIER, device))
+    return make_kernel(opts.kernel, features, opts.pg_bandwidth)
+
+
 def sample_batches(model, meta: dict[str, Any], cfg: SampleConfig, device: torch.device,
                    indices: Sequence[int] | None = None, on_step: Callable[[int], None] | None = None,
                    kernel: tuple[KernelGrad, bool] | None = None, context: torch.Tensor | None = None,
@@ -141,7 +154,7 @@ def sample_batches(model, meta: dict[str, Any], cfg: SampleConfig, device: torch
         raise DiffcliError("a next-frame model needs a context and other models take none")
     indices = list(range(cfg.n)) if indices is None else list(indices)
     seg = seg_of(cfg, check_guidance(cfg)[0] if cfg.seg_on else None)  # resolve() refused both for blurring
-    pg = pg_of(cfg, kernel or latent_kernel())
+    pg = pg_of(cfg, kernel or digit_kernel(cfg, device))
     with seg.installed(model.net.unet) if seg else contextlib.nullcontext():
         yield from _draw(model, meta, cfg, device, indices, labels, seg, pg, on_step, context)
 

@@ -23,7 +23,6 @@ from .guidance import Seg, guided_steps, pg_of, seg_of, stack, step_index
 from .options import (BATCH_MAX, N_MAX, SIDE_MAX, GuidanceOptions, SamplingOptions, check_batch_memory,
                       check_guidance, check_image_size, check_particles, check_pipeline_steps, check_sampling, count,
                       record as options_record, seed as check_seed, split_list)
-from .particles import latent_kernel
 from .query_blur import Blur
 from .samplers import run_sampler
 
@@ -58,6 +57,8 @@ def validate(cfg: SegConfig) -> list[Blur]:
     check_sampling(cfg, pipeline=True)
     blurs = check_guidance(cfg, many_blurs=True)
     check_particles(cfg, cfg.n, pipeline=True)
+    if cfg.pg_factor and cfg.kernel == "clip":
+        raise DiffcliError("--kernel clip loads a CLIP model: use diffcli pg --model ... --kernel clip")
     for name in ("height", "width"):
         count(name, getattr(cfg, name), 1, SIDE_MAX)
     if cfg.height is not None and cfg.width is not None:
@@ -76,7 +77,7 @@ def sample(pipe, cond: dict[str, Any], uncond: dict[str, Any], seeds: list[int],
            sigmas: torch.Tensor, device: torch.device, callback=None) -> torch.Tensor:
     """One batch of images (N, 3, H, W) in [-1, 1] for one prompt's encodings; sample i starts from seeds[i]."""
     height, width = size(pipe, cfg)
-    model = stack(pipelines.denoiser(pipe), cfg.cfg, cond, uncond, sigmas, seg=seg, pg=pg_of(cfg, latent_kernel()))
+    model = stack(pipelines.denoiser(pipe), cfg.cfg, cond, uncond, sigmas, seg=seg, pg=pg_of(cfg, pipelines.pipeline_kernel(pipe, cfg), pipelines.SIGMA_DATA))
     rng = PerSampleRandn(seeds, device)
     x = pipelines.initial_latents(rng, pipelines.latent_shape(pipe, height, width), sigmas[0])
     x = run_sampler(cfg.sampler, model, x, sigmas, callback=callback, noise=rng, **cfg.knobs())

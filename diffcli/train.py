@@ -74,6 +74,8 @@ class TrainConfig:
     p_uncond: float = 0.2
     process: str = "edm"  # or "blurring" (Hoogeboom & Salimans 2023): the loss and the model kind
     blur_sigma_max: float = 20.0  # blurring only; 0 = plain DDPM-style diffusion
+    p_mean: float = -1.2  # edm only: ln(sigma) ~ N(p_mean, p_std^2) during training
+    p_std: float = 1.2
     net: str = "small"
     net_overrides: dict[str, Any] = field(default_factory=dict)
     steps: int = 10_000
@@ -109,7 +111,7 @@ PROCESSES = ("edm", "blurring")
 
 def make_loss(cfg: TrainConfig) -> EDMLoss | BlurringLoss:
     """The process switch: the loss draws the noise level and says what the model is; the loop is shared."""
-    return BlurringLoss(cfg.blur_sigma_max) if cfg.process == "blurring" else EDMLoss()
+    return BlurringLoss(cfg.blur_sigma_max) if cfg.process == "blurring" else EDMLoss(cfg.p_mean, cfg.p_std)
 
 
 def model_record(cfg: TrainConfig, ds: ImageSet, net_cfg: dict[str, Any], loss: EDMLoss | BlurringLoss,
@@ -204,6 +206,8 @@ def _validate(cfg: TrainConfig) -> None:
     count("lr_warmup", cfg.lr_warmup, 0, TRAIN_STEPS_MAX)
     finite("ema_halflife_kimg", cfg.ema_halflife_kimg)
     finite("ema_rampup", cfg.ema_rampup, high=1.0)
+    finite("p_mean", cfg.p_mean, low=-10.0, high=10.0)  # ln(sigma): e^-10 .. e^10 covers any noise range
+    finite("p_std", cfg.p_std, above=True, high=10.0)
     check_seed("seed", cfg.seed, high=TRAIN_SEED_MAX)
     for name in ("ckpt_every", "snapshot_every", "grid_every", "log_every"):
         count(name, getattr(cfg, name), 0, TRAIN_STEPS_MAX)

@@ -127,3 +127,23 @@ def build_tiny_if(root: Path, size: int = 16, upscale: int = 2) -> tuple[Path, P
     stage1.save_pretrained(root / "if-I")
     stage2.save_pretrained(root / "if-II")
     return root / "if-I", root / "if-II"
+
+
+TINY_CLIP = {"embed_dim": 16,
+             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+def build_tiny_clip(root: Path, name: str, seed: int):
+    """A randomly initialised open_clip model with CLIP's text tower and a 1-layer ViT on 32 px: its JSON config
+    (registered under `name`, the file's stem), its weights as safetensors, and the model itself (eval mode)."""
+    import open_clip
+    from safetensors.torch import save_file
+    config = root / f"{name}.json"
+    config.write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(config)
+    torch.manual_seed(seed)
+    model = open_clip.create_model(name).eval()
+    weights = root / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    return config, weights, model

@@ -24,9 +24,6 @@ from conftest import ROOT, run_cli, run_torchrun
 
 open_clip = pytest.importorskip("open_clip")
 
-TINY = {"embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 LOGIT_SCALE = 37.0  # not CLIP's init (1/0.07) nor OpenAI's 100: the anagram test sees which one the CLI used
 
 
@@ -34,12 +31,9 @@ LOGIT_SCALE = 37.0  # not CLIP's init (1/0.07) nor OpenAI's 100: the anagram tes
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
+    from pipes import build_tiny_clip
     d = tmp_path_factory.mktemp("clip")
-    config = d / "tinyclip-evaltest.json"
-    config.write_text(json.dumps(TINY))
-    open_clip.add_model_config(config)
-    torch.manual_seed(0)
-    model = open_clip.create_model("tinyclip-evaltest")
+    config, _, model = build_tiny_clip(d, "tinyclip-evaltest", seed=0)
     model.logit_scale.data.fill_(math.log(LOGIT_SCALE))
     torch.save(model.state_dict(), d / "tiny.bin")
     from safetensors.torch import save_file

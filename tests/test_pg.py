@@ -121,7 +121,97 @@ def test_classifier_kernel_runs_on_small_digits():
     assert g.shape == (4, 1, 8, 8) and torch.isfinite(g).all() and g.abs().sum() > 0
 
 
+def test_exact_grad_is_the_vector_jacobian_product_and_skip_is_c_skip():
+    """A linear denoiser D(x) = x A^T has Jacobian A: the exact path must return D - f sigma^2 A^T g(D), the skip
+    path D - f sigma^2 c_skip g(D), both under the samplers' no_grad."""
+    torch.manual_seed(0)
+    a = torch.randn(6, 6, dtype=torch.float64)
+    denoiser = lambda x, sigma: (x.flatten(1) @ a.T).view_as(x)
+    x, sigma, factor = torch.randn(4, 1, 2, 3, dtype=torch.float64), torch.tensor([3.0], dtype=torch.float64), 2.0
+    d = denoiser(x, sigma)
+    g = rbf_grad(d)
+    with torch.no_grad():
+        exact = particle_guidance(denoiser, factor, rbf_grad, on_denoised=True, exact=True)(x, sigma)
+        skip = particle_guidance(denoiser, factor, rbf_grad, on_denoised=True, sigma_data=0.5)(x, sigma)
+    assert torch.allclose(exact, d - factor * 9.0 * (g.flatten(1) @ a).view_as(x), atol=1e-12)
+    assert torch.allclose(skip, d - factor * 9.0 * g * 0.25 / (9.0 + 0.25), atol=1e-12)
+    assert not exact.requires_grad
+
+
+@pytest.mark.parametrize("bandwidth", [0.25, 1.0, 3.0])
+def test_bandwidth_scales_the_median_heuristic(bandwidth):
+    torch.manual_seed(1)
+    z = torch.randn(5, 7, dtype=torch.float64)
+    zr = z.clone().requires_grad_(True)
+    (auto,) = torch.autograd.grad(rbf_energy(zr, bandwidth), zr)
+    assert torch.allclose(rbf_grad(z, bandwidth), auto, atol=1e-10)
+    d2 = pairwise_sq_dists(z)
+    assert torch.allclose(median_bandwidth(d2, bandwidth), bandwidth * median_bandwidth(d2))
+    from diffcli.particles import make_kernel
+    grad, reads_x0 = make_kernel("x0", bandwidth=bandwidth)
+    assert reads_x0 and torch.allclose(grad(z), rbf_grad(z, bandwidth))
+
+
+def test_clip_kernel_gradient_matches_finite_differences(tiny_sd, tmp_path):
+    """The pipelines' semantic kernel: RBF on CLIP image features of the VAE-decoded x0_hat (float64, tiny SD and
+    tiny CLIP): its gradient is that of the kernel sum (bandwidth held fixed) by central differences."""
+    pytest.importorskip("open_clip")
+    from pipes import build_tiny_clip
+    from diffcli import pipelines
+    from diffcli.clip_model import image_features_fn, load_clip
+    config, weights, _ = build_tiny_clip(tmp_path, "tinyclip-pgtest", seed=2)
+    clip = load_clip(str(config), str(weights), torch.device("cpu"))
+    clip.model.double()
+    pipe = pipelines.load_pipeline(str(tiny_sd), torch.device("cpu"), torch.float64)
+    features = pipelines.decoded_features(pipe, image_features_fn(clip))
+    from diffcli.particles import make_kernel
+    grad_fn, reads_x0 = make_kernel("clip", features)
+    torch.manual_seed(3)
+    z = torch.randn(3, 4, 2, 2, dtype=torch.float64)
+    with torch.no_grad():
+        grad = grad_fn(z)
+        f0 = features(z).flatten(1)
+        h = median_bandwidth(pairwise_sq_dists(f0))
+        energy = lambda zz: 0.5 * torch.exp(-pairwise_sq_dists(features(zz).flatten(1)) / h).sum()
+        for k in range(3):
+            v = torch.randn_like(z)
+            eps = 1e-5
+            fd = (energy(z + eps * v) - energy(z - eps * v)) / (2 * eps)
+            assert torch.allclose((grad * v).sum(), fd, rtol=1e-5, atol=1e-9), (k, float((grad * v).sum()), float(fd))
+    assert reads_x0 and grad.abs().sum() > 0 and f0.shape == (3, 16)
+
+
 # ---------------------------------------------------------------- CLI on the tiny digit model
+
+@pytest.mark.parametrize("kernel", ["x0", "classifier"])
+def test_kernels_on_x0_hat_exact_and_skip_differ_and_sample_respects_the_kernel(tiny_run, tmp_path, kernel, capsys):
+    from conftest import invoke_cli
+    from diffcli.classifier import DigitNet
+    from diffcli.common import save_checkpoint
+    clf = tmp_path / "clf.safetensors"
+    torch.manual_seed(0)
+    save_checkpoint(clf, DigitNet(width=4).state_dict(), {"classifier": {"width": 4, "num_classes": 10}})
+    files = {}
+    for name, extra in {"plain": ["--pg-factor", "0"], "exact": ["--pg-grad", "exact"], "skip": ["--pg-grad", "skip"],
+                        "rbf": ["--kernel", "rbf"]}.items():
+        args = ["--kernel", kernel, "--pg-factor", "20", *extra] if name != "rbf" else ["--pg-factor", "20", *extra]
+        out = tmp_path / f"{kernel}-{name}"
+        code, _, err = invoke_cli(["pg", "--checkpoint", tiny_run, "--n", "3", "--steps", "3", "--classifier", clf,
+                                   *args, "--out", out, "--device", "cpu"], capsys)
+        assert code == 0, err
+        files[name] = [(out / f"{i:05d}-seed{i}.png").read_bytes() for i in range(3)]
+        assert json.loads((out / "run.json").read_text())["options"]["kernel"] == (kernel if name != "rbf" else "rbf")
+    assert len({tuple(v) for v in files.values()}) == 4  # each setting changes the samples
+    if kernel == "x0":  # diffcli sample takes the same kernel options (it ignored --kernel before)
+        out = tmp_path / "sample-x0"
+        code, _, err = invoke_cli(["sample", "--checkpoint", tiny_run, "--n", "3", "--batch-size", "3", "--labels",
+                                   "0", "--steps", "3", "--kernel", "x0", "--pg-factor", "20", "--out", out,
+                                   "--device", "cpu"], capsys)
+        assert code == 0, err
+        rbf = tmp_path / "sample-rbf"
+        invoke_cli(["sample", "--checkpoint", tiny_run, "--n", "3", "--batch-size", "3", "--labels", "0", "--steps",
+                    "3", "--pg-factor", "20", "--out", rbf, "--device", "cpu"], capsys)
+        assert (out / "00000-seed0-label0.png").read_bytes() != (rbf / "00000-seed0-label0.png").read_bytes()
 
 def test_cli_compare_on_tiny_model(tiny_run, tmp_path):
     out = tmp_path / "pg"
@@ -159,6 +249,10 @@ def test_cli_reproducible_by_seed(tiny_run, tmp_path):
     (("--n", "1"), "PG needs a batch"),
     (("--pg-factor", "-0.5"), "--pg-factor"),
     (("--kernel", "cosine"), "unknown --kernel"),
+    (("--kernel", "clip"), "--kernel clip is for pipelines"),
+    (("--pg-grad", "adjoint"), "unknown --pg-grad"),
+    (("--pg-bandwidth", "0"), "--pg-bandwidth must be"),
+    (("--pg-bandwidth", "nan"), "--pg-bandwidth must be"),
 ])
 def test_bad_inputs_one_line_and_nothing_written(tiny_run, tmp_path, args, message):
     out = tmp_path / "never"
@@ -190,6 +284,29 @@ def test_cli_sdxl_pipeline(tiny_sdxl, tmp_path):
             "--out", out, "--device", "cpu", check=True)
     from PIL import Image
     assert Image.open(out / "00001-seed1.png").size == (32, 16)
+
+
+def test_cli_pipeline_clip_kernel(tiny_sd, tmp_path, capsys):
+    pytest.importorskip("open_clip")
+    from conftest import invoke_cli
+    from pipes import build_tiny_clip
+    config, weights, _ = build_tiny_clip(tmp_path, "tinyclip-pgcli", seed=4)
+    out = tmp_path / "clip"
+    code, stdout, err = invoke_cli(["pg", "a dog", "--model", tiny_sd, "--n", "2", "--steps", "3", "--sampler", "euler",
+                                    "--kernel", "clip", "--clip-model", config, "--clip-pretrained", weights,
+                                    "--pg-factor", "50", "--compare", "--out", out, "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert (out / "plain" / "00001-seed1.png").read_bytes() != (out / "00001-seed1.png").read_bytes()
+    for args, message in [(["--kernel", "classifier"], "--kernel classifier is for digit models"),
+                          (["--kernel", "clip", "--clip-model", "no-such-clip"], "unknown CLIP model")]:
+        bad = tmp_path / "never"
+        code, _, err = invoke_cli(["pg", "a dog", "--model", tiny_sd, "--n", "2", "--steps", "2", "--pg-factor", "1",
+                                   *args, "--out", bad, "--device", "cpu"], capsys)
+        assert code != 0 and len(err.strip().splitlines()) == 1 and message in err and not bad.exists(), err
+    bad = tmp_path / "never-seg"
+    code, _, err = invoke_cli(["seg", "a dog", "--model", tiny_sd, "--n", "2", "--steps", "2", "--pg-factor", "1",
+                               "--kernel", "clip", "--out", bad, "--device", "cpu"], capsys)
+    assert code != 0 and "--kernel clip" in err and not bad.exists(), err
 
 
 def test_cli_pipeline_missing_model(tmp_path):

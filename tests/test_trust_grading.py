@@ -22,9 +22,6 @@ from conftest import invoke_cli
 open_clip = pytest.importorskip("open_clip")
 from torchvision import transforms as T  # noqa: E402
 
-TINY = {"embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 # OpenAI CLIP's preprocess, written out here (not taken from open_clip or diffcli): what the grader runs on
 # Image.open(path), in this order, in the file's own mode until the convert
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -48,15 +45,9 @@ def deadline(seconds: float):
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    d = tmp_path_factory.mktemp("clip")
-    config = d / "tinyclip-trust.json"
-    config.write_text(json.dumps(TINY))
-    open_clip.add_model_config(config)
-    torch.manual_seed(1)
-    model = open_clip.create_model("tinyclip-trust").eval()
-    from safetensors.torch import save_file
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "tiny.safetensors"))
-    return config, d / "tiny.safetensors", model, open_clip.get_tokenizer("tinyclip-trust")
+    from pipes import build_tiny_clip
+    config, weights, model = build_tiny_clip(tmp_path_factory.mktemp("clip"), "tinyclip-trust", seed=1)
+    return config, weights, model, open_clip.get_tokenizer("tinyclip-trust")
 
 
 def grader_scores(folder: Path, names: list[str], model, tokenizer, prompt_of) -> dict[str, float]:

@@ -1,0 +1,110 @@
+"""Particle guidance on a digit model, unconditional: distinct classes per joint batch of 8 and FID, per setting.
+
+Each setting is `name:key=value,...` with keys factor, kernel (rbf | x0 | classifier), grad (exact | skip),
+bw (bandwidth multiple), smin / smax (the sigma window), sampler, steps. For each, --batches joint batches of
+--n particles (batch b uses seeds n*b .. n*b+n-1, the same for every setting) are judged by the shipped digit
+classifier exactly as `diffcli eval --digits` does (images rounded to uint8 first): distinct predicted classes per
+batch, mean and standard error over batches. With --fid N, the first N samples (N/n batches, the --batches ones
+among them) are also scored: FID of the classifier's 128-d features against the held-out 5k (the `diffcli eval
+--fid REF --features mnist` protocol, computed in-process), and class shares.
+
+Run: OMP_NUM_THREADS=1 python benchmarks/pg_ablation.py --batches 50 --fid 1000 \\
+         --settings plain:factor=0 pg:factor=2,kernel=classifier,grad=exact
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mnist_data import DEFAULT_ROOT, heldout_5k  # noqa: E402
+
+from diffcli.classifier import load_classifier  # noqa: E402
+from diffcli.common import pick_device, to_uint8  # noqa: E402
+from diffcli.metrics import frechet_distance  # noqa: E402
+from diffcli.models import load_model  # noqa: E402
+from diffcli.pg import PGConfig, sample_digits  # noqa: E402
+from diffcli.sample import SHIPPED_CHECKPOINT, digit_kernel  # noqa: E402
+
+KEYS = {"factor": ("pg_factor", float), "kernel": ("kernel", str), "grad": ("pg_grad", str),
+        "bw": ("pg_bandwidth", float), "smin": ("pg_sigma_min", float), "smax": ("pg_sigma_max", float),
+        "sampler": ("sampler", str), "steps": ("steps", int)}
+
+
+def parse_setting(text: str, base: dict) -> tuple[str, dict]:
+    name, _, body = text.partition(":")
+    values = dict(base)
+    for item in filter(None, body.split(",")):
+        key, _, value = item.partition("=")
+        field, kind = KEYS[key]
+        values[field] = kind(value)
+    return name, values
+
+
+def uint8_grey(images: torch.Tensor) -> torch.Tensor:
+    """As eval reads the PNGs: uint8, grey, back to the classifier's [-1, 1]."""
+    grey = torch.from_numpy(to_uint8(images)).movedim(-1, 1).float().mean(1, keepdim=True).round()
+    return grey / 127.5 - 1
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--settings", nargs="+", default=["plain:factor=0"])
+    ap.add_argument("--batches", type=int, default=50)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--fid", type=int, default=0, help="also FID of this many samples (0: none)")
+    ap.add_argument("--sampler", default="heun")
+    ap.add_argument("--steps", type=int, default=18)
+    ap.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT))
+    ap.add_argument("--data-root", type=Path, default=DEFAULT_ROOT)
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args()
+    device = pick_device(args.device)
+    model, meta = load_model(args.checkpoint, device)
+    classifier = load_classifier(device=device)
+    ref = None
+    if args.fid:
+        with torch.no_grad():
+            f = classifier.features(heldout_5k(args.data_root)[0].float() / 127.5 - 1).double().numpy()
+        ref = (f.mean(0), np.cov(f, rowvar=False))
+    base = {"sampler": args.sampler, "steps": args.steps, "pg_factor": 0.0}
+    total = max(args.batches, math.ceil(args.fid / args.n))
+    print(f"{args.checkpoint}: {total} joint batches of {args.n}, unconditional, modes over the first {args.batches}")
+    print("| setting | modes (of %d) | +- s.e. | all distinct | FID (%d) | classes in FID set | s/batch |" % (args.n, args.fid))
+    print("| --- | ---: | ---: | ---: | ---: | --- | ---: |")
+    for text in args.settings:
+        name, values = parse_setting(text, base)
+        cfg = PGConfig(n=args.n, **values)
+        kernel = digit_kernel(cfg, device)
+        start = time.time()
+        modes, feats, preds = [], [], []
+        for b in range(total):
+            cfg.seed = args.n * b
+            images = uint8_grey(sample_digits(model, meta, cfg, cfg.pg_factor, kernel, device))
+            with torch.no_grad():
+                f = classifier.features(images.to(device))
+                pred = classifier.head(f).argmax(1).cpu()
+            feats.append(f.double().cpu())
+            preds.append(pred)
+            if b < args.batches:
+                modes.append(len(set(pred.tolist())))
+        m = np.array(modes, dtype=float)
+        se = m.std(ddof=1) / math.sqrt(len(m)) if len(m) > 1 else float("nan")
+        fid, shares = "", ""
+        if args.fid:
+            feats_n = torch.cat(feats)[:args.fid].numpy()
+            fid = f"{frechet_distance(feats_n, *ref):.2f}"
+            counts = torch.bincount(torch.cat(preds)[:args.fid], minlength=10)
+            shares = " ".join(str(int(c)) for c in counts)
+        print(f"| {name} | {m.mean():.2f} | {se:.2f} | {(m == args.n).mean():.2f} | {fid} | {shares} | "
+              f"{(time.time() - start) / total:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
