@@ -486,6 +486,7 @@ def pg(
     dtype: Optional[str] = typer.Option(None, help="Network precision: fp32 (default), fp16 or bf16 (GPU)."),
     out: Path = typer.Option(Path("diffcli-out/pg"), "--out", help="Output folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty output folder."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out: same options; particle sets already drawn (one per context, plain and PG) are kept, the rest drawn, then every output written as one uninterrupted run writes it."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps."),
     context: Optional[str] = typer.Option(None, "--context", help="Next-frame models: sequences of the model's dataset to continue, one particle set of --n each: an index (3), a list (0,4,7) or a range (0:10); or one context file (PNG of the frames side by side, .pt/.safetensors). --compare then reports modes found, L2/IoU to the nearest true future and directional accuracy."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="With --context indices: where the model's MNIST digits are (default: the folder recorded at training)."),
@@ -503,7 +504,7 @@ def pg(
     config = PGConfig(**shared, checkpoint=str(checkpoint) if checkpoint else None, prompt=prompt, model=model,
                       n=n, labels=labels, negative_prompt=negative_prompt, seed=seed, height=height, width=width, dtype=dtype, classifier=classifier, compare=compare,
                       context=context, data_root=data_root, clip_model=clip_model, clip_pretrained=clip_pretrained)
-    result = run_pg(config, out, overwrite, device, {"out": str(out), "device": device})
+    result = run_pg(config, out, overwrite, device, {"out": str(out), "device": device}, resume=resume)
     for line in result["lines"]:
         typer.echo(line)
     extra = ", plain/, compare.png, compare.json" if compare else ""

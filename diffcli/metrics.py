@@ -67,6 +67,17 @@ def kernel_distance(feats: np.ndarray, ref_feats: np.ndarray, subsets: int, subs
 
 # ---------------------------------------------------------------- digits
 
+def pca_2d(feats: torch.Tensor) -> torch.Tensor:
+    """(N, D) -> (N, 2): the points projected on their two principal axes (centred; signs fixed so that each axis'
+    largest loading is positive, so a plot does not flip between runs)."""
+    x = feats.double() - feats.double().mean(0)
+    _, _, v = torch.linalg.svd(x, full_matrices=False)
+    axes = v[:2].T
+    idx = axes.abs().argmax(0)
+    axes = axes * torch.sign(axes[idx, torch.arange(axes.shape[1])])
+    return x @ axes
+
+
 def mean_pairwise_cosine(feats: torch.Tensor) -> torch.Tensor:
     """Mean cosine similarity over all pairs i != j (PG's in-batch similarity; higher = less diverse)."""
     f = F.normalize(feats.double(), dim=-1)

@@ -6,19 +6,20 @@ of `diffcli.samplers`; this module only picks the kernel, the model family and t
 from __future__ import annotations
 
 import contextlib
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from .common import (DiffcliError, PerSampleRandn, pick_device, pick_dtype, prepare_out_dir, progress_bar, save_grid,
+from .common import (DiffcliError, PerSampleRandn, atomic_path, begin_output, load_checkpoint, save_checkpoint, pick_device, pick_dtype, progress_bar, save_grid,
                      save_image, write_json, write_run_json)
 from . import pipelines
 from . import sequences as sq
 from .classifier import SHIPPED_CLASSIFIER, classify, load_classifier, load_digits
 from .denoisers import ve_to_vp
-from .metrics import digit_record, mean_pairwise_cosine
+from .metrics import digit_record, mean_pairwise_cosine, pca_2d
 from .models import load_model
 from .guidance import pg_of, seg_layers, seg_of, stack
 from .options import (BATCH_MAX, SIDE_MAX, GuidanceOptions, SamplingOptions, check_batch_memory, check_guidance,
@@ -119,10 +120,43 @@ def sample_digits(model, meta: dict[str, Any], cfg: PGConfig, factor: float, ker
     return images
 
 
-def digit_metrics(files: list[str], labels: list[int] | None, classifier, device: torch.device) -> dict[str, Any]:
-    """The numbers `diffcli eval --digits` reports, read back from the written PNGs."""
+def digit_metrics(files: list[str], labels: list[int] | None, classifier,
+                  device: torch.device) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """The numbers `diffcli eval --digits` reports, read back from the written PNGs; with the classifier's
+    features and predicted classes (for the embedding plot)."""
     logits, feats = classify(classifier, load_digits(files), 64, device)
-    return digit_record(logits, feats, labels)
+    return digit_record(logits, feats, labels), feats, logits.argmax(1)
+
+
+def plot_embedding(path: Path, feats: dict[str, torch.Tensor], classes: dict[str, torch.Tensor] | None,
+                   n: int, what: str) -> bool:
+    """embedding.png: every sample's features projected to 2-D (PCA over all sets together), a panel a set (plain,
+    PG), the particles of one batch joined to their mean, colours the predicted class where there is one."""
+    try:  # deferred: matplotlib is slow to import and only pictures need it
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    names = list(feats)
+    points = pca_2d(torch.cat([feats[k] for k in names])).split([len(feats[k]) for k in names])
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.2), sharex=True, sharey=True)
+    for ax, name, pts in zip(axes if len(names) > 1 else [axes], names, points):
+        colour = classes[name].numpy() if classes else "tab:blue"
+        for batch in pts.split(n):
+            centre = batch.mean(0)
+            for p in batch:
+                ax.plot([centre[0], p[0]], [centre[1], p[1]], lw=0.4, c="0.75", zorder=1)
+        sc = ax.scatter(pts[:, 0], pts[:, 1], c=colour, cmap="tab10", vmin=-0.5, vmax=9.5, s=22, zorder=2)
+        ax.set_title(f"{name} ({len(pts)} samples, batches of {n})", fontsize=9)
+        ax.set_xlabel(f"PC 1 of the {what}")
+    (axes[0] if len(names) > 1 else axes).set_ylabel("PC 2")
+    if classes:
+        fig.colorbar(sc, ax=axes, ticks=range(10), label="predicted class", fraction=0.03)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return True
 
 
 # ---------------------------------------------------------------- Stable Diffusion pipelines
@@ -207,7 +241,11 @@ def metric_lines(plain: dict[str, Any], pg: dict[str, Any], factor: float) -> li
 
 # ---------------------------------------------------------------- the command
 
-def run(cfg: PGConfig, out: Path, overwrite: bool, device_name: str | None, options: dict[str, Any]) -> dict[str, Any]:
+SETS = ".pg-sets"  # each finished particle set as a tensor file, so that --resume redraws only the missing ones
+
+
+def run(cfg: PGConfig, out: Path, overwrite: bool, device_name: str | None, options: dict[str, Any],
+        resume: bool = False) -> dict[str, Any]:
     validate(cfg)
     device = pick_device(device_name)
     dtype = pick_dtype(cfg.dtype or "fp32", device)
@@ -227,7 +265,7 @@ def run(cfg: PGConfig, out: Path, overwrite: bool, device_name: str | None, opti
             from .clip_model import image_features_fn, load_clip
             image_features = image_features_fn(load_clip(cfg.clip_model, cfg.clip_pretrained, device))
         kernel = pipelines.pipeline_kernel(pipe, cfg, image_features)
-        draw = lambda factor, step: sample_pipeline(pipe, cfg, factor, device, step, kernel)
+        draw = lambda factor, j, step: sample_pipeline(pipe, cfg, factor, device, step, kernel)
         nfe_each = nfe(cfg.sampler, cfg.steps or DEFAULT_STEPS["pipeline"])
     else:
         model, meta = load_model(cfg.checkpoint or SHIPPED_CHECKPOINT, device)
@@ -243,22 +281,42 @@ def run(cfg: PGConfig, out: Path, overwrite: bool, device_name: str | None, opti
             classifier = load_classifier(cfg.classifier or SHIPPED_CLASSIFIER, device)
         kernel = digit_kernel(cfg, device, cfg.classifier)
         # next-frame models: one particle set per context, seeds running on across them
-        draw = lambda factor, step: (torch.cat([
-            sample_digits(model, meta, cfg, factor, kernel, device, step, c.frames if c else None, j * cfg.n)
-            for j, c in enumerate(contexts or [None])]), None)
+        draw = lambda factor, j, step: (sample_digits(model, meta, cfg, factor, kernel, device, step,
+                                                      contexts[j].frames if contexts else None, j * cfg.n), None)
         nfe_each = nfe(cfg.sampler, cfg.steps or DEFAULT_STEPS["digits"])
-    out = prepare_out_dir(out, overwrite)
+    record = {**options_record(cfg), **options}
+    begin_output(out, overwrite, resume, record)  # --resume: the same options as the run in `out`
+    if not resume:
+        write_run_json(out, "pg", record, device, status="running")
 
     steps = cfg.steps or DEFAULT_STEPS[kind]
     runs = [("plain", 0.0)] if cfg.compare else []
-    results: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    with progress_bar("sampling", steps * (len(runs) + 1) * len(contexts or [None])) as advance:
-        for name, factor in runs + [("pg", cfg.pg_factor)]:
-            results[name] = draw(factor, lambda k: advance(1))
-
-    record = {**options_record(cfg), **options}
     folders = {"pg": out, "plain": out / "plain"}
+    sets = [(name, factor, j) for name, factor in runs + [("pg", cfg.pg_factor)] for j in range(len(contexts or [None]))]
+    done = {s: folders[s[0]] / SETS / f"{s[2]:05d}.safetensors" for s in sets}
+    done = {s: path for s, path in done.items() if resume and path.is_file()}
+    drawn: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    with progress_bar("sampling", steps * (len(sets) - len(done))) as advance:
+        for name, factor, j in sets:
+            path = folders[name] / SETS / f"{j:05d}.safetensors"
+            if (name, factor, j) in done:
+                tensors, _ = load_checkpoint(path)
+                drawn[name, j] = tensors["images"], tensors.get("latents")
+                continue
+            images, latents = draw(factor, j, lambda k: advance(1))
+            drawn[name, j] = images, latents
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(path, {"images": images, **({"latents": latents} if latents is not None else {})},
+                            {"pg_set": {"name": name, "index": j}})
+    results: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    for name in dict.fromkeys(s[0] for s in sets):
+        parts = [drawn[name, j] for j in range(len(contexts or [None]))]
+        results[name] = (torch.cat([p[0] for p in parts]),
+                         None if parts[0][1] is None else torch.cat([p[1] for p in parts]))
+
     metrics: dict[str, dict[str, Any]] = {}
+    embed: dict[str, torch.Tensor] = {}
+    predicted: dict[str, torch.Tensor] = {}
     for name, (images, latents) in results.items():
         folder = folders[name]
         folder.mkdir(exist_ok=True)
@@ -276,8 +334,11 @@ def run(cfg: PGConfig, out: Path, overwrite: bool, device_name: str | None, opti
                        nfe_per_sample=nfe_each * (2 if cfg.cfg not in (None, 0.0, 1.0) else 1),
                        samples=samples, **seq)
         if cfg.compare and not contexts:
-            metrics[name] = (latent_metrics(latents) if latents is not None
-                             else digit_metrics([str(folder / f) for f in files], labels, classifier, device))
+            if latents is not None:
+                metrics[name], embed[name] = latent_metrics(latents), latents.flatten(1)
+            else:
+                metrics[name], embed[name], predicted[name] = digit_metrics([str(folder / f) for f in files], labels,
+                                                                            classifier, device)
     result: dict[str, Any] = {"out": str(out), "n": len(results["pg"][0]), "lines": []}
     if cfg.compare:
         # one picture: the plain batch on top, the same seeds with PG below (a pair of rows per context)
@@ -285,7 +346,12 @@ def run(cfg: PGConfig, out: Path, overwrite: bool, device_name: str | None, opti
             sequence_compare_pictures(out, contexts, results["plain"][0], results["pg"][0], cfg, meta)
         else:
             save_grid(out / "compare.png", torch.cat([results["plain"][0], results["pg"][0]]), nrow=cfg.n)
+            plot_embedding(out / "embedding.png", {"plain": embed["plain"], f"PG {cfg.pg_factor:g}": embed["pg"]},
+                           {"plain": predicted["plain"], f"PG {cfg.pg_factor:g}": predicted["pg"]} if predicted else None,
+                           cfg.n, "classifier features" if predicted else "latents")
         write_json(out / "compare.json", {"pg_factor": cfg.pg_factor, "kernel": cfg.kernel, "seed": cfg.seed,
                                           "n": cfg.n, "plain": metrics["plain"], "pg": metrics["pg"]})
         result["lines"] = metric_lines(metrics["plain"], metrics["pg"], cfg.pg_factor)
+    for folder in folders.values():  # every output is written: the sets' tensors are no longer needed
+        shutil.rmtree(folder / SETS, ignore_errors=True)
     return result

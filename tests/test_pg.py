@@ -3,6 +3,7 @@ kernel gradients against autograd and finite differences, the CLI on a tiny digi
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,6 +224,8 @@ def test_cli_compare_on_tiny_model(tiny_run, tmp_path):
     assert [s["label"] for s in rec["samples"]] == [0, 1, 2, 0] and [s["seed"] for s in rec["samples"]] == [0, 1, 2, 3]
     assert all((out / s["file"]).is_file() for s in rec["samples"])
     assert (out / "grid.png").is_file() and (out / "compare.png").is_file() and (out / "plain" / "run.json").is_file()
+    from PIL import Image
+    assert Image.open(out / "embedding.png").size[0] > 400  # plain | PG panels of the classifier features
     cmp = json.loads((out / "compare.json").read_text())
     for part in ("plain", "pg"):
         assert {"modes_discovered", "mean_similarity", "accuracy"} <= set(cmp[part])
@@ -273,6 +276,7 @@ def test_cli_pipeline_compare(tiny_sd, tmp_path):
     assert Image.open(out / "00000-seed0.png").size == (16, 16)
     cmp = json.loads((out / "compare.json").read_text())
     assert cmp["pg"]["mean_pairwise_distance"] > cmp["plain"]["mean_pairwise_distance"]
+    assert (out / "embedding.png").is_file()
     rec = json.loads((out / "run.json").read_text())
     assert rec["model"]["kind"] == "StableDiffusionPipeline" and len(rec["samples"]) == 3
     assert (out / "plain" / "00002-seed2.png").read_bytes() != (out / "00002-seed2.png").read_bytes()
@@ -314,3 +318,51 @@ def test_cli_pipeline_missing_model(tmp_path):
     proc = run_cli("pg", "a dog", "--model", tmp_path / "no-such-pipeline", "--out", out, "--device", "cpu")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1 and "local folder" in lines[0] and not out.exists()
+
+
+def test_pca_2d_keeps_the_two_largest_directions():
+    from diffcli.metrics import pca_2d
+    torch.manual_seed(5)
+    basis = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))[0]
+    coords = torch.randn(40, 6, dtype=torch.float64) * torch.tensor([5.0, 2.0, 0.1, 0.1, 0.1, 0.1], dtype=torch.float64)
+    points = coords @ basis.T + 3.0
+    proj = pca_2d(points)
+    assert proj.shape == (40, 2) and torch.allclose(proj.mean(0), torch.zeros(2, dtype=torch.float64), atol=1e-10)
+    centred = coords - coords.mean(0)
+    assert torch.allclose(proj.var(0), centred[:, :2].var(0), rtol=0.05)  # the 5 and 2 axes, in that order
+    assert torch.allclose(pca_2d(points), proj)  # deterministic signs
+
+
+def test_resume_after_an_interrupted_compare_gives_the_uninterrupted_outputs(tiny_run, tmp_path, capsys, monkeypatch):
+    """--compare draws two particle sets (plain, PG); killed after the first, --resume keeps it and draws the
+    second, and every file equals an uninterrupted run's."""
+    from conftest import invoke_cli
+    import diffcli.pg as pg_module
+    args = ["pg", "--checkpoint", tiny_run, "--n", "3", "--steps", "3", "--labels", "all", "--pg-factor", "3",
+            "--compare", "--device", "cpu"]
+    whole = tmp_path / "whole"
+    assert invoke_cli([*args, "--out", whole], capsys)[0] == 0
+    real, calls = pg_module.sample_digits, []
+
+    def dies_on_the_second_set(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(pg_module, "sample_digits", dies_on_the_second_set)
+    cut = tmp_path / "cut"
+    assert invoke_cli([*args, "--out", cut], capsys)[0] != 0
+    assert (cut / "plain" / pg_module.SETS / "00000.safetensors").is_file() and not (cut / "00000-seed0-label0.png").exists()
+    code, _, err = invoke_cli([*args, "--pg-factor", "4", "--out", cut, "--resume"], capsys)
+    assert code != 0 and "options differ" in err  # other options: refused, nothing redrawn
+    monkeypatch.setattr(pg_module, "sample_digits", real)
+    calls.clear()
+    code, _, err = invoke_cli([*args, "--out", cut, "--resume"], capsys)
+    assert code == 0, err
+    skip = {"run.json", "embedding.png"}  # run.json: times and argv; embedding.png: matplotlib's metadata
+    names = sorted(p.relative_to(whole).as_posix() for p in whole.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(cut).as_posix() for p in cut.rglob("*") if p.is_file())
+    for name in names:
+        if Path(name).name not in skip:
+            assert (whole / name).read_bytes() == (cut / name).read_bytes(), name
+    assert json.loads((cut / "compare.json").read_text()) == json.loads((whole / "compare.json").read_text())
