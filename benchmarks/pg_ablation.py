@@ -10,6 +10,11 @@ among them) are also scored: FID of the classifier's 128-d features against the 
 
 Run: OMP_NUM_THREADS=1 python benchmarks/pg_ablation.py --batches 50 --fid 1000 \\
          --settings plain:factor=0 pg:factor=2,kernel=classifier,grad=exact
+
+`--decided N` instead prints where a sample's class is decided: N unconditional plain samples, and at each Heun
+step the share whose x0_hat the classifier already reads as the class the sample ends with (chance-like
+agreement means the classifier cannot read x0_hat at that noise level, so a kernel on its features has nothing
+to work with there).
 """
 from __future__ import annotations
 
@@ -64,10 +69,13 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT))
     ap.add_argument("--data-root", type=Path, default=DEFAULT_ROOT)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--decided", type=int, default=0, metavar="N")
     args = ap.parse_args()
     device = pick_device(args.device)
     model, meta = load_model(args.checkpoint, device)
     classifier = load_classifier(device=device)
+    if args.decided:
+        return decided(model, meta, classifier, args.decided, args.steps, device)
     ref = None
     if args.fid:
         with torch.no_grad():
@@ -104,6 +112,24 @@ def main() -> None:
             shares = " ".join(str(int(c)) for c in counts)
         print(f"| {name} | {m.mean():.2f} | {se:.2f} | {(m == args.n).mean():.2f} | {fid} | {shares} | "
               f"{(time.time() - start) / total:.2f} |", flush=True)
+
+
+@torch.no_grad()
+def decided(model, meta, classifier, n: int, steps: int, device) -> None:
+    from diffcli.samplers import get_sigmas_karras, sample_heun
+    null = torch.full((n,), meta["num_classes"], device=device) if meta["num_classes"] else None
+    sigmas = get_sigmas_karras(steps, meta["sigma_min"], meta["sigma_max"], device=device)
+    x = torch.randn((n, meta["channels"], meta["image_size"], meta["image_size"]),
+                    generator=torch.Generator().manual_seed(0)).to(device) * sigmas[0]
+    read = lambda img: classifier.head(classifier.features(img.clamp(-1, 1))).argmax(1)
+    seen = []
+    out = sample_heun(lambda z, s: model(z, s.expand(len(z)), null), x, sigmas,
+                      callback=lambda info: seen.append((float(info["sigma"]), read(info["denoised"]))))
+    final = read(uint8_grey(out).to(device))
+    print(f"{n} plain samples, Heun {steps} steps: share whose x0_hat the classifier reads as the final class\n")
+    print("| sigma | agreement | distinct classes read |\n| ---: | ---: | ---: |")
+    for sigma, pred in seen:
+        print(f"| {sigma:.3g} | {(pred == final).float().mean():.2f} | {len(set(pred.tolist()))} |")
 
 
 if __name__ == "__main__":
