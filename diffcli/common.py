@@ -679,8 +679,10 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     if not path.is_file():
         raise DiffcliError(f"checkpoint not found: {path}")
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head.startswith(PICKLE_MAGIC):
+        head = f.read(9)
+    # safetensors: a u64 header length, then the JSON header; its first byte is 0x80 for 1 length in 256, so only
+    # a file without that JSON brace counts as a pickle
+    if head.startswith(PICKLE_MAGIC) and head[8:9] != b"{":
         raise DiffcliError(f"{path} is a pickle/torch.save file; diffcli never unpickles weights (convert it to safetensors)")
     try:
         tensors = {}

@@ -466,3 +466,17 @@ def test_real_sizes_pass():
         options.count("n", 2.5)
     with pytest.raises(DiffcliError, match=r"--cfg must be a finite number >= 0 and <= 1000, got 'x'"):
         options.finite("cfg", "x", high=options.SCALE_MAX)
+
+
+def test_a_safetensors_header_length_that_starts_like_a_pickle_is_still_read(tmp_path):
+    """A safetensors file begins with its header's length (u64, little-endian): 1 length in 256 has 0x80, the
+    pickle protocol byte, first. Such a file is read, not refused as a pickle."""
+    from diffcli.common import load_checkpoint
+    for pad in range(300):  # find a metadata size that puts 0x80 first
+        path = tmp_path / "w.safetensors"
+        save_file({"w": torch.zeros(2)}, str(path), metadata={"diffcli": json.dumps({"model": {}, "pad": "x" * pad})})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    tensors, meta = load_checkpoint(path)
+    assert torch.equal(tensors["w"], torch.zeros(2)) and meta["pad"] == "x" * pad
