@@ -1,6 +1,6 @@
 """Particle guidance on a digit model, unconditional: distinct classes per joint batch of 8 and FID, per setting.
 
-Each setting is `name:key=value,...` with keys factor, kernel (rbf | x0 | classifier), grad (exact | skip),
+Each setting is `name:key=value,...` with keys factor, kernel (rbf | x0 | classifier | posterior), grad (exact | skip),
 bw (bandwidth multiple), smin / smax (the sigma window), sampler, steps. For each, --batches joint batches of
 --n particles (batch b uses seeds n*b .. n*b+n-1, the same for every setting) are judged by the shipped digit
 classifier exactly as `diffcli eval --digits` does (images rounded to uint8 first): distinct predicted classes per
@@ -89,7 +89,7 @@ def main() -> None:
     for text in args.settings:
         name, values = parse_setting(text, base)
         cfg = PGConfig(n=args.n, **values)
-        kernel = digit_kernel(cfg, device)
+        kernel = digit_kernel(cfg, device, meta=meta)
         start = time.time()
         modes, feats, preds = [], [], []
         for b in range(total):

@@ -52,7 +52,10 @@ SHARED: dict[str, tuple[tuple[str, ...], Any, str]] = {
                   "> 0 repels, 0 = off."),
     "kernel": (("--kernel",), str, "PG kernel, an RBF on: rbf the sample x itself (pixels, or a pipeline's latent); "
                                    "x0 the denoiser's x0_hat; classifier the digit classifier's 128-d features of "
-                                   "x0_hat (digit models); clip CLIP image features of the decoded x0_hat (pipelines)."),
+                                   "x0_hat (digit models); clip CLIP image features of the decoded x0_hat (pipelines). "
+                                   "posterior: the chance two particles share a class, from the model's own "
+                                   "class-conditional denoisers (class-conditional digit models, unconditional "
+                                   "sampling; every class a pass inside the PG sigma window)."),
     "pg_grad": (("--pg-grad",), str, "PG kernels on x0_hat (x0, classifier, clip): exact = the gradient through the "
                                      "network (one backward pass a step), skip = EDM's c_skip(sigma) I (no backward "
                                      "pass, nearly nothing at high sigma)."),

@@ -15,7 +15,7 @@ import torch
 from . import attention
 from .denoisers import expand_sigma
 from .options import REGIONS, GuidanceOptions, split_list
-from .particles import KernelGrad
+from .particles import KernelGrad, class_posterior, posterior_push
 from .query_blur import Blur
 
 
@@ -128,6 +128,36 @@ def particle_guidance(model, factor: float, kernel_grad, sigma_min: float = 0.0,
     return denoise
 
 
+def class_particle_guidance(model, factor: float, classes: int, uncond: dict[str, Any], sigma_min: float = 0.0,
+                            sigma_max: float = float("inf")):
+    """PG with the class-posterior kernel of a class-conditional model (labels 0..classes-1, `classes` the null
+    label): D'(x_i) = D_null(x_i) - factor * sum_c p_i(c) q_i(c) (D_c(x_i) - D_bar_i) (particles.posterior_push),
+    the posterior p read from the same denoisers (particles.class_posterior). Inside the sigma window every class
+    and the null label run as ONE network batch (classes + 1 times the rows); outside it, only the null pass.
+    `uncond` is the batch's conditioning without labels (a next-frame model's context rides along).
+    """
+    def null(n: int, device) -> dict[str, Any]:
+        return {**uncond, "class_labels": torch.full((n,), classes, device=device, dtype=torch.long)}
+
+    if factor == 0.0:
+        return lambda x, sigma, **kw: model(x, sigma, **null(x.shape[0], x.device), **kw)
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor, **kw: Any) -> torch.Tensor:
+        n, k = x.shape[0], classes + 1
+        s = float(torch.as_tensor(sigma).flatten()[0])
+        if not sigma_min <= s <= sigma_max:
+            return model(x, sigma, **null(n, x.device), **kw)
+        labels = torch.arange(k, device=x.device).repeat_interleave(n)  # chunk c: label c; the last: null
+        every = {**cat_cond(*([uncond] * k)), "class_labels": labels}
+        out = model(torch.cat([x] * k), expand_sigma(sigma, x).flatten().repeat(k), **every, **kw)
+        out = out.view(k, n, *x.shape[1:]).transpose(0, 1)   # (N, classes + 1, ...)
+        d_classes, d_null = out[:, :classes], out[:, classes]
+        p = class_posterior(d_classes, d_null)
+        return d_null - factor * posterior_push(p, d_classes)
+
+    return denoise
+
+
 # ---------------------------------------------------------------- SEG: which steps are guided, with which blur
 
 def region(step: int, steps: int) -> str:
@@ -197,6 +227,7 @@ class PG:
     sigma_max: float = math.inf
     exact: bool = False    # kernels on x0_hat: the gradient through the network (a backward pass) or c_skip I
     sigma_data: float = 0.5
+    classes: int = 0       # > 0: the class-posterior kernel over this many classes (class_particle_guidance)
 
 
 def stack(model, cfg: float, cond: dict[str, Any], uncond: dict[str, Any], sigmas: torch.Tensor,
@@ -205,8 +236,11 @@ def stack(model, cfg: float, cond: dict[str, Any], uncond: dict[str, Any], sigma
 
     `seg` None or scale 0 is exactly `classifier_free`, PG None or factor 0 exactly no PG, so switching a method
     off reproduces the command without it bit for bit. `limit` is a combinator for the scheduler's bounds on
-    x0_hat (pipelines.clip_x0); PG comes after it so the bounds never cut the repulsion.
+    x0_hat (pipelines.clip_x0); PG comes after it so the bounds never cut the repulsion. PG with the class-posterior
+    kernel (`pg.classes`) runs the model's class passes itself: unconditional sampling, no SEG, no limit.
     """
+    if pg is not None and pg.classes:
+        return class_particle_guidance(model, pg.factor, pg.classes, uncond, pg.sigma_min, pg.sigma_max)
     if seg is None or seg.scale == 0:
         denoiser = classifier_free(model, cfg, cond, uncond)
     else:
@@ -233,11 +267,13 @@ def seg_of(opts: GuidanceOptions, blur: Blur | None) -> Seg | None:
                opts.sigma_end)
 
 
-def pg_of(opts: GuidanceOptions, kernel: tuple[KernelGrad, bool] | None, sigma_data: float = 0.5) -> PG | None:
+def pg_of(opts: GuidanceOptions, kernel: tuple[KernelGrad, bool] | None, sigma_data: float = 0.5,
+          classes: int = 0) -> PG | None:
     """The PG of a command's options with its kernel (particles.make_kernel); None when the factor is 0.
-    `sigma_data`: the data's std in the space the sampler runs in (0.5 for digit models; 1 for scaled latents)."""
+    `sigma_data`: the data's std in the space the sampler runs in (0.5 for digit models; 1 for scaled latents).
+    `classes`: the model's class count, used by --kernel posterior (sample.check_posterior_kernel)."""
     if not opts.pg_factor or kernel is None:
         return None
     grad, on_denoised = kernel
     return PG(opts.pg_factor, grad, on_denoised, opts.pg_sigma_min, opts.pg_sigma_max, opts.pg_grad == "exact",
-              sigma_data)
+              sigma_data, classes if opts.kernel == "posterior" else 0)

@@ -11,10 +11,11 @@ from typing import Callable
 import torch
 
 KernelGrad = Callable[[torch.Tensor], torch.Tensor]
-KERNELS = ("rbf", "x0", "classifier", "clip")
+KERNELS = ("rbf", "x0", "classifier", "clip", "posterior")
 # where each kernel reads the particles: the noisy sample x itself, or the denoiser's x0_hat
-READS_X0 = {"rbf": False, "x0": True, "classifier": True, "clip": True}
-DIGIT_KERNELS = ("rbf", "x0", "classifier")     # diffcli digit models (the classifier reads 28x28 digits)
+# (posterior reads the model's class-conditional denoisers: `class_posterior`, `posterior_push`)
+READS_X0 = {"rbf": False, "x0": True, "classifier": True, "clip": True, "posterior": True}
+DIGIT_KERNELS = ("rbf", "x0", "classifier", "posterior")  # diffcli digit models (classifier: 28x28 digits)
 PIPELINE_KERNELS = ("rbf", "x0", "clip")        # diffusers pipelines (clip: decoded x0_hat through open_clip)
 # how a kernel on x0_hat reaches x: exact = through the network (a backward pass), skip = EDM's c_skip(sigma) I
 PG_GRADS = ("exact", "skip")
@@ -87,12 +88,59 @@ def make_kernel(name: str, features: Callable[[torch.Tensor], torch.Tensor] | No
     image, `clip_model.image_features_fn`). `bandwidth` scales the median-heuristic bandwidth."""
     if name not in KERNELS:
         raise ValueError(f"unknown kernel {name!r}; choose one of {', '.join(KERNELS)}")
+    if name == "posterior":
+        raise ValueError("the posterior kernel reads the model's class denoisers, not features: "
+                         "guidance.class_particle_guidance")
     if name in ("rbf", "x0"):
         grad = rbf_grad if bandwidth == 1.0 else (lambda z: rbf_grad(z, bandwidth))
         return grad, READS_X0[name]
     if features is None:
         raise ValueError(f"the {name} kernel needs its feature network")
     return feature_grad(features, bandwidth), True
+
+
+def project_simplex(w: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection of each row of (N, K) onto the probability simplex (sort-based, exact)."""
+    u = w.sort(dim=1, descending=True).values
+    css = u.cumsum(1) - 1
+    k = torch.arange(1, w.shape[1] + 1, device=w.device, dtype=w.dtype)
+    rho = (u - css / k > 0).sum(1, keepdim=True)
+    tau = css.gather(1, rho - 1) / rho
+    return (w - tau).clamp(min=0)
+
+
+def class_posterior(d_classes: torch.Tensor, d_null: torch.Tensor, iters: int = 200) -> torch.Tensor:
+    """The model's own class posterior p(c | x_sigma), (N, K), read from its denoisers at one noise level.
+
+    For exact denoisers E[x0 | x] = sum_c p(c | x) E[x0 | x, c]: the unconditional output is the posterior mix of
+    the class-conditional ones (d_classes (N, K, ...), d_null (N, ...)). The posterior is the point of the simplex
+    whose mix is nearest d_null, min_w |sum_c w_c (D_c - D_null)|^2 (projected gradient, step 1/L, in float64).
+    No classifier: it reads a noisy x at any sigma where the class denoisers differ.
+    """
+    a = (d_classes.flatten(2) - d_null.flatten(1)[:, None]).double()   # (N, K, D)
+    gram = a @ a.transpose(1, 2)                                       # (N, K, K)
+    step = 1 / torch.linalg.matrix_norm(gram, ord=2).clamp(min=1e-30)[:, None]
+    w = torch.full(gram.shape[:2], 1 / gram.shape[1], dtype=gram.dtype, device=gram.device)
+    for _ in range(iters):
+        w = project_simplex(w - step * (gram @ w[..., None])[..., 0])
+    return w.to(d_null.dtype)
+
+
+def posterior_push(p: torch.Tensor, d_classes: torch.Tensor) -> torch.Tensor:
+    """sigma^2 grad_{x_i} sum_{j != i} k(x_i, x_j) for k = sum_c p(c|x_i) p(c|x_j), the chance two particles share a
+    class, through the model's implicit classifier: grad_x log p(c|x) = (D_c - D_bar)/sigma^2, D_bar = sum_c p_c D_c
+    (the posterior mix, equal to the unconditional denoiser for exact ones). So
+
+        sigma^2 grad_i = sum_c p_i(c) q_i(c) (D_c(x_i) - D_bar_i),   q_i(c) = sum_{j != i} p_j(c),
+
+    in denoiser units (the sigma^2 of PG cancels): PG pulls each particle away from the classes it shares with the
+    others, along the model's own class directions (not a classifier's gradient, which leaves the data). A
+    particle alone in its class, or the batch in distinct classes, gets no push.
+    """
+    q = p.sum(0, keepdim=True) - p                       # the other particles' class mass, (N, K)
+    weights = (p * q)[(...,) + (None,) * (d_classes.ndim - 2)]
+    d_bar = (p[(...,) + (None,) * (d_classes.ndim - 2)] * d_classes).sum(1, keepdim=True)
+    return (weights * (d_classes - d_bar)).sum(1)
 
 
 def classifier_features(classifier: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -279,7 +279,7 @@ def run(cfg: PGConfig, out: Path, overwrite: bool, device_name: str | None, opti
                            device, "the particles (one network batch)", "lower --n")
         if cfg.compare and not contexts:
             classifier = load_classifier(cfg.classifier or SHIPPED_CLASSIFIER, device)
-        kernel = digit_kernel(cfg, device, cfg.classifier)
+        kernel = digit_kernel(cfg, device, cfg.classifier, meta)
         # next-frame models: one particle set per context, seeds running on across them
         draw = lambda factor, j, step: (sample_digits(model, meta, cfg, factor, kernel, device, step,
                                                       contexts[j].frames if contexts else None, j * cfg.n), None)

@@ -20,7 +20,7 @@ from .options import (BATCH_MAX, N_MAX, PIXELS_MAX, SIGMA_LIMIT, GuidanceOptions
                       check_batch_memory, check_guidance, check_particles, check_sampling, count, finite,
                       record as options_record, seed as check_seed)
 from .classifier import SHIPPED_CLASSIFIER, load_classifier
-from .particles import KernelGrad, classifier_features, make_kernel
+from .particles import KernelGrad, classifier_features, make_kernel, posterior_push
 from .samplers import SAMPLERS, get_sigmas_karras, nfe, run_sampler
 from . import sequences as sq
 from .blurring import (DEFAULT_STEPS as BLURRING_STEPS, SAMPLERS as BLURRING_SAMPLERS, BlurSchedule, blurred_mean,
@@ -120,19 +120,40 @@ def check_against_model(cfg: SampleConfig, meta: dict[str, Any]) -> list[int] | 
     labels = parse_labels(cfg.labels, meta["num_classes"], cfg.n)
     if cfg.cfg is not None and meta["num_classes"] == 0:
         raise DiffcliError("--cfg needs a class-conditional model; this one is unconditional")
+    if cfg.pg_factor and cfg.kernel == "posterior":
+        check_posterior_kernel(cfg, meta)
+        if cfg.cfg != 0:  # diffcli sample is conditional (labels cycling) unless --cfg 0 asks for the null pass
+            raise DiffcliError("--kernel posterior spreads unconditional particles over the classes: sample with "
+                               "--cfg 0 (the unconditional pass) and no --labels")
     return labels
 
 
 def digit_kernel(opts: GuidanceOptions, device: torch.device, classifier: str | Path | None = None,
-                 ) -> tuple[KernelGrad, bool] | None:
+                 meta: dict[str, Any] | None = None) -> tuple[KernelGrad, bool] | None:
     """The PG kernel a digit model's command asks for (--kernel, --pg-bandwidth); the classifier kernel loads the
-    digit classifier (default the shipped one). None with PG off."""
+    digit classifier (default the shipped one). None with PG off. The posterior kernel is checked against the
+    model (`meta`): it needs a class-conditional model sampled unconditionally."""
     if not opts.pg_factor:
         return None
+    if opts.kernel == "posterior":
+        check_posterior_kernel(opts, meta)
+        return posterior_push, True
     features = None
     if opts.kernel == "classifier":
         features = classifier_features(load_classifier(classifier or SHIPPED_CLASSIFIER, device))
     return make_kernel(opts.kernel, features, opts.pg_bandwidth)
+
+
+def check_posterior_kernel(opts: GuidanceOptions, meta: dict[str, Any] | None) -> None:
+    """--kernel posterior spreads the particles over the model's classes: a class-conditional model, no --labels
+    (the classes are what it chooses), no SEG (its passes are the class passes)."""
+    if meta is not None and not meta.get("num_classes"):
+        raise DiffcliError("--kernel posterior reads the model's class-conditional denoisers; this model has no "
+                           "classes (use --kernel x0 or rbf)")
+    if getattr(opts, "labels", None) is not None:
+        raise DiffcliError("--kernel posterior spreads unconditional particles over the classes; drop --labels")
+    if opts.seg_on:
+        raise DiffcliError("--kernel posterior runs every class as its own pass and takes no SEG (--blur)")
 
 
 def sample_batches(model, meta: dict[str, Any], cfg: SampleConfig, device: torch.device,
@@ -154,7 +175,7 @@ def sample_batches(model, meta: dict[str, Any], cfg: SampleConfig, device: torch
         raise DiffcliError("a next-frame model needs a context and other models take none")
     indices = list(range(cfg.n)) if indices is None else list(indices)
     seg = seg_of(cfg, check_guidance(cfg)[0] if cfg.seg_on else None)  # resolve() refused both for blurring
-    pg = pg_of(cfg, kernel or digit_kernel(cfg, device))
+    pg = pg_of(cfg, kernel or digit_kernel(cfg, device, meta=meta), classes=meta["num_classes"])
     with seg.installed(model.net.unet) if seg else contextlib.nullcontext():
         yield from _draw(model, meta, cfg, device, indices, labels, seg, pg, on_step, context)
 

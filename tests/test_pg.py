@@ -256,6 +256,8 @@ def test_cli_reproducible_by_seed(tiny_run, tmp_path):
     (("--pg-grad", "adjoint"), "unknown --pg-grad"),
     (("--pg-bandwidth", "0"), "--pg-bandwidth must be"),
     (("--pg-bandwidth", "nan"), "--pg-bandwidth must be"),
+    (("--kernel", "posterior", "--labels", "all"), "drop --labels"),
+    (("--kernel", "posterior", "--blur", "gaussian_1_1"), "takes no SEG"),
 ])
 def test_bad_inputs_one_line_and_nothing_written(tiny_run, tmp_path, args, message):
     out = tmp_path / "never"
@@ -366,3 +368,103 @@ def test_resume_after_an_interrupted_compare_gives_the_uninterrupted_outputs(tin
         if Path(name).name not in skip:
             assert (whole / name).read_bytes() == (cut / name).read_bytes(), name
     assert json.loads((cut / "compare.json").read_text()) == json.loads((whole / "compare.json").read_text())
+
+
+# ---------------------------------------------------------------- the class-posterior kernel (--kernel posterior)
+
+TETRAHEDRON = torch.tensor([[1.0, 1.0, 1.0], [1.0, -1.0, -1.0], [-1.0, 1.0, -1.0], [-1.0, -1.0, 1.0]],
+                           dtype=torch.float64) * 2  # 4 affinely independent modes: the posterior mix is unique
+
+
+def class_model(x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None,
+                modes: torch.Tensor = MODES) -> torch.Tensor:
+    """The toy mixture as a class-conditional model: label k < 4 is E[x0 | x, mode k], label 4 (null) E[x0 | x]."""
+    s = sigma.reshape(-1, 1).double().expand(len(x), 1)
+    var = MODE_STD ** 2 + s ** 2
+    labels = class_labels if class_labels is not None else torch.full((len(x),), 4)
+    post = lambda mu: mu + MODE_STD ** 2 / var * (x.double() - mu)  # noqa: E731
+    null = (mixture_posterior(x, s, modes)[..., None] * post(modes[:, None]).transpose(0, 1)).sum(1)
+    return torch.where((labels == 4)[:, None], null, post(modes[labels.clamp(max=3)])).to(x.dtype)
+
+
+def mixture_posterior(x: torch.Tensor, sigma, modes: torch.Tensor = MODES) -> torch.Tensor:
+    var = MODE_STD ** 2 + torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1) ** 2
+    return (-((x.double()[:, None] - modes[None]) ** 2).sum(-1) / (2 * var)).softmax(1)
+
+
+def test_project_simplex_is_the_euclidean_projection():
+    from diffcli.particles import project_simplex
+    w = torch.tensor([[0.5, 0.2, 0.1], [2.0, 0.0, -1.0], [-1.0, -1.0, -1.0]], dtype=torch.float64)
+    p = project_simplex(w)
+    torch.testing.assert_close(p, torch.tensor([[0.5 + 0.2 / 3, 0.2 + 0.2 / 3, 0.1 + 0.2 / 3], [1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3]],
+                                               dtype=torch.float64))
+    # no other point of the simplex is nearer (random candidates)
+    cand = torch.distributions.Dirichlet(torch.ones(3)).sample((2000,)).double()
+    for row, proj in zip(w, p):
+        assert (row - proj).norm() <= (row - cand).norm(dim=1).min() + 1e-12
+
+
+@pytest.mark.parametrize("sigma", [0.5, 2.0, 8.0])
+def test_class_posterior_is_read_from_the_denoisers(sigma):
+    """Exact denoisers: the null output is the posterior mix of the class outputs, and class_posterior finds it."""
+    from diffcli.particles import class_posterior
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * (2 + sigma)
+    s = torch.full((16,), sigma, dtype=torch.float64)
+    d_classes = torch.stack([class_model(x, s, torch.full((16,), c), TETRAHEDRON) for c in range(4)], 1)
+    p = class_posterior(d_classes, class_model(x, s, None, TETRAHEDRON), iters=2000)
+    torch.testing.assert_close(p, mixture_posterior(x, sigma, TETRAHEDRON), atol=1e-4, rtol=0)
+
+
+def test_posterior_push_is_sigma_squared_times_the_kernel_gradient():
+    """sum_c p_i q_i (D_c - D_bar) = sigma^2 grad_{x_i} sum_{j != i} <p(x_i), p(x_j)>, against autograd."""
+    from diffcli.particles import posterior_push
+    sigma = 1.5
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 2
+    s = torch.full((5,), sigma, dtype=torch.float64)
+    d_classes = torch.stack([class_model(x, s, torch.full((5,), c)) for c in range(4)], 1)
+    push = posterior_push(mixture_posterior(x, sigma), d_classes)
+    grads = []
+    for i in range(5):
+        xi = x[i:i + 1].clone().requires_grad_(True)
+        others = mixture_posterior(torch.cat([x[:i], x[i + 1:]]), sigma)
+        (g,) = torch.autograd.grad((mixture_posterior(xi, sigma) * others).sum(), xi)
+        grads.append(g[0])
+    torch.testing.assert_close(push, sigma ** 2 * torch.stack(grads))
+
+
+def test_class_pg_finds_more_modes_and_factor_zero_is_the_null_pass():
+    from diffcli.guidance import class_particle_guidance
+
+    def modes(factor, seeds=range(12)):
+        den = class_particle_guidance(class_model, factor, 4, {}, 0.05, 20.0)
+        found = [len(set(torch.cdist(b.double(), MODES).argmin(1).tolist()))
+                 for b in toy_batches("heun", 0.0, seeds, n=4, denoiser=den)]
+        return sum(found) / len(found)
+
+    plain = toy_batches("heun", 0.0, range(3), n=4)
+    assert all(torch.equal(a, b) for a, b in zip(plain, toy_batches("heun", 0.0, range(3), n=4,
+                                                                     denoiser=class_particle_guidance(class_model, 0.0, 4, {}))))
+    assert modes(0.0) < 3.5 and modes(3.0) > modes(0.0) + 0.4, (modes(0.0), modes(3.0))
+
+
+def test_cli_posterior_kernel_on_the_tiny_model(tiny_run, tiny_uncond_run, tmp_path, capsys):
+    from conftest import invoke_cli
+    files = {}
+    for name, extra in {"plain": ["--pg-factor", "0"], "posterior": ["--kernel", "posterior", "--pg-factor", "5"]}.items():
+        out = tmp_path / name
+        code, _, err = invoke_cli(["pg", "--checkpoint", tiny_run, "--n", "3", "--steps", "3", *extra, "--out", out,
+                                   "--device", "cpu"], capsys)
+        assert code == 0, err
+        files[name] = [(out / f"{i:05d}-seed{i}.png").read_bytes() for i in range(3)]
+    assert files["plain"] != files["posterior"]
+    out = tmp_path / "sample"  # diffcli sample takes it too (the batch is the particle set)
+    args = ["sample", "--checkpoint", tiny_run, "--n", "3", "--batch-size", "3", "--steps", "3", "--kernel",
+            "posterior", "--pg-factor", "5", "--out", out, "--device", "cpu"]
+    code, _, err = invoke_cli(args, capsys)  # conditional by default: refused
+    assert code != 0 and "--cfg 0" in err and not out.exists()
+    code, _, err = invoke_cli([*args, "--cfg", "0"], capsys)
+    assert code == 0, err
+    out = tmp_path / "never"
+    code, _, err = invoke_cli(["pg", "--checkpoint", tiny_uncond_run, "--n", "3", "--kernel", "posterior",
+                               "--pg-factor", "5", "--out", out, "--device", "cpu"], capsys)
+    assert code != 0 and "has no classes" in err and not out.exists()
