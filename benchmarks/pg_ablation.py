@@ -11,6 +11,9 @@ among them) are also scored: FID of the classifier's 128-d features against the 
 Run: OMP_NUM_THREADS=1 python benchmarks/pg_ablation.py --batches 50 --fid 1000 \\
          --settings plain:factor=0 pg:factor=2,kernel=classifier,grad=exact
 
+`--plot PATH` draws modes (with standard errors) and FID against the factor, one line per kernel (the settings'
+kernels; factor 0 is plain sampling, on every line): the modes/quality-vs-factor picture of the 001 thesis.
+
 `--decided N` instead prints where a sample's class is decided: N unconditional plain samples, and at each Heun
 step the share whose x0_hat the classifier already reads as the class the sample ends with (chance-like
 agreement means the classifier cannot read x0_hat at that noise level, so a kernel on its features has nothing
@@ -70,6 +73,7 @@ def main() -> None:
     ap.add_argument("--data-root", type=Path, default=DEFAULT_ROOT)
     ap.add_argument("--device", default=None)
     ap.add_argument("--decided", type=int, default=0, metavar="N")
+    ap.add_argument("--plot", default=None, help="write modes and FID against the factor here (PNG)")
     args = ap.parse_args()
     device = pick_device(args.device)
     model, meta = load_model(args.checkpoint, device)
@@ -83,6 +87,7 @@ def main() -> None:
         ref = (f.mean(0), np.cov(f, rowvar=False))
     base = {"sampler": args.sampler, "steps": args.steps, "pg_factor": 0.0}
     total = max(args.batches, math.ceil(args.fid / args.n))
+    results = []  # (kernel, factor, modes, s.e., FID or None)
     print(f"{args.checkpoint}: {total} joint batches of {args.n}, unconditional, modes over the first {args.batches}")
     print("| setting | modes (of %d) | +- s.e. | all distinct | FID (%d) | classes in FID set | s/batch |" % (args.n, args.fid))
     print("| --- | ---: | ---: | ---: | ---: | --- | ---: |")
@@ -112,6 +117,32 @@ def main() -> None:
             shares = " ".join(str(int(c)) for c in counts)
         print(f"| {name} | {m.mean():.2f} | {se:.2f} | {(m == args.n).mean():.2f} | {fid} | {shares} | "
               f"{(time.time() - start) / total:.2f} |", flush=True)
+        results.append((cfg.kernel, cfg.pg_factor, m.mean(), se, float(fid) if fid else None))
+    if args.plot:
+        plot(results, args, args.plot)
+
+
+def plot(results: list[tuple], args, path: str) -> None:
+    """Modes (left) and FID (right) against the PG factor, a line per kernel; factor 0 rows start every line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    plain = [r for r in results if r[1] == 0]
+    kernels = sorted({r[0] for r in results if r[1] > 0})
+    fig, (ax_m, ax_f) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for kernel in kernels:
+        rows = sorted(plain[:1] + [r for r in results if r[0] == kernel and r[1] > 0], key=lambda r: r[1])
+        xs = [r[1] for r in rows]
+        ax_m.errorbar(xs, [r[2] for r in rows], yerr=[r[3] for r in rows], marker="o", capsize=3, label=kernel)
+        if all(r[4] is not None for r in rows):
+            ax_f.plot(xs, [r[4] for r in rows], marker="o", label=kernel)
+    ax_m.axhline(10 * (1 - 0.9 ** args.n), color="grey", ls=":", lw=1, label="independent, 10 equal classes")
+    ax_m.set(xlabel="PG factor", ylabel=f"distinct classes in {args.n}", title=f"modes ({args.batches} batches)")
+    ax_f.set(xlabel="PG factor", ylabel="FID (mnist features)", title=f"quality ({args.fid} samples)")
+    ax_m.legend(fontsize=8)
+    ax_f.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 @torch.no_grad()

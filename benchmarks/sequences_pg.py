@@ -1,8 +1,9 @@
 """Particle guidance on a next-frame model: plain vs PG on the same contexts, the 001 seed's metrics.
 
-For each pg factor (default 0 = plain, then 1.7, 5) and each of --contexts sequences of the model's dataset,
-draws --n particles sharing that context (seeds seed + j*n + i, the same for every factor), and reports, as
-`diffcli pg --compare` does, means over contexts of:
+For each setting (`name:key=value,...`, keys as in pg_ablation.py: factor, kernel, grad, bw, smin, smax, sampler,
+steps; or --factors for the rbf kernel) and each of --contexts sequences of the model's dataset, draws --n
+particles sharing that context (seeds seed + j*n + i, the same for every setting), and reports, as
+`diffcli pg --compare` does, means over contexts (modes found also with its standard error) of:
 
 - modes found: distinct true futures reached (a sample reaches future k when its digit's ink centroid moved
   within half the gap between futures of future k's shift), of K;
@@ -13,24 +14,32 @@ draws --n particles sharing that context (seeds seed + j*n + i, the same for eve
 
 --data-seed N regenerates the contexts with other motions than the model was trained on (same digits).
 
-Run: OMP_NUM_THREADS=1 python benchmarks/sequences_pg.py --checkpoint runs/circle --contexts 10 --n 8
+Run: OMP_NUM_THREADS=1 python benchmarks/sequences_pg.py --checkpoint runs/circle --contexts 50 --n 4 \
+         --settings plain:factor=0 centroid:factor=30,kernel=centroid
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 from diffcli.common import pick_device
 from diffcli.contexts import dataset_item, load_digits
 from diffcli.models import load_model
-from diffcli.pg import PGConfig, make_kernel, sample_digits
+from diffcli.pg import PGConfig, sample_digits
+from diffcli.sample import digit_kernel
 from diffcli.sequences import Context, context_metrics, ink, mean_metrics, pairwise_rmse
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pg_ablation import parse_setting  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--factors", default="0,1.7,5")
+    ap.add_argument("--factors", default="0,1.7,5", help="rbf-kernel factors (when no --settings)")
+    ap.add_argument("--settings", nargs="+", default=None)
     ap.add_argument("--contexts", type=int, default=10)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--sampler", default="heun")
@@ -48,26 +57,31 @@ def main() -> None:
     digits = load_digits(record, args.data_root)
     contexts = [Context(it.context.float() / 127.5 - 1, f"index {i}", i, it)
                 for i, it in ((i, dataset_item(record, i, digits)) for i in range(args.contexts))]
-    kernel = make_kernel("rbf")
+    base = {"sampler": args.sampler, "steps": args.steps, "pg_factor": 0.0}
+    settings = args.settings or [f"{'plain' if float(f) == 0 else f'PG {f}'}:factor={f}" for f in args.factors.split(",")]
     rows, start = [], time.time()
-    for factor in (float(f) for f in args.factors.split(",")):
+    for text in settings:
+        name, values = parse_setting(text, base)
+        cfg = PGConfig(n=args.n, seed=args.seed, **values)
+        kernel = digit_kernel(cfg, device, meta=meta)
         per, spread = [], []
         for j, ctx in enumerate(contexts):
-            cfg = PGConfig(n=args.n, seed=args.seed, sampler=args.sampler, steps=args.steps)
-            x = sample_digits(model, meta, cfg, factor, kernel, device, context=ctx.frames, seed_offset=j * args.n)
+            x = sample_digits(model, meta, cfg, cfg.pg_factor, kernel, device, context=ctx.frames, seed_offset=j * args.n)
             per.append(context_metrics(x, ctx))
             spread.append(pairwise_rmse(ink(x)))
-        rows.append((factor, mean_metrics(per), sum(spread) / len(spread)))
+        found = [m["modes_found"] for m in per]
+        se = (sum((f - sum(found) / len(found)) ** 2 for f in found) / max(len(found) - 1, 1) / len(found)) ** 0.5
+        rows.append((name, mean_metrics(per), se, sum(spread) / len(spread)))
+        print(f"  {name}: {time.time() - start:.0f} s", file=sys.stderr, flush=True)
     k = int(rows[0][1]["modes_possible"])
     print(f"{meta['sequence']['kind']} (K = {k}), {args.contexts} contexts x {args.n} particles, {args.sampler} "
-          f"{args.steps} steps, data seed {record['seed']}, rbf kernel ({time.time() - start:.0f} s)\n")
-    print(f"| sampling | modes found (of {k}) | all {k} found | directional accuracy | L2 to nearest future | "
+          f"{args.steps} steps, data seed {record['seed']} ({time.time() - start:.0f} s)\n")
+    print(f"| setting | modes found (of {k}) | all {k} found | directional accuracy | L2 to nearest future | "
           "IoU with nearest future | spread (pairwise RMSE) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for factor, m, s in rows:
-        name = "plain" if factor == 0 else f"PG {factor:g}"
-        print(f"| {name} | {m['modes_found']:.2f} | {m['all_modes_found']:.2f} | {m['directional_accuracy']:.3f} | "
-              f"{m['l2']:.4f} | {m['iou']:.3f} | {s:.4f} |")
+    for name, m, se, s in rows:
+        print(f"| {name} | {m['modes_found']:.2f} +- {se:.2f} | {m['all_modes_found']:.2f} | "
+              f"{m['directional_accuracy']:.3f} | {m['l2']:.4f} | {m['iou']:.3f} | {s:.4f} |")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,8 @@ SHARED: dict[str, tuple[tuple[str, ...], Any, str]] = {
                                    "x0_hat (digit models); clip CLIP image features of the decoded x0_hat (pipelines). "
                                    "posterior: the chance two particles share a class, from the model's own "
                                    "class-conditional denoisers (class-conditional digit models, unconditional "
-                                   "sampling; every class a pass inside the PG sigma window)."),
+                                   "sampling; every class a pass inside the PG sigma window). centroid: where the "
+                                   "ink of x0_hat is (next-frame models: the digit's position)."),
     "pg_grad": (("--pg-grad",), str, "PG kernels on x0_hat (x0, classifier, clip): exact = the gradient through the "
                                      "network (one backward pass a step), skip = EDM's c_skip(sigma) I (no backward "
                                      "pass, nearly nothing at high sigma)."),
@@ -283,7 +284,7 @@ def sample(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out: same options, samples already written are skipped."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps."),
     context: Optional[str] = typer.Option(None, "--context", help="Next-frame models: the frames to continue, as an index into the model's sequence dataset (truth known: metrics) or a file (a PNG of the frames side by side, or a .pt/.safetensors tensor). All n samples share it."),
-    data_root: Optional[str] = typer.Option(None, "--data-root", help="With --context N: where the model's MNIST digits are (default: the folder recorded at training)."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="With --context N: where the model's MNIST digits are (default: the digits its model file carries, else the folder recorded at training)."),
     shared: dict = None,
 ) -> None:
     """Sample a diffcli model (EDM or blurring diffusion): PNGs, a grid, run.json, optionally the denoising strip/GIF.
@@ -492,7 +493,7 @@ def pg(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out: same options; particle sets already drawn (one per context, plain and PG) are kept, the rest drawn, then every output written as one uninterrupted run writes it."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N, mps."),
     context: Optional[str] = typer.Option(None, "--context", help="Next-frame models: sequences of the model's dataset to continue, one particle set of --n each: an index (3), a list (0,4,7) or a range (0:10); or one context file (PNG of the frames side by side, .pt/.safetensors). --compare then reports modes found, L2/IoU to the nearest true future and directional accuracy."),
-    data_root: Optional[str] = typer.Option(None, "--data-root", help="With --context indices: where the model's MNIST digits are (default: the folder recorded at training)."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="With --context indices: where the model's MNIST digits are (default: the digits its model file carries, else the folder recorded at training)."),
     shared: dict = None,
 ) -> None:
     """Particle guidance: sample a batch jointly with a repulsive kernel term, for more modes per batch.

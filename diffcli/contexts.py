@@ -11,25 +11,37 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .common import DiffcliError, check_image_file, to_model_range
 from .options import N_MAX, PIXELS_MAX
 from .data import mnist_digit_tiles
-from .sequences import Context, SequenceItem, make_item, spec_from_record
+from .sequences import SEQUENCE_DIGITS, Context, SequenceItem, make_item, spec_from_record
 
 CONTEXT_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 def load_digits(record: dict[str, Any], data_root: str | None) -> torch.Tensor:
-    """The digit tiles a sequence model was trained on, from the recorded (or a given) MNIST root."""
+    """The digit tiles a sequence model was trained on: from a given MNIST root, else the ones its model file
+    carries (its first sequences', `sequences.SEQUENCE_DIGITS`), else from the recorded MNIST root."""
+    if data_root is None and record.get("digits_file"):
+        try:
+            with safe_open(record["digits_file"], "pt") as f:
+                return f.get_tensor(SEQUENCE_DIGITS)
+        except Exception as e:  # the file changed since the model loaded
+            raise DiffcliError(f"cannot read the digits carried in {record['digits_file']}: {e}") from None
     root = data_root or record.get("data_root") or "data"
     return mnist_digit_tiles(root, record.get("split", "train"), spec_from_record(record).digit_size)
 
 
 def dataset_item(record: dict[str, Any], index: int, digits: torch.Tensor) -> SequenceItem:
     if not 0 <= index < len(digits):
-        raise DiffcliError(f"sequence {index} is outside the model's dataset (sequences 0..{len(digits) - 1})")
+        carried = len(digits) == record.get("digits_carried") and index < int(record.get("sequences", 0))
+        raise DiffcliError(f"sequence {index} is outside the model's dataset (sequences 0..{len(digits) - 1})"
+                           if not carried else
+                           f"the model file carries the digits of sequences 0..{len(digits) - 1}; for sequence "
+                           f"{index} pass --data-root (the MNIST folder it was trained on)")
     return make_item(spec_from_record(record), digits[index], index)
 
 

@@ -34,6 +34,7 @@ class ImageSet:
     name: str
     context: torch.Tensor | None = None   # uint8 (N, C_ctx, H, W): the frames before `images` (sequence sets)
     sequence: dict | None = None          # the generator's parameters (sequence sets), recorded in checkpoints
+    digits: torch.Tensor | None = None    # uint8 (N, s, s): the digit tile of each sequence (sequence sets)
 
     @property
     def num_classes(self) -> int:
@@ -231,7 +232,7 @@ def _load_sequences(kind: str, root: Path, split: str, frame_size: int | None, c
                  "pass a smaller --image-size")
     context, nxt = make_dataset(spec, tiles)
     record = {**spec.record(), "split": split, "data_root": str(root.resolve()), "sequences": len(nxt)}
-    return ImageSet(nxt, None, [], kind, context, record)
+    return ImageSet(nxt, None, [], kind, context, record, tiles)
 
 
 def mnist_digit_tiles(root: str | Path, split: str, size: int) -> torch.Tensor:

@@ -14,6 +14,8 @@ from .cache import cached
 from .common import DiffcliError, load_checkpoint, strip_prefix
 from .denoisers import EDMPrecond
 from .nets import UNetF, check_net_config
+from .sequences import SEQUENCE_DIGITS
+from .shipped import CHECKPOINTS_DIR
 from .options import CLASSES_MAX, CONTEXT_FRAMES_MAX, SIGMA_LIMIT, check_image_size, count, finite
 
 MODEL_FORMAT = 1  # version of the `model` record's layout
@@ -107,8 +109,9 @@ def snapshot_path(run: Path, step: int) -> Path:
 
 
 def model_file(spec: str | Path) -> Path:
-    """A model file from what a user names: a file, a run folder (its latest model.safetensors), or RUN@STEP (the
-    run's snapshot of that step; the message lists the steps there are)."""
+    """A model file from what a user names: a file, a run folder (its latest model.safetensors), RUN@STEP (the
+    run's snapshot of that step; the message lists the steps there are), or the name of a shipped model
+    (`circle-jumping`, `mnist-edm`) where no such file or folder exists."""
     text = str(spec)
     run, sep, step = text.rpartition("@")
     if sep and run and step.isdigit():
@@ -121,6 +124,9 @@ def model_file(spec: str | Path) -> Path:
                                   "it has none (train with --snapshot-every N)"))
         return path
     path = Path(text)
+    shipped = CHECKPOINTS_DIR / (text if text.endswith(".safetensors") else text + ".safetensors")
+    if not path.exists() and path.name == text and shipped.is_file():
+        return shipped
     return path / "model.safetensors" if path.is_dir() else path
 
 
@@ -134,6 +140,10 @@ def _load_model(path, device: torch.device | str, kinds: tuple[str, ...]):
         raise DiffcliError(f"{path} holds no diffcli {what} model (kind {kind!r})"
                            + ("; `diffcli sample` samples it" if kind == "blurring" else ""))
     model = build_model(model_meta, f"{path}: the model record")
+    if SEQUENCE_DIGITS in tensors and isinstance(model_meta.get("sequence"), dict):
+        # a next-frame model carrying its first sequences' digits: --context N needs no MNIST for those
+        model_meta = {**model_meta, "sequence": {**model_meta["sequence"], "digits_file": str(path.resolve()),
+                                                 "digits_carried": int(tensors[SEQUENCE_DIGITS].shape[0])}}
     weights = strip_prefix(tensors, "net.")
     try:
         model.net.load_state_dict(weights, strict=True)

@@ -11,11 +11,12 @@ from typing import Callable
 import torch
 
 KernelGrad = Callable[[torch.Tensor], torch.Tensor]
-KERNELS = ("rbf", "x0", "classifier", "clip", "posterior")
+KERNELS = ("rbf", "x0", "classifier", "clip", "posterior", "centroid")
 # where each kernel reads the particles: the noisy sample x itself, or the denoiser's x0_hat
 # (posterior reads the model's class-conditional denoisers: `class_posterior`, `posterior_push`)
-READS_X0 = {"rbf": False, "x0": True, "classifier": True, "clip": True, "posterior": True}
-DIGIT_KERNELS = ("rbf", "x0", "classifier", "posterior")  # diffcli digit models (classifier: 28x28 digits)
+READS_X0 = {"rbf": False, "x0": True, "classifier": True, "clip": True, "posterior": True, "centroid": True}
+# diffcli digit models (classifier: 28x28 digits; centroid: where the ink of x0_hat is, for moving-digit frames)
+DIGIT_KERNELS = ("rbf", "x0", "classifier", "posterior", "centroid")
 PIPELINE_KERNELS = ("rbf", "x0", "clip")        # diffusers pipelines (clip: decoded x0_hat through open_clip)
 # how a kernel on x0_hat reaches x: exact = through the network (a backward pass), skip = EDM's c_skip(sigma) I
 PG_GRADS = ("exact", "skip")
@@ -84,8 +85,8 @@ def latent_kernel() -> tuple[KernelGrad, bool]:
 def make_kernel(name: str, features: Callable[[torch.Tensor], torch.Tensor] | None = None,
                 bandwidth: float = 1.0) -> tuple[KernelGrad, bool]:
     """(kernel gradient, whether it reads x0_hat) by name (KERNELS): rbf on x itself, x0 on the denoiser's x0_hat,
-    classifier / clip on `features` of x0_hat (the digit classifier's, `classifier_features`; CLIP's of the decoded
-    image, `clip_model.image_features_fn`). `bandwidth` scales the median-heuristic bandwidth."""
+    classifier / clip / centroid on `features` of x0_hat (the digit classifier's, `classifier_features`; CLIP's of
+    the decoded image, `clip_model.image_features_fn`; the ink centroid, `sequences.centroid`). `bandwidth` scales the median-heuristic bandwidth."""
     if name not in KERNELS:
         raise ValueError(f"unknown kernel {name!r}; choose one of {', '.join(KERNELS)}")
     if name == "posterior":

@@ -141,6 +141,8 @@ def digit_kernel(opts: GuidanceOptions, device: torch.device, classifier: str | 
     features = None
     if opts.kernel == "classifier":
         features = classifier_features(load_classifier(classifier or SHIPPED_CLASSIFIER, device))
+    elif opts.kernel == "centroid":  # where each channel's ink is (y, x): a digit's position in a frame
+        features = lambda x: sq.centroid(sq.ink(x)).flatten(1)  # noqa: E731
     return make_kernel(opts.kernel, features, opts.pg_bandwidth)
 
 

@@ -32,6 +32,7 @@ PROMPTS_DIR = _folder("prompts")          # the 003 prompt sets and their README
 SHIPPED_MODEL = CHECKPOINTS_DIR / "mnist-edm.safetensors"            # default model of `diffcli sample` and `pg`
 SHIPPED_CLASSIFIER = CHECKPOINTS_DIR / "mnist-classifier.safetensors"  # the digit judge (eval --digits, PG kernel)
 SHIPPED_BLURRING = CHECKPOINTS_DIR / "mnist-blurring.safetensors"    # the blurring-diffusion digit model
+SHIPPED_CIRCLE = CHECKPOINTS_DIR / "circle-jumping.safetensors"      # next-frame model of circle-jumping digits
 
 WIDE_PROMPTS = "wide_image_prompts.json"            # `diffcli panorama --prompts-file assignment`
 AMBIGUOUS_PROMPTS = "ambiguous_image_prompts.json"  # `diffcli anagram --prompts-file assignment`

@@ -35,7 +35,7 @@ from .nets import PRESETS, count_params, net_config
 from .options import (BATCH_MAX, CHANNELS_MAX, CONTEXT_FRAMES_MAX, PREVIEW_MAX, SIDE_MAX, SIGMA_LIMIT, TRAIN_SEED_MAX,
                       TRAIN_STEPS_MAX, check_batch_memory, check_image_size, count, finite, seed as check_seed)
 from .samplers import get_sigmas_karras, sample_heun
-from .sequences import make_item, spec_from_record, strip
+from .sequences import CARRIED_DIGITS, SEQUENCE_DIGITS, make_item, spec_from_record, strip
 
 
 @dataclass
@@ -127,13 +127,21 @@ def model_record(cfg: TrainConfig, ds: ImageSet, net_cfg: dict[str, Any], loss: 
 # ---------------------------------------------------------------- checkpoints
 
 def save_state(run_dir: Path, cfg: TrainConfig, record: dict, step: int, model: EDMPrecond, ema: EDMPrecond,
-               opt: torch.optim.Optimizer) -> None:
+               opt: torch.optim.Optimizer, digits: torch.Tensor | None = None) -> None:
     """training-state.safetensors (resume) then model.safetensors (EMA weights for sampling); each atomic."""
     opt_tensors, opt_skel = flatten_state(opt.state_dict(), "optim")
     tensors = {**add_prefix(model.net.state_dict(), "net."), **add_prefix(ema.net.state_dict(), "ema."), **opt_tensors}
     meta = {"model": record, "train": {"config": asdict(cfg), "step": step, "optim": opt_skel}}
     save_checkpoint(run_dir / "training-state.safetensors", tensors, meta)
-    save_checkpoint(run_dir / "model.safetensors", add_prefix(ema.net.state_dict(), "net."), {"model": record})
+    save_checkpoint(run_dir / "model.safetensors", model_tensors(ema, digits), {"model": record})
+
+
+def model_tensors(ema: EDMPrecond, digits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """What a model file holds: the EMA net's weights and, for a next-frame model, the digit tiles of its first
+    CARRIED_DIGITS sequences (contexts.SEQUENCE_DIGITS), so `--context N` regenerates those sequences, truth
+    included, with no MNIST on disk."""
+    carried = {} if digits is None else {SEQUENCE_DIGITS: digits[:CARRIED_DIGITS].contiguous()}
+    return {**add_prefix(ema.net.state_dict(), "net."), **carried}
 
 
 def load_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -376,9 +384,9 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, dist: Dis
                         f.write(json.dumps({"step": done, "loss": last_loss, "time": round(time.time() - t0, 2)}) + "\n")
                 if at_ckpt:
                     save_state(out, cfg, {**record, "train_step": done, "train_images": done * cfg.batch},
-                               done, model, ema, opt)
+                               done, model, ema, opt, ds.digits)
                 if cfg.snapshot_every and done % cfg.snapshot_every == 0:
-                    save_checkpoint(snapshot_path(out, done), add_prefix(ema.net.state_dict(), "net."),
+                    save_checkpoint(snapshot_path(out, done), model_tensors(ema, ds.digits),
                                     {"model": {**record, "train_step": done, "train_images": done * cfg.batch}})
                 if cfg.grid_every and (done % cfg.grid_every == 0 or done == cfg.steps):
                     save_grid(out / "grids" / f"step-{done:07d}.png", preview_samples(ema, record, context=ds.context), nrow=_grid_cols(record))

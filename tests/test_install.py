@@ -23,7 +23,7 @@ from diffcli.common import DiffcliError
 
 # what the build reads; tests/ and benchmarks/ stay out of the copy and must stay out of the wheel
 BUILD_INPUTS = ("pyproject.toml", "README.md", "diffcli", "checkpoints", "prompts")
-CARDS = ("mnist-edm.md", "mnist-classifier.md", "mnist-blurring.md")
+CARDS = ("circle-jumping.md", "mnist-edm.md", "mnist-classifier.md", "mnist-blurring.md")
 PROMPT_SETS = ["ambiguous_image_prompts.json", "wide_image_prompts.json"]
 
 # run first in every child: the checkout's own editable install (a finder on sys.meta_path) must not be the
@@ -155,7 +155,7 @@ def test_checkout_paths_and_one_line_errors():
     """In the checkout, the shipped folders are the repository's; each shipped model has its model card."""
     assert shipped.CHECKPOINTS_DIR == ROOT.resolve() / "checkpoints"
     assert shipped.PROMPTS_DIR == ROOT.resolve() / "prompts"
-    for path in (shipped.SHIPPED_MODEL, shipped.SHIPPED_CLASSIFIER, shipped.SHIPPED_BLURRING):
+    for path in (shipped.SHIPPED_MODEL, shipped.SHIPPED_CLASSIFIER, shipped.SHIPPED_BLURRING, shipped.SHIPPED_CIRCLE):
         assert path.is_file() and path.with_suffix(".md").is_file()
         assert shipped.checkpoint(path.stem) == path == shipped.checkpoint(path.name)
     assert shipped.prompts("wide_image_prompts") == shipped.PROMPTS_DIR / shipped.WIDE_PROMPTS

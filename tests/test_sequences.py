@@ -222,6 +222,29 @@ def test_trained_model_records_its_sequences(seq_run, mnist_root):
     assert (seq_run / "grids" / "step-0000003.png").is_file()
 
 
+def test_model_file_carries_its_digits_so_contexts_need_no_mnist(seq_run, mnist_root, tmp_path, monkeypatch):
+    from safetensors import safe_open
+    from diffcli import contexts
+    from diffcli.models import load_model
+    from diffcli.sequences import SEQUENCE_DIGITS
+    _, meta = load_model(seq_run)
+    with safe_open(str(seq_run / "model.safetensors"), "pt") as f:
+        carried = f.get_tensor(SEQUENCE_DIGITS)
+    assert carried.dtype == torch.uint8 and meta["sequence"]["digits_carried"] == len(carried) == 20
+    with_mnist = tmp_path / "mnist"
+    cli_ok("sample", "--checkpoint", seq_run, "--context", "3", "--n", "2", "--steps", "2", "--data-root", mnist_root,
+           "--out", with_mnist, "--device", "cpu")
+
+    def no_mnist(*args, **kwargs):
+        raise AssertionError("MNIST read although the model file carries the digits")
+    monkeypatch.setattr(contexts, "mnist_digit_tiles", no_mnist)
+    carried_out = tmp_path / "carried"
+    cli_ok("sample", "--checkpoint", seq_run, "--context", "3", "--n", "2", "--steps", "2", "--out", carried_out,
+           "--device", "cpu")
+    for f in ("00000-seed0.png", "context.png", "sequence.png"):
+        assert (carried_out / f).read_bytes() == (with_mnist / f).read_bytes(), f
+
+
 def test_sample_with_context_index_then_file(seq_run, tmp_path):
     out = tmp_path / "s"
     cli_ok("sample", "--checkpoint", seq_run, "--context", "2", "--n", "3", "--steps", "2", "--out", out,
@@ -294,3 +317,32 @@ def test_bad_contexts(seq_run, tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert proc.exit_code == 2 and len(lines) == 1 and message in lines[0], (cmd, proc.stderr)
         assert not out.exists()
+
+
+# ---------------------------------------------------------------- the shipped next-frame model
+
+def test_shipped_circle_jumping_model_samples_its_futures_with_no_set_up(tmp_path, monkeypatch):
+    """`--checkpoint circle-jumping` by name, contexts from the digits the file carries (no MNIST anywhere), and
+    its particles land on the true futures: the 001 evaluation with zero set-up."""
+    from diffcli import contexts
+    from diffcli.models import load_model, model_file
+    from diffcli.shipped import SHIPPED_CIRCLE
+
+    def no_mnist(*args, **kwargs):
+        raise AssertionError("MNIST read although the shipped model carries its digits")
+    monkeypatch.setattr(contexts, "mnist_digit_tiles", no_mnist)
+    assert model_file("circle-jumping") == SHIPPED_CIRCLE
+    _, meta = load_model("circle-jumping")
+    assert meta["sequence"]["kind"] == "circle-jumping" and meta["sequence"]["directions"] == 4
+    assert meta["sequence"]["digits_carried"] == 1000
+    out = tmp_path / "pg"
+    cli_ok("pg", "--checkpoint", "circle-jumping", "--context", "0:2", "--n", "8", "--steps", "12", "--kernel",
+           "centroid", "--pg-factor", "5", "--compare", "--out", out, "--device", "cpu")
+    cmp = json.loads((out / "compare.json").read_text())
+    for part in ("plain", "pg"):  # a trained model: its samples are jumps, not noise (a random net scores ~0)
+        assert cmp[part]["modes_possible"] == 4 and cmp[part]["directional_accuracy"] >= 0.75, cmp[part]
+        assert cmp[part]["iou"] >= 0.6, cmp[part]
+    assert cmp["pg"]["modes_found"] >= 3.5  # of 4 futures, 2 contexts
+    proc = cli("pg", "--checkpoint", "circle-jumping", "--context", "1000", "--n", "2", "--out", tmp_path / "never",
+               "--device", "cpu")
+    assert proc.exit_code == 2 and "pass --data-root" in proc.stderr and not (tmp_path / "never").exists()
