@@ -147,20 +147,34 @@ def plot(results: list[tuple], args, path: str) -> None:
 
 @torch.no_grad()
 def decided(model, meta, classifier, n: int, steps: int, device) -> None:
+    from diffcli.particles import class_posterior
     from diffcli.samplers import get_sigmas_karras, sample_heun
-    null = torch.full((n,), meta["num_classes"], device=device) if meta["num_classes"] else None
+    k = meta["num_classes"]
     sigmas = get_sigmas_karras(steps, meta["sigma_min"], meta["sigma_max"], device=device)
     x = torch.randn((n, meta["channels"], meta["image_size"], meta["image_size"]),
                     generator=torch.Generator().manual_seed(0)).to(device) * sigmas[0]
-    read = lambda img: classifier.head(classifier.features(img.clamp(-1, 1))).argmax(1)
+    read = lambda img: classifier.head(classifier.features(img.clamp(-1, 1))).argmax(1)  # noqa: E731
     seen = []
-    out = sample_heun(lambda z, s: model(z, s.expand(len(z)), null), x, sigmas,
-                      callback=lambda info: seen.append((float(info["sigma"]), read(info["denoised"]))))
+
+    def posterior(z, s):  # the model's own class posterior (the posterior kernel's p), every class in one batch
+        out = model(torch.cat([z] * (k + 1)), s.expand(len(z) * (k + 1)), torch.arange(k + 1, device=device)
+                    .repeat_interleave(len(z))).view(k + 1, len(z), *z.shape[1:]).transpose(0, 1)
+        return class_posterior(out[:, :k], out[:, k])
+
+    def callback(info):
+        seen.append((float(info["sigma"]), read(info["denoised"]), posterior(info["x"], info["sigma"])))
+
+    out = sample_heun(lambda z, s: model(z, s.expand(len(z)), torch.full((len(z),), k, device=device)), x, sigmas,
+                      callback=callback)
     final = read(uint8_grey(out).to(device))
-    print(f"{n} plain samples, Heun {steps} steps: share whose x0_hat the classifier reads as the final class\n")
-    print("| sigma | agreement | distinct classes read |\n| ---: | ---: | ---: |")
-    for sigma, pred in seen:
-        print(f"| {sigma:.3g} | {(pred == final).float().mean():.2f} | {len(set(pred.tolist()))} |")
+    print(f"{n} plain unconditional samples, Heun {steps} steps: at each step, the share whose class is already read "
+          "as the class the sample ends with, by the digit classifier on x0_hat and by the argmax of the model's own "
+          "class posterior at x (the posterior kernel's p)\n")
+    print("| sigma | classifier on x0_hat | model posterior | mean posterior of the final class |")
+    print("| ---: | ---: | ---: | ---: |")
+    for sigma, pred, p in seen:
+        print(f"| {sigma:.3g} | {(pred == final).float().mean():.2f} | {(p.argmax(1) == final).float().mean():.2f} | "
+              f"{p[torch.arange(n), final].mean():.2f} |")
 
 
 if __name__ == "__main__":

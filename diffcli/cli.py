@@ -216,6 +216,8 @@ def train(
     step_size: Optional[int] = typer.Option(None, "--step-size", help="Sequence sets: pixels the digit moves a frame (default 4; moving-mnist: the largest velocity component)."),
     directions: Optional[int] = typer.Option(None, "--directions", help="circle-jumping: K equally likely jump directions on the circle (default 4)."),
     p_left: Optional[float] = typer.Option(None, "--p-left", help="horizontal: probability that the digit moves left (default 0.5)."),
+    p_change: Optional[float] = typer.Option(None, "--p-change", help="moving-mnist: probability that the velocity is redrawn before each move (default 0: constant velocity)."),
+    num_digits: Optional[int] = typer.Option(None, "--num-digits", help="moving-mnist: 1 (default) or 2 digits moving independently."),
     data_seed: Optional[int] = typer.Option(None, "--data-seed", help="Sequence sets: seed of the generated motions (default 0)."),
     preview: int = typer.Option(0, "--preview", help="Write OUT/preview.png with this many example sequences (context | next frame | every allowed future) and exit without training."),
 ) -> None:
@@ -246,7 +248,7 @@ def train(
     if (p_mean is not None or p_std is not None) and process != "edm":
         raise DiffcliError("--p-mean and --p-std are --process edm options")
     given = {"context_frames": context_frames, "step_size": step_size, "directions": directions, "p_left": p_left,
-             "seed": data_seed}
+             "seed": data_seed, "p_change": p_change, "num_digits": num_digits}
     cfg.sequence = {k: v for k, v in given.items() if v is not None}
     if preview:
         from .train import write_preview

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from .common import DiffcliError, check_image_file, to_model_range
 from .options import N_MAX, PIXELS_MAX
 from .data import mnist_digit_tiles
-from .sequences import SEQUENCE_DIGITS, Context, SequenceItem, make_item, spec_from_record
+from .sequences import SEQUENCE_DIGITS, Context, SequenceItem, make_item, spec_from_record, tiles_of
 
 CONTEXT_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -36,13 +36,15 @@ def load_digits(record: dict[str, Any], data_root: str | None) -> torch.Tensor:
 
 
 def dataset_item(record: dict[str, Any], index: int, digits: torch.Tensor) -> SequenceItem:
-    if not 0 <= index < len(digits):
-        carried = len(digits) == record.get("digits_carried") and index < int(record.get("sequences", 0))
-        raise DiffcliError(f"sequence {index} is outside the model's dataset (sequences 0..{len(digits) - 1})"
-                           if not carried else
-                           f"the model file carries the digits of sequences 0..{len(digits) - 1}; for sequence "
-                           f"{index} pass --data-root (the MNIST folder it was trained on)")
-    return make_item(spec_from_record(record), digits[index], index)
+    spec = spec_from_record(record)
+    total = int(record.get("sequences", len(digits)))
+    carried = len(digits) == record.get("digits_carried") and len(digits) < total
+    if not 0 <= index < len(digits) or (carried and index + spec.num_digits > len(digits)):  # 2 digits: i, i + 1
+        if carried and 0 <= index < total:
+            raise DiffcliError(f"the model file carries the digits of sequences 0..{len(digits) - spec.num_digits}; "
+                               f"for sequence {index} pass --data-root (the MNIST folder it was trained on)")
+        raise DiffcliError(f"sequence {index} is outside the model's dataset (sequences 0..{len(digits) - 1})")
+    return make_item(spec, tiles_of(digits, index, spec.num_digits), index)
 
 
 def parse_indices(text: str) -> list[int] | None:

@@ -211,7 +211,7 @@ def load_dataset(spec: str, root: str | Path = "data", split: str = "train",
     return ds
 
 
-_SEQUENCE_OPTIONS = {"moving-mnist": {"context_frames", "step_size", "seed"},
+_SEQUENCE_OPTIONS = {"moving-mnist": {"context_frames", "step_size", "seed", "p_change", "num_digits"},
                      "circle-jumping": {"context_frames", "step_size", "directions", "seed"},
                      "horizontal": {"context_frames", "step_size", "p_left", "seed"}}
 

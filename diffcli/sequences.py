@@ -42,6 +42,8 @@ class SequenceSpec:
     directions: int = 4   # circle-jumping: K points on the circle
     p_left: float = 0.5   # horizontal: probability of moving left
     seed: int = 0
+    p_change: float = 0.0  # moving-mnist: probability that the velocity is redrawn before each move (0: constant)
+    num_digits: int = 1    # moving-mnist: 1, or 2 digits moving independently (sequence i: digits i and i + 1)
 
     @property
     def digit_size(self) -> int:
@@ -77,6 +79,13 @@ def check_spec(spec: SequenceSpec) -> None:
         raise DiffcliError(f"directions must be >= 1, got {spec.directions}")
     if not (math.isfinite(spec.p_left) and 0.0 <= spec.p_left <= 1.0):
         raise DiffcliError(f"p_left is a probability and must be in [0, 1], got {spec.p_left}")
+    if not (math.isfinite(spec.p_change) and 0.0 <= spec.p_change <= 1.0):
+        raise DiffcliError(f"p_change is a probability and must be in [0, 1], got {spec.p_change}")
+    if spec.num_digits not in (1, 2):
+        raise DiffcliError(f"num_digits must be 1 or 2, got {spec.num_digits}")
+    if spec.num_digits == 2 and spec.p_change > 0:
+        raise DiffcliError("p_change with num_digits 2 would make every pair of moves a future (thousands); "
+                           "use one of the two")
     room = spec.span // 2  # pixels between the centred digit and the border
     digit = f"a {spec.digit_size}-px digit in a {spec.frame_size}-px frame has {room} px of room on each side"
     if spec.kind == "moving-mnist":
@@ -124,23 +133,62 @@ def _bounce(pos: torch.Tensor, vel: torch.Tensor, span: int) -> tuple[torch.Tens
     return p, v
 
 
+def velocities(step: int) -> torch.Tensor:
+    """(M, 2) the moving-mnist velocities: every non-zero (vy, vx) in [-step, step]^2, in row-major order."""
+    r = torch.arange(-step, step + 1)
+    v = torch.cartesian_prod(r, r)
+    return v[(v != 0).any(1)]
+
+
+def _moving_track(spec: SequenceSpec, g: torch.Generator) -> Track:
+    """One moving-mnist digit: a uniform start and velocity, bouncing off the borders; with p_change > 0 the
+    velocity is redrawn (uniformly, possibly the same) with that probability before every move after the first,
+    so the next frame has every velocity's landing place as a future: (1 - p) + p/M for the current velocity,
+    p/M for each other one (M velocities; landing places that coincide after a bounce merge)."""
+    c, span, step = spec.context_frames, spec.span, spec.step_size
+    pos = torch.randint(0, span + 1, (2,), generator=g)
+    # velocity uniform over the non-zero vectors of [-step, step]^2
+    side = 2 * step + 1
+    j = int(torch.randint(0, side * side - 1, (1,), generator=g))
+    j += j >= (side * side) // 2  # skip (0, 0)
+    vel = torch.tensor([j // side - step, j % side - step])
+    all_v = velocities(step)
+    track = [pos]
+    for t in range(c):
+        if t == c - 1:
+            before = vel  # the velocity the next move keeps unless it is redrawn
+        if t and spec.p_change and float(torch.rand(1, generator=g)) < spec.p_change:
+            vel = all_v[int(torch.randint(0, len(all_v), (1,), generator=g))]
+        pos, vel = _bounce(pos, vel, span)
+        track.append(pos)
+    if not spec.p_change:
+        return Track(torch.stack(track[:c]), track[c][None], torch.ones(1), 0)
+    landing = torch.stack([_bounce(track[c - 1], v, span)[0] for v in all_v])
+    probs = torch.full((len(all_v),), spec.p_change / len(all_v), dtype=torch.float64)
+    probs[(all_v == before).all(1)] += 1 - spec.p_change
+    futures, where = torch.unique(landing, dim=0, return_inverse=True)
+    merged = torch.zeros(len(futures), dtype=torch.float64).index_add_(0, where, probs)
+    keep = merged > 0
+    futures, merged = futures[keep], merged[keep]
+    choice = int(((futures == track[c]).all(1)).nonzero()[0])
+    return Track(torch.stack(track[:c]), futures, merged.float(), choice)
+
+
+def draw_tracks(spec: SequenceSpec, index: int) -> list[Track]:
+    """The motion of each digit of sequence `index` (moving-mnist may have two), a pure function of (spec, index)."""
+    if spec.kind != "moving-mnist":
+        return [draw_track(spec, index)]
+    g = torch.Generator().manual_seed(spec.seed * 1_000_003 + index)
+    return [_moving_track(spec, g) for _ in range(spec.num_digits)]
+
+
 def draw_track(spec: SequenceSpec, index: int) -> Track:
-    """The motion of sequence `index`: a pure function of (spec, index)."""
+    """The motion of sequence `index` (its first digit's): a pure function of (spec, index)."""
     g = torch.Generator().manual_seed(spec.seed * 1_000_003 + index)
     c, span, step = spec.context_frames, spec.span, spec.step_size
     centre = torch.tensor([span // 2, span // 2])
     if spec.kind == "moving-mnist":
-        pos = torch.randint(0, span + 1, (2,), generator=g)
-        # velocity uniform over the non-zero vectors of [-step, step]^2
-        side = 2 * step + 1
-        j = int(torch.randint(0, side * side - 1, (1,), generator=g))
-        j += j >= (side * side) // 2  # skip (0, 0)
-        vel = torch.tensor([j // side - step, j % side - step])
-        track = [pos]
-        for _ in range(c):
-            pos, vel = _bounce(pos, vel, span)
-            track.append(pos)
-        return Track(torch.stack(track[:c]), track[c][None], torch.ones(1), 0)
+        return _moving_track(spec, g)
     if spec.kind == "circle-jumping":
         shifts = circle_shifts(spec.directions, step)
         jumps = torch.randint(0, spec.directions, (c,), generator=g)
@@ -185,20 +233,50 @@ class SequenceItem:
     choice: int
 
 
+def tiles_of(digits: torch.Tensor, index: int, num_digits: int = 1) -> torch.Tensor:
+    """(num_digits, s, s): the digit tiles of sequence `index`, digits index, index + 1 (wrapping at the set's end)."""
+    return torch.stack([digits[(index + k) % len(digits)] for k in range(num_digits)])
+
+
+def _paste(tiles: torch.Tensor, positions: list[torch.Tensor], size: int) -> torch.Tensor:
+    """Every digit at its positions ((T, 2) each), overlaps taking the brighter pixel -> (T, 1, S, S)."""
+    frames = [render(tile, pos, size) for tile, pos in zip(tiles, positions)]
+    out = frames[0]
+    for f in frames[1:]:
+        out = torch.maximum(out, f)
+    return out
+
+
 def make_item(spec: SequenceSpec, digit: torch.Tensor, index: int) -> SequenceItem:
-    track = draw_track(spec, index)
-    futures = render(digit, track.futures, spec.frame_size)
-    return SequenceItem(render(digit, track.context, spec.frame_size)[:, 0], futures[track.choice],
-                        futures, track.shifts, track.probs, track.choice)
+    """Sequence `index` with its truth: `digit` is its tile (s, s), or its tiles (num_digits, s, s) (`tiles_of`).
+    With two digits the futures are every pair of the digits' futures (probabilities multiplied) and the shifts
+    are those of the frame's ink centroid."""
+    tiles = digit if digit.ndim == 3 else digit[None]
+    tracks = draw_tracks(spec, index)
+    if len(tracks) == 1:
+        track = tracks[0]
+        futures = render(tiles[0], track.futures, spec.frame_size)
+        return SequenceItem(render(tiles[0], track.context, spec.frame_size)[:, 0], futures[track.choice],
+                            futures, track.shifts, track.probs, track.choice)
+    a, b = tracks
+    ctx = _paste(tiles, [a.context, b.context], spec.frame_size)[:, 0]
+    pairs = [(i, j) for i in range(len(a.futures)) for j in range(len(b.futures))]
+    futures = torch.cat([_paste(tiles, [a.futures[i][None], b.futures[j][None]], spec.frame_size)
+                         for i, j in pairs])
+    probs = torch.stack([a.probs[i] * b.probs[j] for i, j in pairs])
+    choice = pairs.index((a.choice, b.choice))
+    shifts = centroid(ink(futures[:, 0]).double()) - centroid(ink(ctx[-1]).double())
+    return SequenceItem(ctx, futures[choice], futures, shifts, probs, choice)
 
 
 def make_dataset(spec: SequenceSpec, digits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One sequence per digit: (N, C, S, S) contexts and (N, 1, S, S) next frames, uint8."""
     check_spec(spec)
     ctx, nxt = [], []
-    for i, digit in enumerate(digits):
-        track = draw_track(spec, i)
-        frames = render(digit, torch.cat([track.context, track.futures[track.choice][None]]), spec.frame_size)
+    for i in range(len(digits)):
+        tracks = draw_tracks(spec, i)
+        paths = [torch.cat([t.context, t.futures[t.choice][None]]) for t in tracks]
+        frames = _paste(tiles_of(digits, i, spec.num_digits), paths, spec.frame_size)
         ctx.append(frames[:-1, 0])
         nxt.append(frames[-1])
     return torch.stack(ctx), torch.stack(nxt)

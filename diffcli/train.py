@@ -35,7 +35,7 @@ from .nets import PRESETS, count_params, net_config
 from .options import (BATCH_MAX, CHANNELS_MAX, CONTEXT_FRAMES_MAX, PREVIEW_MAX, SIDE_MAX, SIGMA_LIMIT, TRAIN_SEED_MAX,
                       TRAIN_STEPS_MAX, check_batch_memory, check_image_size, count, finite, seed as check_seed)
 from .samplers import get_sigmas_karras, sample_heun
-from .sequences import CARRIED_DIGITS, SEQUENCE_DIGITS, make_item, spec_from_record, strip
+from .sequences import CARRIED_DIGITS, SEQUENCE_DIGITS, make_item, spec_from_record, strip, tiles_of
 
 
 @dataclass
@@ -193,7 +193,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, overwrite: bool = F
 
 
 SEQUENCE_FLAGS = {"context_frames": "--context-frames", "step_size": "--step-size", "directions": "--directions",
-                  "p_left": "--p-left", "seed": "--data-seed"}
+                  "p_left": "--p-left", "seed": "--data-seed", "p_change": "--p-change", "num_digits": "--num-digits"}
 
 
 def _validate(cfg: TrainConfig) -> None:
@@ -233,14 +233,15 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.net not in PRESETS:
         raise DiffcliError(f"unknown --net {cfg.net!r}; choose one of {', '.join(PRESETS)}")
     _validate_overrides(cfg)
-    limits = {"context_frames": (1, CONTEXT_FRAMES_MAX), "step_size": (1, SIDE_MAX), "directions": (1, 1024)}
+    limits = {"context_frames": (1, CONTEXT_FRAMES_MAX), "step_size": (1, SIDE_MAX), "directions": (1, 1024),
+              "num_digits": (1, 2)}
     for key, value in cfg.sequence.items():
         if key in limits:
             count(SEQUENCE_FLAGS[key], value, *limits[key])
         elif key == "seed":
             check_seed("--data-seed", value, high=TRAIN_SEED_MAX)
-        elif key == "p_left" and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):  # nan fails too
-            raise DiffcliError(f"--p-left: p_left is a probability and must be in [0, 1], got {value!r}")
+        elif key in ("p_left", "p_change") and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+            raise DiffcliError(f"{SEQUENCE_FLAGS[key]}: {key} is a probability and must be in [0, 1], got {value!r}")
 
 
 def _validate_overrides(cfg: TrainConfig) -> None:
@@ -489,7 +490,7 @@ def write_preview(cfg: TrainConfig, out: str | Path, n: int, overwrite: bool = F
     digits = mnist_digit_tiles(cfg.data_root, cfg.split, spec.digit_size)
     rows = []
     for i in range(min(n, len(digits))):
-        it = make_item(spec, digits[i], i)
+        it = make_item(spec, tiles_of(digits, i, spec.num_digits), i)
         rows.append([to_model_range(it.context[:, None]), to_model_range(it.target[None]), to_model_range(it.futures)])
     save_image(path, strip(rows))
     return path

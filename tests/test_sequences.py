@@ -3,6 +3,7 @@ bad inputs as one-line errors, and a tiny next-frame model trained and sampled t
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -117,8 +118,48 @@ def test_moving_mnist_keeps_velocity_and_bounces():
     assert bounced > 0
 
 
+def test_stochastic_moving_mnist_changes_velocity_with_its_probability_and_lists_every_future():
+    from diffcli.sequences import velocities
+    still = SequenceSpec("moving-mnist", frame_size=SIZE, context_frames=4, step_size=2)
+    assert all(torch.equal(draw_track(still, i).context, draw_track(replace(still, p_change=0.0), i).context)
+               for i in range(5))  # p_change 0 is the constant-velocity set, draw for draw
+    spec = replace(still, p_change=0.3)
+    changed, kept_prob = 0, []
+    for i in range(300):
+        t = draw_track(spec, i)
+        assert torch.isclose(t.probs.sum(), torch.tensor(1.0)) and (t.probs > 0).all()
+        assert len(t.futures) == len(torch.unique(t.futures, dim=0)) and 1 < len(t.futures) <= len(velocities(2))
+        pos = torch.cat([t.context, t.futures[t.choice][None]])
+        # the last move keeps the previous velocity unless it was redrawn (bounces aside: away from the borders)
+        inner = ((pos[-3:] > 2) & (pos[-3:] < spec.span - 2)).all()
+        if inner:
+            changed += int(not torch.equal(pos[-1] - pos[-2], pos[-2] - pos[-3]))
+            kept_prob.append(float(t.probs.max()))
+    n = len(kept_prob)
+    # redrawn with p = 0.3 and the redraw lands on another of the 24 velocities with 23/24: 0.29 of the moves change
+    assert abs(changed / n - 0.3 * 23 / 24) < 3 * (0.29 * 0.71 / n) ** 0.5, (changed, n)
+    assert abs(sum(kept_prob) / n - (0.7 + 0.3 / 24)) < 1e-6  # the kept velocity's future has 1 - p + p/M
+
+
+def test_two_digit_moving_mnist_moves_both_and_knows_its_future():
+    from diffcli.sequences import tiles_of
+    digits = fake_digits()
+    spec = SequenceSpec("moving-mnist", frame_size=SIZE, context_frames=3, step_size=2, num_digits=2)
+    ctx, nxt = make_dataset(spec, digits[:6])
+    it = make_item(spec, tiles_of(digits[:6], 5, 2), 5)  # the last sequence pairs digit 5 with digit 0
+    assert torch.equal(it.context, ctx[5]) and torch.equal(it.target, nxt[5])
+    assert len(it.futures) == 1 and it.choice == 0 and it.shifts.shape == (1, 2)
+    one = make_dataset(replace(spec, num_digits=1), digits[:6])[0]
+    assert (ctx.float().sum((-2, -1)) > one.float().sum((-2, -1))).all()  # a second digit's ink in every frame
+    m = sequence_metrics(it.futures.float() / 255, it.context[-1].float() / 255, it.futures.float() / 255, it.shifts)
+    assert m["modes_found"] == 1 and m["directional_accuracy"] == 1.0 and m["iou"] == 1.0
+
+
 @pytest.mark.parametrize("kw,message", [
     (dict(directions=0), "directions must be >= 1"),
+    (dict(p_change=1.5), "p_change is a probability"),
+    (dict(num_digits=3), "num_digits must be 1 or 2"),
+    (dict(num_digits=2, p_change=0.5), "every pair of moves"),
     (dict(p_left=1.5), "p_left is a probability"),
     (dict(p_left=-0.1), "p_left is a probability"),
     (dict(step_size=9), "leaves the frame"),
@@ -283,6 +324,16 @@ def test_pg_compare_on_contexts(seq_run, tmp_path):
     assert (out / "landing-scatter.png").is_file() == (importlib.util.find_spec("matplotlib") is not None)
 
 
+@pytest.mark.parametrize("extra", [("--p-change", "0.5"), ("--num-digits", "2")])
+def test_preview_of_the_stochastic_and_two_digit_sets(mnist_root, tmp_path, extra):
+    out = tmp_path / "prev"
+    cli_ok("train", "--dataset", "moving-mnist", "--split", "test", "--image-size", str(SIZE), "--context-frames", "2",
+           "--step-size", "1", *extra, "--data-root", mnist_root, "--preview", "2", "--out", out)
+    from PIL import Image
+    w, _ = Image.open(out / "preview.png").size
+    assert (w > 10 * SIZE) == (extra[0] == "--p-change")  # every allowed future shown: 8 velocities, or the one
+
+
 def test_preview_writes_a_strip(mnist_root, tmp_path):
     out = tmp_path / "prev"
     cli_ok("train", *SEQ, "--data-root", mnist_root, "--preview", "3", "--out", out)
@@ -296,6 +347,9 @@ def test_preview_writes_a_strip(mnist_root, tmp_path):
     (("--p-left", "1.5", "--dataset", "horizontal"), "p_left is a probability and must be in [0, 1]"),
     (("--directions", "0"), "directions must be >= 1"),
     (("--p-left", "0.5"), "'p_left' does not apply to circle-jumping"),
+    (("--p-change", "0.5"), "'p_change' does not apply to circle-jumping"),
+    (("--p-change", "2", "--dataset", "moving-mnist"), "--p-change: p_change is a probability"),
+    (("--num-digits", "3", "--dataset", "moving-mnist"), "--num-digits must be"),
 ])
 def test_bad_train_inputs(mnist_root, tmp_path, args, message):
     out = tmp_path / "never"
