@@ -6,7 +6,8 @@ denoiser interface, D(x, sigma, **cond) -> x0_hat with x = x0 + sigma * noise:
 - models:    `load_model` (a diffcli checkpoint, e.g. `SHIPPED_MODEL`), `load_pipeline` + `pipeline_denoiser`
              (any SD 1.x/2.x, SDXL or DeepFloyd IF diffusers pipeline), `encode_prompts`, `initial_latents`, `decode`
 - guidance:  `stack` (CFG, SEG and PG on one denoiser, in one order), `classifier_free`, `Seg` + `parse_blur`,
-             `PG` + `rbf_grad` / `make_kernel`, `particle_guidance`
+             `PG` + `rbf_grad` / `make_kernel`, `particle_guidance`, `class_particle_guidance` (the class-posterior
+             kernel: `class_posterior`, `posterior_push`)
 - sampling:  `run_sampler` by name (`SAMPLERS`), or `sample_euler`, `sample_heun`, `sample_dpmpp_2m`, ...;
              schedules `get_sigmas_karras`, `pipeline_sigmas`; per-sample seeded noise `PerSampleRandn`
 - views:     `ViewSet`, `make_view`, `windows`, `synchronized`, `sample_views` (panorama / anagram synchronization)
@@ -24,13 +25,14 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "common": ("DiffcliError", "PerSampleRandn", "load_images", "pick_device", "pick_dtype"),
-    "shipped": ("SHIPPED_MODEL", "SHIPPED_CLASSIFIER", "SHIPPED_BLURRING", "checkpoint", "prompts"),
+    "shipped": ("SHIPPED_MODEL", "SHIPPED_CLASSIFIER", "SHIPPED_BLURRING", "SHIPPED_CIRCLE", "checkpoint", "prompts"),
     "models": ("load_model",),
     "denoisers": ("Denoiser", "EDMPrecond", "DiffusersDenoiser"),
     "pipelines": ("load_pipeline", "encode_prompts", "initial_latents", "decode", "latent_shape"),
-    "guidance": ("stack", "classifier_free", "smoothed_energy", "particle_guidance", "Seg", "PG"),
+    "guidance": ("stack", "classifier_free", "smoothed_energy", "particle_guidance", "class_particle_guidance", "Seg",
+                 "PG"),
     "query_blur": ("parse_blur",),
-    "particles": ("rbf_grad", "make_kernel", "feature_grad"),
+    "particles": ("rbf_grad", "make_kernel", "feature_grad", "class_posterior", "posterior_push"),
     "samplers": ("SAMPLERS", "SCHEDULES", "run_sampler", "get_sigmas_karras", "sample_euler", "sample_heun",
                  "sample_stochastic_heun", "sample_ddim", "sample_euler_ancestral", "sample_dpmpp_2m", "nfe"),
     "views": ("ViewSet", "make_view", "windows", "VIEWS"),
