@@ -293,12 +293,12 @@ def run(cfg: PGConfig, out: Path, overwrite: bool, device_name: str | None, opti
     runs = [("plain", 0.0)] if cfg.compare else []
     folders = {"pg": out, "plain": out / "plain"}
     sets = [(name, factor, j) for name, factor in runs + [("pg", cfg.pg_factor)] for j in range(len(contexts or [None]))]
-    done = {s: folders[s[0]] / SETS / f"{s[2]:05d}.safetensors" for s in sets}
-    done = {s: path for s, path in done.items() if resume and path.is_file()}
+    paths = {s: folders[s[0]] / SETS / f"{s[2]:05d}.safetensors" for s in sets}
+    done = {s for s, path in paths.items() if resume and path.is_file()}
     drawn: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
     with progress_bar("sampling", steps * (len(sets) - len(done))) as advance:
         for name, factor, j in sets:
-            path = folders[name] / SETS / f"{j:05d}.safetensors"
+            path = paths[name, factor, j]
             if (name, factor, j) in done:
                 tensors, _ = load_checkpoint(path)
                 drawn[name, j] = tensors["images"], tensors.get("latents")

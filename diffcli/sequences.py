@@ -145,20 +145,17 @@ def _moving_track(spec: SequenceSpec, g: torch.Generator) -> Track:
     velocity is redrawn (uniformly, possibly the same) with that probability before every move after the first,
     so the next frame has every velocity's landing place as a future: (1 - p) + p/M for the current velocity,
     p/M for each other one (M velocities; landing places that coincide after a bounce merge)."""
-    c, span, step = spec.context_frames, spec.span, spec.step_size
+    c, span = spec.context_frames, spec.span
+    all_v = velocities(spec.step_size)
+    draw_velocity = lambda: all_v[int(torch.randint(0, len(all_v), (1,), generator=g))]  # noqa: E731 (uniform)
     pos = torch.randint(0, span + 1, (2,), generator=g)
-    # velocity uniform over the non-zero vectors of [-step, step]^2
-    side = 2 * step + 1
-    j = int(torch.randint(0, side * side - 1, (1,), generator=g))
-    j += j >= (side * side) // 2  # skip (0, 0)
-    vel = torch.tensor([j // side - step, j % side - step])
-    all_v = velocities(step)
+    vel = draw_velocity()
     track = [pos]
     for t in range(c):
         if t == c - 1:
             before = vel  # the velocity the next move keeps unless it is redrawn
         if t and spec.p_change and float(torch.rand(1, generator=g)) < spec.p_change:
-            vel = all_v[int(torch.randint(0, len(all_v), (1,), generator=g))]
+            vel = draw_velocity()
         pos, vel = _bounce(pos, vel, span)
         track.append(pos)
     if not spec.p_change:

@@ -263,9 +263,18 @@ def test_trained_model_records_its_sequences(seq_run, mnist_root):
     assert (seq_run / "grids" / "step-0000003.png").is_file()
 
 
-def test_model_file_carries_its_digits_so_contexts_need_no_mnist(seq_run, mnist_root, tmp_path, monkeypatch):
-    from safetensors import safe_open
+@pytest.fixture
+def forbid_mnist(monkeypatch):
+    """Any read of MNIST fails the test: contexts must come from the digits the model file carries."""
     from diffcli import contexts
+
+    def no_mnist(*args, **kwargs):
+        raise AssertionError("MNIST read although the model file carries the digits")
+    return lambda: monkeypatch.setattr(contexts, "mnist_digit_tiles", no_mnist)
+
+
+def test_model_file_carries_its_digits_so_contexts_need_no_mnist(seq_run, mnist_root, tmp_path, forbid_mnist):
+    from safetensors import safe_open
     from diffcli.models import load_model
     from diffcli.sequences import SEQUENCE_DIGITS
     _, meta = load_model(seq_run)
@@ -275,10 +284,7 @@ def test_model_file_carries_its_digits_so_contexts_need_no_mnist(seq_run, mnist_
     with_mnist = tmp_path / "mnist"
     cli_ok("sample", "--checkpoint", seq_run, "--context", "3", "--n", "2", "--steps", "2", "--data-root", mnist_root,
            "--out", with_mnist, "--device", "cpu")
-
-    def no_mnist(*args, **kwargs):
-        raise AssertionError("MNIST read although the model file carries the digits")
-    monkeypatch.setattr(contexts, "mnist_digit_tiles", no_mnist)
+    forbid_mnist()
     carried_out = tmp_path / "carried"
     cli_ok("sample", "--checkpoint", seq_run, "--context", "3", "--n", "2", "--steps", "2", "--out", carried_out,
            "--device", "cpu")
@@ -375,16 +381,12 @@ def test_bad_contexts(seq_run, tmp_path):
 
 # ---------------------------------------------------------------- the shipped next-frame model
 
-def test_shipped_circle_jumping_model_samples_its_futures_with_no_set_up(tmp_path, monkeypatch):
+def test_shipped_circle_jumping_model_samples_its_futures_with_no_set_up(tmp_path, forbid_mnist):
     """`--checkpoint circle-jumping` by name, contexts from the digits the file carries (no MNIST anywhere), and
     its particles land on the true futures: the 001 evaluation with zero set-up."""
-    from diffcli import contexts
     from diffcli.models import load_model, model_file
     from diffcli.shipped import SHIPPED_CIRCLE
-
-    def no_mnist(*args, **kwargs):
-        raise AssertionError("MNIST read although the shipped model carries its digits")
-    monkeypatch.setattr(contexts, "mnist_digit_tiles", no_mnist)
+    forbid_mnist()
     assert model_file("circle-jumping") == SHIPPED_CIRCLE
     _, meta = load_model("circle-jumping")
     assert meta["sequence"]["kind"] == "circle-jumping" and meta["sequence"]["directions"] == 4
