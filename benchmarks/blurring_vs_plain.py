@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks.mnist_data import DEFAULT_ROOT, heldout_5k  # noqa: E402
-from diffcli.common import load_checkpoint, save_image  # noqa: E402
+from diffcli.shared.checkpoints import load_checkpoint  # noqa: E402
+from diffcli.shared.images import save_image
 
 TWINS = {"blur20": 20.0, "blur0": 0.0}
 

@@ -22,11 +22,11 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from diffcli.clip_model import Clip, embed_image_files, embed_prompts, load_clip, resolve_clip_model  # noqa: E402
-from diffcli.common import quiet_libraries  # noqa: E402
-from diffcli.grading import group_prompts, plan_clip_files  # noqa: E402
-from diffcli.image_folders import check_images  # noqa: E402
-from diffcli.metrics import cosine_per_image, group_means  # noqa: E402
+from diffcli.backends.clip_model import Clip, embed_image_files, embed_prompts, load_clip, resolve_clip_model  # noqa: E402
+from diffcli.shared.libraries import quiet_libraries  # noqa: E402
+from diffcli.data.grading import group_prompts, plan_clip_files  # noqa: E402
+from diffcli.data.image_folders import check_images  # noqa: E402
+from diffcli.core.metrics import cosine_per_image, group_means  # noqa: E402
 
 
 def write_crops(folder: Path, prompts: int, crops: int, size: int) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fid_vs_nfe import features, fid  # noqa: E402
-from diffcli.classifier import load_classifier  # noqa: E402
+from diffcli.backends.classifier import load_classifier  # noqa: E402
 from mnist_data import DEFAULT_ROOT, heldout_5k  # noqa: E402
 
 

@@ -22,12 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from diffcli.classifier import load_classifier  # noqa: E402
-from diffcli.common import to_uint8  # noqa: E402
-from diffcli.metrics import frechet_distance  # noqa: E402
-from diffcli.models import load_model  # noqa: E402
+from diffcli.backends.classifier import load_classifier  # noqa: E402
+from diffcli.shared.images import to_uint8  # noqa: E402
+from diffcli.core.metrics import frechet_distance  # noqa: E402
+from diffcli.backends.models import load_model  # noqa: E402
 from diffcli.sample import SHIPPED_CHECKPOINT, SampleConfig, sample_images  # noqa: E402
-from diffcli.samplers import nfe  # noqa: E402
+from diffcli.core.samplers import nfe  # noqa: E402
 from mnist_data import DEFAULT_ROOT, heldout_5k, t10k  # noqa: E402
 
 STEPS = {"euler": (9, 17, 35, 79), "heun": (5, 9, 18, 40), "stochastic_heun": (5, 9, 18, 40),

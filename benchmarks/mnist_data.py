@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffcli.data import load_dataset
+from diffcli.data.datasets import load_dataset
 
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "data"
 

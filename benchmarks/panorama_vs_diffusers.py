@@ -27,11 +27,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from diffcli import pipelines  # noqa: E402
-from diffcli.common import PerSampleRandn  # noqa: E402
-from diffcli.denoisers import ve_to_vp  # noqa: E402
+from diffcli.backends import pipelines  # noqa: E402
+from diffcli.shared.devices import PerSampleRandn  # noqa: E402
+from diffcli.core.denoisers import ve_to_vp  # noqa: E402
 from diffcli.panorama import PanoramaConfig, decode_tiled, generate, plan, validate  # noqa: E402
-from diffcli.views import windows  # noqa: E402
+from diffcli.core.views import windows  # noqa: E402
 
 PROMPT = "a beach at sunrise"
 

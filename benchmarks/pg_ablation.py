@@ -33,10 +33,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mnist_data import DEFAULT_ROOT, heldout_5k  # noqa: E402
 
-from diffcli.classifier import load_classifier  # noqa: E402
-from diffcli.common import pick_device, to_uint8  # noqa: E402
-from diffcli.metrics import frechet_distance  # noqa: E402
-from diffcli.models import load_model  # noqa: E402
+from diffcli.backends.classifier import load_classifier  # noqa: E402
+from diffcli.shared.devices import pick_device  # noqa: E402
+from diffcli.shared.images import to_uint8
+from diffcli.core.metrics import frechet_distance  # noqa: E402
+from diffcli.backends.models import load_model  # noqa: E402
 from diffcli.pg import PGConfig, sample_digits  # noqa: E402
 from diffcli.sample import SHIPPED_CHECKPOINT, digit_kernel  # noqa: E402
 
@@ -147,8 +148,8 @@ def plot(results: list[tuple], args, path: str) -> None:
 
 @torch.no_grad()
 def decided(model, meta, classifier, n: int, steps: int, device) -> None:
-    from diffcli.particles import class_posterior
-    from diffcli.samplers import get_sigmas_karras, sample_heun
+    from diffcli.core.particles import class_posterior
+    from diffcli.core.samplers import get_sigmas_karras, sample_heun
     k = meta["num_classes"]
     sigmas = get_sigmas_karras(steps, meta["sigma_min"], meta["sigma_max"], device=device)
     x = torch.randn((n, meta["channels"], meta["image_size"], meta["image_size"]),

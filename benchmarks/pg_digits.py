@@ -20,10 +20,11 @@ import time
 
 import torch
 
-from diffcli.classifier import classify, load_classifier
-from diffcli.common import pick_device, to_uint8
-from diffcli.metrics import digit_record
-from diffcli.models import load_model
+from diffcli.backends.classifier import classify, load_classifier
+from diffcli.shared.devices import pick_device
+from diffcli.shared.images import to_uint8
+from diffcli.core.metrics import digit_record
+from diffcli.backends.models import load_model
 from diffcli.pg import PGConfig, make_kernel, sample_digits
 from diffcli.sample import SHIPPED_CHECKPOINT
 

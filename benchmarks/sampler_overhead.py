@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from diffcli.models import load_model  # noqa: E402
+from diffcli.backends.models import load_model  # noqa: E402
 from diffcli.sample import SHIPPED_CHECKPOINT, SampleConfig, sample_images  # noqa: E402
-from diffcli.samplers import nfe  # noqa: E402
+from diffcli.core.samplers import nfe  # noqa: E402
 
 
 def time_it(fn, repeats: int) -> float:

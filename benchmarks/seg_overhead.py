@@ -23,11 +23,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from diffcli import attention, pipelines, seg  # noqa: E402
-from diffcli.query_blur import box_blur, parse_blur  # noqa: E402
-from diffcli.common import PerSampleRandn  # noqa: E402
-from diffcli.guidance import smoothed_energy  # noqa: E402
-from diffcli.samplers import sample_euler  # noqa: E402
+from diffcli.core import attention  # noqa: E402
+from diffcli.backends import pipelines  # noqa: E402
+from diffcli import seg  # noqa: E402
+from diffcli.core.query_blur import box_blur, parse_blur  # noqa: E402
+from diffcli.shared.devices import PerSampleRandn  # noqa: E402
+from diffcli.core.guidance import smoothed_energy  # noqa: E402
+from diffcli.core.samplers import sample_euler  # noqa: E402
 
 CPU = torch.device("cpu")
 

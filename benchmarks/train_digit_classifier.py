@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.mnist_data import DEFAULT_ROOT, heldout_5k, t10k  # noqa: E402
-from diffcli.classifier import DigitNet  # noqa: E402
-from diffcli.common import save_checkpoint  # noqa: E402
-from diffcli.common import to_model_range  # noqa: E402
+from diffcli.backends.classifier import DigitNet  # noqa: E402
+from diffcli.shared.checkpoints import save_checkpoint  # noqa: E402
+from diffcli.shared.images import to_model_range  # noqa: E402
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from diffcli.models import build_edm  # noqa: E402
-from diffcli.nets import count_params, net_config  # noqa: E402
+from diffcli.backends.models import build_edm  # noqa: E402
+from diffcli.backends.nets import count_params, net_config  # noqa: E402
 from diffcli.train import EDMLoss  # noqa: E402
 
 

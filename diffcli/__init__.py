@@ -24,22 +24,24 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "common": ("DiffcliError", "PerSampleRandn", "load_images", "pick_device", "pick_dtype"),
-    "shipped": ("SHIPPED_MODEL", "SHIPPED_CLASSIFIER", "SHIPPED_BLURRING", "SHIPPED_CIRCLE", "checkpoint", "prompts"),
-    "models": ("load_model",),
-    "denoisers": ("Denoiser", "EDMPrecond", "DiffusersDenoiser"),
-    "pipelines": ("load_pipeline", "encode_prompts", "initial_latents", "decode", "latent_shape"),
-    "guidance": ("stack", "classifier_free", "smoothed_energy", "particle_guidance", "class_particle_guidance", "Seg",
+    "shared.errors": ("DiffcliError",),
+    "shared.devices": ("PerSampleRandn", "pick_device", "pick_dtype"),
+    "shared.images": ("load_images",),
+    "shared.shipped": ("SHIPPED_MODEL", "SHIPPED_CLASSIFIER", "SHIPPED_BLURRING", "SHIPPED_CIRCLE", "checkpoint", "prompts"),
+    "backends.models": ("load_model",),
+    "core.denoisers": ("Denoiser", "EDMPrecond", "DiffusersDenoiser"),
+    "backends.pipelines": ("load_pipeline", "encode_prompts", "initial_latents", "decode", "latent_shape"),
+    "core.guidance": ("stack", "classifier_free", "smoothed_energy", "particle_guidance", "class_particle_guidance", "Seg",
                  "PG"),
-    "query_blur": ("parse_blur",),
-    "particles": ("rbf_grad", "make_kernel", "feature_grad", "class_posterior", "posterior_push"),
-    "samplers": ("SAMPLERS", "SCHEDULES", "run_sampler", "get_sigmas_karras", "sample_euler", "sample_heun",
+    "core.query_blur": ("parse_blur",),
+    "core.particles": ("rbf_grad", "make_kernel", "feature_grad", "class_posterior", "posterior_push"),
+    "core.samplers": ("SAMPLERS", "SCHEDULES", "run_sampler", "get_sigmas_karras", "sample_euler", "sample_heun",
                  "sample_stochastic_heun", "sample_ddim", "sample_euler_ancestral", "sample_dpmpp_2m", "nfe"),
-    "views": ("ViewSet", "make_view", "windows", "VIEWS"),
-    "sync": ("synchronized", "sample_views"),
-    "metrics": ("frechet_distance", "kernel_distance", "mean_pairwise_cosine", "digit_record", "anagram_scores"),
+    "core.views": ("ViewSet", "make_view", "windows", "VIEWS"),
+    "core.sync": ("synchronized", "sample_views"),
+    "core.metrics": ("frechet_distance", "kernel_distance", "mean_pairwise_cosine", "digit_record", "anagram_scores"),
 }
-_ALIASES = {"pipeline_denoiser": ("pipelines", "denoiser"), "pipeline_sigmas": ("pipelines", "sigmas")}
+_ALIASES = {"pipeline_denoiser": ("backends.pipelines", "denoiser"), "pipeline_sigmas": ("backends.pipelines", "sigmas")}
 _WHERE = {name: (module, name) for module, names in _EXPORTS.items() for name in names} | _ALIASES
 
 __all__ = sorted(_WHERE)

@@ -17,17 +17,23 @@ from typing import Any
 
 import torch
 
-from . import pipelines
-from .common import (DiffcliError, PerSampleRandn, beside, pick_dtype, progress_bar, read_json_option, run_record_path,
-                     check_file_names, safe_name, save_gif, save_grid, save_image, unique_stems, write_run_json)
-from .dist import Dist
-from .guidance import seg_layers, seg_of, stack
-from .options import (BATCH_MAX, FRAMES_MAX, SCALE_MAX, SIDE_MAX, STEPS_MAX, GuidanceOptions, SamplingOptions,
-                      check_guidance, check_image_size, check_particles, check_pipeline_steps, check_sampling, count,
-                      finite, record as options_record, seed as check_seed)
+from .backends import pipelines
+from .shared.errors import DiffcliError
+from .shared.devices import PerSampleRandn, pick_dtype
+from .shared.records import beside, run_record_path, write_run_json
+from .shared.progress import progress_bar
+from .shared.files import read_json_option
+from .shared.names import check_file_names, safe_name, unique_stems
+from .shared.images import save_gif, save_grid, save_image
+from .shared.dist import Dist
+from .core.guidance import stack
+from .shared.limits import (BATCH_MAX, FRAMES_MAX, SCALE_MAX, SIDE_MAX, STEPS_MAX, check_image_size, count, finite,
+                            seed as check_seed)
+from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_pipeline_steps,
+                      check_sampling, record as options_record, seg_layers, seg_of)
 from .panorama import key_line, resolve_prompts_file
-from .sync import CASES, NOISES, rows_of, sample_views
-from .views import VIEWS, ViewOptions, ViewSet, frame, make_view
+from .core.sync import CASES, NOISES, rows_of, sample_views
+from .core.views import VIEWS, ViewOptions, ViewSet, frame, make_view
 
 DEFAULT_MODEL = "DeepFloyd/IF-I-M-v1.0"
 DEFAULT_SR_MODEL = "DeepFloyd/IF-II-M-v1.0"

@@ -11,12 +11,12 @@ from typing import Any, Callable, List, Optional
 
 import typer
 
-from .common import DiffcliError
+from .shared.errors import DiffcliError
 from .anagram import AnagramConfig
 from .eval import EvalConfig
-from .query_blur import SPEC_FORMS
-from .samplers import SAMPLERS
-from .views import VIEWS
+from .core.query_blur import SPEC_FORMS
+from .core.samplers import SAMPLERS
+from .core.views import VIEWS
 from .options import GuidanceOptions, SamplingOptions, default, defaults, group_fields
 from .panorama import PanoramaConfig
 from .pg import PGConfig
@@ -106,7 +106,7 @@ def read_config(ctx: typer.Context, param: Any, value: Optional[Path]) -> Option
     they become the options' defaults, so flags given on the command line win."""
     if value is None:
         return None
-    from .configfile import read_options
+    from .shared.configfile import read_options
     try:
         values = read_options(value, {p.name: [o.lstrip("-") for o in p.opts] for p in ctx.command.params
                                       if p.name not in ("config", "ctx")})
@@ -351,7 +351,7 @@ def seg(
 
     Example: diffcli seg --prompts-file prompts.txt --model ./sd-v1-5 --guidance 7.5 --regions begin --n 4
     """
-    from .common import read_prompts_file
+    from .shared.names import read_prompts_file
     from .seg import SegConfig, run as run_seg
     if prompt is not None and prompts_file is not None:
         raise DiffcliError("give a prompt or --prompts-file, not both")

@@ -21,18 +21,21 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .classifier import SHIPPED_CLASSIFIER, classify, load_classifier, read_digit, stack_digits
-from .clip_model import Clip, embed_image_files, embed_prompts, load_clip
-from .common import BATCH_SIZE, DiffcliError, atomic_path, progress_bar, write_json
-from .dist import Dist, batch_share, per_image, read_each
-from .fid import (FEATURES, Reference, feature_extractor, feature_files, folder_features, parse_reference,
-                  reference_statistics)
-from .grading import (APPS, ClipFile, anagram_record, clip_score_record, grade, group_prompts, plan_clip_files,
-                      read_anagram_pairs)
-from .image_folders import (EVAL_FILE, check_images, conversion_warnings, file_kind, grader_chokes,
-                            read_digit_samples)
-from .options import BATCH_MAX, KID_SUBSETS_MAX, N_MAX, count
-from .metrics import cosine_per_image, digit_record, frechet_distance, group_means, kernel_distance
+from .backends.classifier import SHIPPED_CLASSIFIER, classify, load_classifier, read_digit, stack_digits
+from .backends.clip_model import Clip, embed_image_files, embed_prompts, load_clip
+from .shared.images import BATCH_SIZE
+from .shared.errors import DiffcliError
+from .shared.files import atomic_path, write_json
+from .shared.progress import progress_bar
+from .shared.dist import Dist, batch_share, per_image, read_each
+from .data.fid import (FEATURES, Reference, feature_extractor, feature_files, folder_features, parse_reference,
+                       reference_statistics)
+from .data.grading import (APPS, ClipFile, anagram_record, clip_score_record, grade, group_prompts, plan_clip_files,
+                           read_anagram_pairs)
+from .data.image_folders import (EVAL_FILE, check_images, conversion_warnings, file_kind, grader_chokes,
+                                 read_digit_samples)
+from .shared.limits import BATCH_MAX, KID_SUBSETS_MAX, N_MAX, count
+from .core.metrics import cosine_per_image, digit_record, frechet_distance, group_means, kernel_distance
 
 OTHER_FAMILIES = ("fid", "kid", "digits")  # eval.json keys a CLIP run leaves in place; the rest is the CLIP part
 

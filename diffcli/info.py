@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
-from .common import package_versions, pick_device
-from .shipped import CHECKPOINTS_DIR
+from .shared.records import package_versions
+from .shared.devices import pick_device
+from .shared.shipped import CHECKPOINTS_DIR
 
 
 def environment() -> dict[str, Any]:

@@ -15,17 +15,22 @@ from typing import Any, Callable
 
 import torch
 
-from . import pipelines
-from .common import (DiffcliError, PerSampleRandn, pick_dtype, progress_bar, read_json_option, read_prompts_file,
-                     run_record_path, check_file_names, save_image, unique_stems, write_run_json)
-from .dist import Dist
-from .guidance import seg_layers, seg_of, stack
-from .options import (BATCH_MAX, SIDE_MAX, GuidanceOptions, SamplingOptions, check_guidance, check_image_size,
-                      check_particles, check_pipeline_steps, check_sampling, count, record as options_record,
-                      seed as check_seed)
-from .shipped import prompts as shipped_prompts
-from .sync import CASES, NOISES, rows_of, sample_views
-from .views import ViewSet, windows
+from .backends import pipelines
+from .shared.errors import DiffcliError
+from .shared.devices import PerSampleRandn, pick_dtype
+from .shared.progress import progress_bar
+from .shared.files import read_json_option
+from .shared.names import read_prompts_file, check_file_names, unique_stems
+from .shared.records import run_record_path, write_run_json
+from .shared.images import save_image
+from .shared.dist import Dist
+from .core.guidance import stack
+from .shared.limits import BATCH_MAX, SIDE_MAX, check_image_size, count, seed as check_seed
+from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_pipeline_steps,
+                      check_sampling, record as options_record, seg_layers, seg_of)
+from .shared.shipped import prompts as shipped_prompts
+from .core.sync import CASES, NOISES, rows_of, sample_views
+from .core.views import ViewSet, windows
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
 ASSIGNMENT = "assignment"

@@ -13,22 +13,27 @@ from typing import Any, Callable
 
 import torch
 
-from .common import (DiffcliError, PerSampleRandn, atomic_path, begin_output, load_checkpoint, save_checkpoint, pick_device, pick_dtype, progress_bar, save_grid,
-                     save_image, write_json, write_run_json)
-from . import pipelines
-from . import sequences as sq
-from .classifier import SHIPPED_CLASSIFIER, classify, load_classifier, load_digits
-from .denoisers import ve_to_vp
-from .metrics import digit_record, mean_pairwise_cosine, pca_2d
-from .models import load_model
-from .guidance import pg_of, seg_layers, seg_of, stack
-from .options import (BATCH_MAX, SIDE_MAX, GuidanceOptions, SamplingOptions, check_batch_memory, check_guidance,
-                      check_image_size, check_particles, check_pipeline_steps, check_sampling, count, group_fields,
-                      record as options_record, seed as check_seed)
-from .particles import KernelGrad, make_kernel  # make_kernel: the benchmarks' import
-from .sample import (SHIPPED_CHECKPOINT, SampleConfig, digit_kernel, model_contexts, parse_labels, sample_images, samples_record,
-                     sequence_outputs, write_samples)
-from .samplers import nfe, run_sampler
+from .shared.errors import DiffcliError
+from .shared.devices import PerSampleRandn, pick_device, pick_dtype
+from .shared.files import atomic_path, write_json
+from .shared.records import begin_output, write_run_json
+from .shared.checkpoints import load_checkpoint, save_checkpoint
+from .shared.progress import progress_bar
+from .shared.images import save_grid, save_image
+from .backends import pipelines
+from .data import sequences as sq
+from .backends.classifier import SHIPPED_CLASSIFIER, classify, load_classifier, load_digits
+from .core.denoisers import ve_to_vp
+from .core.metrics import digit_record, mean_pairwise_cosine, pca_2d
+from .backends.models import load_model
+from .core.guidance import stack
+from .shared.limits import BATCH_MAX, SIDE_MAX, check_batch_memory, check_image_size, count, seed as check_seed
+from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_pipeline_steps,
+                      check_sampling, group_fields, pg_of, record as options_record, seg_layers, seg_of)
+from .core.particles import KernelGrad, make_kernel  # make_kernel: the benchmarks' import
+from .sample import (SHIPPED_CHECKPOINT, SampleConfig, digit_kernel, model_contexts, parse_labels, sample_images,
+                     samples_record, sequence_outputs, write_samples)
+from .core.samplers import nfe, run_sampler
 
 
 @dataclass(kw_only=True)
@@ -262,7 +267,7 @@ def run(cfg: PGConfig, out: Path, overwrite: bool, device_name: str | None, opti
         labels, meta = None, {"kind": type(pipe).__name__, "model": cfg.model}
         image_features = None
         if cfg.kernel == "clip" and cfg.pg_factor:
-            from .clip_model import image_features_fn, load_clip
+            from .backends.clip_model import image_features_fn, load_clip
             image_features = image_features_fn(load_clip(cfg.clip_model, cfg.clip_pretrained, device))
         kernel = pipelines.pipeline_kernel(pipe, cfg, image_features)
         draw = lambda factor, j, step: sample_pipeline(pipe, cfg, factor, device, step, kernel)

@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from .common import DiffcliError
-from .image_folders import is_regular
+from .shared.errors import DiffcliError
+from .data.image_folders import is_regular
 
 RERUNNABLE = ("train", "sample", "seg", "panorama", "anagram", "pg", "sweep")
 OUTPUT_FLAGS = ("--out", "--resume", "--overwrite")

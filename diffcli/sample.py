@@ -10,24 +10,30 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .common import (DiffcliError, PerSampleRandn, check_image_file, check_memory, is_run_record, load_checkpoint,
-                     load_images, make_grid, pick_dtype, progress_bar, prepare_out_dir, save_gif, save_grid,
-                     save_image, write_run_json)
-from .dist import Dist
-from .guidance import pg_of, seg_layers, seg_of, stack
-from .models import check_record, load_model
-from .options import (BATCH_MAX, N_MAX, PIXELS_MAX, SIGMA_LIMIT, GuidanceOptions, SamplingOptions,
-                      check_batch_memory, check_guidance, check_particles, check_sampling, count, finite,
-                      record as options_record, seed as check_seed)
-from .classifier import SHIPPED_CLASSIFIER, load_classifier
-from .particles import KernelGrad, classifier_features, make_kernel, posterior_push
-from .samplers import SAMPLERS, get_sigmas_karras, nfe, run_sampler
-from . import sequences as sq
-from .blurring import (DEFAULT_STEPS as BLURRING_STEPS, SAMPLERS as BLURRING_SAMPLERS, BlurSchedule, blurred_mean,
-                       check_blur_sigma, diffuse, get_ts, sample_blurring, schedule_of)
-from .contexts import resolve_contexts
+from .shared.errors import DiffcliError
+from .shared.devices import PerSampleRandn, pick_dtype
+from .shared.images import check_image_file, load_images, make_grid, save_gif, save_grid, save_image
+from .shared.memory import check_memory
+from .shared.records import is_run_record, write_run_json
+from .shared.checkpoints import load_checkpoint
+from .shared.progress import progress_bar
+from .shared.files import prepare_out_dir
+from .shared.dist import Dist
+from .core.guidance import stack
+from .backends.models import check_record, load_model
+from .shared.limits import (BATCH_MAX, N_MAX, PIXELS_MAX, SIGMA_LIMIT, check_batch_memory, count, finite,
+                            seed as check_seed)
+from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_sampling, pg_of,
+                      record as options_record, seg_layers, seg_of)
+from .backends.classifier import SHIPPED_CLASSIFIER, load_classifier
+from .core.particles import KernelGrad, classifier_features, make_kernel, posterior_push
+from .core.samplers import SAMPLERS, get_sigmas_karras, nfe, run_sampler
+from .data import sequences as sq
+from .core.blurring import (DEFAULT_STEPS as BLURRING_STEPS, SAMPLERS as BLURRING_SAMPLERS, BlurSchedule,
+                            blurred_mean, check_blur_sigma, diffuse, get_ts, sample_blurring, schedule_of)
+from .data.contexts import resolve_contexts
 
-from .shipped import SHIPPED_MODEL as SHIPPED_CHECKPOINT  # the built-in model; every shipped path is in shipped.py
+from .shared.shipped import SHIPPED_MODEL as SHIPPED_CHECKPOINT  # the built-in model; every shipped path is in shipped.py
 
 
 @dataclass(kw_only=True)

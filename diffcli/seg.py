@@ -14,17 +14,22 @@ from typing import Any
 
 import torch
 
-from . import attention, pipelines
-from .common import (DiffcliError, PerSampleRandn, atomic_path, check_file_names, clear_temp_files, load_images,
-                     pick_dtype, progress_bar, safe_name, save_grid, save_image, unique_stems, write_json,
-                     write_run_json)
-from .dist import Dist
-from .guidance import Seg, guided_steps, pg_of, seg_of, stack, step_index
-from .options import (BATCH_MAX, N_MAX, SIDE_MAX, GuidanceOptions, SamplingOptions, check_batch_memory,
-                      check_guidance, check_image_size, check_particles, check_pipeline_steps, check_sampling, count,
-                      record as options_record, seed as check_seed, split_list)
-from .query_blur import Blur
-from .samplers import run_sampler
+from .core import attention
+from .backends import pipelines
+from .shared.errors import DiffcliError
+from .shared.devices import PerSampleRandn, pick_dtype
+from .shared.files import atomic_path, clear_temp_files, write_json
+from .shared.names import check_file_names, safe_name, unique_stems
+from .shared.images import load_images, save_grid, save_image
+from .shared.progress import progress_bar
+from .shared.records import write_run_json
+from .shared.dist import Dist
+from .core.guidance import Seg, guided_steps, stack, step_index
+from .shared.limits import BATCH_MAX, N_MAX, SIDE_MAX, check_batch_memory, check_image_size, count, seed as check_seed
+from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_pipeline_steps,
+                      check_sampling, pg_of, record as options_record, seg_of, split_list)
+from .core.query_blur import Blur
+from .core.samplers import run_sampler
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 METRIC_FIELDS = ("blur", "prompt", "step", "sigma", "layer", "role", "blurred", "l2", "laplacian_var", "edge_entropy")

@@ -20,10 +20,13 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from .cache import caching
-from .dist import Dist
-from .common import (DiffcliError, atomic_path, load_images, prepare_out_dir, run_record_path, safe_name, save_grid,
-                     write_json)
+from .shared.cache import caching
+from .shared.dist import Dist
+from .shared.errors import DiffcliError
+from .shared.files import atomic_path, prepare_out_dir, write_json
+from .shared.images import load_images, save_grid
+from .shared.records import run_record_path
+from .shared.names import safe_name
 
 COMMANDS = ("sample", "seg", "panorama", "anagram", "pg")
 MAX_SETTINGS = 32  # more settings than this need --yes

@@ -22,20 +22,25 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .blurring import (DEFAULT_STEPS as BLURRING_STEPS, BlurringLoss, check_blur_sigma, get_ts, sample_blurring,
-                       schedule_of)
-from .common import (DiffcliError, PerSampleRandn, add_prefix, clear_temp_files, flatten_state, load_checkpoint,
-                     prepare_out_dir, save_checkpoint, save_grid, save_image, strip_prefix, to_model_range,
-                     unflatten_state, write_run_json)
-from .data import BatchOrder, ImageSet, load_dataset, mnist_digit_tiles
-from .denoisers import EDMPrecond
-from .dist import Dist
-from .models import EDM_STEPS, MODEL_FORMAT, build_model, snapshot_path
-from .nets import PRESETS, count_params, net_config
-from .options import (BATCH_MAX, CHANNELS_MAX, CONTEXT_FRAMES_MAX, PREVIEW_MAX, SIDE_MAX, SIGMA_LIMIT, TRAIN_SEED_MAX,
-                      TRAIN_STEPS_MAX, check_batch_memory, check_image_size, count, finite, seed as check_seed)
-from .samplers import get_sigmas_karras, sample_heun
-from .sequences import CARRIED_DIGITS, SEQUENCE_DIGITS, make_item, spec_from_record, strip, tiles_of
+from .core.blurring import (DEFAULT_STEPS as BLURRING_STEPS, BlurringLoss, check_blur_sigma, get_ts, sample_blurring,
+                            schedule_of)
+from .shared.errors import DiffcliError
+from .shared.devices import PerSampleRandn
+from .shared.checkpoints import (add_prefix, flatten_state, load_checkpoint, save_checkpoint, strip_prefix,
+                                 unflatten_state)
+from .shared.files import clear_temp_files, prepare_out_dir
+from .shared.images import save_grid, save_image, to_model_range
+from .shared.records import write_run_json
+from .data.datasets import BatchOrder, ImageSet, load_dataset, mnist_digit_tiles
+from .core.denoisers import EDMPrecond
+from .shared.dist import Dist
+from .backends.models import EDM_STEPS, MODEL_FORMAT, build_model, snapshot_path
+from .backends.nets import PRESETS, count_params, net_config
+from .shared.limits import (BATCH_MAX, CHANNELS_MAX, CONTEXT_FRAMES_MAX, PREVIEW_MAX, SIDE_MAX, SIGMA_LIMIT,
+                            TRAIN_SEED_MAX, TRAIN_STEPS_MAX, check_batch_memory, check_image_size, count, finite,
+                            seed as check_seed)
+from .core.samplers import get_sigmas_karras, sample_heun
+from .data.sequences import CARRIED_DIGITS, SEQUENCE_DIGITS, make_item, spec_from_record, strip, tiles_of
 
 
 @dataclass

@@ -9,13 +9,15 @@ import pytest
 import torch
 
 from conftest import run_cli, run_torchrun
-from diffcli import pipelines
+from diffcli.backends import pipelines
 from diffcli.anagram import AnagramConfig, Job, generate, load, read_pairs, validate
-from diffcli.common import DiffcliError, PerSampleRandn, safe_name
-from diffcli.guidance import classifier_free
-from diffcli.shipped import PROMPTS_DIR
-from diffcli.samplers import sample_euler
-from diffcli.views import VIEWS
+from diffcli.shared.errors import DiffcliError
+from diffcli.shared.devices import PerSampleRandn
+from diffcli.shared.names import safe_name
+from diffcli.core.guidance import classifier_free
+from diffcli.shared.shipped import PROMPTS_DIR
+from diffcli.core.samplers import sample_euler
+from diffcli.core.views import VIEWS
 
 CPU = torch.device("cpu")
 
@@ -125,7 +127,7 @@ def test_every_view_runs_both_stages(pipes, name):
 
 def test_cli_writes_the_003_layout_eval_reads(tmp_path, tiny_if):
     from PIL import Image
-    from diffcli.grading import plan_clip_files
+    from diffcli.data.grading import plan_clip_files
     pairs = tmp_path / "pairs.json"
     hostile = "../a dog/..\\NUL"
     pairs.write_text(json.dumps({"horse-village": {"canonical_prompt": "a horse", "instance_prompt": "a village"},

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from pipes import tiny_if_unet
 
-from diffcli import attention
-from diffcli.common import DiffcliError
-from diffcli.denoisers import EDMPrecond
-from diffcli.guidance import smoothed_energy
-from diffcli.nets import UNetF, net_config
-from diffcli.query_blur import parse_blur
+from diffcli.core import attention
+from diffcli.shared.errors import DiffcliError
+from diffcli.core.denoisers import EDMPrecond
+from diffcli.core.guidance import smoothed_energy
+from diffcli.backends.nets import UNetF, net_config
+from diffcli.core.query_blur import parse_blur
 
 ROLES = ("uncond", "cond", "seg")
 INFINITE, GAUSS = parse_blur("gaussian_-1_1e7"), parse_blur("gaussian_3_1.0")

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffcli.query_blur import (box_blur, ema_rows, gaussian_blur, gaussian_kernel_size, interpolated_box_blur,
-                          mean_query, parse_blur, ramp)
-from diffcli.common import DiffcliError
+from diffcli.core.query_blur import (box_blur, ema_rows, gaussian_blur, gaussian_kernel_size, interpolated_box_blur,
+                                     mean_query, parse_blur, ramp)
+from diffcli.shared.errors import DiffcliError
 
 
 def query(h: int, w: int, batch: int = 2, heads: int = 3, d: int = 4, seed: int = 0) -> torch.Tensor:

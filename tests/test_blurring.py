@@ -11,13 +11,14 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import run_cli
-from diffcli import dct as dct_mod
-from diffcli.blurring import (BlurringLoss, BlurSchedule, blurred_mean, diffuse, get_ts, reverse_step,
-                              sample_blurring)
+from diffcli.core import dct as dct_mod
+from diffcli.core.blurring import (BlurringLoss, BlurSchedule, blurred_mean, diffuse, get_ts, reverse_step,
+                                   sample_blurring)
 from diffcli.cli import app
-from diffcli.common import DiffcliError, load_checkpoint
-from diffcli.dct import dct, dct2, idct, idct2
-from diffcli.models import load_model
+from diffcli.shared.errors import DiffcliError
+from diffcli.shared.checkpoints import load_checkpoint
+from diffcli.core.dct import dct, dct2, idct, idct2
+from diffcli.backends.models import load_model
 from diffcli.train import TrainConfig, train
 
 SIZES = [(8, 8), (7, 12), (28, 28)]

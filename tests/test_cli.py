@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from conftest import run_cli
-from diffcli.classifier import SHIPPED_CLASSIFIER, load_classifier
-from diffcli.models import load_model
+from diffcli.backends.classifier import SHIPPED_CLASSIFIER, load_classifier
+from diffcli.backends.models import load_model
 from diffcli.sample import SHIPPED_CHECKPOINT, SampleConfig, sample_images
 
 SHIPPED_BLURRING = SHIPPED_CHECKPOINT.parent / "mnist-blurring.safetensors"

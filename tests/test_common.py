@@ -8,8 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from diffcli.common import (PerSampleRandn, atomic_path, flatten_state, load_checkpoint, make_grid, save_checkpoint,
-                            save_gif, save_image, unflatten_state, write_json)
+from diffcli.shared.devices import PerSampleRandn
+from diffcli.shared.files import atomic_path, write_json
+from diffcli.shared.checkpoints import flatten_state, load_checkpoint, save_checkpoint, unflatten_state
+from diffcli.shared.images import make_grid, save_gif, save_image
 
 
 def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path):
@@ -58,7 +60,7 @@ def test_per_sample_generators_do_not_depend_on_batch():
 def test_resume_clears_only_atomic_temp_files(tmp_path):
     """--resume removes what a killed atomic write left, never a user's own hidden .tmp file."""
     import tempfile
-    from diffcli.common import atomic_temp_files
+    from diffcli.shared.files import atomic_temp_files
     fd, left = tempfile.mkstemp(prefix=".diffcli.00001-seed1.png.", suffix=".tmp", dir=tmp_path)  # atomic_path's
     os.close(fd)
     (tmp_path / ".notes.tmp").write_text("mine")

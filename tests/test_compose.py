@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from conftest import ROOT, invoke_cli
-from diffcli import guidance, pipelines, seg
-from diffcli.common import DiffcliError
-from diffcli.models import load_model
+from diffcli.core import guidance
+from diffcli.backends import pipelines
+from diffcli import options, seg
+from diffcli.shared.errors import DiffcliError
+from diffcli.backends.models import load_model
 from diffcli.panorama import PanoramaConfig, generate, plan, validate
-from diffcli.query_blur import parse_blur
+from diffcli.core.query_blur import parse_blur
 from diffcli.sample import SampleConfig, sample_images
 
 CPU = torch.device("cpu")
@@ -66,7 +68,7 @@ def test_seg_in_a_one_window_panorama_is_diffcli_seg(sd):
     image, _, _ = panorama(sd, width=16, blurs=[blur], seg_scale=2.0, cfg=4.0, layers=["down", "mid"], seed=5)
     cfg = seg.SegConfig(prompts=["a beach"], steps=3, cfg=4.0, seg_scale=2.0, blurs=[blur], layers=["down", "mid"],
                         height=16, width=16, seed=5)
-    g = guidance.seg_of(cfg, parse_blur(blur))
+    g = options.seg_of(cfg, parse_blur(blur))
     cond, uncond = pipelines.encode_prompts(sd, ["a beach"], None, 16, 16, CPU)
     with g.installed(sd.unet):
         alone = seg.sample(sd, cond, uncond, [5], cfg, g, pipelines.sigmas(sd, 3, CPU), CPU)
@@ -145,8 +147,8 @@ def test_seg_on_a_net_without_self_attention_is_refused():
                        down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, add_attention=False)
     opts = SampleConfig(blurs=["gaussian_-1_1"])
     with pytest.raises(DiffcliError, match="no self-attention") as e:
-        guidance.seg_layers(bare, opts, "--layers")
-    assert "\n" not in str(e.value) and guidance.seg_layers(bare, SampleConfig(), "--layers") == []
+        options.seg_layers(bare, opts, "--layers")
+    assert "\n" not in str(e.value) and options.seg_layers(bare, SampleConfig(), "--layers") == []
 
 
 def test_library_errors_are_value_errors():

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from diffcli.denoisers import EDMPrecond, edm_coefficients
-from diffcli.guidance import classifier_free
-from diffcli.samplers import (get_ancestral_step, get_sigmas_karras, nfe, run_sampler, sample_ddim, sample_euler,
-                              sample_heun, sample_stochastic_heun)
+from diffcli.core.denoisers import EDMPrecond, edm_coefficients
+from diffcli.core.guidance import classifier_free
+from diffcli.core.samplers import (get_ancestral_step, get_sigmas_karras, nfe, run_sampler, sample_ddim,
+                                   sample_euler, sample_heun, sample_stochastic_heun)
 from diffcli.train import EDMLoss
 
 

@@ -10,7 +10,7 @@ import sys
 import time
 
 from conftest import ROOT, TINY_TRAIN, run_cli
-from diffcli.common import load_checkpoint
+from diffcli.shared.checkpoints import load_checkpoint
 
 STEPS = 150
 

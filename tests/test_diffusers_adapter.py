@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffcli.denoisers import DiffusersDenoiser, ve_to_vp, vp_to_ve
-from diffcli.samplers import get_sigmas_scheduler, sample_ddim, sample_euler
+from diffcli.core.denoisers import DiffusersDenoiser, ve_to_vp, vp_to_ve
+from diffcli.core.samplers import get_sigmas_scheduler, sample_ddim, sample_euler
 
 
 def tiny_unet():

@@ -179,8 +179,8 @@ def test_ambiguous_images_and_anagram_metrics(tmp_path, tiny_clip):
 
 def test_grouping_units():
     """File name -> prompt, the panorama quirk and its opt-out, groups and means, without a model."""
-    from diffcli.grading import group_prompts, prompt_from_name
-    from diffcli.metrics import group_means
+    from diffcli.data.grading import group_prompts, prompt_from_name
+    from diffcli.core.metrics import group_means
     assert prompt_from_name("A_cat_on_a_mat_1005.png", "wide_images") == "A cat on a mat"
     assert prompt_from_name("A_cat_on_a_mat.png", "wide_images") == "A cat on a"
     assert prompt_from_name("A_cat_on_a_mat.png", "ambiguous_images") == "A cat on a mat"
@@ -192,7 +192,7 @@ def test_grouping_units():
 
 
 def test_drop_panoramas(wide_folder):
-    from diffcli.grading import plan_clip_files
+    from diffcli.data.grading import plan_clip_files
     kept, notes = plan_clip_files(str(wide_folder), "wide_images")
     dropped, notes_dropped = plan_clip_files(str(wide_folder), "wide_images", drop_panoramas=True)
     assert len(kept) == len(dropped) + 1 == 16
@@ -219,7 +219,7 @@ def write_digits(folder: Path, n: int, seed: int, shift: int = 0) -> list[np.nda
 
 
 def digit_features(arrays):
-    from diffcli.classifier import load_classifier
+    from diffcli.backends.classifier import load_classifier
     clf = load_classifier()
     x = torch.from_numpy(np.stack(arrays))[:, None].float() / 127.5 - 1
     with torch.no_grad():
@@ -290,9 +290,9 @@ def test_fid_equals_clean_fid_compute_fid(tmp_path):
     """Our file-list route gives clean-fid's compute_fid number on plain folders (same extractor)."""
     from cleanfid import fid as cfid
     from cleanfid.resize import make_resizer
-    from diffcli.classifier import load_classifier
-    from diffcli.fid import cleanfid_listing, digit_feature_fn, folder_features
-    from diffcli.metrics import frechet_distance
+    from diffcli.backends.classifier import load_classifier
+    from diffcli.data.fid import cleanfid_listing, digit_feature_fn, folder_features
+    from diffcli.core.metrics import frechet_distance
     a, b = tmp_path / "a", tmp_path / "b"
     write_digits(a, 140, seed=3)
     write_digits(b, 140, seed=4, shift=2)

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from diffcli import shipped
-from diffcli.common import DiffcliError
+from diffcli.shared import shipped
+from diffcli.shared.errors import DiffcliError
 
 # what the build reads; tests/ and benchmarks/ stay out of the copy and must stay out of the wheel
 BUILD_INPUTS = ("pyproject.toml", "README.md", "diffcli", "checkpoints", "prompts")

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from conftest import ROOT, run_cli, run_torchrun
-from diffcli import pipelines
-from diffcli.common import DiffcliError, PerSampleRandn
-from diffcli.denoisers import ve_to_vp
-from diffcli.guidance import classifier_free
-from diffcli.shipped import PROMPTS_DIR
+from diffcli.backends import pipelines
+from diffcli.shared.errors import DiffcliError
+from diffcli.shared.devices import PerSampleRandn
+from diffcli.core.denoisers import ve_to_vp
+from diffcli.core.guidance import classifier_free
+from diffcli.shared.shipped import PROMPTS_DIR
 from diffcli.panorama import PanoramaConfig, generate, plan, read_wide_prompts, validate
-from diffcli.samplers import sample_euler
+from diffcli.core.samplers import sample_euler
 
 CPU = torch.device("cpu")
 
@@ -85,7 +86,7 @@ def test_tall_image_and_uneven_windows(pipe):
 
 def test_cli_writes_the_003_layout_eval_reads(tmp_path, tiny_sd):
     from PIL import Image
-    from diffcli.grading import plan_clip_files
+    from diffcli.data.grading import plan_clip_files
     prompts = tmp_path / "wide.json"
     hostile = "../../evil/CON: a\\b <x>"
     prompts.write_text(json.dumps({"A_beach_scene": {"prompt": "A beach scene", "eval_pos": [0, 5, 32]},

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import run_cli
-from diffcli.guidance import particle_guidance
-from diffcli.particles import feature_grad, median_bandwidth, pairwise_sq_dists, rbf_energy, rbf_grad
-from diffcli.samplers import SAMPLERS, get_sigmas_karras, run_sampler
+from diffcli.core.guidance import particle_guidance
+from diffcli.core.particles import feature_grad, median_bandwidth, pairwise_sq_dists, rbf_energy, rbf_grad
+from diffcli.core.samplers import SAMPLERS, get_sigmas_karras, run_sampler
 
 # ---------------------------------------------------------------- toy: 4 Gaussians in 2-D, exact denoiser
 
@@ -29,7 +29,7 @@ def mixture_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def toy_batches(sampler: str, factor: float, seeds: range, n: int = 8, denoiser=None) -> list[torch.Tensor]:
-    from diffcli.common import PerSampleRandn
+    from diffcli.shared.devices import PerSampleRandn
     sigmas = get_sigmas_karras(12, 0.01, 20.0)
     denoiser = denoiser or particle_guidance(mixture_denoiser, factor, rbf_grad)
     outs = []
@@ -114,8 +114,8 @@ def test_feature_grad_matches_autograd():
 
 
 def test_classifier_kernel_runs_on_small_digits():
-    from diffcli.classifier import DigitNet
-    from diffcli.particles import classifier_features
+    from diffcli.backends.classifier import DigitNet
+    from diffcli.core.particles import classifier_features
     torch.manual_seed(0)
     clf = DigitNet(width=4).eval().requires_grad_(False)
     g = feature_grad(classifier_features(clf))(torch.randn(4, 1, 8, 8))
@@ -148,7 +148,7 @@ def test_bandwidth_scales_the_median_heuristic(bandwidth):
     assert torch.allclose(rbf_grad(z, bandwidth), auto, atol=1e-10)
     d2 = pairwise_sq_dists(z)
     assert torch.allclose(median_bandwidth(d2, bandwidth), bandwidth * median_bandwidth(d2))
-    from diffcli.particles import make_kernel
+    from diffcli.core.particles import make_kernel
     grad, reads_x0 = make_kernel("x0", bandwidth=bandwidth)
     assert reads_x0 and torch.allclose(grad(z), rbf_grad(z, bandwidth))
 
@@ -158,14 +158,14 @@ def test_clip_kernel_gradient_matches_finite_differences(tiny_sd, tmp_path):
     tiny CLIP): its gradient is that of the kernel sum (bandwidth held fixed) by central differences."""
     pytest.importorskip("open_clip")
     from pipes import build_tiny_clip
-    from diffcli import pipelines
-    from diffcli.clip_model import image_features_fn, load_clip
+    from diffcli.backends import pipelines
+    from diffcli.backends.clip_model import image_features_fn, load_clip
     config, weights, _ = build_tiny_clip(tmp_path, "tinyclip-pgtest", seed=2)
     clip = load_clip(str(config), str(weights), torch.device("cpu"))
     clip.model.double()
     pipe = pipelines.load_pipeline(str(tiny_sd), torch.device("cpu"), torch.float64)
     features = pipelines.decoded_features(pipe, image_features_fn(clip))
-    from diffcli.particles import make_kernel
+    from diffcli.core.particles import make_kernel
     grad_fn, reads_x0 = make_kernel("clip", features)
     torch.manual_seed(3)
     z = torch.randn(3, 4, 2, 2, dtype=torch.float64)
@@ -187,8 +187,8 @@ def test_clip_kernel_gradient_matches_finite_differences(tiny_sd, tmp_path):
 @pytest.mark.parametrize("kernel", ["x0", "classifier"])
 def test_kernels_on_x0_hat_exact_and_skip_differ_and_sample_respects_the_kernel(tiny_run, tmp_path, kernel, capsys):
     from conftest import invoke_cli
-    from diffcli.classifier import DigitNet
-    from diffcli.common import save_checkpoint
+    from diffcli.backends.classifier import DigitNet
+    from diffcli.shared.checkpoints import save_checkpoint
     clf = tmp_path / "clf.safetensors"
     torch.manual_seed(0)
     save_checkpoint(clf, DigitNet(width=4).state_dict(), {"classifier": {"width": 4, "num_classes": 10}})
@@ -240,7 +240,7 @@ def test_cli_reproducible_by_seed(tiny_run, tmp_path):
                 "--seed", seed, "--out", out, "--device", "cpu", check=True)
         return [(out / f"{i:05d}-seed{int(seed) + i}.png").read_bytes() for i in range(3)]
     assert draw("a", "5") == draw("b", "5")
-    from diffcli.models import load_model
+    from diffcli.backends.models import load_model
     from diffcli.pg import PGConfig, make_kernel, sample_digits
     model, meta = load_model(tiny_run)
     five, six = (sample_digits(model, meta, PGConfig(n=3, steps=3, seed=s), 1.7, make_kernel("rbf"), torch.device("cpu"))
@@ -323,7 +323,7 @@ def test_cli_pipeline_missing_model(tmp_path):
 
 
 def test_pca_2d_keeps_the_two_largest_directions():
-    from diffcli.metrics import pca_2d
+    from diffcli.core.metrics import pca_2d
     torch.manual_seed(5)
     basis = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))[0]
     coords = torch.randn(40, 6, dtype=torch.float64) * torch.tensor([5.0, 2.0, 0.1, 0.1, 0.1, 0.1], dtype=torch.float64)
@@ -393,7 +393,7 @@ def mixture_posterior(x: torch.Tensor, sigma, modes: torch.Tensor = MODES) -> to
 
 
 def test_project_simplex_is_the_euclidean_projection():
-    from diffcli.particles import project_simplex
+    from diffcli.core.particles import project_simplex
     w = torch.tensor([[0.5, 0.2, 0.1], [2.0, 0.0, -1.0], [-1.0, -1.0, -1.0]], dtype=torch.float64)
     p = project_simplex(w)
     torch.testing.assert_close(p, torch.tensor([[0.5 + 0.2 / 3, 0.2 + 0.2 / 3, 0.1 + 0.2 / 3], [1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3]],
@@ -407,7 +407,7 @@ def test_project_simplex_is_the_euclidean_projection():
 @pytest.mark.parametrize("sigma", [0.5, 2.0, 8.0])
 def test_class_posterior_is_read_from_the_denoisers(sigma):
     """Exact denoisers: the null output is the posterior mix of the class outputs, and class_posterior finds it."""
-    from diffcli.particles import class_posterior
+    from diffcli.core.particles import class_posterior
     x = torch.randn(16, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * (2 + sigma)
     s = torch.full((16,), sigma, dtype=torch.float64)
     d_classes = torch.stack([class_model(x, s, torch.full((16,), c), TETRAHEDRON) for c in range(4)], 1)
@@ -417,7 +417,7 @@ def test_class_posterior_is_read_from_the_denoisers(sigma):
 
 def test_posterior_push_is_sigma_squared_times_the_kernel_gradient():
     """sum_c p_i q_i (D_c - D_bar) = sigma^2 grad_{x_i} sum_{j != i} <p(x_i), p(x_j)>, against autograd."""
-    from diffcli.particles import posterior_push
+    from diffcli.core.particles import posterior_push
     sigma = 1.5
     x = torch.randn(5, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 2
     s = torch.full((5,), sigma, dtype=torch.float64)
@@ -433,7 +433,7 @@ def test_posterior_push_is_sigma_squared_times_the_kernel_gradient():
 
 
 def test_class_pg_finds_more_modes_and_factor_zero_is_the_null_pass():
-    from diffcli.guidance import class_particle_guidance
+    from diffcli.core.guidance import class_particle_guidance
 
     def modes(factor, seeds=range(12)):
         den = class_particle_guidance(class_model, factor, 4, {}, 0.05, 20.0)

@@ -4,10 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffcli import pipelines
-from diffcli.common import DiffcliError, PerSampleRandn
-from diffcli.guidance import classifier_free
-from diffcli.samplers import sample_euler
+from diffcli.backends import pipelines
+from diffcli.shared.errors import DiffcliError
+from diffcli.shared.devices import PerSampleRandn
+from diffcli.core.guidance import classifier_free
+from diffcli.core.samplers import sample_euler
 
 
 @pytest.mark.parametrize("which", ["tiny_sd", "tiny_sdxl"])

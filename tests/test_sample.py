@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import run_cli, run_torchrun
-from diffcli.models import load_model
+from diffcli.backends.models import load_model
 from diffcli.sample import SampleConfig, sample_images
 
 

@@ -8,14 +8,14 @@ import math
 import pytest
 import torch
 
-from diffcli import pipelines
-from diffcli.common import PerSampleRandn
-from diffcli.guidance import classifier_free
-from diffcli.samplers import (ETA_DEFAULTS, SAMPLERS, SCHEDULES, SamplerKnobs, get_sigmas_karras,
-                              get_sigmas_scheduler, nfe, run_sampler, sample_ddim, sample_dpmpp_2m, sample_euler,
-                              sample_euler_ancestral, sample_heun, sample_stochastic_heun)
-from diffcli.sync import initial_instances, synchronized
-from diffcli.views import ViewSet, windows
+from diffcli.backends import pipelines
+from diffcli.shared.devices import PerSampleRandn
+from diffcli.core.guidance import classifier_free
+from diffcli.core.samplers import (ETA_DEFAULTS, SAMPLERS, SCHEDULES, SamplerKnobs, get_sigmas_karras,
+                                   get_sigmas_scheduler, nfe, run_sampler, sample_ddim, sample_dpmpp_2m,
+                                   sample_euler, sample_euler_ancestral, sample_heun, sample_stochastic_heun)
+from diffcli.core.sync import initial_instances, synchronized
+from diffcli.core.views import ViewSet, windows
 
 CPU = torch.device("cpu")
 F64 = torch.float64

@@ -9,10 +9,12 @@ import pytest
 import torch
 from conftest import run_cli, run_torchrun
 
-from diffcli import attention, guidance, pipelines, seg
-from diffcli.query_blur import gaussian_blur, parse_blur
-from diffcli.common import DiffcliError
-from diffcli.guidance import classifier_free, smoothed_energy
+from diffcli.core import attention, guidance
+from diffcli.backends import pipelines
+from diffcli import seg
+from diffcli.core.query_blur import gaussian_blur, parse_blur
+from diffcli.shared.errors import DiffcliError
+from diffcli.core.guidance import classifier_free, smoothed_energy
 
 CPU = torch.device("cpu")
 

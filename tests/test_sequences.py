@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import run_cli, write_idx
-from diffcli.common import DiffcliError
-from diffcli.contexts import read_context
-from diffcli.sequences import (SequenceSpec, centroid, check_spec, circle_shifts, draw_track, iou, make_dataset,
-                               make_item, sequence_metrics)
+from diffcli.shared.errors import DiffcliError
+from diffcli.data.contexts import read_context
+from diffcli.data.sequences import (SequenceSpec, centroid, check_spec, circle_shifts, draw_track, iou, make_dataset,
+                                    make_item, sequence_metrics)
 
 SIZE = 16  # frames; digits are 8 px
 
@@ -119,7 +119,7 @@ def test_moving_mnist_keeps_velocity_and_bounces():
 
 
 def test_stochastic_moving_mnist_changes_velocity_with_its_probability_and_lists_every_future():
-    from diffcli.sequences import velocities
+    from diffcli.data.sequences import velocities
     still = SequenceSpec("moving-mnist", frame_size=SIZE, context_frames=4, step_size=2)
     assert all(torch.equal(draw_track(still, i).context, draw_track(replace(still, p_change=0.0), i).context)
                for i in range(5))  # p_change 0 is the constant-velocity set, draw for draw
@@ -142,7 +142,7 @@ def test_stochastic_moving_mnist_changes_velocity_with_its_probability_and_lists
 
 
 def test_two_digit_moving_mnist_moves_both_and_knows_its_future():
-    from diffcli.sequences import tiles_of
+    from diffcli.data.sequences import tiles_of
     digits = fake_digits()
     spec = SequenceSpec("moving-mnist", frame_size=SIZE, context_frames=3, step_size=2, num_digits=2)
     ctx, nxt = make_dataset(spec, digits[:6])
@@ -206,7 +206,7 @@ def test_iou_and_centroid_edge_cases():
 
 
 def test_precond_needs_its_context():
-    from diffcli.denoisers import EDMPrecond
+    from diffcli.core.denoisers import EDMPrecond
     net = lambda x, c, y: x[:, :1]
     d = EDMPrecond(net, context_frames=2)
     x = torch.zeros(3, 1, 8, 8)
@@ -255,7 +255,7 @@ def seq_run(tmp_path_factory, mnist_root):
 
 
 def test_trained_model_records_its_sequences(seq_run, mnist_root):
-    from diffcli.models import load_model
+    from diffcli.backends.models import load_model
     model, meta = load_model(seq_run)
     assert meta["context_frames"] == 1 and meta["net"]["in_channels"] == 2 and meta["num_classes"] == 0
     assert meta["sequence"]["kind"] == "circle-jumping" and meta["sequence"]["directions"] == 4
@@ -266,7 +266,7 @@ def test_trained_model_records_its_sequences(seq_run, mnist_root):
 @pytest.fixture
 def forbid_mnist(monkeypatch):
     """Any read of MNIST fails the test: contexts must come from the digits the model file carries."""
-    from diffcli import contexts
+    from diffcli.data import contexts
 
     def no_mnist(*args, **kwargs):
         raise AssertionError("MNIST read although the model file carries the digits")
@@ -275,8 +275,8 @@ def forbid_mnist(monkeypatch):
 
 def test_model_file_carries_its_digits_so_contexts_need_no_mnist(seq_run, mnist_root, tmp_path, forbid_mnist):
     from safetensors import safe_open
-    from diffcli.models import load_model
-    from diffcli.sequences import SEQUENCE_DIGITS
+    from diffcli.backends.models import load_model
+    from diffcli.data.sequences import SEQUENCE_DIGITS
     _, meta = load_model(seq_run)
     with safe_open(str(seq_run / "model.safetensors"), "pt") as f:
         carried = f.get_tensor(SEQUENCE_DIGITS)
@@ -384,8 +384,8 @@ def test_bad_contexts(seq_run, tmp_path):
 def test_shipped_circle_jumping_model_samples_its_futures_with_no_set_up(tmp_path, forbid_mnist):
     """`--checkpoint circle-jumping` by name, contexts from the digits the file carries (no MNIST anywhere), and
     its particles land on the true futures: the 001 evaluation with zero set-up."""
-    from diffcli.models import load_model, model_file
-    from diffcli.shipped import SHIPPED_CIRCLE
+    from diffcli.backends.models import load_model, model_file
+    from diffcli.shared.shipped import SHIPPED_CIRCLE
     forbid_mnist()
     assert model_file("circle-jumping") == SHIPPED_CIRCLE
     _, meta = load_model("circle-jumping")

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_TRAIN, run_cli, write_idx
-from diffcli.common import load_checkpoint
-from diffcli.data import BatchOrder, load_dataset
+from diffcli.shared.checkpoints import load_checkpoint
+from diffcli.data.datasets import BatchOrder, load_dataset
 
 
 def weights(run: Path, file: str = "training-state.safetensors") -> dict[str, torch.Tensor]:

@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_TRAIN, invoke_cli, write_digit_folder
-from diffcli import pipelines
-from diffcli.common import (NAME_MAX_BYTES, TEMP_NAME_BYTES, DiffcliError, atomic_path, atomic_temp_files,
-                            unique_stems)
-from diffcli.shipped import SHIPPED_MODEL
+from diffcli.backends import pipelines
+from diffcli.shared.names import NAME_MAX_BYTES, unique_stems
+from diffcli.shared.files import TEMP_NAME_BYTES, atomic_path, atomic_temp_files
+from diffcli.shared.errors import DiffcliError
+from diffcli.shared.shipped import SHIPPED_MODEL
 
 CPU = torch.device("cpu")
 USER_TEMP = ".notes.abcdefgh.tmp"  # a user's own hidden file of the form --resume used to delete
@@ -208,7 +209,7 @@ def test_pickled_pipeline_weights_are_refused(tmp_path, tiny_sd, capsys):
 def test_sample_floats_do_not_depend_on_the_batch():
     """The shipped net's convolutions round differently at different batch sizes (up to ~1e-5 after 35 network
     evaluations); fixed network groups make each sample's floats equal whatever batch or subset it is drawn in."""
-    from diffcli.models import load_model
+    from diffcli.backends.models import load_model
     from diffcli.sample import SampleConfig, sample_batches
     model, meta = load_model(SHIPPED_MODEL)
     base = dict(n=11, steps=3, cfg=2.0, labels="all", seed=5)

@@ -90,8 +90,8 @@ def save_modes(folder: Path) -> dict[str, str]:
 
 
 def test_clip_preprocessing_is_the_graders_for_every_mode(tmp_path, tiny_clip, capsys):
-    from diffcli.clip_model import embed_image_files, embed_prompts, load_clip
-    from diffcli.image_folders import open_image
+    from diffcli.backends.clip_model import embed_image_files, embed_prompts, load_clip
+    from diffcli.data.image_folders import open_image
     config, weights, model, tokenizer = tiny_clip
     d = tmp_path / "ambiguous_images"
     d.mkdir()
@@ -203,7 +203,8 @@ def test_anagram_folder_is_gradable_with_animations_and_record_beside(tmp_path, 
 
 
 def test_beside_names_and_the_older_layout(tmp_path, monkeypatch):
-    from diffcli.common import DiffcliError, begin_output, beside, write_run_json
+    from diffcli.shared.errors import DiffcliError
+    from diffcli.shared.records import begin_output, beside, write_run_json
     assert beside("wide_images", ".run.json") == Path("wide_images.run.json")
     assert beside("runs/wide_images/", ".animations") == Path("runs/wide_images.animations")
     monkeypatch.chdir(tmp_path)
@@ -297,7 +298,7 @@ def write_digit_pngs(folder: Path, n: int, seed: int) -> None:
 
 
 def test_fid_lists_files_itself_through_symlink_loops_and_fifos(tmp_path, capsys):
-    from diffcli.fid import cleanfid_listing
+    from diffcli.data.fid import cleanfid_listing
     gen, ref = tmp_path / "gen", tmp_path / "ref"
     write_digit_pngs(gen / "sub", 12, seed=1)
     write_digit_pngs(gen, 12, seed=2)

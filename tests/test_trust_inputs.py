@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from diffcli import cli, common, options
-from diffcli.common import DiffcliError
+from diffcli.shared.errors import DiffcliError
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -432,7 +432,7 @@ def test_disk_full_inside_the_safetensors_writer(digit_folder, tmp_path, capsys,
 
 def test_context_bombs(bombs):
     """--context of a next-frame model: a range is bounded before its list exists, a PNG before it is decoded."""
-    from diffcli.contexts import parse_indices, read_context
+    from diffcli.data.contexts import parse_indices, read_context
     with pytest.raises(DiffcliError, match="--context 0:1000000000000: 1000000000000 sequences; at most 1000000"):
         parse_indices("0:1000000000000")
     for bomb in ("bomb.png", "huge.png"):
@@ -471,7 +471,7 @@ def test_real_sizes_pass():
 def test_a_safetensors_header_length_that_starts_like_a_pickle_is_still_read(tmp_path):
     """A safetensors file begins with its header's length (u64, little-endian): 1 length in 256 has 0x80, the
     pickle protocol byte, first. Such a file is read, not refused as a pickle."""
-    from diffcli.common import load_checkpoint
+    from diffcli.shared.checkpoints import load_checkpoint
     for pad in range(300):  # find a metadata size that puts 0x80 first
         path = tmp_path / "w.safetensors"
         save_file({"w": torch.zeros(2)}, str(path), metadata={"diffcli": json.dumps({"model": {}, "pad": "x" * pad})})

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffcli.common import DiffcliError
-from diffcli.sync import synchronized
-from diffcli.views import (SQUARE_ONLY, VIEWS, ViewOptions, ViewSet, Window, coverage, frame, make_view,
-                           window_starts, windows)
+from diffcli.shared.errors import DiffcliError
+from diffcli.core.sync import synchronized
+from diffcli.core.views import (SQUARE_ONLY, VIEWS, ViewOptions, ViewSet, Window, coverage, frame, make_view,
+                                window_starts, windows)
 
 SQUARE_SIZES = [(16, 16), (24, 24), (64, 64)]
 

@@ -14,9 +14,10 @@ import torch
 
 from . import attention
 from .denoisers import expand_sigma
-from .options import REGIONS, GuidanceOptions, split_list
-from .particles import KernelGrad, class_posterior, posterior_push
+from .particles import class_posterior, posterior_push
 from .query_blur import Blur
+
+REGIONS = ("begin", "mid", "end")  # SEG's thirds of the denoising steps, begin = noisiest
 
 
 
@@ -251,29 +252,3 @@ def stack(model, cfg: float, cond: dict[str, Any], uncond: dict[str, Any], sigma
         denoiser = particle_guidance(denoiser, pg.factor, pg.kernel_grad, pg.sigma_min, pg.sigma_max,
                                      on_denoised=pg.on_denoised, sigma_data=pg.sigma_data, exact=pg.exact)
     return denoiser
-
-
-def seg_layers(unet: torch.nn.Module, opts: GuidanceOptions, option: str = "layers") -> list[str]:
-    """The module paths SEG would perturb in `unet` ([] with SEG off): commands call it before writing anything,
-    so a model without such layers is refused in one line that names the valid ones."""
-    return attention.resolve_layers(unet, split_list(opts.layers), option) if opts.seg_on else []
-
-
-def seg_of(opts: GuidanceOptions, blur: Blur | None) -> Seg | None:
-    """The SEG of a command's options for one parsed blur; None when SEG is off."""
-    if blur is None or not opts.seg_on:
-        return None
-    return Seg(opts.seg_strength, blur, split_list(opts.layers), split_list(opts.regions), opts.sigma_start,
-               opts.sigma_end)
-
-
-def pg_of(opts: GuidanceOptions, kernel: tuple[KernelGrad, bool] | None, sigma_data: float = 0.5,
-          classes: int = 0) -> PG | None:
-    """The PG of a command's options with its kernel (particles.make_kernel); None when the factor is 0.
-    `sigma_data`: the data's std in the space the sampler runs in (0.5 for digit models; 1 for scaled latents).
-    `classes`: the model's class count, used by --kernel posterior (sample.check_posterior_kernel)."""
-    if not opts.pg_factor or kernel is None:
-        return None
-    grad, on_denoised = kernel
-    return PG(opts.pg_factor, grad, on_denoised, opts.pg_sigma_min, opts.pg_sigma_max, opts.pg_grad == "exact",
-              sigma_data, classes if opts.kernel == "posterior" else 0)

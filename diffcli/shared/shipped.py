@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import DiffcliError
+from .errors import DiffcliError
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the diffcli package (this file is diffcli/shared/shipped.py)
 
 
 def _folder(name: str) -> Path:

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import DiffcliError
+from .errors import DiffcliError
 
 if sys.version_info >= (3, 11):
     import tomllib

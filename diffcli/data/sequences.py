@@ -25,7 +25,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .common import DiffcliError, atomic_path, save_image, to_model_range
+from ..shared.errors import DiffcliError
+from ..shared.files import atomic_path
+from ..shared.images import save_image, to_model_range
 
 SEQUENCE_DIGITS = "sequence.digits"  # a next-frame model file's digit tiles, uint8 (M, s, s), of its sequences 0..M-1
 CARRIED_DIGITS = 1000                # how many a model file carries (256 KB for 16-px digits)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import DiffcliError
+from ..shared.errors import DiffcliError
 
 VIEWS = ("identity", "flip", "rotate_cw", "rotate_ccw", "rotate_180", "negate", "skew", "patch_permute",
          "pixel_permute", "jigsaw", "inner_rotate", "square_hinge")

@@ -17,8 +17,10 @@ from typing import BinaryIO, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
-from .common import IMAGE_EXTS, DiffcliError, check_folder, some_names
-from .dist import Dist, read_each
+from ..shared.images import IMAGE_EXTS
+from ..shared.errors import DiffcliError
+from ..shared.files import check_folder, some_names
+from ..shared.dist import Dist, read_each
 
 SAMPLE_ARTIFACTS = ("grid.png", "strip.png", "compare.png")  # written beside the samples by sample, seg, pg
 EVAL_FILE = "eval.json"                        # the grader's own output, in the folder it grades

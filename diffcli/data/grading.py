@@ -13,9 +13,10 @@ from typing import Any, Sequence
 
 import torch
 
-from .common import DiffcliError, read_json_option, some_names
+from ..shared.errors import DiffcliError
+from ..shared.files import read_json_option, some_names
 from .image_folders import list_pngs
-from .metrics import anagram_scores
+from ..core.metrics import anagram_scores
 
 APPS = ("wide_images", "ambiguous_images")
 GRADES = ((0.28, "full marks"), (0.26, "half marks"))  # 003's thresholds on the CLIP score

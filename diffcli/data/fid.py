@@ -16,8 +16,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .common import DiffcliError, check_folder, quiet_libraries, reachable, some_names
-from .dist import Dist
+from ..shared.errors import DiffcliError
+from ..shared.files import check_folder, some_names
+from ..shared.libraries import quiet_libraries, reachable
+from ..shared.dist import Dist
 from .image_folders import SAMPLE_ARTIFACTS, check_images, is_regular, is_sample_folder
 
 FEATURES = ("inception", "mnist")

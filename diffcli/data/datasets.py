@@ -13,8 +13,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .common import IMAGE_EXTS, DiffcliError, check_image_file, check_memory
-from .options import PIXELS_MAX
+from ..shared.images import IMAGE_EXTS, check_image_file
+from ..shared.errors import DiffcliError
+from ..shared.memory import check_memory
+from ..shared.limits import PIXELS_MAX
 from .sequences import KINDS as SEQUENCE_KINDS, SequenceSpec, check_spec, digit_tiles, make_dataset
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "folder:PATH", *SEQUENCE_KINDS)

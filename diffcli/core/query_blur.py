@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .common import DiffcliError
+from ..shared.errors import DiffcliError
 
 INFINITE_SIGMA = 9999.0  # the official code's switch: sigma above this means the query's spatial mean
 RAMPS = ("linear", "quadratic", "cosine")

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import DiffcliError, check_memory
-from .options import CHANNELS_MAX, CLASSES_MAX, LAYERS_MAX, LEVELS_MAX, SIDE_MAX, count
+from ..shared.errors import DiffcliError
+from ..shared.memory import check_memory
+from ..shared.limits import CHANNELS_MAX, CLASSES_MAX, LAYERS_MAX, LEVELS_MAX, SIDE_MAX, count
 
 # Named starting points; `diffcli train --net` picks one, --channels etc. override fields.
 PRESETS: dict[str, dict[str, Any]] = {

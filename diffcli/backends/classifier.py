@@ -13,9 +13,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .common import DiffcliError, load_checkpoint, read_image, to_model_range
+from ..shared.errors import DiffcliError
+from ..shared.checkpoints import load_checkpoint
+from ..shared.images import read_image, to_model_range
 
-from .shipped import SHIPPED_CLASSIFIER  # every shipped path is in shipped.py
+from ..shared.shipped import SHIPPED_CLASSIFIER  # every shipped path is in shipped.py
 
 
 class DigitNet(nn.Module):

@@ -18,8 +18,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from .common import DiffcliError, check_memory, quiet_libraries, reachable, read_json_option
-from .image_folders import open_image
+from ..shared.errors import DiffcliError
+from ..shared.memory import check_memory
+from ..shared.libraries import quiet_libraries, reachable
+from ..shared.files import read_json_option
+from ..data.image_folders import open_image
 
 
 @dataclass
@@ -61,7 +64,7 @@ _CLIP_SIZES = {"vision_cfg": {"layers": (1, 256), "width": (1, 16_384), "head_wi
 def check_clip_config(cfg: dict[str, Any], spec: str) -> None:
     """A CLIP model config file's types and sizes, checked before open_clip allocates anything: a wrong field type
     or a tower too large for this machine is a one-line error naming the field."""
-    from .options import count, finite
+    from ..shared.limits import count, finite
     count(f"CLIP model {spec}: embed_dim", cfg["embed_dim"], 1, 16_384)
     towers = 0
     for tower, sizes in _CLIP_SIZES.items():

@@ -9,14 +9,15 @@ from typing import Any
 
 import torch
 
-from .blurring import BlurringModel, schedule_of
-from .cache import cached
-from .common import DiffcliError, load_checkpoint, strip_prefix
-from .denoisers import EDMPrecond
+from ..core.blurring import BlurringModel, schedule_of
+from ..shared.cache import cached
+from ..shared.errors import DiffcliError
+from ..shared.checkpoints import load_checkpoint, strip_prefix
+from ..core.denoisers import EDMPrecond
 from .nets import UNetF, check_net_config
-from .sequences import SEQUENCE_DIGITS
-from .shipped import CHECKPOINTS_DIR
-from .options import CLASSES_MAX, CONTEXT_FRAMES_MAX, SIGMA_LIMIT, check_image_size, count, finite
+from ..data.sequences import SEQUENCE_DIGITS
+from ..shared.shipped import CHECKPOINTS_DIR
+from ..shared.limits import CLASSES_MAX, CONTEXT_FRAMES_MAX, SIGMA_LIMIT, check_image_size, count, finite
 
 MODEL_FORMAT = 1  # version of the `model` record's layout
 EDM_STEPS = 18    # default sampling steps of an EDM model (Heun: 35 network evaluations)

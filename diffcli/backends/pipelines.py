@@ -13,10 +13,12 @@ from typing import Any
 
 import torch
 
-from .cache import cached
-from .common import DiffcliError, PerSampleRandn, pick_device, pick_dtype, some_names
-from .denoisers import DiffusersDenoiser, ve_to_vp, vp_to_ve
-from .samplers import get_sigmas_pipeline
+from ..shared.cache import cached
+from ..shared.errors import DiffcliError
+from ..shared.devices import PerSampleRandn, pick_device, pick_dtype
+from ..shared.files import some_names
+from ..core.denoisers import DiffusersDenoiser, ve_to_vp, vp_to_ve
+from ..core.samplers import get_sigmas_pipeline
 
 
 def load_pipeline(spec: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
@@ -199,7 +201,7 @@ def decoded_features(pipe, features):
 def pipeline_kernel(pipe, opts, image_features=None):
     """The PG kernel a pipeline command asks for (--kernel, --pg-bandwidth), None with PG off. The clip kernel
     compares `image_features` (clip_model.image_features_fn) of the decoded x0_hat."""
-    from .particles import make_kernel
+    from ..core.particles import make_kernel
     if not opts.pg_factor:
         return None
     features = None

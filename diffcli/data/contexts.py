@@ -14,9 +14,10 @@ from PIL import Image, UnidentifiedImageError
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .common import DiffcliError, check_image_file, to_model_range
-from .options import N_MAX, PIXELS_MAX
-from .data import mnist_digit_tiles
+from ..shared.errors import DiffcliError
+from ..shared.images import check_image_file, to_model_range
+from ..shared.limits import N_MAX, PIXELS_MAX
+from .datasets import mnist_digit_tiles
 from .sequences import SEQUENCE_DIGITS, Context, SequenceItem, make_item, spec_from_record, tiles_of
 
 CONTEXT_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .query_blur import Blur
-from .common import DiffcliError
+from ..shared.errors import DiffcliError
 
 BLOCKS = {"d": "down", "m": "mid", "u": "up"}
 

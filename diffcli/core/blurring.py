@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .common import DiffcliError
+from ..shared.errors import DiffcliError
 from .dct import dct2, idct2
 
 SAMPLERS = ("ancestral",)  # the paper's reverse process; EDM's ODE samplers assume isotropic noise

@@ -19,8 +19,10 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from .common import DiffcliError, begin_output, pick_device, write_run_json
-from .options import WORLD_MAX
+from .errors import DiffcliError
+from .records import begin_output, write_run_json
+from .devices import pick_device
+from .limits import WORLD_MAX
 
 T, R = TypeVar("T"), TypeVar("R")
 Rows = Any  # a tensor or an array with one row per item, or a tuple of them
