@@ -1,7 +1,7 @@
 """diffcli panorama: wide (or tall) images by synchronized diffusion over overlapping latent windows (003 task 1).
 
 The windows are views (`views.windows`), the synchronization is `sync.synchronized`, the sampler is DDIM =
-Euler over the scheduler's sigmas (`diffcli.samplers`); this module picks sizes, runs prompts, decodes the
+Euler over the scheduler's sigmas (`diffcli.core.samplers`); this module picks sizes, runs prompts, decodes the
 latent canvas tile by tile and writes the 003 submission layout: `<Prompt_with_underscores>.png` and its
 512x512 crops `<Prompt_with_underscores>_<pos>.png`, which `diffcli eval --app wide_images` grades. The folder
 holds only those images (the grader opens every entry with PIL): the run record is `OUT.run.json` beside it.

@@ -1,7 +1,7 @@
 """diffcli pg: particle guidance (Corso et al. 2023), a batch sampled jointly with a repulsive kernel term.
 
 PG is `guidance.particle_guidance` wrapped around the usual denoiser (CFG included), run by any sampler
-of `diffcli.samplers`; this module only picks the kernel, the model family and the outputs.
+of `diffcli.core.samplers`; this module only picks the kernel, the model family and the outputs.
 """
 from __future__ import annotations
 
@@ -232,7 +232,7 @@ def sequence_compare_pictures(out: Path, contexts: list, plain: torch.Tensor, pg
 def metric_lines(plain: dict[str, Any], pg: dict[str, Any], factor: float) -> list[str]:
     rows = [("modes discovered", "modes_discovered", "{}"), ("mean in-batch similarity", "mean_similarity", "{:.4f}"),
             ("mean pairwise latent distance", "mean_pairwise_distance", "{:.3f}"), ("class accuracy", "accuracy", "{:.3f}"),
-            # next-frame models (mean over contexts; see diffcli.sequences.sequence_metrics)
+            # next-frame models (mean over contexts; see diffcli.data.sequences.sequence_metrics)
             ("true futures per context", "modes_possible", "{:.0f}"), ("modes found", "modes_found", "{:.2f}"),
             ("contexts with all futures found", "all_modes_found", "{:.2f}"),
             ("directional accuracy", "directional_accuracy", "{:.3f}"), ("L2 to nearest true future", "l2", "{:.4f}"),

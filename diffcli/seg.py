@@ -1,7 +1,7 @@
 """diffcli seg: Smoothed Energy Guidance (Hong 2024) on Stable Diffusion 1.x/2.x and SDXL, with the 000 seed's blurs.
 
 SEG is `guidance.stack` (CFG + SEG in one batch, optional PG) over the pipeline's denoiser, run by any sampler of
-`diffcli.samplers` (default: Euler on the scheduler's sigmas = DDIM); the blurs live in `query_blur.py`, the
+`diffcli.core.samplers` (default: Euler on the scheduler's sigmas = DDIM); the blurs live in `query_blur.py`, the
 processor in `attention.py`, the guided steps in `guidance.py`. This module runs prompts and blurs, names and
 writes the outputs.
 """

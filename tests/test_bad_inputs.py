@@ -142,7 +142,7 @@ def test_output_device_fails_mid_run(err, tmp_path, tiny_run, capsys, monkeypatc
     exit, only whole files and no temp files left behind; once there is room, --resume finishes the run exactly.
     (Tests run as root here, so a chmod'ed folder would not refuse writes: the fault is injected at the fsync
     every atomic write makes.)"""
-    from diffcli import common
+    from diffcli.shared import files
     args = ["sample", "--checkpoint", str(tiny_run), "--n", "6", "--batch-size", "1", "--steps", "2", "--device", "cpu"]
     assert invoke([*args, "--out", str(tmp_path / "straight")], capsys)[0] == 0
     real_fsync, calls = os.fsync, []
@@ -153,7 +153,7 @@ def test_output_device_fails_mid_run(err, tmp_path, tiny_run, capsys, monkeypatc
             raise OSError(err, os.strerror(err))
         real_fsync(fd)
 
-    monkeypatch.setattr(common.os, "fsync", failing_fsync)
+    monkeypatch.setattr(files.os, "fsync", failing_fsync)
     out = tmp_path / "o"
     code, stderr = invoke([*args, "--out", str(out)], capsys)
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
@@ -161,7 +161,7 @@ def test_output_device_fails_mid_run(err, tmp_path, tiny_run, capsys, monkeypatc
     assert lines[0].endswith(str(out / "00002-seed2-label2.png")), lines[0]  # the file it could not write
     assert "Traceback" not in stderr
     assert sorted(p.name for p in out.iterdir()) == ["00000-seed0-label0.png", "00001-seed1-label1.png", "run.json"]
-    monkeypatch.setattr(common.os, "fsync", real_fsync)
+    monkeypatch.setattr(files.os, "fsync", real_fsync)
     assert invoke([*args, "--out", str(out), "--resume"], capsys)[0] == 0
     assert snapshot(out).keys() == snapshot(tmp_path / "straight").keys()
     for name, data in snapshot(tmp_path / "straight").items():

@@ -1,5 +1,5 @@
 """diffcli installs like a library: a wheel carries the shipped models, model cards and prompt sets inside the
-package, and an installed diffcli (wheel or editable) finds them through diffcli.shipped, from any directory.
+package, and an installed diffcli (wheel or editable) finds them through diffcli.shared.shipped, from any directory.
 
 The wheel is built offline from a copy of the sources (so the build's build/ and egg-info never land in the
 checkout), installed with `pip install --target`, and run from a folder outside the repository with PYTHONPATH
@@ -105,7 +105,7 @@ def test_wheel_install_samples_from_its_own_checkpoint(wheel_install):
 def test_wheel_install_finds_prompt_sets_and_cards(wheel_install):
     _, site, work = wheel_install
     proc = python(
-        "import json, diffcli, diffcli.shipped as s; from diffcli.common import DiffcliError\n"
+        "import json, diffcli, diffcli.shared.shipped as s; from diffcli.shared.errors import DiffcliError\n"
         "from diffcli.panorama import resolve_prompts_file\n"
         "try:\n    s.checkpoint('no-such-model'); err = None\nexcept DiffcliError as e:\n    err = str(e)\n"
         "print(json.dumps({'package': diffcli.__file__, 'prompts_dir': str(s.PROMPTS_DIR),"
@@ -141,7 +141,7 @@ def test_editable_install_uses_the_repository_folders(tmp_path):
     (pth,) = prefix.rglob("__editable__.diffcli-*.pth")
     work = tmp_path / "elsewhere"
     work.mkdir()
-    proc = python(f"import site; site.addsitedir({str(pth.parent)!r}); import json, diffcli, diffcli.shipped as s; "
+    proc = python(f"import site; site.addsitedir({str(pth.parent)!r}); import json, diffcli, diffcli.shared.shipped as s; "
                   "print(json.dumps([diffcli.__file__, str(s.SHIPPED_MODEL), str(s.prompts('ambiguous_image_prompts')),"
                   " s.prompt_sets()]))", work, None)
     package, model, anagram, sets = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -95,8 +95,8 @@ def test_multibyte_prompt_is_capped_in_bytes_and_checked_before_work(tmp_path, t
     (image,) = out.glob("*_seed12.png")
     assert image.name.startswith("猫" * 50) and len(image.name.encode()) + TEMP_NAME_BYTES <= NAME_MAX_BYTES
     # a file system with shorter names (eCryptfs: 143 bytes) is refused in one line before the model loads
-    import diffcli.common
-    monkeypatch.setattr(diffcli.common, "name_max", lambda folder: 143)
+    from diffcli.shared import names
+    monkeypatch.setattr(names, "name_max", lambda folder: 143)
     monkeypatch.setattr(pipelines, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model before the check"))
     for command in (["seg", prompt], ["panorama", prompt, "--height", 16, "--width", 24]):
         code, _, err = invoke_cli([*command, "--model", tiny_sd, "--out", tmp_path / "short", "--device", "cpu"],

@@ -21,7 +21,8 @@ from conftest import TINY_TRAIN, invoke_cli
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from diffcli import cli, common, options
+from diffcli import cli, options
+from diffcli.shared import checkpoints, files, images, limits
 from diffcli.shared.errors import DiffcliError
 
 
@@ -406,7 +407,7 @@ def test_disk_full_while_writing_a_training_checkpoint(digit_folder, tmp_path, c
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(fd)
 
-    monkeypatch.setattr(common.os, "fsync", failing)
+    monkeypatch.setattr(files.os, "fsync", failing)
     out = tmp_path / "run"
     line = refused(["train", "--dataset", f"folder:{digit_folder}", "--steps", "2", "--out", out, *TINY_TRAIN],
                    os.strerror(errno.ENOSPC), capsys, code=1)
@@ -422,12 +423,12 @@ def test_disk_full_inside_the_safetensors_writer(digit_folder, tmp_path, capsys,
     def full(*args, **kwargs):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(common, "save_file", full)
+    monkeypatch.setattr(checkpoints, "save_file", full)
     out = tmp_path / "run"
     line = refused(["train", "--dataset", f"folder:{digit_folder}", "--steps", "2", "--out", out, *TINY_TRAIN],
                    "No space left on device", capsys, code=1)
     assert line.endswith(str(out / "training-state.safetensors")), line
-    assert common.atomic_temp_files(out) == []
+    assert files.atomic_temp_files(out) == []
 
 
 def test_context_bombs(bombs):
@@ -444,7 +445,7 @@ def test_a_nan_image_never_becomes_a_file(tmp_path):
     x = torch.zeros(1, 4, 4)
     x[0, 1, 1] = float("nan")
     with pytest.raises(DiffcliError, match="NaN or infinite values"):
-        common.save_image(tmp_path / "a.png", x)
+        images.save_image(tmp_path / "a.png", x)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -454,18 +455,18 @@ def test_real_sizes_pass():
     from diffcli.panorama import PanoramaConfig, validate as panorama_validate
     from diffcli.sample import SampleConfig, validate as sample_validate
     from diffcli.seg import SegConfig, validate as seg_validate
-    options.check_image_size(1024, 1024)                 # SDXL
-    options.check_image_size(512, 3072)                  # the 003 panoramas
-    options.check_image_size(8192, 8192)                 # the largest image
+    limits.check_image_size(1024, 1024)                 # SDXL
+    limits.check_image_size(512, 3072)                  # the 003 panoramas
+    limits.check_image_size(8192, 8192)                 # the largest image
     panorama_validate(PanoramaConfig(prompt="a beach", height=512, width=3072))
     seg_validate(SegConfig(prompts=["a cat"], height=1024, width=1024, n=4))
     sample_validate(SampleConfig(n=50_000, batch_size=500, seed=12345))  # a 50k FID set, written batch by batch
-    options.count("steps", 1_000_000, 1, options.TRAIN_STEPS_MAX)          # a long training run
-    options.seed("seed", 2**63 - 50_000, 50_000)
+    limits.count("steps", 1_000_000, 1, limits.TRAIN_STEPS_MAX)          # a long training run
+    limits.seed("seed", 2**63 - 50_000, 50_000)
     with pytest.raises(DiffcliError, match=r"--n must be an integer >= 1, got 2.5"):
-        options.count("n", 2.5)
+        limits.count("n", 2.5)
     with pytest.raises(DiffcliError, match=r"--cfg must be a finite number >= 0 and <= 1000, got 'x'"):
-        options.finite("cfg", "x", high=options.SCALE_MAX)
+        limits.finite("cfg", "x", high=limits.SCALE_MAX)
 
 
 def test_a_safetensors_header_length_that_starts_like_a_pickle_is_still_read(tmp_path):

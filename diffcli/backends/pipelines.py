@@ -2,7 +2,7 @@
 
 Every command that runs a text-to-image model (seg, panorama, anagram, pg) goes through here, so SD 1.x/2.x,
 SDXL and DeepFloyd IF load, condition and decode one way. The pipeline's own `__call__` loop is never
-used: the loop is `diffcli.samplers` over `DiffusersDenoiser` with the scheduler's sigmas.
+used: the loop is `diffcli.core.samplers` over `DiffusersDenoiser` with the scheduler's sigmas.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Guidance combinators: functions that take a denoiser and return a denoiser, and the one stack of them.
 
 `stack` applies CFG and SEG (their passes as ONE network batch), the scheduler's limits on x0_hat, then PG,
-in that order, for every command and for the Python API; synchronization (diffcli.sync) wraps the result.
+in that order, for every command and for the Python API; synchronization (diffcli.core.sync) wraps the result.
 """
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def particle_guidance(model, factor: float, kernel_grad, sigma_min: float = 0.0,
     gradient, away from its neighbours: factor > 0 repels (the 001 thesis code subtracted the term from
     dx/dsigma, which attracts). Every sampler runs it unchanged; the batch is the particle set.
 
-    `kernel_grad` maps (N, ...) -> (N, ...) (see diffcli.particles). PG acts only where
+    `kernel_grad` maps (N, ...) -> (N, ...) (see diffcli.core.particles). PG acts only where
     sigma_min <= sigma <= sigma_max (the guidance schedule). With `on_denoised` the kernel reads x0_hat
     instead of x (features of noise say nothing), and its gradient comes back to x through the denoiser:
     `exact` by one vector-Jacobian product through the network (J_D(x)^T grad, a backward pass per step), else
@@ -220,7 +220,7 @@ class Seg:
 
 @dataclass
 class PG:
-    """Particle guidance settings: factor, kernel gradient (diffcli.particles) and the sigma window."""
+    """Particle guidance settings: factor, kernel gradient (diffcli.core.particles) and the sigma window."""
     factor: float
     kernel_grad: Callable[[torch.Tensor], torch.Tensor]
     on_denoised: bool = False

@@ -1,7 +1,7 @@
 """Particle-guidance kernels: the gradient of each particle's kernel sum, grad_{x_i} sum_j k(x_i, x_j).
 
 A kernel gradient is a function `(z: (N, ...)) -> (N, ...)`; it never knows which sampler or model it
-serves. `diffcli.guidance.particle_guidance` turns one into a denoiser.
+serves. `diffcli.core.guidance.particle_guidance` turns one into a denoiser.
 """
 from __future__ import annotations
 

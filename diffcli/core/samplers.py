@@ -5,7 +5,7 @@ the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma from sigmas[0] do
 (the ancestral ones its SDE). A sampler never knows which model or guidance it runs. `callback` receives a
 dict (x, i, sigma, sigma_hat, denoised) after each step; progress bars and strips hang off it. Its "x" is the
 very tensor the next step continues from, so a callback that changes it in place (x_t synchronization,
-`diffcli.sync`) steers the rest of the run; whatever a sampler keeps inside a step or from earlier steps
+`diffcli.core.sync`) steers the rest of the run; whatever a sampler keeps inside a step or from earlier steps
 (Heun's corrector evaluation, DPM-Solver++(2M)'s previous x0 estimate) is its own and is not handed out.
 """
 from __future__ import annotations
