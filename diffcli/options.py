@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .core import attention
-from .core.guidance import PG, REGIONS, Seg
+from .core.guidance import PG, REGIONS, Guidance, Seg
 from .core.particles import DIGIT_KERNELS, KERNELS, PG_GRADS, PIPELINE_KERNELS, KernelGrad
 from .core.query_blur import Blur, parse_blur
 from .core.samplers import SAMPLERS, SCHEDULES, SamplerKnobs
@@ -190,3 +190,10 @@ def pg_of(opts: GuidanceOptions, kernel: tuple[KernelGrad, bool] | None, sigma_d
     grad, on_denoised = kernel
     return PG(opts.pg_factor, grad, on_denoised, opts.pg_sigma_min, opts.pg_sigma_max, opts.pg_grad == "exact",
               sigma_data, classes if opts.kernel == "posterior" else 0)
+
+
+def guidance_of(opts: GuidanceOptions, cfg: float, blur: Blur | None = None,
+                kernel: tuple[KernelGrad, bool] | None = None, sigma_data: float = 0.5, classes: int = 0) -> Guidance:
+    """The one place a command's options become its guidance terms: CFG at scale `cfg` (the command's default
+    already applied), SEG with one parsed `blur` (`seg_of`), PG with its `kernel` (`pg_of`)."""
+    return Guidance(cfg, seg_of(opts, blur), pg_of(opts, kernel, sigma_data, classes))

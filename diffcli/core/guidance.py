@@ -20,7 +20,6 @@ from .query_blur import Blur
 REGIONS = ("begin", "mid", "end")  # SEG's thirds of the denoising steps, begin = noisiest
 
 
-
 def cat_cond(*conds: Any) -> Any:
     """Concatenate conditioning along the batch: tensors, nested dicts of tensors, or None."""
     first = conds[0]
@@ -252,3 +251,27 @@ def stack(model, cfg: float, cond: dict[str, Any], uncond: dict[str, Any], sigma
         denoiser = particle_guidance(denoiser, pg.factor, pg.kernel_grad, pg.sigma_min, pg.sigma_max,
                                      on_denoised=pg.on_denoised, sigma_data=pg.sigma_data, exact=pg.exact)
     return denoiser
+
+
+@dataclass
+class Guidance:
+    """The guidance terms of one run: the CFG scale, SEG (None: off) and PG (None: off).
+
+    Each term says what it puts in the network for the run (`installed`: SEG's query-blurring processors on its
+    layers; CFG and PG install nothing) and how it wraps the denoiser (`denoiser`: `stack`, in its one order).
+    A term switched off is absent, so the run is bit for bit the run without it.
+    """
+    cfg: float = 1.0
+    seg: Seg | None = None
+    pg: PG | None = None
+
+    @contextlib.contextmanager
+    def installed(self, net: torch.nn.Module) -> Iterator[None]:
+        """What the terms install in `net` (the module holding the attention layers) for the duration."""
+        with self.seg.installed(net) if self.seg is not None else contextlib.nullcontext():
+            yield
+
+    def denoiser(self, model, cond: dict[str, Any], uncond: dict[str, Any], sigmas: torch.Tensor | None,
+                 limit: Callable | None = None):
+        """`model` guided by the terms (see `stack`)."""
+        return stack(model, self.cfg, cond, uncond, sigmas, seg=self.seg, limit=limit, pg=self.pg)
