@@ -17,7 +17,8 @@ What is hashed:
 
 A failure lists, per case, the commands that failed and the files whose hash changed, that are missing or that
 are extra. The hashes hold for one machine and one set of library versions (float rounding, PNG encoders): a
-refactor is checked where golden.json was written.
+refactor is checked where golden.json was written: golden.env.json records the machine and versions, and the test
+is skipped, saying which differ, anywhere else.
 
 golden.json is regenerated only on purpose, when an output is meant to change:
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import struct
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,9 @@ import pytest
 from conftest import ROOT, invoke_cli
 
 GOLDEN = Path(__file__).with_name("golden.json")
+ENVIRONMENT = Path(__file__).with_name("golden.env.json")  # the machine and versions golden.json holds for
+PACKAGES = ("torch", "diffusers", "transformers", "numpy", "pillow", "scipy", "safetensors", "open_clip_torch",
+            "matplotlib", "clean-fid")
 WRITE = os.environ.get("DIFFCLI_GOLDEN_WRITE") == "1"
 
 # JSON keys whose values describe the machine or the moment, not the result: left out of the hash
@@ -283,7 +288,18 @@ def compare(golden: dict[str, dict[str, str]], got: dict[str, dict[str, str]]) -
     return problems
 
 
+def environment() -> dict[str, str]:
+    """What the hashes depend on besides diffcli: the processor architecture and the numeric/image libraries."""
+    from importlib import metadata
+    return {"machine": platform.machine(), **{p: metadata.version(p) for p in PACKAGES}}
+
+
 def test_outputs_match_golden(inputs, tmp_path, capsys, monkeypatch):
+    if not WRITE and ENVIRONMENT.is_file():
+        recorded, here = json.loads(ENVIRONMENT.read_text()), environment()
+        changed = [f"{k} {recorded.get(k)} -> {v}" for k, v in here.items() if recorded.get(k) != v]
+        if changed:  # float rounding and encoders differ: the hashes say nothing about diffcli here
+            pytest.skip("golden.json was written with other versions (" + ", ".join(changed) + ")")
     got, failures = run_all(tmp_path / "a", inputs, capsys, monkeypatch)
     if not WRITE:
         assert GOLDEN.is_file(), "tests/golden.json is missing; generate it with DIFFCLI_GOLDEN_WRITE=1"
@@ -299,3 +315,4 @@ def test_outputs_match_golden(inputs, tmp_path, capsys, monkeypatch):
     unstable = failures + compare(got, again)
     assert not unstable, "not deterministic, golden.json not written:\n  " + "\n  ".join(unstable)
     GOLDEN.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+    ENVIRONMENT.write_text(json.dumps(environment(), indent=1) + "\n")
