@@ -132,8 +132,8 @@ def check_sampling(opts: SamplingOptions, pipeline: bool | None = None) -> None:
     count("steps", opts.steps, 1, STEPS_MAX)
     if opts.schedule is not None and opts.schedule not in SCHEDULES:
         raise DiffcliError(f"unknown --schedule {opts.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if pipeline is False and opts.schedule == "scheduler":
-        raise DiffcliError("--schedule scheduler needs a diffusers pipeline; diffcli models sample on Karras sigmas")
+    if pipeline is False and opts.schedule is not None and SCHEDULES[opts.schedule].pipeline_only:
+        raise DiffcliError(f"--schedule {opts.schedule} needs a diffusers pipeline; diffcli models sample on Karras sigmas")
     for name in ("s_churn", "s_noise", "eta", "s_tmin"):
         finite(name, getattr(opts, name), high=SCALE_MAX)
     finite("s_tmax", opts.s_tmax, allow_inf=True)

@@ -83,7 +83,7 @@ def validate(cfg: SampleConfig) -> None:
     count("nrow", cfg.nrow, 1, GRID_MAX)
     for name in ("sigma_min", "sigma_max"):
         finite(name, getattr(cfg, name), above=True, high=SIGMA_LIMIT)
-    if cfg.sampler is not None and cfg.sampler not in SAMPLERS + BLURRING_SAMPLERS:
+    if cfg.sampler is not None and cfg.sampler not in (*SAMPLERS, *BLURRING_SAMPLERS):
         raise DiffcliError(f"unknown sampler {cfg.sampler!r}; choose one of {', '.join(SAMPLERS)} (EDM models) "
                            f"or {', '.join(BLURRING_SAMPLERS)} (blurring models)")
     check_sampling(replace(cfg, sampler=None), pipeline=False)

@@ -278,7 +278,7 @@ def test_pipeline_schedules(tiny_sd):
     pipe = pipelines.load_pipeline(str(tiny_sd), CPU, torch.float32)
     a = pipe.scheduler.alphas_cumprod.double()
     table = ((1 - a) / a).sqrt()
-    assert SCHEDULES == ("scheduler", "karras")
+    assert tuple(SCHEDULES) == ("scheduler", "karras")
     k = pipelines.sigmas(pipe, 7, CPU, schedule="karras")
     assert len(k) == 8 and k[-1].item() == 0.0 and bool((k[1:] < k[:-1]).all())
     assert k[0].item() == pytest.approx(table.max().item(), rel=1e-6)

@@ -6,18 +6,62 @@ serves. `diffcli.core.guidance.particle_guidance` turns one into a denoiser.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from ..shared import registries
+from ..shared.registries import having
+
 KernelGrad = Callable[[torch.Tensor], torch.Tensor]
-KERNELS = ("rbf", "x0", "classifier", "clip", "posterior", "centroid")
-# where each kernel reads the particles: the noisy sample x itself, or the denoiser's x0_hat
-# (posterior reads the model's class-conditional denoisers: `class_posterior`, `posterior_push`)
-READS_X0 = {"rbf": False, "x0": True, "classifier": True, "clip": True, "posterior": True, "centroid": True}
-# diffcli digit models (classifier: 28x28 digits; centroid: where the ink of x0_hat is, for moving-digit frames)
-DIGIT_KERNELS = ("rbf", "x0", "classifier", "posterior", "centroid")
-PIPELINE_KERNELS = ("rbf", "x0", "clip")        # diffusers pipelines (clip: decoded x0_hat through open_clip)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One entry of KERNELS: where the kernel reads the particles, which models it serves, and its help line.
+
+    `reads`: "x" (the noisy sample itself), "x0_hat" (the denoiser's estimate), "features" (a feature network's
+    of x0_hat: `make_kernel` takes it) or "class denoisers" (the model's class-conditional passes:
+    `class_posterior`, `posterior_push`, run by `guidance.class_particle_guidance`). `serves`: "digits" (diffcli
+    models, next-frame ones included) and/or "pipelines" (diffusers). `backward`: its gradient reaches x through
+    the network (one backward pass a step under --pg-grad exact; EDM's c_skip I under skip).
+    """
+    reads: str
+    serves: tuple[str, ...]
+    description: str
+
+    @property
+    def reads_x0(self) -> bool:
+        """PG evaluates it on x0_hat (every kernel but rbf), not on x."""
+        return self.reads != "x"
+
+    @property
+    def backward(self) -> bool:
+        return self.reads in ("x0_hat", "features")
+
+
+_BOTH = ("digits", "pipelines")
+KERNELS: dict[str, Kernel] = {
+    "rbf": Kernel("x", _BOTH, "an RBF on the sample x itself (pixels, or a pipeline's latent)"),
+    "x0": Kernel("x0_hat", _BOTH, "an RBF on the denoiser's x0_hat"),
+    "classifier": Kernel("features", ("digits",), "an RBF on the digit classifier's 128-d features of x0_hat"),
+    "clip": Kernel("features", ("pipelines",), "an RBF on CLIP image features of the decoded x0_hat"),
+    "posterior": Kernel("class denoisers", ("digits",), "the chance two particles share a class, from the model's "
+                        "own class-conditional denoisers (unconditional sampling, every class a pass)"),
+    "centroid": Kernel("features", ("digits",), "an RBF on where the ink of x0_hat is (next-frame models: the "
+                       "digit's position)"),
+}
+MODELS = {"digits": "digit models", "pipelines": "pipelines"}  # what `serves` names, in words
+
+
+def kernels_for(models: str) -> tuple[str, ...]:
+    """The kernels that serve "digits" or "pipelines", in KERNELS' order."""
+    return having(KERNELS, lambda k: models in k.serves)
+
+
+DIGIT_KERNELS = kernels_for("digits")         # diffcli digit models
+PIPELINE_KERNELS = kernels_for("pipelines")   # diffusers pipelines (clip: decoded x0_hat through open_clip)
 # how a kernel on x0_hat reaches x: exact = through the network (a backward pass), skip = EDM's c_skip(sigma) I
 PG_GRADS = ("exact", "skip")
 
@@ -89,15 +133,21 @@ def make_kernel(name: str, features: Callable[[torch.Tensor], torch.Tensor] | No
     the decoded image, `clip_model.image_features_fn`; the ink centroid, `sequences.centroid`). `bandwidth` scales the median-heuristic bandwidth."""
     if name not in KERNELS:
         raise ValueError(f"unknown kernel {name!r}; choose one of {', '.join(KERNELS)}")
-    if name == "posterior":
-        raise ValueError("the posterior kernel reads the model's class denoisers, not features: "
+    kernel = KERNELS[name]
+    if kernel.reads == "class denoisers":
+        raise ValueError(f"the {name} kernel reads the model's class denoisers, not features: "
                          "guidance.class_particle_guidance")
-    if name in ("rbf", "x0"):
+    if kernel.reads != "features":
         grad = rbf_grad if bandwidth == 1.0 else (lambda z: rbf_grad(z, bandwidth))
-        return grad, READS_X0[name]
+        return grad, kernel.reads_x0
     if features is None:
         raise ValueError(f"the {name} kernel needs its feature network")
     return feature_grad(features, bandwidth), True
+
+
+def describe() -> str:
+    """KERNELS with their help lines, for the --kernel help."""
+    return registries.describe(KERNELS, lambda k: " and ".join(MODELS[m] for m in k.serves))
 
 
 def project_simplex(w: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import functools
 import math
 import re
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 
@@ -18,8 +19,6 @@ from ..shared.errors import DiffcliError
 
 INFINITE_SIGMA = 9999.0  # the official code's switch: sigma above this means the query's spatial mean
 RAMPS = ("linear", "quadratic", "cosine")
-SPEC_FORMS = ("gaussian_K_S (K >= 1, made odd, or -1 = from S; S = 0 none, S > 9999 infinite), "
-              "interpolatedBoxBlur_K_A (K >= 1, 0 <= A <= 1), ema_A0_A1_linear|quadratic|cosine (0 <= A <= 1)")
 
 
 def _grid(q: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -151,7 +150,7 @@ def ramp(alpha_start: float, alpha_end: float, mode: str, progress: float) -> fl
 class Blur:
     """One parsed blur spec. `alpha` is the interpolation (box) or the EMA's current alpha."""
 
-    kind: str  # gaussian | box | ema
+    kind: str  # a key of BLURS: gaussian | box | ema
     spec: str
     kernel_size: int = -1
     sigma: float = 0.0
@@ -170,14 +169,67 @@ class Blur:
         return replace(self, alpha=ramp(self.alpha, self.alpha_end, self.ramp, progress), ramp=None)
 
     def __call__(self, q: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        if self.kind == "gaussian":
-            return mean_query(q) if self.infinite else gaussian_blur(q, h, w, self.kernel_size, self.sigma)
-        if self.kind == "box":
-            return interpolated_box_blur(q, h, w, self.kernel_size, self.alpha)
-        return ema_rows(q, h, w, self.at(0.0).alpha)
+        return BLURS[self.kind].apply(self, q, h, w)
 
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|inf"
+
+
+def parse_gaussian(m: re.Match, bad: Callable[[str], DiffcliError]) -> Blur:
+    k, sigma = int(m[1]), float(m[2])
+    if k == 0 or k < -1:
+        raise bad("kernel size K must be >= 1 or -1")
+    if sigma < 0:
+        raise bad("sigma S must be >= 0")
+    return Blur("gaussian", m[0], kernel_size=k, sigma=sigma)
+
+
+def parse_box(m: re.Match, bad: Callable[[str], DiffcliError]) -> Blur:
+    k, alpha = int(m[1]), float(m[2])
+    if k < 1 or not 0 <= alpha <= 1:
+        raise bad("need K >= 1 and 0 <= A <= 1")
+    return Blur("box", m[0], kernel_size=k, alpha=alpha)
+
+
+def parse_ema(m: re.Match, bad: Callable[[str], DiffcliError]) -> Blur:
+    a0, a1, mode = float(m[1]), float(m[2]), m[3]
+    if mode not in RAMPS or not (0 <= a0 <= 1 and 0 <= a1 <= 1):
+        raise bad("need 0 <= A0, A1 <= 1 and a ramp of " + "|".join(RAMPS))
+    return Blur("ema", m[0], alpha=a0, alpha_end=a1, ramp=mode)
+
+
+# ---------------------------------------------------------------- the registry
+
+@dataclass(frozen=True)
+class BlurFamily:
+    """One entry of BLURS, keyed by `Blur.kind`: the spec's pattern, its parser (match, error maker) -> Blur, how a
+    parsed blur runs on a query, and the spec's form with its ranges (the help line, `description`)."""
+    pattern: str
+    parse: Callable[[re.Match, Callable[[str], DiffcliError]], Blur]
+    apply: Callable[[Blur, torch.Tensor, int, int], torch.Tensor]
+    description: str
+
+
+BLURS: dict[str, BlurFamily] = {
+    "gaussian": BlurFamily(
+        rf"gaussian_(-?\d+)_({_NUM})", parse_gaussian,
+        lambda b, q, h, w: mean_query(q) if b.infinite else gaussian_blur(q, h, w, b.kernel_size, b.sigma),
+        "gaussian_K_S (K >= 1, made odd, or -1 = from S; S = 0 none, S > 9999 infinite)"),
+    "box": BlurFamily(
+        rf"interpolatedBoxBlur_(\d+)_({_NUM})", parse_box,
+        lambda b, q, h, w: interpolated_box_blur(q, h, w, b.kernel_size, b.alpha),
+        "interpolatedBoxBlur_K_A (K >= 1, 0 <= A <= 1)"),
+    "ema": BlurFamily(
+        rf"ema_({_NUM})_({_NUM})_(\w+)", parse_ema,
+        lambda b, q, h, w: ema_rows(q, h, w, b.at(0.0).alpha),
+        f"ema_A0_A1_{'|'.join(RAMPS)} (0 <= A <= 1)"),
+}
+SPEC_FORMS = ", ".join(family.description for family in BLURS.values())
+
+
+def describe() -> str:
+    """The accepted --blur forms (SPEC_FORMS), for the --blur help."""
+    return SPEC_FORMS
 
 
 def parse_blur(spec: str) -> Blur:
@@ -185,21 +237,7 @@ def parse_blur(spec: str) -> Blur:
     def bad(why: str) -> DiffcliError:
         return DiffcliError(f"--blur {spec!r}: {why}; accepted forms: {SPEC_FORMS}")
 
-    if m := re.fullmatch(rf"gaussian_(-?\d+)_({_NUM})", spec):
-        k, sigma = int(m[1]), float(m[2])
-        if k == 0 or k < -1:
-            raise bad("kernel size K must be >= 1 or -1")
-        if sigma < 0:
-            raise bad("sigma S must be >= 0")
-        return Blur("gaussian", spec, kernel_size=k, sigma=sigma)
-    if m := re.fullmatch(rf"interpolatedBoxBlur_(\d+)_({_NUM})", spec):
-        k, alpha = int(m[1]), float(m[2])
-        if k < 1 or not 0 <= alpha <= 1:
-            raise bad("need K >= 1 and 0 <= A <= 1")
-        return Blur("box", spec, kernel_size=k, alpha=alpha)
-    if m := re.fullmatch(rf"ema_({_NUM})_({_NUM})_(\w+)", spec):
-        a0, a1, mode = float(m[1]), float(m[2]), m[3]
-        if mode not in RAMPS or not (0 <= a0 <= 1 and 0 <= a1 <= 1):
-            raise bad("need 0 <= A0, A1 <= 1 and a ramp of " + "|".join(RAMPS))
-        return Blur("ema", spec, alpha=a0, alpha_end=a1, ramp=mode)
+    for family in BLURS.values():
+        if m := re.fullmatch(family.pattern, spec):
+            return family.parse(m, bad)
     raise bad("not a blur spec")

@@ -11,20 +11,16 @@ very tensor the next step continues from, so a callback that changes it in place
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
+from ..shared import registries
+from ..shared.registries import having
+
 Callback = Callable[[dict[str, Any]], None] | None
 Noise = Callable[[torch.Tensor], torch.Tensor]
-
-SAMPLERS = ("euler", "heun", "stochastic_heun", "ddim", "euler_ancestral", "dpmpp_2m")
-SCHEDULES = ("scheduler", "karras")  # sigmas for a diffusers pipeline: its DDIM timesteps, or Karras over its table
-# the samplers that take eta, at their own default (what `eta=None` means): DDIM is deterministic unless asked,
-# Euler ancestral is ancestral unless asked (eta = 0 makes it plain Euler)
-ETA_DEFAULTS = {"ddim": 0.0, "euler_ancestral": 1.0}
-
 
 @dataclass
 class SamplerKnobs:
@@ -34,7 +30,7 @@ class SamplerKnobs:
     s_tmin: float = 0.05
     s_tmax: float = 50.0
     s_noise: float = 1.003
-    eta: float | None = None  # None: each sampler's own default (ETA_DEFAULTS: ddim 0, euler_ancestral 1)
+    eta: float | None = None  # None: each sampler's own default (its record's knobs: ddim 0, euler_ancestral 1)
 
     def knobs(self) -> dict[str, float | None]:
         return {"s_churn": self.s_churn, "s_tmin": self.s_tmin, "s_tmax": self.s_tmax, "s_noise": self.s_noise,
@@ -77,15 +73,31 @@ def get_sigmas_table_karras(alphas_cumprod: torch.Tensor, steps: int, rho: float
     return get_sigmas_karras(steps, float(table.min()), float(table.max()), rho, device)
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """One entry of SCHEDULES: how a diffusers scheduler's noise table becomes sigmas, and its help line."""
+    sigmas: Callable[..., torch.Tensor]  # (scheduler, steps, rho, device) -> sigmas ending at its final level
+    description: str
+    pipeline_only: bool = False  # needs a scheduler's own timesteps (diffcli models have none)
+
+
+# sigmas for a diffusers pipeline: its DDIM timesteps, or Karras over its table
+SCHEDULES: dict[str, Schedule] = {
+    "scheduler": Schedule(lambda scheduler, steps, rho, device: get_sigmas_scheduler(scheduler, steps, device),
+                          "its own timesteps (DDIM's), the default", pipeline_only=True),
+    "karras": Schedule(lambda scheduler, steps, rho, device:
+                       get_sigmas_table_karras(scheduler.alphas_cumprod, steps, rho, device),
+                       "Karras sigmas (exponent --rho) in its sigma range, ending in 0"),
+}
+
+
 def get_sigmas_pipeline(scheduler: Any, steps: int, schedule: str = "scheduler",
                         device: str | torch.device = "cpu", rho: float = 7.0) -> torch.Tensor:
     """A diffusers scheduler's sigmas under one of SCHEDULES: "scheduler" = its own (DDIM) timesteps
     (`get_sigmas_scheduler`), "karras" = Karras over its table, ending in 0 (`get_sigmas_table_karras`)."""
-    if schedule == "scheduler":
-        return get_sigmas_scheduler(scheduler, steps, device)
-    if schedule == "karras":
-        return get_sigmas_table_karras(scheduler.alphas_cumprod, steps, rho, device)
-    raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    return SCHEDULES[schedule].sigmas(scheduler, steps, rho, device)
 
 
 # ---------------------------------------------------------------- helpers
@@ -220,33 +232,80 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback: Callback = None
     return x
 
 
+# ---------------------------------------------------------------- the registry
+
+@dataclass(frozen=True)
+class Sampler:
+    """One entry of SAMPLERS: the function, what a run of it costs, the knobs it reads and its help line.
+
+    `knobs` maps each knob `run_sampler` hands it (by keyword) to the sampler's own default, which is what the knob
+    given as None means (eta: ddim 0, euler_ancestral 1). `noise`: it draws fresh noise (takes `noise=`).
+    A step costs `evals_per_step` network evaluations, the step to sigma = 0 `evals_last_step` (Heun's is Euler).
+    """
+    fn: Callable[..., torch.Tensor]
+    description: str
+    knobs: dict[str, float] = field(default_factory=dict)
+    noise: bool = False
+    evals_per_step: int = 1
+    evals_last_step: int = 1
+
+    def nfe(self, steps: int) -> int:
+        """Network evaluations on `steps` steps ending at sigma = 0."""
+        return self.evals_per_step * (steps - 1) + self.evals_last_step
+
+
+_EDM_S = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
+SAMPLERS: dict[str, Sampler] = {
+    "euler": Sampler(sample_euler, "Euler on the ODE (on a pipeline's own sigmas: DDIM)"),
+    "heun": Sampler(sample_heun, "EDM's Heun (2nd order), Euler on the last step", evals_per_step=2),
+    "stochastic_heun": Sampler(sample_stochastic_heun, "EDM's stochastic Heun (S_churn, S_tmin, S_tmax, S_noise)",
+                               knobs=_EDM_S, noise=True, evals_per_step=2),
+    "ddim": Sampler(sample_ddim, "DDIM, eta 0 deterministic (default), 1 ancestral", knobs={"eta": 0.0}, noise=True),
+    "euler_ancestral": Sampler(sample_euler_ancestral, "Euler ancestral, eta 1 (default), 0 = Euler",
+                               knobs={"eta": 1.0}, noise=True),
+    "dpmpp_2m": Sampler(sample_dpmpp_2m, "DPM-Solver++(2M), multistep 2nd order"),
+}
+# the samplers that take eta, at their own default (what `eta=None` means): DDIM is deterministic unless asked,
+# Euler ancestral is ancestral unless asked (eta = 0 makes it plain Euler)
+ETA_DEFAULTS = {name: s.knobs["eta"] for name, s in SAMPLERS.items() if "eta" in s.knobs}
+
+
 def nfe(sampler: str, steps: int) -> int:
     """Network evaluations a sampler spends on `steps` steps ending at sigma = 0 (Heun's last step is Euler;
-    every other sampler here, and blurring's ancestral, evaluates once a step)."""
-    return 2 * steps - 1 if sampler in ("heun", "stochastic_heun") else steps
+    every other sampler here, and any outside SAMPLERS such as blurring's ancestral, evaluates once a step)."""
+    entry = SAMPLERS.get(sampler)
+    return steps if entry is None else entry.nfe(steps)
 
 
 def run_sampler(name: str, model, x, sigmas, extra_args=None, callback: Callback = None,
                 noise: Noise = torch.randn_like, eta: float | None = None, s_churn: float = 0.0,
                 s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0):
-    """Dispatch by name, passing each sampler only the knobs it has.
+    """Dispatch by name, passing each sampler only the knobs it has (its record's `knobs`).
 
-    eta=None gives each eta sampler its own default (ETA_DEFAULTS: ddim 0, euler_ancestral 1); a number is used
-    as given. s_noise goes to stochastic_heun only: it is EDM's S_noise (1.003 at the commands' defaults), and
+    eta=None gives each eta sampler its own default (ddim 0, euler_ancestral 1); a number is used as given.
+    s_noise goes to stochastic_heun only: it is EDM's S_noise (1.003 at the commands' defaults), and
     euler_ancestral runs at s_noise 1 as the method is usually stated (call `sample_euler_ancestral` for others).
     """
-    if name in ETA_DEFAULTS and eta is None:
-        eta = ETA_DEFAULTS[name]
-    if name == "euler":
-        return sample_euler(model, x, sigmas, extra_args, callback)
-    if name == "heun":
-        return sample_heun(model, x, sigmas, extra_args, callback)
-    if name == "stochastic_heun":
-        return sample_stochastic_heun(model, x, sigmas, extra_args, callback, s_churn, s_tmin, s_tmax, s_noise, noise)
-    if name == "ddim":
-        return sample_ddim(model, x, sigmas, extra_args, callback, eta, noise)
-    if name == "euler_ancestral":
-        return sample_euler_ancestral(model, x, sigmas, extra_args, callback, eta, noise=noise)
-    if name == "dpmpp_2m":
-        return sample_dpmpp_2m(model, x, sigmas, extra_args, callback)
-    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    entry = SAMPLERS.get(name)
+    if entry is None:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    given = {"eta": eta, "s_churn": s_churn, "s_tmin": s_tmin, "s_tmax": s_tmax, "s_noise": s_noise}
+    kwargs = {k: default if given[k] is None else given[k] for k, default in entry.knobs.items()}
+    if entry.noise:
+        kwargs["noise"] = noise
+    return entry.fn(model, x, sigmas, extra_args, callback, **kwargs)
+
+
+def takes(knob: str) -> tuple[str, ...]:
+    """The samplers that read a knob, in SAMPLERS' order (help texts: "--eta: ddim, euler_ancestral")."""
+    return having(SAMPLERS, lambda s: knob in s.knobs)
+
+
+def describe() -> str:
+    """SAMPLERS with their help lines, for the --sampler help."""
+    return registries.describe(SAMPLERS)
+
+
+def describe_schedules() -> str:
+    """SCHEDULES with their help lines, for the --schedule help."""
+    return registries.describe(SCHEDULES)

@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..shared import registries
 from ..shared.errors import DiffcliError
+from ..shared.registries import having
 
-VIEWS = ("identity", "flip", "rotate_cw", "rotate_ccw", "rotate_180", "negate", "skew", "patch_permute",
-         "pixel_permute", "jigsaw", "inner_rotate", "square_hinge")
-SQUARE_ONLY = ("rotate_cw", "rotate_ccw", "square_hinge")  # their instance would not have the canvas's shape
 
 
 # ---------------------------------------------------------------- anagram views
@@ -222,23 +222,9 @@ def make_view(name: str, height: int, width: int, opts: ViewOptions | None = Non
     o = opts or ViewOptions()
     if name not in VIEWS:
         raise DiffcliError(f"unknown view {name!r}; choose from {', '.join(VIEWS)}")
-    if name in SQUARE_ONLY and height != width:
+    if VIEWS[name].square_only and height != width:
         raise DiffcliError(f"view {name} needs a square image, got {height}x{width}")
-    simple = {"identity": Identity, "flip": Flip, "negate": Negate}
-    if name in simple:
-        return simple[name]()
-    quarters = {"rotate_cw": 1, "rotate_180": 2, "rotate_ccw": 3}
-    if name in quarters:
-        return Rotate(quarters[name], name)
-    base = (height, width)
-    perms = {"skew": lambda: skew_perm(height, width, o.skew),
-             "patch_permute": lambda: patch_perm(height, width, o.patches, o.seed),
-             "pixel_permute": lambda: pixel_perm(height, width, o.seed),
-             "jigsaw": lambda: jigsaw_perm(height, width, o.pieces, o.seed),
-             "inner_rotate": lambda: inner_rotate_perm(height, width, o.inner_angle),
-             "square_hinge": lambda: square_hinge_perm(height, width, o.squares)}
-    angle = {"inner_rotate": o.inner_angle, "square_hinge": 90.0}.get(name, 0.0)
-    return Permute(name, perms[name](), base, angle)
+    return VIEWS[name].make(name, height, width, o)
 
 
 # ---------------------------------------------------------------- panorama windows
@@ -341,32 +327,49 @@ def coverage(views: list, hw: tuple[int, int]) -> torch.Tensor:
 # ---------------------------------------------------------------- animation frames
 
 def frame(v: View, x: torch.Tensor, t: float, background: float = 1.0) -> torch.Tensor:
-    """x (C, H, W) part way (t in [0, 1]) into view v: turning views turn, negate fades through grey, every
-    other permutation moves each pixel on a straight line to its place (later pixels drawn on top)."""
+    """x (C, H, W) part way (t in [0, 1]) into view v, by its kind's `frame` (VIEWS): turning views turn, negate
+    fades through grey, every other permutation moves each pixel on a straight line to its place (later pixels drawn
+    on top), identity and flip stay still until t = 1."""
     if t <= 0:
         return x
     if t >= 1:
         return v.view(x)
-    if isinstance(v, Negate):
-        return (1 - 2 * t) * x
-    if isinstance(v, Rotate) or v.name == "inner_rotate":
-        turned = rotate_image(x, v.angle * t)
-        if isinstance(v, Rotate):
-            return turned
-        h, w = x.shape[-2:]
-        i = (2 * torch.arange(h) - (h - 1)).view(-1, 1)
-        j = (2 * torch.arange(w) - (w - 1)).view(1, -1)
-        return torch.where(i ** 2 + j ** 2 < min(h, w) ** 2, turned, x)
-    if isinstance(v, Permute):
-        h, w = x.shape[-2:]
-        perm = v.indices(h, w)[0]
-        dest = torch.arange(h * w)
-        pos = lambda p: torch.stack([p // w, p % w]).double()
-        here = ((1 - t) * pos(perm) + t * pos(dest)).round().long()
-        out = x.new_full(x.shape, background).flatten(-2)
-        out[..., here[0] * w + here[1]] = x.flatten(-2)[..., perm]
-        return out.view(x.shape)
+    kind = VIEWS.get(v.name)
+    return x if kind is None else kind.frame(v, x, t, background)
+
+
+def still(v: View, x: torch.Tensor, t: float, background: float) -> torch.Tensor:
     return x
+
+
+def fade(v: View, x: torch.Tensor, t: float, background: float) -> torch.Tensor:
+    """Negate: through grey (0) to -x."""
+    return (1 - 2 * t) * x
+
+
+def turn(v: View, x: torch.Tensor, t: float, background: float) -> torch.Tensor:
+    """The whole picture turns by t times the view's angle."""
+    return rotate_image(x, v.angle * t)
+
+
+def turn_disc(v: View, x: torch.Tensor, t: float, background: float) -> torch.Tensor:
+    """The inscribed disc turns by t times the view's angle, the corners stay."""
+    h, w = x.shape[-2:]
+    i = (2 * torch.arange(h) - (h - 1)).view(-1, 1)
+    j = (2 * torch.arange(w) - (w - 1)).view(1, -1)
+    return torch.where(i ** 2 + j ** 2 < min(h, w) ** 2, turn(v, x, t, background), x)
+
+
+def move(v: View, x: torch.Tensor, t: float, background: float) -> torch.Tensor:
+    """Each pixel of a permutation on a straight line from where it is to its place, later pixels on top."""
+    h, w = x.shape[-2:]
+    perm = v.indices(h, w)[0]
+    dest = torch.arange(h * w)
+    pos = lambda p: torch.stack([p // w, p % w]).double()
+    here = ((1 - t) * pos(perm) + t * pos(dest)).round().long()
+    out = x.new_full(x.shape, background).flatten(-2)
+    out[..., here[0] * w + here[1]] = x.flatten(-2)[..., perm]
+    return out.view(x.shape)
 
 
 def rotate_image(x: torch.Tensor, degrees: float) -> torch.Tensor:
@@ -376,3 +379,60 @@ def rotate_image(x: torch.Tensor, degrees: float) -> torch.Tensor:
     theta = torch.tensor([[math.cos(a), math.sin(a), 0.0], [-math.sin(a), math.cos(a), 0.0]], dtype=x.dtype)
     grid = F.affine_grid(theta[None], [1, *x.shape], align_corners=False)
     return F.grid_sample(x[None], grid, align_corners=False, padding_mode="border")[0]
+
+
+# ---------------------------------------------------------------- the registry
+
+Frame = Callable[[View, torch.Tensor, float, float], torch.Tensor]  # (view, picture, t, background) -> picture
+
+
+@dataclass(frozen=True)
+class ViewKind:
+    """One entry of VIEWS: how to build the view (name, height, width, options), how an animation shows it part
+    way (`frame`), whether it needs a square image (its instance would not have the canvas's shape otherwise),
+    and its help line."""
+    make: Callable[[str, int, int, ViewOptions], View]
+    frame: Frame
+    description: str
+    square_only: bool = False
+
+
+def _same(cls: type) -> Callable[[str, int, int, ViewOptions], View]:
+    return lambda name, height, width, o: cls()
+
+
+def _quarters(k: int) -> Callable[[str, int, int, ViewOptions], View]:
+    return lambda name, height, width, o: Rotate(k, name)
+
+
+def _permutation(perm: Callable[[int, int, ViewOptions], torch.Tensor],
+                 angle: Callable[[ViewOptions], float] = lambda o: 0.0) -> Callable[[str, int, int, ViewOptions], View]:
+    """A Permute view whose permutation is built on the canvas's own grid (its base)."""
+    return lambda name, height, width, o: Permute(name, perm(height, width, o), (height, width), angle(o))
+
+
+VIEWS: dict[str, ViewKind] = {
+    "identity": ViewKind(_same(Identity), still, "the image as it is"),
+    "flip": ViewKind(_same(Flip), still, "upside down"),
+    "rotate_cw": ViewKind(_quarters(1), turn, "a quarter turn clockwise", square_only=True),
+    "rotate_ccw": ViewKind(_quarters(3), turn, "a quarter turn counter-clockwise", square_only=True),
+    "rotate_180": ViewKind(_quarters(2), turn, "a half turn"),
+    "negate": ViewKind(_same(Negate), fade, "the colours negated"),
+    "skew": ViewKind(_permutation(lambda h, w, o: skew_perm(h, w, o.skew)), move,
+                     "columns slid by --skew rows each, wrapping"),
+    "patch_permute": ViewKind(_permutation(lambda h, w, o: patch_perm(h, w, o.patches, o.seed)), move,
+                              "square patches shuffled"),
+    "pixel_permute": ViewKind(_permutation(lambda h, w, o: pixel_perm(h, w, o.seed)), move, "pixels shuffled"),
+    "jigsaw": ViewKind(_permutation(lambda h, w, o: jigsaw_perm(h, w, o.pieces, o.seed)), move,
+                       "interlocking puzzle pieces shuffled"),
+    "inner_rotate": ViewKind(_permutation(lambda h, w, o: inner_rotate_perm(h, w, o.inner_angle),
+                                          lambda o: o.inner_angle), turn_disc, "the inscribed disc turned"),
+    "square_hinge": ViewKind(_permutation(lambda h, w, o: square_hinge_perm(h, w, o.squares), lambda o: 90.0), move,
+                             "squares each turned a quarter, neighbours opposite ways", square_only=True),
+}
+SQUARE_ONLY = having(VIEWS, lambda k: k.square_only)  # their instance would not have the canvas's shape
+
+
+def describe() -> str:
+    """VIEWS with their help lines, for the --views help."""
+    return registries.describe(VIEWS)
