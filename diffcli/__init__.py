@@ -4,7 +4,8 @@ The library under the commands, importable as `import diffcli as dc`. Every meth
 denoiser interface, D(x, sigma, **cond) -> x0_hat with x = x0 + sigma * noise:
 
 - models:    `load_model` (a diffcli checkpoint, e.g. `SHIPPED_MODEL`), `load_pipeline` + `pipeline_denoiser`
-             (any SD 1.x/2.x, SDXL or DeepFloyd IF diffusers pipeline), `encode_prompts`, `initial_latents`, `decode`
+             (any SD 1.x/2.x, SDXL or DeepFloyd IF diffusers pipeline), `encode_prompts`, `initial_latents`, `decode`;
+             `load_family` (either, as a `Family`: the one interface a model family implements)
 - guidance:  `stack` (CFG, SEG and PG on one denoiser, in one order), `classifier_free`, `Seg` + `parse_blur`,
              `PG` + `rbf_grad` / `make_kernel`, `particle_guidance`, `class_particle_guidance` (the class-posterior
              kernel: `class_posterior`, `posterior_push`)
@@ -30,7 +31,9 @@ _EXPORTS = {
     "shared.shipped": ("SHIPPED_MODEL", "SHIPPED_CLASSIFIER", "SHIPPED_BLURRING", "SHIPPED_CIRCLE", "checkpoint", "prompts"),
     "backends.models": ("load_model",),
     "core.denoisers": ("Denoiser", "EDMPrecond", "DiffusersDenoiser"),
-    "backends.pipelines": ("load_pipeline", "encode_prompts", "initial_latents", "decode", "latent_shape"),
+    "backends.pipelines": ("load_pipeline", "load_family", "encode_prompts", "decode", "latent_shape"),
+    "backends.diffusers_unet": ("initial_latents",),
+    "backends.family": ("Family",),
     "core.guidance": ("stack", "classifier_free", "smoothed_energy", "particle_guidance", "class_particle_guidance", "Seg",
                  "PG"),
     "core.query_blur": ("parse_blur",),

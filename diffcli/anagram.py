@@ -169,23 +169,23 @@ def build_views(cfg: AnagramConfig, height: int, width: int) -> list:
 
 # ---------------------------------------------------------------- one synchronized stage
 
-def synced_sample(pipe, base, cond: dict[str, Any], uncond: dict[str, Any], scale: float, views: ViewSet,
+def synced_sample(family, base, cond: dict[str, Any], uncond: dict[str, Any], scale: float, views: ViewSet,
                   sigmas: torch.Tensor, rng: PerSampleRandn, cfg: AnagramConfig, on_step=None) -> torch.Tensor:
     """Final instance stack (V, C, H, W) of one synchronized run of one stage (our x = x0 + sigma n form): every
     view runs the guidance stack (CFG at `scale`, SEG with `--blur`) on its own prompt's rows."""
     seg = seg_of(cfg, check_guidance(cfg)[0] if cfg.seg_on else None)
     make = lambda a, b: stack(base, scale, rows_of(cond, a, b), rows_of(uncond, a, b), sigmas, seg=seg,  # noqa: E731
-                              limit=lambda d: pipelines.clip_x0(d, pipe))
-    with seg.installed(pipe.unet) if seg else contextlib.nullcontext():
+                              limit=family.limit)
+    with seg.installed(family.attention) if seg else contextlib.nullcontext():
         return sample_views(make, views, sigmas, lambda shape: rng.randn(shape)[0], views.canvas,
                             sampler=cfg.sampler, case=cfg.sync, noise=cfg.noise, view_batch=cfg.view_batch,
                             knobs=cfg.knobs(), callback=on_step)
 
 
-def images_of(views: ViewSet, w: torch.Tensor, sigma_last, pipe, case: str) -> tuple[torch.Tensor, torch.Tensor]:
+def images_of(views: ViewSet, w: torch.Tensor, sigma_last, family, case: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(canvas image (3, H, W), one image per view (V, 3, H, W)) in [-1, 1]: synchronized views are views of
     the canvas; unsynchronized ones are each their own sample."""
-    rows = pipelines.decode(pipe, w, sigma_last)
+    rows = family.decode(w, sigma_last)
     canvas = views.average(rows)
     return canvas, (rows if case == "none" else views.forward(canvas))
 
@@ -197,29 +197,27 @@ def generate(pipe, sr_pipe, job: Job, cfg: AnagramConfig, size: tuple[int, int],
     height, width = size
     rng = PerSampleRandn([cfg.seed], device)
     views = ViewSet(build_views(cfg, height, width), (3, height, width))
-    cond, uncond = pipelines.encode_prompts(pipe, job.prompts, cfg.negative_prompt, height, width, device)
-    sigmas = pipelines.sigmas(pipe, cfg.steps, device, cfg.schedule or "scheduler")
-    w = synced_sample(pipe, pipelines.denoiser(pipe), cond, uncond, cfg.cfg, views, sigmas, rng, cfg, on_step)
+    cond, uncond = pipe.encode_prompts(job.prompts, cfg.negative_prompt, height, width, device)
+    sigmas = pipe.sigmas(cfg.steps, device, cfg.schedule or "scheduler")
+    w = synced_sample(pipe, pipe.denoiser(), cond, uncond, cfg.cfg, views, sigmas, rng, cfg, on_step)
     canvas, per_view = images_of(views, w, sigmas[-1], pipe, cfg.sync)
     result = {"stage1": canvas, "canvas": canvas, "views": per_view}
     if sr_pipe is None:
         return result
 
     # stage II: the same views on the larger canvas (permutations act on blocks), T5 embeddings reused
-    scale = sr_pipe.unet.config.sample_size // pipe.unet.config.sample_size
+    scale = sr_pipe.upscale(pipe)
     big = (3, height * scale, width * scale)
     views2 = ViewSet(views.views, big)
     noise = rng.randn(big)[0].to(device)
     if cfg.sync == "none":  # each view is upsampled from its own stage-I sample
-        up, labels = pipelines.sr_condition(sr_pipe, per_view.to(device), big[1], big[2], cfg.noise_level,
-                                            views2.forward(noise))
+        up, labels = sr_pipe.condition(per_view.to(device), big[1], big[2], cfg.noise_level, views2.forward(noise))
     else:  # every view sees its view of the one upsampled canvas (Visual Anagrams views the whole UNet input)
-        up, labels = pipelines.sr_condition(sr_pipe, canvas[None].to(device), big[1], big[2], cfg.noise_level,
-                                            noise[None])
+        up, labels = sr_pipe.condition(canvas[None].to(device), big[1], big[2], cfg.noise_level, noise[None])
         up, labels = views2.forward(up[0]), labels.expand(len(views))
     cond2, uncond2 = ({**c, "image": up, "class_labels": labels} for c in (cond, uncond))
-    sigmas2 = pipelines.sigmas(sr_pipe, cfg.sr_steps, device, cfg.schedule or "scheduler")
-    w2 = synced_sample(sr_pipe, pipelines.sr_denoiser(sr_pipe), cond2, uncond2, cfg.sr_cfg, views2, sigmas2, rng, cfg,
+    sigmas2 = sr_pipe.sigmas(cfg.sr_steps, device, cfg.schedule or "scheduler")
+    w2 = synced_sample(sr_pipe, sr_pipe.denoiser(), cond2, uncond2, cfg.sr_cfg, views2, sigmas2, rng, cfg,
                        on_step)
     canvas2, per_view2 = images_of(views2, w2, sigmas2[-1], sr_pipe, cfg.sync)
     return {"stage1": canvas, "canvas": canvas2, "views": per_view2}
@@ -239,23 +237,23 @@ def animation(views: list, canvas: torch.Tensor, frames: int) -> list[torch.Tens
 # ---------------------------------------------------------------- the command
 
 def load(cfg: AnagramConfig, device: torch.device, dtype: torch.dtype):
-    pipe = pipelines.load_pipeline(cfg.model, device, dtype, kind="DeepFloyd IF stage I")
-    if pipelines.family(pipe) != "if" or pipelines.is_super_resolution(pipe):
-        raise DiffcliError(f"--model {cfg.model!r} is a {type(pipe).__name__}; anagram needs a DeepFloyd IF stage I "
+    """(stage I, stage II or None) as families (`family.Family`)."""
+    pipe = pipelines.load_family(cfg.model, device, dtype, kind="DeepFloyd IF stage I")
+    if pipe.name != "if" or pipe.stage != 1:
+        raise DiffcliError(f"--model {cfg.model!r} is a {pipe.kind}; anagram needs a DeepFloyd IF stage I "
                            "pipeline (IFPipeline)")
     sr_pipe = None
     if cfg.sr_model:
-        sr_pipe = pipelines.load_pipeline(cfg.sr_model, device, dtype, kind="DeepFloyd IF stage II", text_encoder=None)
-        if not pipelines.is_super_resolution(sr_pipe):
-            raise DiffcliError(f"--sr-model {cfg.sr_model!r} is a {type(sr_pipe).__name__}; it needs a DeepFloyd IF "
+        sr_pipe = pipelines.load_family(cfg.sr_model, device, dtype, kind="DeepFloyd IF stage II", text_encoder=None)
+        if sr_pipe.name != "if" or sr_pipe.stage != 2:
+            raise DiffcliError(f"--sr-model {cfg.sr_model!r} is a {sr_pipe.kind}; it needs a DeepFloyd IF "
                                "stage II pipeline (IFSuperResolutionPipeline), or pass --sr-model none")
-        if sr_pipe.unet.config.sample_size % pipe.unet.config.sample_size:
-            raise DiffcliError("stage II's size is not a whole multiple of stage I's")
-        check_pipeline_steps(sr_pipe, cfg.sr_steps, cfg.schedule, "sr_steps")
-        noising = getattr(getattr(sr_pipe, "image_noising_scheduler", None), "config", None)
+        sr_pipe.upscale(pipe)
+        check_pipeline_steps(sr_pipe.pipe, cfg.sr_steps, cfg.schedule, "sr_steps")
+        noising = getattr(getattr(sr_pipe.pipe, "image_noising_scheduler", None), "config", None)
         if isinstance(getattr(noising, "num_train_timesteps", None), int):
             count("noise_level", cfg.noise_level, 0, noising.num_train_timesteps - 1)
-    check_pipeline_steps(pipe, cfg.steps, cfg.schedule)
+    check_pipeline_steps(pipe.pipe, cfg.steps, cfg.schedule)
     return pipe, sr_pipe
 
 
@@ -292,13 +290,13 @@ def _run(cfg: AnagramConfig, jobs: list, out: Path, overwrite: bool, resume: boo
     if cfg.height or cfg.width:  # bad view/size pairs fail before loading
         build_views(cfg, cfg.height or cfg.width, cfg.width or cfg.height)
     pipe, sr_pipe = load(cfg, device, dtype)
-    for unet in (pipe.unet, *([sr_pipe.unet] if sr_pipe is not None else [])):
-        seg_layers(unet, cfg, "--layers")
-    default = pipelines.default_size(pipe)
+    for family in (pipe, *([sr_pipe] if sr_pipe is not None else [])):
+        seg_layers(family.attention, cfg, "--layers")
+    default = pipe.native_size()
     size = (cfg.height or cfg.width or default, cfg.width or cfg.height or default)
-    pipelines.check_size(pipe, *size, ("--height", "--width"))
+    pipe.check_size(*size, ("--height", "--width"))
     if sr_pipe is not None:  # stage II draws the canvas x its scale
-        scale = sr_pipe.unet.config.sample_size // pipe.unet.config.sample_size
+        scale = sr_pipe.upscale(pipe)
         check_image_size(size[0] * scale, size[1] * scale,
                          (f"stage II's height (--height x {scale})", f"stage II's width (--width x {scale})"))
     build_views(cfg, *size)

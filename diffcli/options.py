@@ -166,10 +166,10 @@ def defaults(config: type, names: list[str]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- options -> guidance terms
 
-def seg_layers(unet: torch.nn.Module, opts: GuidanceOptions, option: str = "layers") -> list[str]:
-    """The module paths SEG would perturb in `unet` ([] with SEG off): commands call it before writing anything,
-    so a model without such layers is refused in one line that names the valid ones."""
-    return attention.resolve_layers(unet, split_list(opts.layers), option) if opts.seg_on else []
+def seg_layers(net: torch.nn.Module, opts: GuidanceOptions, option: str = "layers") -> list[str]:
+    """The module paths SEG would perturb in `net` (a family's `attention`; [] with SEG off): commands call it
+    before writing anything, so a model without such layers is refused in one line that names the valid ones."""
+    return attention.resolve_layers(net, split_list(opts.layers), option) if opts.seg_on else []
 
 
 def seg_of(opts: GuidanceOptions, blur: Blur | None) -> Seg | None:

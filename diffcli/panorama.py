@@ -191,9 +191,10 @@ class Plan:
 
 
 def plan(pipe, cfg: PanoramaConfig, jobs: list[Job]) -> Plan:
-    f = pipelines.scale_factor(pipe)
-    window = cfg.window or pipe.unet.config.sample_size
-    pipelines.check_size(pipe, window * f, window * f, ("--window (in px)", "--window (in px)"))
+    family = pipelines.pipeline_family(pipe)
+    f = family.scale_factor
+    window = cfg.window or family.native_size() // f
+    family.check_size(window * f, window * f, ("--window (in px)", "--window (in px)"))
     for name, v in (("height", cfg.height), ("width", cfg.width)):
         if v % f:
             raise DiffcliError(f"--{name} {v}: must be a multiple of {f} px (one latent cell)")
@@ -201,7 +202,7 @@ def plan(pipe, cfg: PanoramaConfig, jobs: list[Job]) -> Plan:
             raise DiffcliError(f"--{name} {v} px is smaller than one window ({window} latent cells = {window * f} px)")
     if cfg.stride > window:
         raise DiffcliError(f"--stride {cfg.stride} must be between 1 and the window size ({window})")
-    latent = pipelines.latent_shape(pipe, cfg.height, cfg.width)
+    latent = family.latent_shape(cfg.height, cfg.width)
     for job in jobs:
         bad = [p for p in job.eval_pos if p < 0 or p + window * f > cfg.width]
         if bad:
@@ -220,31 +221,33 @@ def generate(pipe, p: Plan, prompt: str, cfg: PanoramaConfig, device: torch.devi
     """(image (3, H, W) in [-1, 1] on the CPU, final latent canvas in our x = x0 + sigma n form).
 
     Each window runs the guidance stack (CFG, SEG with `--blur`) on its own rows; the windows are synchronized."""
-    sigmas = pipelines.sigmas(pipe, cfg.steps, device, cfg.schedule or "scheduler")
+    family = pipelines.pipeline_family(pipe)
+    sigmas = family.sigmas(cfg.steps, device, cfg.schedule or "scheduler")
     size = p.window * p.scale
-    cond, uncond = pipelines.encode_prompts(pipe, [prompt], cfg.negative_prompt, size, size, device)
-    base, seg = pipelines.denoiser(pipe), seg_of(cfg, check_guidance(cfg)[0] if cfg.seg_on else None)
+    cond, uncond = family.encode_prompts([prompt], cfg.negative_prompt, size, size, device)
+    base, seg = family.denoiser(), seg_of(cfg, check_guidance(cfg)[0] if cfg.seg_on else None)
     make = lambda a, b: stack(base, cfg.cfg, rows_of(cond, a, b), rows_of(uncond, a, b), sigmas, seg=seg,  # noqa: E731
-                              limit=lambda d: pipelines.clip_x0(d, pipe))
+                              limit=family.limit)
     rng = PerSampleRandn([cfg.seed], device)
-    with seg.installed(pipe.unet) if seg else contextlib.nullcontext():
+    with seg.installed(family.attention) if seg else contextlib.nullcontext():
         w = sample_views(make, p.views, sigmas, lambda shape: rng.randn(shape)[0], (p.latent[0], p.window, p.window),
                          sampler=cfg.sampler, case=cfg.sync, noise=cfg.noise, view_batch=cfg.view_batch,
                          knobs=cfg.knobs(), callback=on_step)
     z = p.views.average(w)
-    return decode_tiled(pipe, z, sigmas[-1], p.tiles, cfg.decode_batch), z
+    return decode_tiled(family, z, sigmas[-1], p.tiles, cfg.decode_batch), z
 
 
 @torch.no_grad()
 def decode_tiled(pipe, z: torch.Tensor, sigma_last: torch.Tensor | float, tiles: list, batch: int) -> torch.Tensor:
     """Latent canvas (C, h, w) -> image (3, H, W): overlapping tiles decoded `batch` at a time and averaged, so
     the VAE's memory depends on the tile, not on the width (003: 512 px tiles, stride 64 px)."""
-    f = pipelines.scale_factor(pipe)
+    family = pipelines.pipeline_family(pipe)
+    f = family.scale_factor
     acc = torch.zeros(3, z.shape[-2] * f, z.shape[-1] * f)
     count = torch.zeros(1, *acc.shape[1:])
     for a in range(0, len(tiles), batch):
         part = tiles[a:a + batch]
-        images = pipelines.decode(pipe, torch.stack([t.view(z) for t in part]), sigma_last)
+        images = family.decode(torch.stack([t.view(z) for t in part]), sigma_last)
         for t, image in zip(part, images):
             t.scaled(f).accumulate(acc, image)
             t.scaled(f).accumulate(count, torch.ones(1, *image.shape[1:]))
@@ -277,12 +280,12 @@ def _run(cfg: PanoramaConfig, jobs: list[Job], out: Path, overwrite: bool, resum
     device = dist.device
     dtype = pick_dtype(cfg.dtype, device)
     record_file = run_record_path(out, "panorama")  # OUT.run.json: OUT holds only the images the grader opens
-    pipe = pipelines.load_pipeline(cfg.model, device, dtype)
-    if pipelines.family(pipe) == "if":
+    family = pipelines.load_family(cfg.model, device, dtype)
+    if family.pixel_space:
         raise DiffcliError(f"{cfg.model!r} is a DeepFloyd IF pipeline; panorama needs a latent model (SD 1.x/2.x, SDXL)")
-    p = plan(pipe, cfg, jobs)
-    check_pipeline_steps(pipe, cfg.steps, cfg.schedule)
-    seg_layers(pipe.unet, cfg, "--layers")
+    p = plan(family, cfg, jobs)
+    check_pipeline_steps(family.pipe, cfg.steps, cfg.schedule)
+    seg_layers(family.attention, cfg, "--layers")
     record = {**options_record(cfg), **options}
     out = dist.begin(out, overwrite, resume, "panorama", record, record_path=record_file, model=cfg.model)
     remaining = [j for j in jobs if not (resume and all((out / f).is_file() for f in outputs(j)))]
@@ -290,7 +293,7 @@ def _run(cfg: PanoramaConfig, jobs: list[Job], out: Path, overwrite: bool, resum
 
     with progress_bar("panorama", cfg.steps * len(todo), disable=not dist.main) as advance:
         for job in todo:
-            image, _ = generate(pipe, p, job.prompt, cfg, device, lambda info: advance(1))
+            image, _ = generate(family, p, job.prompt, cfg, device, lambda info: advance(1))
             images = [image] + crops(image, job.eval_pos, p.crop)
             for name, picture in zip(outputs(job), images):
                 save_image(out / name, picture)

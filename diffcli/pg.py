@@ -25,9 +25,8 @@ from .data import sequences as sq
 from .backends.classifier import SHIPPED_CLASSIFIER, classify, load_classifier, load_digits
 from .core.denoisers import ve_to_vp
 from .core.metrics import digit_record, mean_pairwise_cosine, pca_2d
-from .backends.models import load_model
 from .core.guidance import stack
-from .shared.limits import BATCH_MAX, SIDE_MAX, check_batch_memory, check_image_size, count, seed as check_seed
+from .shared.limits import BATCH_MAX, SIDE_MAX, check_image_size, count, seed as check_seed
 from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_pipeline_steps,
                       check_sampling, group_fields, pg_of, record as options_record, seg_layers, seg_of)
 from .core.particles import KernelGrad, make_kernel  # make_kernel: the benchmarks' import
@@ -172,25 +171,27 @@ def sample_pipeline(pipe, cfg: PGConfig, factor: float, device: torch.device,
                     kernel: tuple[KernelGrad, bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(images (N,3,H,W) in [-1,1], final latents): the pipeline's sigmas (or Karras), the guidance stack (CFG, SEG
     with --blur, PG on the latent), any sampler, VAE decode."""
-    sigmas = pipelines.sigmas(pipe, cfg.steps or DEFAULT_STEPS["pipeline"], device, cfg.schedule or "scheduler")
-    height, width = pipeline_size(pipe, cfg)
-    cond, uncond = pipelines.encode_prompts(pipe, [cfg.prompt] * cfg.n, cfg.negative_prompt, height, width, device)
+    family = pipelines.pipeline_family(pipe)
+    sigmas = family.sigmas(cfg.steps or DEFAULT_STEPS["pipeline"], device, cfg.schedule or "scheduler")
+    height, width = pipeline_size(family, cfg)
+    cond, uncond = family.encode_prompts([cfg.prompt] * cfg.n, cfg.negative_prompt, height, width, device)
     opts = replace(cfg, pg_factor=factor)
     seg = seg_of(cfg, check_guidance(cfg)[0] if cfg.seg_on else None)
-    denoiser = stack(pipelines.denoiser(pipe), DEFAULT_CFG["pipeline"] if cfg.cfg is None else cfg.cfg, cond, uncond,
-                     sigmas, seg=seg, pg=pg_of(opts, kernel, pipelines.SIGMA_DATA))
+    denoiser = stack(family.denoiser(), DEFAULT_CFG["pipeline"] if cfg.cfg is None else cfg.cfg, cond, uncond,
+                     sigmas, seg=seg, pg=pg_of(opts, kernel, family.sigma_data))
     rng = PerSampleRandn([cfg.seed + i for i in range(cfg.n)], device)
-    x = pipelines.initial_latents(rng, pipelines.latent_shape(pipe, height, width), sigmas[0])
-    with seg.installed(pipe.unet) if seg else contextlib.nullcontext():
+    x = family.initial_latents(rng, family.latent_shape(height, width), sigmas[0])
+    with seg.installed(family.attention) if seg else contextlib.nullcontext():
         x = run_sampler(cfg.sampler, denoiser, x, sigmas, callback=(lambda info: on_step(1)) if on_step else None,
                         noise=rng, **cfg.knobs())
-    return pipelines.decode(pipe, x, sigmas[-1]), ve_to_vp(x, sigmas[-1]).float().cpu()
+    return family.decode(x, sigmas[-1]), ve_to_vp(x, sigmas[-1]).float().cpu()
 
 
 def pipeline_size(pipe, cfg: PGConfig) -> tuple[int, int]:
-    size = pipelines.default_size(pipe)
+    family = pipelines.pipeline_family(pipe)
+    size = family.native_size()
     height, width = cfg.height or size, cfg.width or size
-    pipelines.check_size(pipe, height, width, ("--height", "--width"))
+    family.check_size(height, width, ("--height", "--width"))
     return height, width
 
 
@@ -257,14 +258,12 @@ def run(cfg: PGConfig, out: Path, overwrite: bool, device_name: str | None, opti
     kind = family(cfg)
     classifier, contexts = None, None
     if kind == "pipeline":
-        pipe = pipelines.load_pipeline(cfg.model, device, dtype)
+        pipe = pipelines.load_family(cfg.model, device, dtype)
         height, width = pipeline_size(pipe, cfg)  # fail before touching the output folder
-        check_pipeline_steps(pipe, cfg.steps or DEFAULT_STEPS["pipeline"], cfg.schedule)
-        f = pipelines.scale_factor(pipe)
-        check_batch_memory(cfg.n, pipe.unet.config.block_out_channels[0], height // f, width // f, dtype, device,
-                           "the particles (one network batch)", "lower --n")
-        seg_layers(pipe.unet, cfg, "--layers")
-        labels, meta = None, {"kind": type(pipe).__name__, "model": cfg.model}
+        check_pipeline_steps(pipe.pipe, cfg.steps or DEFAULT_STEPS["pipeline"], cfg.schedule)
+        pipe.check_memory(cfg.n, height, width, dtype, device, "the particles (one network batch)", "lower --n")
+        seg_layers(pipe.attention, cfg, "--layers")
+        labels, meta = None, {"kind": pipe.kind, "model": cfg.model}
         image_features = None
         if cfg.kernel == "clip" and cfg.pg_factor:
             from .backends.clip_model import image_features_fn, load_clip
@@ -273,15 +272,15 @@ def run(cfg: PGConfig, out: Path, overwrite: bool, device_name: str | None, opti
         draw = lambda factor, j, step: sample_pipeline(pipe, cfg, factor, device, step, kernel)
         nfe_each = nfe(cfg.sampler, cfg.steps or DEFAULT_STEPS["pipeline"])
     else:
-        model, meta = load_model(cfg.checkpoint or SHIPPED_CHECKPOINT, device)
-        model.net.to(dtype)
+        ours = pipelines.load_family(cfg.checkpoint or SHIPPED_CHECKPOINT, device, dtype, checkpoint=True)
+        model, meta = ours.model, ours.meta
         digit_scale(cfg, meta)
-        seg_layers(model.net.unet, cfg, "--layers")
+        seg_layers(ours.attention, cfg, "--layers")
         labels = None if cfg.labels is None else parse_labels(cfg.labels, meta["num_classes"], cfg.n)
         contexts = model_contexts(cfg, meta, many=True)
         check_seed("seed", cfg.seed, cfg.n * len(contexts or [None]))
-        check_batch_memory(cfg.n, meta["net"]["block_out_channels"][0], meta["image_size"], meta["image_size"], dtype,
-                           device, "the particles (one network batch)", "lower --n")
+        ours.check_memory(cfg.n, meta["image_size"], meta["image_size"], dtype, device,
+                          "the particles (one network batch)", "lower --n")
         if cfg.compare and not contexts:
             classifier = load_classifier(cfg.classifier or SHIPPED_CLASSIFIER, device)
         kernel = digit_kernel(cfg, device, cfg.classifier, meta)

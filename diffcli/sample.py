@@ -20,8 +20,10 @@ from .shared.progress import progress_bar
 from .shared.files import prepare_out_dir
 from .shared.dist import Dist
 from .core.guidance import stack
-from .backends.models import check_record, load_model
-from .shared.limits import (BATCH_MAX, N_MAX, PIXELS_MAX, SIGMA_LIMIT, check_batch_memory, count, finite,
+from .backends.models import check_record
+from .backends.edm import DiffcliModel
+from .backends.pipelines import load_family
+from .shared.limits import (BATCH_MAX, N_MAX, PIXELS_MAX, SIGMA_LIMIT, count, finite,
                             seed as check_seed)
 from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_sampling, pg_of,
                       record as options_record, seg_layers, seg_of)
@@ -184,7 +186,7 @@ def sample_batches(model, meta: dict[str, Any], cfg: SampleConfig, device: torch
     indices = list(range(cfg.n)) if indices is None else list(indices)
     seg = seg_of(cfg, check_guidance(cfg)[0] if cfg.seg_on else None)  # resolve() refused both for blurring
     pg = pg_of(cfg, kernel or digit_kernel(cfg, device, meta=meta), classes=meta["num_classes"])
-    with seg.installed(model.net.unet) if seg else contextlib.nullcontext():
+    with seg.installed(DiffcliModel(model, meta).attention) if seg else contextlib.nullcontext():
         yield from _draw(model, meta, cfg, device, indices, labels, seg, pg, on_step, context)
 
 
@@ -316,15 +318,15 @@ def _run(cfg: SampleConfig, out: Path, overwrite: bool, resume: bool, dist: Dist
     """One rank's share of the samples (every world-th index); rank 0 writes the merged grid and run.json."""
     device = dist.device
     dtype = pick_dtype(cfg.dtype or "fp32", device)
-    model, meta = load_model(cfg.checkpoint, device, kinds=("edm", "blurring"))
-    model.net.to(dtype)
+    family = load_family(cfg.checkpoint, device, dtype, checkpoint=True, kinds=("edm", "blurring"))
+    model, meta = family.model, family.meta
     cfg = resolve(cfg, meta)
     labels = check_against_model(cfg, meta)  # fail before touching the output folder
     size = meta["image_size"]
-    check_batch_memory(min(cfg.batch_size, cfg.n), meta["net"]["block_out_channels"][0], size, size, dtype, device,
-                       "one network batch", "lower --batch-size")
+    family.check_memory(min(cfg.batch_size, cfg.n), size, size, dtype, device, "one network batch",
+                        "lower --batch-size")
     if meta["kind"] == "edm":
-        seg_layers(model.net.unet, cfg, "--layers")
+        seg_layers(family.attention, cfg, "--layers")
     ctx = (model_contexts(cfg, meta) or [None])[0]
     record = {**options_record(cfg), **options}
     names = sample_names(cfg.n, labels, cfg.seed)

@@ -16,6 +16,7 @@ import torch
 
 from .core import attention
 from .backends import pipelines
+from .backends.family import Family
 from .shared.errors import DiffcliError
 from .shared.devices import PerSampleRandn, pick_dtype
 from .shared.files import atomic_path, clear_temp_files, write_json
@@ -25,7 +26,7 @@ from .shared.progress import progress_bar
 from .shared.records import write_run_json
 from .shared.dist import Dist
 from .core.guidance import Seg, guided_steps, stack, step_index
-from .shared.limits import BATCH_MAX, N_MAX, SIDE_MAX, check_batch_memory, check_image_size, count, seed as check_seed
+from .shared.limits import BATCH_MAX, N_MAX, SIDE_MAX, check_image_size, count, seed as check_seed
 from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_pipeline_steps,
                       check_sampling, pg_of, record as options_record, seg_of, split_list)
 from .core.query_blur import Blur
@@ -81,18 +82,20 @@ def validate(cfg: SegConfig) -> list[Blur]:
 def sample(pipe, cond: dict[str, Any], uncond: dict[str, Any], seeds: list[int], cfg: SegConfig, seg: Seg | None,
            sigmas: torch.Tensor, device: torch.device, callback=None) -> torch.Tensor:
     """One batch of images (N, 3, H, W) in [-1, 1] for one prompt's encodings; sample i starts from seeds[i]."""
-    height, width = size(pipe, cfg)
-    model = stack(pipelines.denoiser(pipe), cfg.cfg, cond, uncond, sigmas, seg=seg, pg=pg_of(cfg, pipelines.pipeline_kernel(pipe, cfg), pipelines.SIGMA_DATA))
+    family = pipelines.pipeline_family(pipe)
+    height, width = size(family, cfg)
+    model = stack(family.denoiser(), cfg.cfg, cond, uncond, sigmas, seg=seg,
+                  pg=pg_of(cfg, pipelines.pipeline_kernel(family, cfg), family.sigma_data))
     rng = PerSampleRandn(seeds, device)
-    x = pipelines.initial_latents(rng, pipelines.latent_shape(pipe, height, width), sigmas[0])
+    x = family.initial_latents(rng, family.latent_shape(height, width), sigmas[0])
     x = run_sampler(cfg.sampler, model, x, sigmas, callback=callback, noise=rng, **cfg.knobs())
-    return pipelines.decode(pipe, x, sigmas[-1])
+    return family.decode(x, sigmas[-1])
 
 
-def size(pipe, cfg: SegConfig) -> tuple[int, int]:
-    default = pipelines.default_size(pipe)
+def size(family: Family, cfg: SegConfig) -> tuple[int, int]:
+    default = family.native_size()
     height, width = cfg.height or default, cfg.width or default
-    pipelines.check_size(pipe, height, width, ("--height", "--width"))
+    family.check_size(height, width, ("--height", "--width"))
     return height, width
 
 
@@ -141,22 +144,20 @@ def _run(cfg: SegConfig, blurs: list[Blur], out: Path, overwrite: bool, resume: 
     rank 0 then reads the images back for the grid and writes run.json."""
     device = dist.device
     dtype = pick_dtype(cfg.dtype, device)
-    pipe = pipelines.load_pipeline(cfg.model, device, dtype)
-    if pipelines.family(pipe) == "if":
+    family = pipelines.load_family(cfg.model, device, dtype)
+    if family.pixel_space:
         raise DiffcliError(f"{cfg.model!r} is a pixel-space (DeepFloyd IF) pipeline; seg runs latent SD 1.x/2.x "
                            "and SDXL models")
-    height, width = size(pipe, cfg)
+    height, width = size(family, cfg)
     check_image_size(height, width)
-    check_pipeline_steps(pipe, cfg.steps, cfg.schedule)
-    f = pipelines.scale_factor(pipe)
-    check_batch_memory(cfg.n, pipe.unet.config.block_out_channels[0], height // f, width // f, dtype, device,
-                       "a prompt's images (one network batch)", "lower --n")
-    perturbed = attention.resolve_layers(pipe.unet, split_list(cfg.layers), "--layers") if blurs[0] is not None else []
-    tracked = attention.resolve_layers(pipe.unet, [cfg.track_block], "--track-block") if cfg.metrics else []
+    check_pipeline_steps(family.pipe, cfg.steps, cfg.schedule)
+    family.check_memory(cfg.n, height, width, dtype, device, "a prompt's images (one network batch)", "lower --n")
+    perturbed = family.layers(split_list(cfg.layers), "--layers") if blurs[0] is not None else []
+    tracked = family.layers([cfg.track_block], "--track-block") if cfg.metrics else []
     record = {**options_record(cfg), **options}
     out = dist.begin(out, overwrite, resume, "seg", record)  # nothing is written before this line
 
-    sigmas = pipelines.sigmas(pipe, cfg.steps, device, cfg.schedule or "scheduler")
+    sigmas = family.sigmas(cfg.steps, device, cfg.schedule or "scheduler")
     guided = guided_steps(sigmas, split_list(cfg.regions), cfg.sigma_start, cfg.sigma_end) if perturbed else []
     seeds = [cfg.seed + i for i in range(cfg.n)]
     segs = {spec_of(b): seg_of(cfg, b) for b in blurs}
@@ -173,13 +174,12 @@ def _run(cfg: SegConfig, blurs: list[Blur], out: Path, overwrite: bool, resume: 
     mine = dist.shard(remaining)
     recorder = [] if cfg.metrics else None
     metrics: dict[str, list[dict[str, Any]]] = {spec_of(b): [] for b in blurs}
-    with attention.installed(pipe.unet, state, perturbed, tracked, recorder), \
+    with attention.installed(family.attention, state, perturbed, tracked, recorder), \
             progress_bar("seg", cfg.steps * len(blurs) * len(mine), disable=not dist.main) as advance:
         for prompt, stem in mine:
-            cond, uncond = pipelines.encode_prompts(pipe, [prompt] * cfg.n, cfg.negative_prompt, height, width,
-                                                    device)
+            cond, uncond = family.encode_prompts([prompt] * cfg.n, cfg.negative_prompt, height, width, device)
             for blur in blurs:  # same prompt encodings and seeds for every blur
-                batch = sample(pipe, cond, uncond, seeds, cfg, segs[spec_of(blur)], sigmas, device,
+                batch = sample(family, cond, uncond, seeds, cfg, segs[spec_of(blur)], sigmas, device,
                                callback=lambda info: advance(1))
                 for image, path in zip(batch, names(stem, blur)):
                     save_image(path, image)
@@ -199,7 +199,7 @@ def _run(cfg: SegConfig, blurs: list[Blur], out: Path, overwrite: bool, resume: 
             for b in blurs:
                 write_metrics(folders[spec_of(b)], metrics[spec_of(b)])
         write_run_json(out, "seg", record, device, status="complete", world_size=dist.world,
-                       model={"kind": type(pipe).__name__, "model": cfg.model}, height=height, width=width,
+                       model={"kind": family.kind, "model": cfg.model}, height=height, width=width,
                        perturbed_layers=perturbed, tracked_layers=tracked,
                        guided_steps=[i for i, g in enumerate(guided) if g],
                        blurs={spec_of(b): str(folders[spec_of(b)].relative_to(out)) for b in blurs}, images=files)

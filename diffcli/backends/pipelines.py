@@ -1,8 +1,10 @@
-"""Pretrained diffusers pipelines as denoisers: load, encode prompts, draw and decode latents.
+"""Loading a model and picking its family; the pipeline functions of the Python API.
 
-Every command that runs a text-to-image model (seg, panorama, anagram, pg) goes through here, so SD 1.x/2.x,
-SDXL and DeepFloyd IF load, condition and decode one way. The pipeline's own `__call__` loop is never
-used: the loop is `diffcli.core.samplers` over `DiffusersDenoiser` with the scheduler's sigmas.
+`load_family` loads a diffusers pipeline (`load_pipeline`) or a diffcli model file (`models.load_model`) and wraps
+it in its `family.Family` (the first of `FAMILIES` that matches), so commands ask the family, never the network.
+The functions below (`encode_prompts`, `decode`, `denoiser`, `sigmas`, ...) take a loaded pipeline (or its family)
+and ask its family: every command that runs a text-to-image model (seg, panorama, anagram, pg) goes through one
+of them, so SD 1.x/2.x, SDXL and DeepFloyd IF load, condition and decode one way.
 """
 from __future__ import annotations
 
@@ -15,10 +17,22 @@ import torch
 
 from ..shared.cache import cached
 from ..shared.errors import DiffcliError
-from ..shared.devices import PerSampleRandn, pick_device, pick_dtype
+from ..shared.devices import pick_device, pick_dtype
 from ..shared.files import some_names
-from ..core.denoisers import DiffusersDenoiser, ve_to_vp, vp_to_ve
-from ..core.samplers import get_sigmas_pipeline
+from ..core.denoisers import DiffusersDenoiser
+from . import deepfloyd, diffusers_unet
+from .deepfloyd import DeepFloydIF, DeepFloydIFSuperResolution
+from .diffusers_unet import UNetPipeline
+from .edm import DiffcliModel
+from .family import Family
+from .models import load_model
+from .stable_diffusion import StableDiffusion, StableDiffusionXL
+
+initial_latents = diffusers_unet.initial_latents  # the Python API's names, kept where they always were
+ConcatUNet = deepfloyd.ConcatUNet
+
+# the diffusers pipeline families, first match wins (SDXL before SD; IF stage II before stage I)
+FAMILIES: tuple[type[UNetPipeline], ...] = (StableDiffusionXL, DeepFloydIFSuperResolution, DeepFloydIF, StableDiffusion)
 
 
 def load_pipeline(spec: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
@@ -63,9 +77,8 @@ def _load_pipeline(spec: str, device: torch.device | str | None, dtype: torch.dt
         raise DiffcliError(f"cannot load a {kind} pipeline from {spec!r} ({first[:160]}); get it with `hf download "
                            f"{repo} --local-dir DIR` where there is a network and pass the local folder"
                            ) from None
-    if not hasattr(pipe, "unet"):
-        raise DiffcliError(f"{spec!r} is a {type(pipe).__name__}; diffcli runs UNet pipelines (SD 1.x/2.x, SDXL, "
-                           "DeepFloyd IF); transformer models (SD3, Flux) are not supported yet")
+    if family_class(pipe) is None:
+        raise DiffcliError(f"{spec!r} is a {type(pipe).__name__}; {UNSUPPORTED}")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -87,52 +100,69 @@ def pickled_weights(folder: Path) -> list[str]:
     return found
 
 
-def _device(pipe, device: torch.device | str | None) -> torch.device:
-    return torch.device(device) if device is not None else pipe.unet.device
+UNSUPPORTED = ("diffcli runs UNet pipelines (SD 1.x/2.x, SDXL, DeepFloyd IF); transformer models (SD3, Flux) are "
+               "not supported yet")
 
+
+def family_class(pipe) -> type[UNetPipeline] | None:
+    return next((f for f in FAMILIES if f.matches(pipe)), None)
+
+
+def pipeline_family(pipe) -> Family:
+    """The family of a loaded diffusers pipeline (a `Family` passes through)."""
+    if isinstance(pipe, Family):
+        return pipe
+    cls = family_class(pipe)
+    if cls is None:
+        raise DiffcliError(f"a {type(pipe).__name__}: {UNSUPPORTED}")
+    return cls(pipe)
+
+
+def load_family(spec: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
+                checkpoint: bool = False, kind: str = "text-to-image", kinds: tuple[str, ...] = ("edm",),
+                **components) -> Family:
+    """A model and its family: a diffusers pipeline (hub id or folder; `kind` words the load error, `components`
+    replace its parts, see `load_pipeline`), or with `checkpoint` a diffcli model file of `kinds`
+    (`models.load_model`; its net cast to `dtype` where one is given)."""
+    if checkpoint:
+        model, meta = load_model(spec, device if device is not None else "cpu", kinds=kinds)
+        if dtype is not None:
+            model.net.to(dtype)
+        return DiffcliModel(model, meta)
+    return pipeline_family(load_pipeline(spec, device, dtype, kind, **components))
+
+
+# ---------------------------------------------------------------- a loaded pipeline's questions, by function
 
 def family(pipe) -> str:
-    """'sdxl' (two text encoders, added time ids), 'if' (pixel space, T5) or 'sd' (SD 1.x/2.x)."""
-    if getattr(pipe, "text_encoder_2", None) is not None or type(pipe).__name__.startswith("StableDiffusionXL"):
-        return "sdxl"
-    if getattr(pipe, "vae", None) is None:
-        return "if"
-    return "sd"
+    """'sdxl' (two text encoders, added time ids), 'if' (pixel space, T5; stage I or II) or 'sd' (SD 1.x/2.x)."""
+    return pipeline_family(pipe).name
 
 
 def scale_factor(pipe) -> int:
     """Pixels per latent cell (8 for SD's VAE, 1 for IF, which works in pixels)."""
-    return getattr(pipe, "vae_scale_factor", 1) if getattr(pipe, "vae", None) is not None else 1
+    return pipeline_family(pipe).scale_factor
 
 
 def default_size(pipe) -> int:
-    return pipe.unet.config.sample_size * scale_factor(pipe)
+    return pipeline_family(pipe).native_size()
 
 
 def check_size(pipe, height: int, width: int, names: tuple[str, str] = ("height", "width")) -> None:
     """Sizes the UNet can take (a multiple of its total downsampling); `names` word the error (commands: flags)."""
-    f = scale_factor(pipe) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-    for name, v in zip(names, (height, width)):
-        if v < f or v % f:
-            raise DiffcliError(f"{name} {v}: this model needs a positive multiple of {f} px")
+    pipeline_family(pipe).check_size(height, width, names)
 
 
 def denoiser(pipe) -> DiffusersDenoiser:
-    return DiffusersDenoiser.from_scheduler(pipe.unet, pipe.scheduler)
+    return pipeline_family(pipe).denoiser()
 
 
 def sigmas(pipe, steps: int, device: torch.device | str | None = None, schedule: str = "scheduler",
            rho: float = 7.0) -> torch.Tensor:
-    """The pipeline's sigmas under one of `samplers.SCHEDULES`: "scheduler", the DDIM timesteps of its noise table
-    (ending where its DDIM ends: 0, or the table's first level); "karras", Karras sigmas (exponent `rho`) from the
-    table's largest sigma to its smallest, then 0."""
-    from diffusers import DDIMScheduler  # deferred like every diffusers import: `diffcli --help` stays fast
-
-    return get_sigmas_pipeline(DDIMScheduler.from_config(pipe.scheduler.config), steps, schedule, _device(pipe, device),
-                               rho)
+    """The pipeline's sigmas under one of `samplers.SCHEDULES` (`UNetPipeline.sigmas`)."""
+    return pipeline_family(pipe).sigmas(steps, device, schedule, rho)
 
 
-@torch.no_grad()
 def encode_prompts(pipe, prompts: list[str], negative: str | list[str] | None, height: int, width: int,
                    device: torch.device | str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(cond, uncond) UNet keyword arguments, one row per prompt; `guidance.classifier_free` batches them.
@@ -140,62 +170,23 @@ def encode_prompts(pipe, prompts: list[str], negative: str | list[str] | None, h
     SDXL adds pooled text embeddings and the six micro-conditioning ids (original size, crop top-left,
     target size); we generate at the target size with no crop, as the SDXL pipeline does by default.
     """
-    if isinstance(negative, str):
-        negative = [negative] * len(prompts)
-    device = _device(pipe, device)
-    key = ("prompts", id(pipe), tuple(prompts), None if negative is None else tuple(negative), height, width, str(device))
-    return cached(key, lambda: _encode_prompts(pipe, prompts, negative, height, width, device))
-
-
-def _encode_prompts(pipe, prompts: list[str], negative: list[str] | None, height: int, width: int,
-                    device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
-    out = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
-                             do_classifier_free_guidance=True, negative_prompt=negative)
-    cond, uncond = {"encoder_hidden_states": out[0]}, {"encoder_hidden_states": out[1]}
-    if family(pipe) == "sdxl":
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=out[2].dtype)
-        time_ids = time_ids.expand(len(prompts), -1)
-        cond["added_cond_kwargs"] = {"text_embeds": out[2], "time_ids": time_ids}
-        uncond["added_cond_kwargs"] = {"text_embeds": out[3], "time_ids": time_ids}
-    return cond, uncond
+    return pipeline_family(pipe).encode_prompts(prompts, negative, height, width, device)
 
 
 def latent_shape(pipe, height: int, width: int) -> tuple[int, int, int]:
-    f = scale_factor(pipe)
-    return pipe.unet.config.in_channels, height // f, width // f
+    return pipeline_family(pipe).latent_shape(height, width)
 
 
-def initial_latents(rng: PerSampleRandn, shape: tuple[int, ...], sigma_max: torch.Tensor | float) -> torch.Tensor:
-    """Unit-variance noise as the scheduler draws it, in our x = x0 + sigma n form."""
-    return vp_to_ve(rng.randn(shape), sigma_max)
-
-
-@torch.no_grad()
 def decode(pipe, x: torch.Tensor, sigma_last: torch.Tensor | float) -> torch.Tensor:
     """Final sample (our form) -> images (N, 3, H, W) in [-1, 1] on the CPU."""
-    latents = ve_to_vp(x, sigma_last)
-    vae = getattr(pipe, "vae", None)
-    if vae is None:  # IF: the sample is the image
-        return latents.float().clamp(-1, 1).cpu()
-    if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
-        vae.to(torch.float32)  # SDXL's VAE overflows in fp16
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    images = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample.float()
-    return images.clamp(-1, 1).cpu()
+    return pipeline_family(pipe).decode(x, sigma_last)
 
 
 def decoded_features(pipe, features):
     """x0_hat in the pipeline's sample space -> `features` of its decoded image (N, 3, H, W) in [-1, 1],
     differentiable (no clamp, no uint8): what PG's clip kernel compares. IF samples are the image itself."""
-    vae = getattr(pipe, "vae", None)
-
-    def decoded(x0: torch.Tensor) -> torch.Tensor:
-        if vae is None:
-            return features(x0)
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return features(vae.decode((x0 / vae.config.scaling_factor + shift).to(vae.dtype)).sample)
-
-    return decoded
+    decoded = pipeline_family(pipe).decoded
+    return lambda x0: features(decoded(x0))
 
 
 def pipeline_kernel(pipe, opts, image_features=None):
@@ -213,65 +204,26 @@ def pipeline_kernel(pipe, opts, image_features=None):
 
 
 # the data's std in the space pipelines sample (scaled latents, IF's pixels): PG's c_skip for --pg-grad skip
-SIGMA_DATA = 1.0
+SIGMA_DATA = UNetPipeline.sigma_data
 
 
 def clip_x0(model, pipe):
-    """The scheduler's own limits on x0_hat as a denoiser combinator: dynamic thresholding (IF's schedulers ask
-    for it), else clipping, else `model` itself (SD). An Euler step from the limited x0_hat is DDIM with
-    use_clipped_model_output=True, i.e. the 003 seed's psi(x_t, x0)."""
-    c = pipe.scheduler.config
-    if c.get("thresholding"):
-        ratio, top = c.get("dynamic_thresholding_ratio", 0.995), c.get("sample_max_value", 1.0)
+    """The scheduler's own limits on x0_hat as a denoiser combinator (`UNetPipeline.limit`): dynamic thresholding
+    (IF), else clipping, else `model` itself (SD)."""
+    return pipeline_family(pipe).limit(model)
 
-        def denoise(x: torch.Tensor, sigma: torch.Tensor, **kw: Any) -> torch.Tensor:
-            x0 = model(x, sigma, **kw)
-            s = torch.quantile(x0.flatten(1).abs(), ratio, dim=1).clamp(1, top).view(-1, *[1] * (x0.ndim - 1))
-            return x0.clamp(-s, s) / s
-
-        return denoise
-    if c.get("clip_sample"):
-        r = c.get("clip_sample_range", 1.0)
-        return lambda x, sigma, **kw: model(x, sigma, **kw).clamp(-r, r)
-    return model
-
-
-# ---------------------------------------------------------------- DeepFloyd IF stage II (super-resolution)
 
 def is_super_resolution(pipe) -> bool:
     """IF stage II: its UNet reads the noisy image and the upsampled stage-I image side by side."""
-    return family(pipe) == "if" and hasattr(pipe, "image_noising_scheduler")
-
-
-class ConcatUNet(torch.nn.Module):
-    """Stage II's UNet behind the plain UNet call: the conditioning image (keyword `image`) is concatenated to
-    the scaled noisy input, as IFSuperResolutionPipeline does, so `DiffusersDenoiser` and CFG run it unchanged."""
-
-    def __init__(self, unet: torch.nn.Module):
-        super().__init__()
-        self.unet = unet
-
-    @property
-    def config(self):
-        return self.unet.config
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, image: torch.Tensor, **kw: Any):
-        return self.unet(torch.cat([sample, image.to(sample.dtype)], dim=1), timestep, **kw)
+    return isinstance(pipeline_family(pipe), DeepFloydIFSuperResolution)
 
 
 def sr_denoiser(pipe) -> DiffusersDenoiser:
-    return DiffusersDenoiser.from_scheduler(ConcatUNet(pipe.unet), pipe.scheduler)
+    return pipeline_family(pipe).denoiser()
 
 
-@torch.no_grad()
 def sr_condition(pipe, image: torch.Tensor, height: int, width: int, noise_level: int,
                  noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(upsampled stage-I image with noise at `noise_level`, the noise-level class labels), as the pipeline makes
-    them: bilinear with align_corners, then the image-noising scheduler's add_noise. `image` is (N, 3, h, w)."""
-    steps = pipe.image_noising_scheduler.config.num_train_timesteps
-    if not 0 <= noise_level < steps:
-        raise DiffcliError(f"--noise-level must be in [0, {steps}), got {noise_level}")
-    up = torch.nn.functional.interpolate(image.float(), (height, width), mode="bilinear", align_corners=True)
-    labels = torch.full((up.shape[0],), noise_level, device=up.device, dtype=torch.long)
-    up = pipe.image_noising_scheduler.add_noise(up, noise.to(up), labels)
-    return up.to(pipe.unet.dtype), labels
+    """(upsampled stage-I image with noise at `noise_level`, the noise-level class labels) for IF stage II
+    (`DeepFloydIFSuperResolution.condition`)."""
+    return pipeline_family(pipe).condition(image, height, width, noise_level, noise)
