@@ -76,6 +76,9 @@ class DiffcliModel(Family):
     def decode(self, x: torch.Tensor, sigma_last: torch.Tensor | float = 0.0) -> torch.Tensor:
         return x.clamp(-1, 1).cpu()
 
+    def decoded(self, x0: torch.Tensor) -> torch.Tensor:
+        return x0
+
     def check_memory(self, n: int, height: int, width: int, dtype: torch.dtype, device: torch.device | str,
                      what: str, hint: str) -> None:
         check_batch_memory(n, self.meta["net"]["block_out_channels"][0], height, width, dtype, device, what, hint)

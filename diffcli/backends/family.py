@@ -20,6 +20,7 @@ in `pipelines.FAMILIES` (one line; before a family it must win over). The subcla
   a one-line `DiffcliError` naming the option (`names`) otherwise; `latent_shape(height, width)`: (C, h, w);
 - `initial_latents(rng, shape, sigma_max)`: the start of sampling, per-sample seeded (`PerSampleRandn`);
 - `decode(x, sigma_last)`: the final sample -> images (N, 3, H, W) in [-1, 1] on the CPU;
+- `decoded(x0)`: x0_hat -> its image, differentiable (no clamp): what PG's clip kernel reads;
 - `attention` (the module SEG's processors are installed in) and `layers(names, option)` (`--layers` -> module
   paths; the default resolves the self-attention layers of `attention`);
 - `check_memory(n, height, width, dtype, device, what, hint)`: refuse a batch the device cannot hold, before
@@ -83,6 +84,9 @@ class Family(abc.ABC):
 
     @abc.abstractmethod
     def decode(self, x: torch.Tensor, sigma_last: torch.Tensor | float) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def decoded(self, x0: torch.Tensor) -> torch.Tensor: ...
 
     @property
     @abc.abstractmethod
