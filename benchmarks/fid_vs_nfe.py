@@ -26,7 +26,8 @@ from diffcli.backends.classifier import load_classifier  # noqa: E402
 from diffcli.shared.images import to_uint8  # noqa: E402
 from diffcli.core.metrics import frechet_distance  # noqa: E402
 from diffcli.backends.models import load_model  # noqa: E402
-from diffcli.sample import SHIPPED_CHECKPOINT, SampleConfig, sample_images  # noqa: E402
+from diffcli.drawing import sample_images  # noqa: E402
+from diffcli.sample import SHIPPED_CHECKPOINT, SampleConfig  # noqa: E402
 from diffcli.core.samplers import nfe  # noqa: E402
 from mnist_data import DEFAULT_ROOT, heldout_5k, t10k  # noqa: E402
 

@@ -16,7 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from diffcli.backends.classifier import SHIPPED_CLASSIFIER, load_classifier  # noqa: E402
 from diffcli.backends.models import load_model  # noqa: E402
-from diffcli.sample import SHIPPED_CHECKPOINT, SampleConfig, sample_images  # noqa: E402
+from diffcli.drawing import sample_images  # noqa: E402
+from diffcli.sample import SHIPPED_CHECKPOINT, SampleConfig  # noqa: E402
 from diffcli.core.samplers import nfe  # noqa: E402
 
 CONFIGS = [("heun", 18, None), ("heun", 18, 2.0), ("euler", 35, None), ("stochastic_heun", 18, None),

@@ -19,7 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from diffcli.backends.models import load_model  # noqa: E402
-from diffcli.sample import SHIPPED_CHECKPOINT, SampleConfig, sample_images  # noqa: E402
+from diffcli.drawing import sample_images  # noqa: E402
+from diffcli.sample import SHIPPED_CHECKPOINT, SampleConfig  # noqa: E402
 from diffcli.core.samplers import nfe  # noqa: E402
 from fid_vs_nfe import parse_rows  # noqa: E402
 

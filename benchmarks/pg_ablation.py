@@ -39,7 +39,8 @@ from diffcli.shared.images import to_uint8
 from diffcli.core.metrics import frechet_distance  # noqa: E402
 from diffcli.backends.models import load_model  # noqa: E402
 from diffcli.pg import PGConfig, sample_digits  # noqa: E402
-from diffcli.sample import SHIPPED_CHECKPOINT, digit_kernel  # noqa: E402
+from diffcli.drawing import digit_kernel  # noqa: E402
+from diffcli.sample import SHIPPED_CHECKPOINT  # noqa: E402
 
 KEYS = {"factor": ("pg_factor", float), "kernel": ("kernel", str), "grad": ("pg_grad", str),
         "bw": ("pg_bandwidth", float), "smin": ("pg_sigma_min", float), "smax": ("pg_sigma_max", float),

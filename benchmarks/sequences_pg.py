@@ -28,7 +28,7 @@ from diffcli.shared.devices import pick_device
 from diffcli.data.contexts import dataset_item, load_digits
 from diffcli.backends.models import load_model
 from diffcli.pg import PGConfig, sample_digits
-from diffcli.sample import digit_kernel
+from diffcli.drawing import digit_kernel
 from diffcli.data.sequences import Context, context_metrics, ink, mean_metrics, pairwise_rmse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -13,7 +13,7 @@ import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -21,11 +21,11 @@ from .backends import pipelines
 from .shared.errors import DiffcliError
 from .shared.devices import PerSampleRandn, pick_dtype
 from .shared.records import beside, run_record_path, write_run_json
-from .shared.progress import progress_bar
 from .shared.files import read_json_option
 from .shared.names import check_file_names, safe_name, unique_stems
 from .shared.images import save_gif, save_grid, save_image
 from .shared.dist import Dist
+from .shared.tasks import Task, run_tasks
 from .core.guidance import stack
 from .shared.limits import (BATCH_MAX, FRAMES_MAX, SCALE_MAX, SIDE_MAX, STEPS_MAX, check_image_size, count, finite,
                             seed as check_seed)
@@ -303,26 +303,25 @@ def _run(cfg: AnagramConfig, jobs: list, out: Path, overwrite: bool, resume: boo
     record = {**options_record(cfg), **options}
     out = dist.begin(out, overwrite, resume, "anagram", record, record_path=record_file, beside_folders=[anim],
                      model=cfg.model, sr_model=cfg.sr_model)
-    remaining = [j for j in jobs if not (resume and all(f.is_file() for f in outputs(j, cfg.views, out, anim)))]
-    todo = dist.shard(remaining)
 
-    per_job = cfg.steps + (cfg.sr_steps if sr_pipe is not None else 0)
-    with progress_bar("anagram", per_job * len(todo), disable=not dist.main) as advance:
-        for job in todo:
+    def draw(mine: list[Task], advance) -> Iterator[tuple]:
+        for task in mine:
+            job = task.item
             result = generate(pipe, sr_pipe, job, cfg, size, device, lambda info: advance(1))
-            for name, image in zip(view_files(job, cfg.views), result["views"]):
-                save_image(out / name, image)
+            names = view_files(job, cfg.views)
+            yield from ((out / name, save_image, image) for name, image in zip(names, result["views"]))
             gif, strip_png = (anim / f for f in animation_files(job))
-            frames = animation(build_views(cfg, *size), result["canvas"], cfg.frames)
-            save_gif(gif, frames)
+            yield gif, save_gif, animation(build_views(cfg, *size), result["canvas"], cfg.frames)
             strip = [frame(v, result["canvas"], t) for v in build_views(cfg, *size) if v.name != "identity"
                      for t in (0, 0.25, 0.5, 0.75, 1)] or [result["canvas"]]
-            save_grid(strip_png, torch.stack(strip), nrow=5)
-    dist.barrier()
+            yield strip_png, save_grid, torch.stack(strip), 5
+
     files = [f for job in jobs for f in view_files(job, cfg.views)]
-    if dist.main:
-        write_run_json(out, "anagram", record, device, record_path=record_file, status="complete", model=cfg.model,
-                       sr_model=cfg.sr_model, world_size=dist.world, size=list(size), jobs=[asdict(j) for j in jobs],
-                       files=files, animations=anim.name)
+    per_job = cfg.steps + (cfg.sr_steps if sr_pipe is not None else 0)
+    done = run_tasks(dist, [Task(job, tuple(outputs(job, cfg.views, out, anim))) for job in jobs], draw,
+                     resume=resume, label="anagram", work=lambda task: per_job, finish=lambda done: write_run_json(
+                         out, "anagram", record, device, record_path=record_file, status="complete", model=cfg.model,
+                         sr_model=cfg.sr_model, world_size=dist.world, size=list(size), jobs=[asdict(j) for j in jobs],
+                         files=files, animations=anim.name))
     return {"out": str(out), "run_record": str(record_file), "animations": str(anim), "images": len(files),
-            "pairs": len(jobs), "skipped": len(jobs) - len(remaining), "main": dist.main}
+            "pairs": len(jobs), "skipped": done.skipped, "main": dist.main}

@@ -11,19 +11,19 @@ from __future__ import annotations
 import contextlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from .backends import pipelines
 from .shared.errors import DiffcliError
 from .shared.devices import PerSampleRandn, pick_dtype
-from .shared.progress import progress_bar
 from .shared.files import read_json_option
 from .shared.names import read_prompts_file, check_file_names, unique_stems
 from .shared.records import run_record_path, write_run_json
 from .shared.images import save_image
 from .shared.dist import Dist
+from .shared.tasks import Task, run_tasks
 from .core.guidance import stack
 from .shared.limits import BATCH_MAX, SIDE_MAX, check_image_size, count, seed as check_seed
 from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_pipeline_steps,
@@ -288,20 +288,19 @@ def _run(cfg: PanoramaConfig, jobs: list[Job], out: Path, overwrite: bool, resum
     seg_layers(family.attention, cfg, "--layers")
     record = {**options_record(cfg), **options}
     out = dist.begin(out, overwrite, resume, "panorama", record, record_path=record_file, model=cfg.model)
-    remaining = [j for j in jobs if not (resume and all((out / f).is_file() for f in outputs(j)))]
-    todo = dist.shard(remaining)
 
-    with progress_bar("panorama", cfg.steps * len(todo), disable=not dist.main) as advance:
-        for job in todo:
+    def draw(mine: list[Task], advance) -> Iterator[tuple]:
+        for todo in mine:
+            job = todo.item
             image, _ = generate(family, p, job.prompt, cfg, device, lambda info: advance(1))
             images = [image] + crops(image, job.eval_pos, p.crop)
-            for name, picture in zip(outputs(job), images):
-                save_image(out / name, picture)
-    dist.barrier()
+            yield from ((path, save_image, picture) for path, picture in zip(todo.files, images))
+
     files = [f for job in jobs for f in outputs(job)]
-    if dist.main:
-        write_run_json(out, "panorama", record, device, record_path=record_file, status="complete", model=cfg.model,
-                       world_size=dist.world, windows=len(p.views), window_px=p.crop, latent=list(p.latent),
-                       decode_tiles=len(p.tiles), prompts=[asdict(j) for j in jobs], files=files)
+    done = run_tasks(dist, [Task(job, tuple(out / f for f in outputs(job))) for job in jobs], draw, resume=resume,
+                    label="panorama", work=lambda todo: cfg.steps, finish=lambda done: write_run_json(
+                        out, "panorama", record, device, record_path=record_file, status="complete", model=cfg.model,
+                        world_size=dist.world, windows=len(p.views), window_px=p.crop, latent=list(p.latent),
+                        decode_tiles=len(p.tiles), prompts=[asdict(j) for j in jobs], files=files))
     return {"out": str(out), "run_record": str(record_file), "images": len(jobs), "crops": len(files) - len(jobs),
-            "windows": len(p.views), "skipped": len(jobs) - len(remaining), "main": dist.main}
+            "windows": len(p.views), "skipped": done.skipped, "main": dist.main}

@@ -9,17 +9,19 @@ import contextlib
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from .shared.errors import DiffcliError
-from .shared.devices import PerSampleRandn, pick_device, pick_dtype
+from .shared.devices import PerSampleRandn, pick_dtype
+from .shared.dist import Dist
 from .shared.files import atomic_path, write_json
-from .shared.records import begin_output, write_run_json
+from .shared.tasks import Done, Task, run_tasks
+from .shared.records import write_run_json
 from .shared.checkpoints import load_checkpoint, save_checkpoint
-from .shared.progress import progress_bar
 from .shared.images import save_grid, save_image
+from .shared.shipped import SHIPPED_MODEL
 from .backends import pipelines
 from .data import sequences as sq
 from .backends.classifier import SHIPPED_CLASSIFIER, classify, load_classifier, load_digits
@@ -30,8 +32,8 @@ from .shared.limits import BATCH_MAX, SIDE_MAX, check_image_size, count, seed as
 from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_pipeline_steps,
                       check_sampling, group_fields, pg_of, record as options_record, seg_layers, seg_of)
 from .core.particles import KernelGrad, make_kernel  # make_kernel: the benchmarks' import
-from .sample import (SHIPPED_CHECKPOINT, SampleConfig, digit_kernel, model_contexts, parse_labels, sample_images,
-                     samples_record, sequence_outputs, write_samples)
+from .drawing import (GRID_MAX, DrawOptions, digit_kernel, model_contexts, parse_labels, sample_images, sample_names,
+                      samples_record, sequence_pictures)
 from .core.samplers import nfe, run_sampler
 
 
@@ -117,9 +119,9 @@ def sample_digits(model, meta: dict[str, Any], cfg: PGConfig, factor: float, ker
     share one `context` (C_ctx, H, W), so PG spreads them over that context's futures.
     """
     shared = {name: getattr(cfg, name) for name in group_fields(GuidanceOptions, SamplingOptions)}
-    scfg = SampleConfig(**{**shared, "cfg": digit_scale(cfg, meta), "pg_factor": factor,
-                           "steps": cfg.steps or DEFAULT_STEPS["digits"]},
-                        n=cfg.n, labels=cfg.labels, seed=cfg.seed + seed_offset, batch_size=cfg.n)
+    scfg = DrawOptions(**{**shared, "cfg": digit_scale(cfg, meta), "pg_factor": factor,
+                          "steps": cfg.steps or DEFAULT_STEPS["digits"]},
+                       n=cfg.n, labels=cfg.labels, seed=cfg.seed + seed_offset, batch_size=cfg.n)
     images, _, _ = sample_images(model, meta, scfg, device, on_step=on_step, kernel=kernel, context=context)
     return images
 
@@ -247,13 +249,30 @@ def metric_lines(plain: dict[str, Any], pg: dict[str, Any], factor: float) -> li
 
 # ---------------------------------------------------------------- the command
 
+def write_samples(out: Path, images: torch.Tensor, labels: list[int] | None, seed: int,
+                  nrow: int | None = None) -> list[str]:
+    """One PNG per sample named by index, seed and label (`drawing.sample_names`), plus grid.png; returns the file
+    names."""
+    files = sample_names(len(images), labels, seed)
+    for name, img in zip(files, images):
+        save_image(out / name, img)
+    save_grid(out / "grid.png", images[:GRID_MAX], nrow=nrow)
+    return files
+
 SETS = ".pg-sets"  # each finished particle set as a tensor file, so that --resume redraws only the missing ones
 
 
 def run(cfg: PGConfig, out: Path, overwrite: bool, device_name: str | None, options: dict[str, Any],
         resume: bool = False) -> dict[str, Any]:
     validate(cfg)
-    device = pick_device(device_name)
+    with Dist(device_name) as dist:
+        return _run(cfg, out, overwrite, resume, dist, options)
+
+
+def _run(cfg: PGConfig, out: Path, overwrite: bool, resume: bool, dist: Dist, options: dict[str, Any]) -> dict[str, Any]:
+    """The particle sets (one per context, plain and PG) are tasks: torchrun ranks draw every world-th one, --resume
+    keeps those drawn (their tensors in SETS); rank 0 then writes every output from the sets."""
+    device = dist.device
     dtype = pick_dtype(cfg.dtype or "fp32", device)
     kind = family(cfg)
     classifier, contexts = None, None
@@ -272,7 +291,7 @@ def run(cfg: PGConfig, out: Path, overwrite: bool, device_name: str | None, opti
         draw = lambda factor, j, step: sample_pipeline(pipe, cfg, factor, device, step, kernel)
         nfe_each = nfe(cfg.sampler, cfg.steps or DEFAULT_STEPS["pipeline"])
     else:
-        ours = pipelines.load_family(cfg.checkpoint or SHIPPED_CHECKPOINT, device, dtype, checkpoint=True)
+        ours = pipelines.load_family(cfg.checkpoint or SHIPPED_MODEL, device, dtype, checkpoint=True)
         model, meta = ours.model, ours.meta
         digit_scale(cfg, meta)
         seg_layers(ours.attention, cfg, "--layers")
@@ -289,34 +308,39 @@ def run(cfg: PGConfig, out: Path, overwrite: bool, device_name: str | None, opti
                                                       contexts[j].frames if contexts else None, j * cfg.n), None)
         nfe_each = nfe(cfg.sampler, cfg.steps or DEFAULT_STEPS["digits"])
     record = {**options_record(cfg), **options}
-    begin_output(out, overwrite, resume, record)  # --resume: the same options as the run in `out`
-    if not resume:
-        write_run_json(out, "pg", record, device, status="running")
+    dist.begin(out, overwrite, resume, "pg", record)  # --resume: the same options as the run in `out`
 
     steps = cfg.steps or DEFAULT_STEPS[kind]
     runs = [("plain", 0.0)] if cfg.compare else []
     folders = {"pg": out, "plain": out / "plain"}
-    sets = [(name, factor, j) for name, factor in runs + [("pg", cfg.pg_factor)] for j in range(len(contexts or [None]))]
-    paths = {s: folders[s[0]] / SETS / f"{s[2]:05d}.safetensors" for s in sets}
-    done = {s for s, path in paths.items() if resume and path.is_file()}
-    drawn: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    with progress_bar("sampling", steps * (len(sets) - len(done))) as advance:
-        for name, factor, j in sets:
-            path = paths[name, factor, j]
-            if (name, factor, j) in done:
-                tensors, _ = load_checkpoint(path)
-                drawn[name, j] = tensors["images"], tensors.get("latents")
-                continue
+    count = len(contexts or [None])
+    tasks = [Task((name, factor, j), (folders[name] / SETS / f"{j:05d}.safetensors",))
+            for name, factor in runs + [("pg", cfg.pg_factor)] for j in range(count)]
+
+    def draw_sets(mine: list[Task], advance) -> Iterator[tuple]:
+        for task in mine:
+            (name, factor, j), (path,) = task.item, task.files
             images, latents = draw(factor, j, lambda k: advance(1))
-            drawn[name, j] = images, latents
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(path, {"images": images, **({"latents": latents} if latents is not None else {})},
-                            {"pg_set": {"name": name, "index": j}})
+            yield path, save_checkpoint, {"images": images, **({"latents": latents} if latents is not None else {})}, \
+                {"pg_set": {"name": name, "index": j}}
+
+    done = run_tasks(dist, tasks, draw_sets, resume=resume, label="sampling", work=lambda task: steps)
+    if not done.main:
+        return {"out": str(out), "n": cfg.n * count, "lines": [], "main": False}
+    return write_outputs(cfg, done, out, folders, labels, contexts, meta, classifier, record, dist, nfe_each)
+
+
+def write_outputs(cfg: PGConfig, done: Done, out: Path, folders: dict[str, Path], labels: list[int] | None,
+                  contexts: list | None, meta: dict[str, Any], classifier, record: dict[str, Any], dist: Dist,
+                  nfe_each: int) -> dict[str, Any]:
+    """Rank 0, every set drawn: each folder's samples, grid and run.json, with --compare the side-by-side pictures
+    and metrics; then the sets' tensors go."""
+    device = dist.device
     results: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    for name in dict.fromkeys(s[0] for s in sets):
-        parts = [drawn[name, j] for j in range(len(contexts or [None]))]
-        results[name] = (torch.cat([p[0] for p in parts]),
-                         None if parts[0][1] is None else torch.cat([p[1] for p in parts]))
+    for name in dict.fromkeys(task.item[0] for task in done.tasks):
+        parts = [load_checkpoint(task.files[0])[0] for task in done.tasks if task.item[0] == name]
+        results[name] = (torch.cat([p["images"] for p in parts]),
+                         None if "latents" not in parts[0] else torch.cat([p["latents"] for p in parts]))
 
     metrics: dict[str, dict[str, Any]] = {}
     embed: dict[str, torch.Tensor] = {}
@@ -331,7 +355,9 @@ def run(cfg: PGConfig, out: Path, overwrite: bool, device_name: str | None, opti
         if contexts:
             for k, s in enumerate(samples):
                 s["context"] = contexts[k // cfg.n].source
-            seq = {"sequence": sequence_outputs(folder, contexts, list(images.split(cfg.n)), meta)}
+            pictures, seq["sequence"] = sequence_pictures(contexts, list(images.split(cfg.n)), meta)
+            for picture_name, picture in pictures.items():
+                save_image(folder / picture_name, picture)
             if cfg.compare:
                 metrics[name] = sequence_compare_metrics(seq["sequence"], images, cfg.n)
         write_run_json(folder, "pg", {**record, "pg_factor": factor}, device, model=meta,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -22,9 +22,9 @@ from .shared.devices import PerSampleRandn, pick_dtype
 from .shared.files import atomic_path, clear_temp_files, write_json
 from .shared.names import check_file_names, safe_name, unique_stems
 from .shared.images import load_images, save_grid, save_image
-from .shared.progress import progress_bar
 from .shared.records import write_run_json
 from .shared.dist import Dist
+from .shared.tasks import Done, Task, run_tasks
 from .core.guidance import Seg, guided_steps, stack, step_index
 from .shared.limits import BATCH_MAX, N_MAX, SIDE_MAX, check_image_size, count, seed as check_seed
 from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_pipeline_steps,
@@ -140,7 +140,7 @@ def run(cfg: SegConfig, out: Path, overwrite: bool, device_name: str | None, opt
 
 def _run(cfg: SegConfig, blurs: list[Blur], out: Path, overwrite: bool, resume: bool, dist: Dist,
          options: dict[str, Any]) -> dict[str, Any]:
-    """Prompts are jobs: torchrun ranks take every world-th one, --resume skips those whose images all exist;
+    """Prompts are tasks: torchrun ranks take every world-th one, --resume skips those whose images all exist;
     rank 0 then reads the images back for the grid and writes run.json."""
     device = dist.device
     dtype = pick_dtype(cfg.dtype, device)
@@ -168,28 +168,28 @@ def _run(cfg: SegConfig, blurs: list[Blur], out: Path, overwrite: bool, resume: 
     folders = {spec_of(b): out if len(blurs) == 1 else out / blur_folder(b) for b in blurs}
     if resume and len(blurs) > 1:  # the per-blur folders are ours too: clear their killed writers' temp files
         dist.main_first(lambda: clear_temp_files(*folders.values()))
-    jobs = list(zip(cfg.prompts, image_stems(cfg.prompts)))
     names = lambda stem, blur: [folders[spec_of(blur)] / f"{stem}_seed{seed}.png" for seed in seeds]  # noqa: E731
-    remaining = [j for j in jobs if not (resume and all(f.is_file() for b in blurs for f in names(j[1], b)))]
-    mine = dist.shard(remaining)
+    tasks = [Task((prompt, stem), tuple(f for b in blurs for f in names(stem, b)))
+            for prompt, stem in zip(cfg.prompts, image_stems(cfg.prompts))]
     recorder = [] if cfg.metrics else None
     metrics: dict[str, list[dict[str, Any]]] = {spec_of(b): [] for b in blurs}
-    with attention.installed(family.attention, state, perturbed, tracked, recorder), \
-            progress_bar("seg", cfg.steps * len(blurs) * len(mine), disable=not dist.main) as advance:
-        for prompt, stem in mine:
+
+    def draw(mine: list[Task], advance) -> Iterator[tuple]:
+        for task in mine:
+            prompt, stem = task.item
             cond, uncond = family.encode_prompts([prompt] * cfg.n, cfg.negative_prompt, height, width, device)
             for blur in blurs:  # same prompt encodings and seeds for every blur
                 batch = sample(family, cond, uncond, seeds, cfg, segs[spec_of(blur)], sigmas, device,
                                callback=lambda info: advance(1))
-                for image, path in zip(batch, names(stem, blur)):
-                    save_image(path, image)
+                yield from ((path, save_image, image) for image, path in zip(batch, names(stem, blur)))
                 if recorder is not None:
                     metrics[spec_of(blur)] += [{"blur": spec_of(blur), "prompt": prompt, "step": step_index(sigmas, r["sigma"]),
                                             **r} for r in recorder]
                     recorder.clear()
-    dist.barrier()
-    files = {spec_of(b): [str(f.relative_to(out)) for _, stem in jobs for f in names(stem, b)] for b in blurs}
-    if dist.main:
+
+    files = {spec_of(b): [str(f.relative_to(out)) for task in tasks for f in names(task.item[1], b)] for b in blurs}
+
+    def finish(done: Done) -> None:
         stacked = [load_images(out / f for f in files[spec_of(b)][:GRID_MAX]) for b in blurs]
         if len(blurs) == 1:
             save_grid(out / "grid.png", stacked[0], nrow=cfg.n)
@@ -203,8 +203,12 @@ def _run(cfg: SegConfig, blurs: list[Blur], out: Path, overwrite: bool, resume: 
                        perturbed_layers=perturbed, tracked_layers=tracked,
                        guided_steps=[i for i, g in enumerate(guided) if g],
                        blurs={spec_of(b): str(folders[spec_of(b)].relative_to(out)) for b in blurs}, images=files)
+
+    with attention.installed(family.attention, state, perturbed, tracked, recorder):
+        done = run_tasks(dist, tasks, draw, resume=resume, label="seg", work=lambda task: cfg.steps * len(blurs),
+                         finish=finish)
     return {"out": str(out), "images": sum(len(f) for f in files.values()), "blurs": len(blurs),
-            "skipped": len(jobs) - len(remaining), "main": dist.main}
+            "skipped": done.skipped, "main": dist.main}
 
 
 GRID_MAX = 256  # images per blur column in grid.png

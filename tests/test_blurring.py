@@ -235,7 +235,8 @@ def test_checkpoint_records_the_process_and_loads(blur_run):
 
 
 def test_sampling_is_seeded_per_sample_and_cfg_mixes_eps(blur_run):
-    from diffcli.sample import SampleConfig, sample_images
+    from diffcli.drawing import sample_images
+    from diffcli.sample import SampleConfig
     model, meta = load_model(blur_run, kinds=("edm", "blurring"))
     dev = torch.device("cpu")
     whole, labels, strip = sample_images(model, meta, SampleConfig(n=3, steps=4, batch_size=3, strip=True), dev)
@@ -330,7 +331,8 @@ def test_bad_input(tmp_path, digit_folder, blur_run, edm_ckpt, args, message):
 
 
 def test_clip_denoised_is_accepted_without_blur():
-    from diffcli.sample import SampleConfig, resolve
+    from diffcli.drawing import resolve
+    from diffcli.sample import SampleConfig
     plain = {"kind": "blurring", "blur_sigma_max": 0.0}
     assert resolve(SampleConfig(clip_denoised=True), plain).clip_denoised
     with pytest.raises(DiffcliError, match="works only for blur_sigma_max 0"):

@@ -7,7 +7,8 @@ import torch
 from conftest import run_cli
 from diffcli.backends.classifier import SHIPPED_CLASSIFIER, load_classifier
 from diffcli.backends.models import load_model
-from diffcli.sample import SHIPPED_CHECKPOINT, SampleConfig, sample_images
+from diffcli.drawing import sample_images
+from diffcli.sample import SHIPPED_CHECKPOINT, SampleConfig
 
 SHIPPED_BLURRING = SHIPPED_CHECKPOINT.parent / "mnist-blurring.safetensors"
 

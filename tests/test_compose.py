@@ -16,7 +16,8 @@ from diffcli.shared.errors import DiffcliError
 from diffcli.backends.models import load_model
 from diffcli.panorama import PanoramaConfig, generate, plan, validate
 from diffcli.core.query_blur import parse_blur
-from diffcli.sample import SampleConfig, sample_images
+from diffcli.drawing import sample_images
+from diffcli.sample import SampleConfig
 
 CPU = torch.device("cpu")
 SHIPPED = ROOT / "checkpoints" / "mnist-edm.safetensors"

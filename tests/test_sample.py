@@ -8,7 +8,8 @@ import torch
 
 from conftest import run_cli, run_torchrun
 from diffcli.backends.models import load_model
-from diffcli.sample import SampleConfig, sample_images
+from diffcli.drawing import sample_images
+from diffcli.sample import SampleConfig
 
 
 def test_same_seed_same_bytes(tmp_path, tiny_run):

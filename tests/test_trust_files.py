@@ -210,7 +210,8 @@ def test_sample_floats_do_not_depend_on_the_batch():
     """The shipped net's convolutions round differently at different batch sizes (up to ~1e-5 after 35 network
     evaluations); fixed network groups make each sample's floats equal whatever batch or subset it is drawn in."""
     from diffcli.backends.models import load_model
-    from diffcli.sample import SampleConfig, sample_batches
+    from diffcli.drawing import sample_batches
+    from diffcli.sample import SampleConfig
     model, meta = load_model(SHIPPED_MODEL)
     base = dict(n=11, steps=3, cfg=2.0, labels="all", seed=5)
     draw = lambda bs, indices=None: {i: x for idx, images, _ in sample_batches(  # noqa: E731

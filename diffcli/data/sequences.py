@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..shared.errors import DiffcliError
 from ..shared.files import atomic_path
-from ..shared.images import save_image, to_model_range
+from ..shared.images import to_model_range
 
 SEQUENCE_DIGITS = "sequence.digits"  # a next-frame model file's digit tiles, uint8 (M, s, s), of its sequences 0..M-1
 CARRIED_DIGITS = 1000                # how many a model file carries (256 KB for 16-px digits)
@@ -477,9 +477,10 @@ def context_row(ctx: Context, samples: torch.Tensor) -> list[torch.Tensor]:
     return row
 
 
-def save_context_png(path: Path, frames: torch.Tensor) -> None:
-    """The context as an unpadded strip, readable again as a context file (`contexts.read_context`)."""
-    save_image(path, frames.permute(1, 0, 2).reshape(1, frames.shape[1], -1))
+def context_picture(frames: torch.Tensor) -> torch.Tensor:
+    """(C_ctx, H, W) context frames -> the (1, H, C_ctx * W) strip of context.png, an unpadded strip readable
+    again as a context file (`contexts.read_context`)."""
+    return frames.permute(1, 0, 2).reshape(1, frames.shape[1], -1)
 
 
 def landing_radius(meta: dict[str, Any]) -> int:
