@@ -25,6 +25,30 @@ def run_cli(*args: str, check: bool = False, env: dict | None = None, timeout: f
     return proc
 
 
+WRITE_LOG_HOOK = """import os
+_replace = os.replace
+
+
+def _logged_replace(src, dst, *args, **kwargs):
+    _replace(src, dst, *args, **kwargs)
+    with open(os.environ["DIFFCLI_TEST_WRITE_LOG"], "a") as log:
+        log.write(os.fspath(dst) + chr(10))
+
+
+os.replace = _logged_replace
+"""
+
+
+def write_log_env(folder: Path) -> tuple[dict, Path]:
+    """Environment for run_cli/run_torchrun that logs every file our atomic writes (`files.atomic_path`, whose last
+    step is os.replace) put in place, one line each, from every process: (env, log file)."""
+    hook = folder / "hook"
+    hook.mkdir(parents=True, exist_ok=True)
+    (hook / "sitecustomize.py").write_text(WRITE_LOG_HOOK)
+    log = folder / "writes.log"
+    return {"PYTHONPATH": os.pathsep.join([str(hook), str(ROOT)]), "DIFFCLI_TEST_WRITE_LOG": str(log)}, log
+
+
 def invoke_cli(args, capsys) -> tuple[int, str, str]:
     """The console script's entry point (`diffcli.cli:run`) in this process: (exit code, stdout, stderr), without
     paying an interpreter start and the imports per call (run_cli covers the real subprocess)."""
@@ -102,9 +126,9 @@ def tiny_sdxl(tmp_path_factory) -> Path:
     return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
 
 
-def run_torchrun(*args: str, port: int, nproc: int = 2) -> subprocess.CompletedProcess:
+def run_torchrun(*args: str, port: int, nproc: int = 2, env: dict | None = None) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node N -m diffcli -- ARGS` on CPU ranks (the `--` keeps torchrun off `--n`)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                            "--master_port", str(port), "-m", "diffcli", "--", *map(str, args)],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)

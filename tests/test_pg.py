@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, run_torchrun, write_log_env
 from diffcli.core.guidance import particle_guidance
 from diffcli.core.particles import feature_grad, median_bandwidth, pairwise_sq_dists, rbf_energy, rbf_grad
 from diffcli.core.samplers import SAMPLERS, get_sigmas_karras, run_sampler
@@ -368,6 +368,31 @@ def test_resume_after_an_interrupted_compare_gives_the_uninterrupted_outputs(tin
         if Path(name).name not in skip:
             assert (whole / name).read_bytes() == (cut / name).read_bytes(), name
     assert json.loads((cut / "compare.json").read_text()) == json.loads((whole / "compare.json").read_text())
+
+
+def test_two_ranks_write_the_same_files_as_one_each_once(tiny_run, tmp_path):
+    """torchrun: each rank draws every other particle set (here plain and PG: one each), rank 0 writes the outputs;
+    the files are one process's, byte for byte, and each is written as often as one process writes it (once;
+    run.json twice: running, then complete)."""
+    from collections import Counter
+    args = ("pg", "--checkpoint", str(tiny_run), "--n", "2", "--steps", "2", "--labels", "all", "--pg-factor", "3",
+            "--compare", "--device", "cpu")
+    one, two = tmp_path / "one", tmp_path / "two"
+    env_one, log_one = write_log_env(tmp_path / "log-one")
+    env_two, log_two = write_log_env(tmp_path / "log-two")
+    run_cli(*args, "--out", one, check=True, env=env_one)
+    run_torchrun(*args, "--out", two, port=29581, env=env_two)
+    names = sorted(p.relative_to(one).as_posix() for p in one.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(two).as_posix() for p in two.rglob("*") if p.is_file())
+    assert "plain/00001-seed1-label1.png" in names and not any(".pg-sets" in n for n in names)
+    for name in names:
+        if Path(name).name not in ("run.json", "embedding.png"):  # times and argv; matplotlib's metadata
+            assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    writes = [Counter(Path(line).relative_to(folder).as_posix() for line in log.read_text().splitlines())
+              for folder, log in ((one, log_one), (two, log_two))]
+    assert writes[0] == writes[1]
+    assert {n for n, k in writes[1].items() if k != 1} == {"run.json"} and writes[1]["run.json"] == 2
+    assert writes[1]["plain/.pg-sets/00000.safetensors"] == writes[1][".pg-sets/00000.safetensors"] == 1
 
 
 # ---------------------------------------------------------------- the class-posterior kernel (--kernel posterior)
