@@ -31,8 +31,8 @@ from .shared.limits import (BATCH_MAX, FRAMES_MAX, SCALE_MAX, SIDE_MAX, STEPS_MA
                             seed as check_seed)
 from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_pipeline_steps,
                       check_sampling, record as options_record, seg_layers, seg_of)
-from .panorama import key_line, resolve_prompts_file
 from .core.sync import CASES, NOISES, rows_of, sample_views
+from .data.prompt_files import key_line, resolve_prompts_file
 from .core.views import VIEWS, ViewOptions, ViewSet, frame, make_view
 
 DEFAULT_MODEL = "DeepFloyd/IF-I-M-v1.0"

@@ -28,12 +28,11 @@ from .core.guidance import stack
 from .shared.limits import BATCH_MAX, SIDE_MAX, check_image_size, count, seed as check_seed
 from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_pipeline_steps,
                       check_sampling, record as options_record, seg_layers, seg_of)
-from .shared.shipped import prompts as shipped_prompts
 from .core.sync import CASES, NOISES, rows_of, sample_views
+from .data.prompt_files import key_line, resolve_prompts_file
 from .core.views import ViewSet, windows
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
-ASSIGNMENT = "assignment"
 
 
 @dataclass(kw_only=True)
@@ -75,22 +74,6 @@ def parse_positions(text: str | None) -> list[int] | None:
         return [int(p) for p in text.replace(" ", "").split(",") if p]
     except ValueError:
         raise DiffcliError(f"--eval-pos expects comma-separated pixel offsets like 243,1005, got {text!r}") from None
-
-
-def resolve_prompts_file(path: str, shipped: str) -> str:
-    """'assignment' means the shipped 003 set in prompts/."""
-    return str(shipped_prompts(shipped)) if path == ASSIGNMENT else path
-
-
-def key_line(path: str, key: str) -> str:
-    """' (line N)' of a key in a JSON file, so an error points at the entry."""
-    try:
-        for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-            if f'"{key}"' in line:
-                return f" (line {n})"
-    except (OSError, UnicodeDecodeError):
-        pass
-    return ""
 
 
 def read_wide_prompts(path: str) -> list[Job]:

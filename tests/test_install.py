@@ -106,7 +106,7 @@ def test_wheel_install_finds_prompt_sets_and_cards(wheel_install):
     _, site, work = wheel_install
     proc = python(
         "import json, diffcli, diffcli.shared.shipped as s; from diffcli.shared.errors import DiffcliError\n"
-        "from diffcli.panorama import resolve_prompts_file\n"
+        "from diffcli.data.prompt_files import resolve_prompts_file\n"
         "try:\n    s.checkpoint('no-such-model'); err = None\nexcept DiffcliError as e:\n    err = str(e)\n"
         "print(json.dumps({'package': diffcli.__file__, 'prompts_dir': str(s.PROMPTS_DIR),"
         " 'checkpoints_dir': str(s.CHECKPOINTS_DIR), 'sets': s.prompt_sets(), 'models': s.models(),"
