@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY_TRAIN, run_cli, write_idx
+from conftest import ROOT, TINY_TRAIN, call_cli, run_cli, write_idx
 from diffcli.shared.checkpoints import load_checkpoint
 from diffcli.data.datasets import BatchOrder, load_dataset
 
@@ -31,7 +31,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, digit_folder) -> Path:
     out = tmp_path_factory.mktemp("straight") / "run"
-    run_cli("train", "--dataset", f"folder:{digit_folder}", "--steps", "12", "--ckpt-every", "0", "--out", out,
+    call_cli("train", "--dataset", f"folder:{digit_folder}", "--steps", "12", "--ckpt-every", "0", "--out", out,
             *TINY_TRAIN, check=True)
     return out
 
@@ -52,7 +52,7 @@ def test_run_writes_model_state_and_record(straight_run):
 def test_resume_after_clean_stop_equals_straight_run(tmp_path, digit_folder, straight_run):
     out = tmp_path / "run"
     common = ("train", "--dataset", f"folder:{digit_folder}", "--out", out, *TINY_TRAIN)
-    run_cli(*common, "--steps", "5", check=True)
+    call_cli(*common, "--steps", "5", check=True)
     run_cli(*common, "--steps", "12", "--resume", check=True)
     assert_same_weights(weights(out), weights(straight_run))
     record = json.loads((out / "run.json").read_text())
@@ -64,7 +64,7 @@ def test_sigkill_then_resume_equals_straight_run(tmp_path, digit_folder):
     steps = 300
     common = ["train", "--dataset", f"folder:{digit_folder}", *TINY_TRAIN]
     straight = tmp_path / "straight"
-    run_cli(*common, "--steps", steps, "--ckpt-every", 0, "--out", straight, check=True)
+    call_cli(*common, "--steps", steps, "--ckpt-every", 0, "--out", straight, check=True)
 
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -103,7 +103,7 @@ def test_sigint_writes_checkpoint_and_exits_130(tmp_path, digit_folder):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, digit_folder):
     out = tmp_path / "run"
-    proc = run_cli("train", "--dataset", f"folder:{digit_folder}", *TINY_TRAIN, "--steps", "50", "--lr", "1e30",
+    proc = call_cli("train", "--dataset", f"folder:{digit_folder}", *TINY_TRAIN, "--steps", "50", "--lr", "1e30",
                    "--ckpt-every", "1", "--out", out)
     assert proc.returncode != 0
     assert "loss became" in proc.stderr and "Traceback" not in proc.stderr
@@ -117,7 +117,7 @@ def test_ddp_two_processes_match_one(tmp_path, digit_folder):
     """torchrun with 2 CPU (gloo) processes: each takes half of the global batch; the result equals one process."""
     common = ("train", "--dataset", f"folder:{digit_folder}", *TINY_TRAIN, "--steps", "4", "--ckpt-every", "0")
     one = tmp_path / "one"
-    run_cli(*common, "--out", one, check=True)
+    call_cli(*common, "--out", one, check=True)
     two = tmp_path / "two"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -135,7 +135,7 @@ def test_ddp_two_processes_match_one(tmp_path, digit_folder):
 def test_bf16_autocast_trains_and_resume_keeps_it(tmp_path, digit_folder, straight_run):
     out = tmp_path / "run"
     common = ("train", "--dataset", f"folder:{digit_folder}", "--out", out, *TINY_TRAIN)
-    run_cli(*common, "--steps", "3", "--precision", "bf16", check=True)
+    call_cli(*common, "--steps", "3", "--precision", "bf16", check=True)
     run_cli(*common, "--steps", "12", "--resume", check=True)
     tensors, meta = load_checkpoint(out / "training-state.safetensors")
     assert meta["train"]["config"]["precision"] == "bf16" and meta["train"]["step"] == 12

@@ -1,0 +1,68 @@
+"""Every script in benchmarks/ runs, at tiny settings, so none of them rots unnoticed.
+
+Each script takes `--smoke`: tiny sizes, steps and sample counts, outputs in temp folders. It runs here as
+`python benchmarks/NAME.py --smoke` in a real subprocess (some spawn processes of their own), from a temp folder
+so that nothing lands in the repository. Benchmarks print ratios measured in one run; no timing is judged here.
+Scripts that read MNIST (they have `--data-root`) get a tiny fake one: the t10k IDX files and the held-out
+mnist_5k.csv.gz, a few digits each. A new script is picked up by the glob; it must take `--smoke` too.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, write_idx
+
+BENCHMARKS = ROOT / "benchmarks"
+HELPERS = {"__init__.py": "package marker",
+           "mnist_data.py": "the MNIST reader the data scripts import; runs within each of them"}
+SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name not in HELPERS)
+
+
+@pytest.fixture(scope="module")
+def fake_mnist(tmp_path_factory):
+    """A tiny MNIST folder as benchmarks/mnist_data.py reads it: 20 t10k digits and a 20-row held-out set."""
+    root = tmp_path_factory.mktemp("mnist")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 40, (20, 28, 28)).astype(np.uint8)
+    for i in range(20):
+        images[i, 4:24, 6 + i % 10:11 + i % 10] = 255
+    labels = np.arange(20) % 10
+    write_idx(root / "t10k-images-idx3-ubyte.gz", images)
+    write_idx(root / "t10k-labels-idx1-ubyte.gz", labels)
+    rows = np.concatenate([images[::-1].reshape(20, -1), labels[:, None]], 1)
+    with gzip.open(root / "mnist_5k.csv.gz", "wt") as f:
+        np.savetxt(f, rows, fmt="%d", delimiter=",")
+    return root
+
+
+def test_scripts_are_found():
+    assert len(SCRIPTS) >= 14 and "seg_overhead.py" in SCRIPTS
+
+
+@pytest.mark.parametrize("helper", sorted(set(HELPERS) - {"__init__.py"}))
+def test_helper_is_used_by_a_script(helper):
+    """A helper module has no smoke run of its own: some script must import it."""
+    stem = helper[:-3]
+    users = [s for s in SCRIPTS if re.search(rf"^from (benchmarks\.)?{stem} import", (BENCHMARKS / s).read_text(), re.M)]
+    assert users, f"benchmarks/{helper} is imported by no script"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_benchmark_smoke(script, fake_mnist, tmp_path):
+    path = BENCHMARKS / script
+    args = ["--smoke"]
+    if '"--data-root"' in path.read_text():
+        args += ["--data-root", str(fake_mnist)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    proc = subprocess.run([sys.executable, str(path), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, f"{script} --smoke failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    assert proc.stdout.strip(), f"{script} --smoke printed nothing"
+    assert not list(tmp_path.iterdir()), f"{script} --smoke wrote into its working folder: {list(tmp_path.iterdir())}"
