@@ -105,7 +105,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny settings: only checks that the script runs")
     args = ap.parse_args()
     if args.smoke:  # tests/test_benchmarks.py; options given on the command line still win
-        ap.set_defaults(out=Path(tempfile.mkdtemp()), net="tiny", block_channels="8,16", batch=4, steps=2, n=2, sample_steps=2)
+        ap.set_defaults(out=Path(tempfile.mkdtemp()), net="tiny", block_channels="8,16", batch=4, steps=2, n=2,
+                        sample_steps=2, no_clip=True)
         args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     train_twins(args)

@@ -173,7 +173,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny settings: only checks that the script runs")
     args = ap.parse_args()
     if args.smoke:  # tests/test_benchmarks.py; options given on the command line still win
-        ap.set_defaults(steps=1, windows=2, repeats=1, widths=[16])
+        ap.set_defaults(steps=1, windows=3, repeats=1, widths=[16])
         args = ap.parse_args()
     speed(args)
     if not args.skip_memory:

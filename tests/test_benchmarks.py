@@ -1,8 +1,7 @@
 """Every script in benchmarks/ runs, at tiny settings, so none of them rots unnoticed.
 
 Each script takes `--smoke`: tiny sizes, steps and sample counts, outputs in temp folders. It runs here as
-`python benchmarks/NAME.py --smoke` in a real subprocess (some spawn processes of their own), from a temp folder
-so that nothing lands in the repository. Benchmarks print ratios measured in one run; no timing is judged here.
+`python benchmarks/NAME.py --smoke` would, from a temp folder so that nothing lands in the repository. Benchmarks print ratios measured in one run; no timing is judged here.
 Scripts that read MNIST (they have `--data-root`) get a tiny fake one: the t10k IDX files and the held-out
 mnist_5k.csv.gz, a few digits each. A new script is picked up by the glob; it must take `--smoke` too.
 """
@@ -11,8 +10,10 @@ from __future__ import annotations
 import gzip
 import os
 import re
+import runpy
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -55,14 +56,33 @@ def test_helper_is_used_by_a_script(helper):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_benchmark_smoke(script, fake_mnist, tmp_path):
+def test_benchmark_smoke(script, fake_mnist, tmp_path, monkeypatch, capsys):
+    """In this process (runpy, as `python benchmarks/NAME.py --smoke`), temp files under tmp_path; a script that
+    spawns processes of its own (multiprocessing pickles its __main__) runs in a real subprocess."""
     path = BENCHMARKS / script
-    args = ["--smoke"]
-    if '"--data-root"' in path.read_text():
-        args += ["--data-root", str(fake_mnist)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    proc = subprocess.run([sys.executable, str(path), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, f"{script} --smoke failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-    assert proc.stdout.strip(), f"{script} --smoke printed nothing"
-    assert not list(tmp_path.iterdir()), f"{script} --smoke wrote into its working folder: {list(tmp_path.iterdir())}"
+    text = path.read_text()
+    args = ["--smoke", *(["--data-root", str(fake_mnist)] if '"--data-root"' in text else [])]
+    cwd, temp = tmp_path / "cwd", tmp_path / "temp"
+    cwd.mkdir()
+    temp.mkdir()
+    if "multiprocessing" in text:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TMPDIR": str(temp)}
+        proc = subprocess.run([sys.executable, str(path), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=300)
+        code, out, err = proc.returncode, proc.stdout, proc.stderr
+    else:
+        monkeypatch.chdir(cwd)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # some scripts set it for the processes they start
+        monkeypatch.setattr(tempfile, "tempdir", str(temp))
+        monkeypatch.setattr(sys, "argv", [str(path), *args])
+        monkeypatch.setattr(sys, "path", list(sys.path))  # the scripts put their folders in front
+        capsys.readouterr()
+        try:
+            runpy.run_path(str(path), run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out, err = capsys.readouterr()
+    assert code == 0, f"{script} --smoke failed ({code}):\n{out[-2000:]}\n{err[-3000:]}"
+    assert out.strip(), f"{script} --smoke printed nothing"
+    assert not list(cwd.iterdir()), f"{script} --smoke wrote into its working folder: {list(cwd.iterdir())}"
