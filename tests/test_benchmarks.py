@@ -68,7 +68,7 @@ def test_benchmark_smoke(script, fake_mnist, tmp_path, monkeypatch, capsys):
     if "multiprocessing" in text:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TMPDIR": str(temp)}
         proc = subprocess.run([sys.executable, str(path), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=300)
+                              timeout=600)
         code, out, err = proc.returncode, proc.stdout, proc.stderr
     else:
         monkeypatch.chdir(cwd)
