@@ -1,7 +1,8 @@
 """Every script in benchmarks/ runs, at tiny settings, so none of them rots unnoticed.
 
 Each script takes `--smoke`: tiny sizes, steps and sample counts, outputs in temp folders. It runs here as
-`python benchmarks/NAME.py --smoke` would, from a temp folder so that nothing lands in the repository. Benchmarks print ratios measured in one run; no timing is judged here.
+`python benchmarks/NAME.py --smoke` would, from a temp folder so that nothing lands in the repository. Benchmarks
+print ratios measured in one run; no timing is judged here.
 Scripts that read MNIST (they have `--data-root`) get a tiny fake one: the t10k IDX files and the held-out
 mnist_5k.csv.gz, a few digits each. A new script is picked up by the glob; it must take `--smoke` too.
 """
@@ -51,7 +52,8 @@ def test_scripts_are_found():
 def test_helper_is_used_by_a_script(helper):
     """A helper module has no smoke run of its own: some script must import it."""
     stem = helper[:-3]
-    users = [s for s in SCRIPTS if re.search(rf"^from (benchmarks\.)?{stem} import", (BENCHMARKS / s).read_text(), re.M)]
+    pattern = re.compile(rf"^from (benchmarks\.)?{stem} import", re.M)
+    users = [s for s in SCRIPTS if pattern.search((BENCHMARKS / s).read_text())]
     assert users, f"benchmarks/{helper} is imported by no script"
 
 
