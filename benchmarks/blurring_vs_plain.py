@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +45,8 @@ def train_command(run: Path, sigma: float, args) -> list[str] | None:
         return None
     common = ["train", "--dataset", "mnist", "--data-root", args.data_root, "--split", "test", "--net", args.net,
               "--block-channels", args.block_channels, "--batch", args.batch, "--steps", args.steps,
-              "--precision", "bf16", "--grid-every", 1000, "--ckpt-every", 100, "--out", run, "--device", "cpu"]
+              "--precision", "bf16", "--grid-every", 1000, "--ckpt-every", 100, "--log-every", args.log_every,
+              "--out", run, "--device", "cpu"]
     if (run / "training-state.safetensors").exists():
         return cli_args(*common, "--resume")
     return cli_args(*common, "--process", "blurring", "--blur-sigma-max", sigma)
@@ -69,10 +71,10 @@ def train_minutes(log: list[dict]) -> float:
     return (total + last) / 60
 
 
-def write_reference(folder: Path) -> None:
+def write_reference(folder: Path, data_root: Path) -> None:
     if folder.is_dir() and len(list(folder.glob("*.png"))) == 5000:
         return
-    images, _ = heldout_5k(Path(DEFAULT_ROOT))
+    images, _ = heldout_5k(data_root)
     for i, img in enumerate(images):
         save_image(folder / f"{i:05d}.png", img.float() / 127.5 - 1)
 
@@ -97,17 +99,23 @@ def main() -> None:
     ap.add_argument("--block-channels", default="32,64,96")  # the shipped EDM model's net (1.8M parameters)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=6000)
+    ap.add_argument("--log-every", type=int, default=50, help="training log.jsonl rows (train minutes come from it)")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--sample-steps", type=int, default=100)
     ap.add_argument("--only-train", action="store_true")
     ap.add_argument("--no-clip", action="store_true", help="skip the no-blur twin's --clip-denoised row")
+    ap.add_argument("--smoke", action="store_true", help="tiny settings: only checks that the script runs")
     args = ap.parse_args()
+    if args.smoke:  # tests/test_benchmarks.py; options given on the command line still win
+        ap.set_defaults(out=Path(tempfile.mkdtemp()), net="tiny", block_channels="8,16", batch=4, steps=2,
+                        log_every=1, n=2, sample_steps=2, no_clip=True)
+        args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     train_twins(args)
     if args.only_train:
         return
     ref = args.out / "ref5k"
-    write_reference(ref)
+    write_reference(ref, Path(args.data_root))
     rows = []
     for name, sigma in TWINS.items():
         log = [json.loads(line) for line in (args.out / name / "log.jsonl").read_text().splitlines()]

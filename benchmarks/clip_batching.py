@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from diffcli.backends.clip_model import Clip, embed_image_files, embed_prompts, load_clip, resolve_clip_model  # noqa: E402
 from diffcli.shared.libraries import quiet_libraries  # noqa: E402
 from diffcli.data.grading import group_prompts, plan_clip_files  # noqa: E402
@@ -75,6 +76,14 @@ def batched(clip: Clip, folder: Path, batch_size: int) -> dict[str, float]:
     return {f.name: float(s) for f, s in zip(files, cos)}
 
 
+def tiny_clip_config(folder: Path) -> str:
+    """The tests' 1-layer CLIP (tests/pipes.py) as an open_clip JSON config, for --smoke."""
+    import json
+    from pipes import TINY_CLIP
+    (folder / "tiny-clip.json").write_text(json.dumps(TINY_CLIP))
+    return str(folder / "tiny-clip.json")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clip-model", default="ViT-B-32")
@@ -84,7 +93,11 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--smoke", action="store_true", help="tiny settings: only checks that the script runs")
     args = ap.parse_args()
+    if args.smoke:  # tests/test_benchmarks.py; options given on the command line still win
+        ap.set_defaults(clip_model=tiny_clip_config(Path(tempfile.mkdtemp())), prompts=2, crops=2, size=32, batch_size=4)
+        args = ap.parse_args()
     clip = (load_clip(args.clip_model, args.clip_pretrained, torch.device("cpu")) if args.clip_pretrained
             else random_clip(args.clip_model))
     n = args.prompts * args.crops

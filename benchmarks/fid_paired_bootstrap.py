@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +26,31 @@ from diffcli.backends.classifier import load_classifier  # noqa: E402
 from mnist_data import DEFAULT_ROOT, heldout_5k  # noqa: E402
 
 
+def random_rows(folder: Path, n: int) -> Path:
+    """Two paired rows of made-up features and predictions (heun-2, euler-2), as --save-features writes them."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(n) % 10
+    for name in ("heun-2", "euler-2"):
+        np.savez(folder / f"{name}.npz", feats=rng.normal(size=(n, 128)), pred=rng.integers(0, 10, n), labels=labels)
+    return folder
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("folder")
-    ap.add_argument("--baseline", required=True, help="row name, e.g. heun-18 (file heun-18.npz)")
+    ap.add_argument("folder", nargs="?", help="what fid_vs_nfe.py --save-features wrote (--smoke: made up)")
+    ap.add_argument("--baseline", help="row name, e.g. heun-18 (file heun-18.npz); required")
     ap.add_argument("--boot", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-root", type=Path, default=DEFAULT_ROOT, help="MNIST folder (benchmarks/mnist_data.py)")
+    ap.add_argument("--smoke", action="store_true", help="tiny settings: only checks that the script runs")
     args = ap.parse_args()
+    if args.smoke:  # tests/test_benchmarks.py; options given on the command line still win
+        ap.set_defaults(baseline="heun-2", boot=3)
+        args = ap.parse_args()
+    if args.smoke and args.folder is None:
+        args.folder = random_rows(Path(tempfile.mkdtemp()), n=8)
+    if args.folder is None or args.baseline is None:
+        ap.error("the folder and --baseline are required")
     rows = {p.stem: np.load(p) for p in sorted(Path(args.folder).glob("*.npz"))}
     if args.baseline not in rows:
         raise SystemExit(f"no row {args.baseline!r} in {args.folder}: {', '.join(rows)}")

@@ -170,7 +170,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--widths", type=int, nargs="+", default=[96, 192, 384, 768])
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="tiny settings: only checks that the script runs")
     args = ap.parse_args()
+    if args.smoke:  # tests/test_benchmarks.py; options given on the command line still win
+        ap.set_defaults(steps=1, windows=3, repeats=1, widths=[16])
+        args = ap.parse_args()
     speed(args)
     if not args.skip_memory:
         memory(args)

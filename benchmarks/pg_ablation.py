@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -76,7 +77,12 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--decided", type=int, default=0, metavar="N")
     ap.add_argument("--plot", default=None, help="write modes and FID against the factor here (PNG)")
+    ap.add_argument("--smoke", action="store_true", help="tiny settings: only checks that the script runs")
     args = ap.parse_args()
+    if args.smoke:  # tests/test_benchmarks.py; options given on the command line still win
+        ap.set_defaults(settings=["plain:factor=0", "pg:factor=1,kernel=rbf"], batches=2, n=2, fid=4, steps=2,
+                        plot=str(Path(tempfile.mkdtemp()) / "pg-ablation.png"))
+        args = ap.parse_args()
     device = pick_device(args.device)
     model, meta = load_model(args.checkpoint, device)
     classifier = load_classifier(device=device)

@@ -44,7 +44,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=18)
     ap.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT))
     ap.add_argument("--device", default=None)
+    ap.add_argument("--smoke", action="store_true", help="tiny settings: only checks that the script runs")
     args = ap.parse_args()
+    if args.smoke:  # tests/test_benchmarks.py; options given on the command line still win
+        ap.set_defaults(factors="0,1", batches=1, steps=2)
+        args = ap.parse_args()
     device = pick_device(args.device)
     model, meta = load_model(args.checkpoint, device)
     classifier = load_classifier(device=device)

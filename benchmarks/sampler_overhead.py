@@ -37,7 +37,13 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=18)
+    ap.add_argument("--repeats", type=int, default=3, help="timed sampling runs per row (median)")
+    ap.add_argument("--forward-repeats", type=int, default=10, help="timed network forwards per row (median)")
+    ap.add_argument("--smoke", action="store_true", help="tiny settings: only checks that the script runs")
     args = ap.parse_args()
+    if args.smoke:  # tests/test_benchmarks.py; options given on the command line still win
+        ap.set_defaults(batch=2, steps=2, repeats=1, forward_repeats=1)
+        args = ap.parse_args()
     model, meta = load_model(args.checkpoint)
     dev = torch.device("cpu")
     shape = (meta["channels"], meta["image_size"], meta["image_size"])
@@ -49,9 +55,9 @@ def main() -> None:
         s = torch.full((rows,), 1.0)
         y = torch.arange(rows) % max(meta["num_classes"], 1)
         with torch.no_grad():
-            t_fwd = time_it(lambda: model(x, s, y), 10)
+            t_fwd = time_it(lambda: model(x, s, y), args.forward_repeats)
         config = SampleConfig(n=args.batch, steps=args.steps, sampler=sampler, cfg=cfg, batch_size=args.batch)
-        t_run = time_it(lambda: sample_images(model, meta, config, dev), 3)
+        t_run = time_it(lambda: sample_images(model, meta, config, dev), args.repeats)
         k = nfe(sampler, args.steps)
         print(f"{sampler:16s} {cfg or '':>4} {k:4d} {t_fwd * 1e3:10.2f} {t_run:7.3f} {t_run / (k * t_fwd):6.3f}")
 

@@ -25,10 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from diffcli.core import attention  # noqa: E402
 from diffcli.backends import pipelines  # noqa: E402
-from diffcli import seg  # noqa: E402
 from diffcli.core.query_blur import box_blur, parse_blur  # noqa: E402
 from diffcli.shared.devices import PerSampleRandn  # noqa: E402
-from diffcli.core.guidance import smoothed_energy  # noqa: E402
+from diffcli.core.guidance import REGIONS, blur_schedule, guided_steps, smoothed_energy  # noqa: E402
 from diffcli.core.samplers import sample_euler  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -56,8 +55,8 @@ def pipeline_ratios(args) -> list[tuple[str, float, float, str]]:
                                   sigmas[0])
     state = attention.SegState()
 
-    def run(seg_scale: float, blur: str, layers: list[str], regions=seg.REGIONS):
-        blur_at = seg.blur_schedule(parse_blur(blur), sigmas, seg.guided_steps(sigmas, list(regions)))
+    def run(seg_scale: float, blur: str, layers: list[str], regions=REGIONS):
+        blur_at = blur_schedule(parse_blur(blur), sigmas, guided_steps(sigmas, list(regions)))
         model = smoothed_energy(pipelines.denoiser(pipe), seg_scale, 5.0, cond, uncond, state, blur_at)
 
         def go():
@@ -113,7 +112,11 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2)
     ap.add_argument("--grid", type=int, default=64, help="token grid side for the blur benchmarks")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--smoke", action="store_true", help="tiny settings: only checks that the script runs")
     args = ap.parse_args()
+    if args.smoke:  # tests/test_benchmarks.py; options given on the command line still win
+        ap.set_defaults(size=16, steps=2, n=1, grid=8, repeats=1)
+        args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     print(f"{'ratio':50s} {'a (ms)':>9s} {'b (ms)':>9s} {'a/b':>6s}  setting")
     for name, a, b, where in pipeline_ratios(args) + blur_ratios(args):

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from diffcli.shared.devices import pick_device
+from diffcli.shared.shipped import SHIPPED_CIRCLE
 from diffcli.data.contexts import dataset_item, load_digits
 from diffcli.backends.models import load_model
 from diffcli.pg import PGConfig, sample_digits
@@ -37,7 +38,7 @@ from pg_ablation import parse_setting  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--checkpoint", help="a next-frame model (required; --smoke: the shipped circle-jumping)")
     ap.add_argument("--factors", default="0,1.7,5", help="rbf-kernel factors (when no --settings)")
     ap.add_argument("--settings", nargs="+", default=None)
     ap.add_argument("--contexts", type=int, default=10)
@@ -48,7 +49,13 @@ def main() -> None:
     ap.add_argument("--data-seed", type=int, default=None, help="motions of the contexts (default: the training set's)")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--smoke", action="store_true", help="tiny settings: only checks that the script runs")
     args = ap.parse_args()
+    if args.smoke:  # tests/test_benchmarks.py; options given on the command line still win
+        ap.set_defaults(checkpoint=str(SHIPPED_CIRCLE), factors="0,1", contexts=1, n=2, steps=2)
+        args = ap.parse_args()
+    if args.checkpoint is None:
+        ap.error("--checkpoint is required")
     device = pick_device(args.device)
     model, meta = load_model(args.checkpoint, device)
     record = dict(meta["sequence"])

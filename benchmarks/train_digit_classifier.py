@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,7 +48,11 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--out", type=Path, default=Path("checkpoints/mnist-classifier.safetensors"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--smoke", action="store_true", help="tiny settings: only checks that the script runs")
     args = ap.parse_args()
+    if args.smoke:  # tests/test_benchmarks.py; options given on the command line still win
+        ap.set_defaults(epochs=1, out=Path(tempfile.mkdtemp()) / "classifier.safetensors")
+        args = ap.parse_args()
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     x_train, y_train = t10k(args.data_root)

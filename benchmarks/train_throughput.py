@@ -41,7 +41,11 @@ def main() -> None:
     ap.add_argument("--net", default="small")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--smoke", action="store_true", help="tiny settings: only checks that the script runs")
     args = ap.parse_args()
+    if args.smoke:  # tests/test_benchmarks.py; options given on the command line still win
+        ap.set_defaults(net="tiny", batch=2, steps=1)
+        args = ap.parse_args()
     record = {"net": net_config(args.net, 28, 1, 10), "sigma_data": 0.5, "num_classes": 10}
     torch.manual_seed(0)
     model = build_edm(record)

@@ -1,7 +1,9 @@
 """Shared fixtures: tiny datasets written to temp folders and tiny trained checkpoints, all built in code."""
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import os
 import subprocess
 import sys
@@ -68,6 +70,29 @@ def invoke_cli(args, capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+def call_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    """run_cli's answer (exit code, stdout, stderr) from the console script's entry point run in this process, as
+    invoke_cli does, for tests that need no real process: no interpreter start and no imports per call. Usable where
+    capsys is not (session and module fixtures)."""
+    from diffcli import cli
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = ["diffcli", *map(str, args)]
+    cli._state["debug"] = False
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            cli.run()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv
+    proc = subprocess.CompletedProcess(["diffcli", *map(str, args)], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"diffcli {' '.join(map(str, args))} failed ({code}):\n{proc.stderr}")
+    return proc
+
+
 def write_digit_folder(root: Path, classes: int = 3, per_class: int = 6, size: int = 8, seed: int = 0) -> Path:
     """A labelled image folder: class k is a bright bar at a class-specific row, plus noise."""
     from PIL import Image
@@ -102,14 +127,14 @@ TINY_TRAIN = ("--net", "tiny", "--batch", "8", "--lr", "2e-3", "--lr-warmup", "1
 def tiny_run(tmp_path_factory, digit_folder) -> Path:
     """A tiny class-conditional EDM model trained for a few steps (weights are what they are; tests use its shape)."""
     out = tmp_path_factory.mktemp("run") / "run"
-    run_cli("train", "--dataset", f"folder:{digit_folder}", "--steps", "4", "--out", out, *TINY_TRAIN, check=True)
+    call_cli("train", "--dataset", f"folder:{digit_folder}", "--steps", "4", "--out", out, *TINY_TRAIN, check=True)
     return out
 
 
 @pytest.fixture(scope="session")
 def tiny_uncond_run(tmp_path_factory, digit_folder) -> Path:
     out = tmp_path_factory.mktemp("run") / "run"
-    run_cli("train", "--dataset", f"folder:{digit_folder}", "--unconditional", "--steps", "2", "--out", out,
+    call_cli("train", "--dataset", f"folder:{digit_folder}", "--unconditional", "--steps", "2", "--out", out,
             *TINY_TRAIN, check=True)
     return out
 
@@ -124,6 +149,13 @@ def tiny_sd(tmp_path_factory) -> Path:
 def tiny_sdxl(tmp_path_factory) -> Path:
     from pipes import build_tiny_sdxl
     return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_if(tmp_path_factory) -> tuple[Path, Path]:
+    """DeepFloyd IF stages I and II (tests/pipes.py), built once for the session."""
+    from pipes import build_tiny_if
+    return build_tiny_if(tmp_path_factory.mktemp("tiny-if"))
 
 
 def run_torchrun(*args: str, port: int, nproc: int = 2, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli, run_torchrun
+from conftest import call_cli, run_torchrun
 from diffcli.backends import pipelines
 from diffcli.anagram import AnagramConfig, Job, generate, load, read_pairs, validate
 from diffcli.shared.errors import DiffcliError
@@ -20,12 +20,6 @@ from diffcli.core.samplers import sample_euler
 from diffcli.core.views import VIEWS
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def tiny_if(tmp_path_factory):
-    from pipes import build_tiny_if
-    return build_tiny_if(tmp_path_factory.mktemp("tiny-if"))
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +127,7 @@ def test_cli_writes_the_003_layout_eval_reads(tmp_path, tiny_if):
     pairs.write_text(json.dumps({"horse-village": {"canonical_prompt": "a horse", "instance_prompt": "a village"},
                                  "evil": {"canonical_prompt": "a cat", "instance_prompt": hostile}}))
     out = tmp_path / "ambiguous_images"
-    proc = run_cli("anagram", "--prompts-file", pairs, "--views", "identity", "rotate_cw", "--model", tiny_if[0],
+    proc = call_cli("anagram", "--prompts-file", pairs, "--views", "identity", "rotate_cw", "--model", tiny_if[0],
                    "--sr-model", tiny_if[1], "--steps", "2", "--sr-steps", "1", "--frames", "2", "--out", out,
                    check=True)
     assert "4 view image(s) of 2 anagram(s)" in proc.stdout
@@ -151,7 +145,7 @@ def test_cli_writes_the_003_layout_eval_reads(tmp_path, tiny_if):
     # an interrupted run: the second pair's files gone; --resume redoes exactly that pair
     before = {p.name: p.read_bytes() for p in out.glob("*.png")}
     (out / "a_cat.png").unlink()
-    proc = run_cli("anagram", "--prompts-file", pairs, "--views", "identity", "rotate_cw", "--model", tiny_if[0],
+    proc = call_cli("anagram", "--prompts-file", pairs, "--views", "identity", "rotate_cw", "--model", tiny_if[0],
                    "--sr-model", tiny_if[1], "--steps", "2", "--sr-steps", "1", "--frames", "2", "--out", out,
                    "--resume", check=True)
     assert "(1 already there)" in proc.stdout
@@ -165,7 +159,7 @@ def test_two_ranks_write_the_same_files(tmp_path, tiny_if):
     args = ["anagram", "--prompts-file", pairs, "--views", "identity", "rotate_cw", "--model", tiny_if[0],
             "--sr-model", tiny_if[1], "--steps", "2", "--sr-steps", "1", "--frames", "2"]
     one, two = tmp_path / "one", tmp_path / "two"
-    run_cli(*args, "--out", one, check=True)
+    call_cli(*args, "--out", one, check=True)
     proc = run_torchrun(*args, "--out", two, port=29571)  # one pair per rank
     assert proc.stdout.count("4 view image(s) of 2 anagram(s)") == 1  # one merged report, from rank 0
     def written(d):  # name -> bytes: the views in the folder, the animations in d.animations beside it

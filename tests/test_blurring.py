@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import run_cli
+from conftest import call_cli
 from diffcli.core import dct as dct_mod
 from diffcli.core.blurring import (BlurringLoss, BlurSchedule, blurred_mean, diffuse, get_ts, reverse_step,
                                    sample_blurring)
@@ -260,7 +260,7 @@ def test_resume_equals_straight_run(tmp_path, digit_folder, blur_run):
 
 def test_cli_train_sample_gif_strip_and_show_forward(tmp_path, digit_folder):
     run = tmp_path / "run"
-    run_cli("train", "--dataset", f"folder:{digit_folder}", "--process", "blurring", "--blur-sigma-max", "20",
+    call_cli("train", "--dataset", f"folder:{digit_folder}", "--process", "blurring", "--blur-sigma-max", "20",
             "--net", "tiny", "--batch", "8", "--steps", "2", "--grid-every", "2", "--log-every", "0", "--quiet",
             "--device", "cpu", "--out", run, check=True)
     assert (run / "grids" / "step-0000002.png").is_file()  # the preview used the blurring sampler

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import call_cli, run_cli
 from diffcli.backends.classifier import SHIPPED_CLASSIFIER, load_classifier
 from diffcli.backends.models import load_model
 from diffcli.drawing import sample_images
@@ -23,7 +23,7 @@ def test_help_lists_all_commands():
 
 @pytest.mark.parametrize("name", ["train", "sample", "seg", "panorama", "anagram", "pg", "eval", "info"])
 def test_command_help_shows_example(name):
-    assert "Example: diffcli " + name in run_cli(name, "--help", check=True).stdout
+    assert "Example: diffcli " + name in call_cli(name, "--help", check=True).stdout
 
 
 def test_shipped_model_loads_and_samples_digits():

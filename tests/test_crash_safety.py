@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from conftest import ROOT, TINY_TRAIN, run_cli
+from conftest import ROOT, TINY_TRAIN, call_cli, run_cli
 from diffcli.shared.checkpoints import load_checkpoint
 
 STEPS = 150
@@ -18,7 +18,7 @@ STEPS = 150
 def test_repeated_kills_mid_save_then_resume_equals_straight_run(tmp_path, digit_folder):
     common = ["train", "--dataset", f"folder:{digit_folder}", *TINY_TRAIN, "--steps", str(STEPS)]
     straight = tmp_path / "straight"
-    run_cli(*common, "--ckpt-every", "0", "--out", straight, check=True)
+    call_cli(*common, "--ckpt-every", "0", "--out", straight, check=True)
 
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -63,7 +63,7 @@ def test_sampling_killed_repeatedly_then_resumed_equals_straight_run(tmp_path, t
     common = ["sample", "--checkpoint", str(tiny_run), "--n", "40", "--batch-size", "1", "--steps", "6",
               "--device", "cpu"]
     straight = tmp_path / "straight"
-    run_cli(*common, "--out", straight, check=True)
+    call_cli(*common, "--out", straight, check=True)
 
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

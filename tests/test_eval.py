@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from conftest import ROOT, run_cli, run_torchrun
+from conftest import ROOT, call_cli, run_cli, run_torchrun
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -112,7 +112,7 @@ def assert_same_record(got: dict, want: dict, tol: float = 2e-5) -> None:
 
 def test_wide_images_score_matches_the_003_protocol(wide_folder, tiny_clip):
     before = snapshot(wide_folder)
-    proc = run_cli("eval", wide_folder, "--app", "wide_images", "--clip-model", tiny_clip.config,
+    proc = call_cli("eval", wide_folder, "--app", "wide_images", "--clip-model", tiny_clip.config,
                    "--clip-pretrained", tiny_clip.bin, "--batch-size", "5")
     assert proc.returncode == 0, proc.stderr
     text = (wide_folder / "eval.json").read_text()
@@ -143,7 +143,7 @@ def test_ambiguous_images_and_anagram_metrics(tmp_path, tiny_clip):
     for i, p in enumerate(present):
         noise_png(d / f"{p.replace(' ', '_')}.png", 48, 48, seed=200 + i)
     (d / "eval.json").write_text(json.dumps({"fid": {"value": 1.5}, "source_dir": "stale", "stale.png": 0.1}))
-    proc = run_cli("eval", d, "--app", "ambiguous_images", "--anagram-metrics", prompts_file,
+    proc = call_cli("eval", d, "--app", "ambiguous_images", "--anagram-metrics", prompts_file,
                    "--clip-model", tiny_clip.config, "--clip-pretrained", tiny_clip.safetensors)
     assert proc.returncode == 0, proc.stderr
     got = json.loads((d / "eval.json").read_text())
@@ -259,7 +259,7 @@ def test_fid_kid_and_digits(tmp_path):
     shifted = tmp_path / "shifted"
     _, feats_shifted = digit_features(write_digits(shifted, n, seed=1, shift=5))
 
-    proc = run_cli("eval", gen, "--fid", same, "--kid", same, "--features", "mnist", "--digits", "--device", "cpu")
+    proc = call_cli("eval", gen, "--fid", same, "--kid", same, "--features", "mnist", "--digits", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     assert "grid.png" in proc.stderr
     got = json.loads((gen / "eval.json").read_text())
@@ -277,7 +277,7 @@ def test_fid_kid_and_digits(tmp_path):
     assert digits["mean_similarity"] == pytest.approx(float(sum((f[i] * f[j]).sum() for i, j in pairs)) / len(pairs),
                                                       rel=1e-4)
 
-    proc = run_cli("eval", gen, "--fid", shifted, "--kid", shifted, "--features", "mnist", "--device", "cpu")
+    proc = call_cli("eval", gen, "--fid", shifted, "--kid", shifted, "--features", "mnist", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     got = json.loads((gen / "eval.json").read_text())
     assert got["digits"] == digits  # kept from the previous run
@@ -307,7 +307,7 @@ def test_fid_equals_clean_fid_compute_fid(tmp_path):
 
 def one_and_two_ranks(folder: Path, *args, port: int) -> tuple[str, str, subprocess.CompletedProcess]:
     """eval.json of `diffcli eval FOLDER ARGS` with one process, then (eval.json removed) with 2 torchrun ranks."""
-    run_cli("eval", folder, *args, check=True)
+    call_cli("eval", folder, *args, check=True)
     one = (folder / "eval.json").read_text()
     (folder / "eval.json").unlink()
     proc = run_torchrun("eval", folder, *args, port=port)
@@ -349,7 +349,7 @@ def test_two_ranks_stop_on_the_bad_file_one_rank_names(bad):
     bad file, A_cat_2.png, as one process does, and nothing is written."""
     folder = bad / "corrupt"
     (folder / "A_cat_3.png").write_bytes(os.urandom(200))
-    want = run_cli("eval", folder, "--app", "wide_images").stderr.strip()
+    want = call_cli("eval", folder, "--app", "wide_images").stderr.strip()
     assert "A_cat_2.png" in want
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            "29563", "-m", "diffcli", "--", "eval", str(folder), "--app", "wide_images"],

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_cli, run_torchrun
+from conftest import ROOT, call_cli, run_torchrun
 from diffcli.backends import pipelines
 from diffcli.shared.errors import DiffcliError
 from diffcli.shared.devices import PerSampleRandn
@@ -92,7 +92,7 @@ def test_cli_writes_the_003_layout_eval_reads(tmp_path, tiny_sd):
     prompts.write_text(json.dumps({"A_beach_scene": {"prompt": "A beach scene", "eval_pos": [0, 5, 32]},
                                    "evil": {"prompt": hostile, "eval_pos": [16]}}))
     out = tmp_path / "wide_images"
-    proc = run_cli("panorama", "--prompts-file", prompts, "--model", tiny_sd, "--height", "16", "--width", "48",
+    proc = call_cli("panorama", "--prompts-file", prompts, "--model", tiny_sd, "--height", "16", "--width", "48",
                    "--stride", "2", "--steps", "2", "--out", out, check=True)
     assert "2 image(s)" in proc.stdout and "4 crop(s)" in proc.stdout
     names = sorted(p.name for p in out.iterdir())
@@ -146,7 +146,7 @@ def test_bad_input_is_refused_before_work(pipe, tmp_path):
 
 
 def test_model_not_found_offline_is_one_line(tmp_path):
-    proc = run_cli("panorama", "a cat", "--model", tmp_path / "no-such-model", "--out", tmp_path / "o")
+    proc = call_cli("panorama", "a cat", "--model", tmp_path / "no-such-model", "--out", tmp_path / "o")
     assert proc.returncode == 2 and "cannot load" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
 
@@ -157,12 +157,12 @@ def test_resume_and_two_ranks_write_the_same_files(tmp_path, tiny_sd):
     args = ["panorama", "--prompts-file", str(prompts), "--model", str(tiny_sd), "--height", "16", "--width", "32",
             "--stride", "4", "--steps", "2", "--eval-pos", "0,16"]
     whole, cut, two = tmp_path / "whole", tmp_path / "cut", tmp_path / "two"
-    run_cli(*args, "--out", whole, check=True)
-    run_cli(*args, "--out", cut, check=True)
+    call_cli(*args, "--out", whole, check=True)
+    call_cli(*args, "--out", cut, check=True)
     for f in cut.glob("a_blue_lake*.png"):
         f.unlink()
     (cut / "a_green_hill_16.png").unlink()  # a prompt killed between its files is redone whole
-    proc = run_cli(*args, "--out", cut, "--resume", check=True)
+    proc = call_cli(*args, "--out", cut, "--resume", check=True)
     assert "1 prompt(s) already there" in proc.stdout
     proc = run_torchrun(*args, "--out", two, port=29541)
     pngs = sorted(p.name for p in whole.glob("*.png"))

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_cli, run_torchrun
+from conftest import call_cli, run_torchrun
 from diffcli.backends.models import load_model
 from diffcli.drawing import sample_images
 from diffcli.sample import SampleConfig
@@ -14,7 +14,7 @@ from diffcli.sample import SampleConfig
 
 def test_same_seed_same_bytes(tmp_path, tiny_run):
     for name in ("a", "b"):
-        run_cli("sample", "--checkpoint", tiny_run, "--n", 4, "--steps", 3, "--sampler", "stochastic_heun",
+        call_cli("sample", "--checkpoint", tiny_run, "--n", 4, "--steps", 3, "--sampler", "stochastic_heun",
                 "--seed", 7, "--out", tmp_path / name, "--device", "cpu", check=True)
     files = sorted(p.name for p in (tmp_path / "a").glob("*.png"))
     assert len(files) == 5  # 4 samples + grid
@@ -46,7 +46,7 @@ def test_cfg_scale_changes_samples_and_one_is_conditional(tiny_run):
 
 def test_outputs_labels_strip_and_run_json(tmp_path, tiny_run):
     out = tmp_path / "s"
-    run_cli("sample", "--checkpoint", tiny_run, "--n", 4, "--labels", "2,0", "--steps", 3, "--cfg", 2,
+    call_cli("sample", "--checkpoint", tiny_run, "--n", 4, "--labels", "2,0", "--steps", 3, "--cfg", 2,
             "--strip", "--out", out, check=True)
     names = sorted(p.name for p in out.glob("0*.png"))
     assert names == ["00000-seed0-label2.png", "00001-seed1-label0.png", "00002-seed2-label2.png",
@@ -63,7 +63,7 @@ def test_outputs_labels_strip_and_run_json(tmp_path, tiny_run):
 
 def test_unconditional_model_samples(tmp_path, tiny_uncond_run):
     out = tmp_path / "u"
-    run_cli("sample", "--checkpoint", tiny_uncond_run, "--n", 3, "--steps", 2, "--out", out, check=True)
+    call_cli("sample", "--checkpoint", tiny_uncond_run, "--n", 3, "--steps", 2, "--out", out, check=True)
     assert sorted(p.name for p in out.glob("0*.png")) == ["00000-seed0.png", "00001-seed1.png", "00002-seed2.png"]
 
 
@@ -71,12 +71,12 @@ def test_resume_fills_in_what_an_interrupted_run_left_identically(tiny_run, tmp_
     args = ("sample", "--checkpoint", tiny_run, "--n", "6", "--steps", "3", "--sampler", "stochastic_heun",
             "--batch-size", "4", "--device", "cpu")
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    run_cli(*args, "--out", whole, check=True)
-    run_cli(*args, "--out", cut, check=True)
+    call_cli(*args, "--out", whole, check=True)
+    call_cli(*args, "--out", cut, check=True)
     gone = sorted(cut.glob("0000[235]-*.png"))
     for f in gone + [cut / "grid.png"]:
         f.unlink()  # what a kill after the first batch leaves (files appear atomically, one by one)
-    proc = run_cli(*args, "--batch-size", "2", "--out", cut, "--resume", check=True)
+    proc = call_cli(*args, "--batch-size", "2", "--out", cut, "--resume", check=True)
     assert "3 already there" in proc.stdout
     for f in sorted(whole.glob("*.png")):
         assert (cut / f.name).read_bytes() == f.read_bytes(), f.name
@@ -86,12 +86,12 @@ def test_resume_fills_in_what_an_interrupted_run_left_identically(tiny_run, tmp_
 def test_resume_refuses_other_options_or_no_run(tiny_run, tmp_path, change, message):
     out = tmp_path / "run"
     base = ("sample", "--checkpoint", tiny_run, "--n", "2", "--steps", "3", "--device", "cpu")
-    run_cli(*base, "--out", out, check=True)
+    call_cli(*base, "--out", out, check=True)
     before = {f.name: f.read_bytes() for f in out.iterdir()}
     args = [*base, "--out", out, "--resume", *change]
     if change[0] == "--out":
         args = [*base, "--resume", "--out", tmp_path / change[1]]
-    proc = run_cli(*args)
+    proc = call_cli(*args)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
@@ -100,7 +100,7 @@ def test_resume_refuses_other_options_or_no_run(tiny_run, tmp_path, change, mess
 def test_two_ranks_write_the_same_files_as_one(tiny_run, tmp_path):
     args = ("sample", "--checkpoint", str(tiny_run), "--n", "5", "--steps", "3", "--batch-size", "2", "--device", "cpu")
     one, two = tmp_path / "one", tmp_path / "two"
-    run_cli(*args, "--out", one, check=True)
+    call_cli(*args, "--out", one, check=True)
     proc = run_torchrun(*args, "--out", two, port=29531)
     assert proc.stdout.count("wrote 5 samples") == 1  # one merged report, from rank 0
     pngs = sorted(f.name for f in one.glob("*.png"))

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import run_cli, run_torchrun
+from conftest import call_cli, run_torchrun
 
 from diffcli.core import attention, guidance
 from diffcli.backends import pipelines
@@ -190,7 +190,7 @@ def test_cli_prompts_file_hostile_names_blurs_and_metrics(tiny_sd, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n../x\n# skipped\n\na/b\na b\n")
     out = tmp_path / "run" / "out"
-    proc = run_cli("seg", "--prompts-file", prompts, "--model", tiny_sd, "--steps", "3", "--n", "2",
+    proc = call_cli("seg", "--prompts-file", prompts, "--model", tiny_sd, "--steps", "3", "--n", "2",
                    "--blur", "gaussian_-1_2", "--blur", "ema_0.1_0.9_cosine", "--layers", "down,mid",
                    "--regions", "begin", "--guidance", "4", "--metrics", "--width", "32", "--out", out,
                    "--device", "cpu", check=True)
@@ -235,7 +235,7 @@ def test_existing_outputs_need_overwrite_and_cli_errors_exit_2(tiny_sd, tmp_path
     (out / "keep.png").write_bytes(b"x")
     with pytest.raises(DiffcliError, match="--overwrite"):
         seg.run(options(tiny_sd), out, False, "cpu", {})
-    proc = run_cli("seg", "a cat", "--model", tiny_sd, "--blur", "gaussian_x_1", "--out", tmp_path / "new")
+    proc = call_cli("seg", "a cat", "--model", tiny_sd, "--blur", "gaussian_x_1", "--out", tmp_path / "new")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "accepted forms" in proc.stderr
     assert not (tmp_path / "new").exists() and sorted(p.name for p in out.iterdir()) == ["keep.png"]
 
@@ -246,13 +246,13 @@ def test_cli_resume_and_two_ranks_write_the_same_images(tiny_sd, tmp_path):
     args = ["seg", "--prompts-file", str(prompts), "--model", str(tiny_sd), "--steps", "2", "--n", "2",
             "--blur", "gaussian_-1_1", "--blur", "interpolatedBoxBlur_3_0.5"]
     whole, cut, two = tmp_path / "whole", tmp_path / "cut", tmp_path / "two"
-    run_cli(*args, "--out", whole, check=True)
-    run_cli(*args, "--out", cut, check=True)
+    call_cli(*args, "--out", whole, check=True)
+    call_cli(*args, "--out", cut, check=True)
     victims = sorted(cut.rglob("a_blue_lake_seed1.png"))
     assert len(victims) == 2
     victims[0].unlink()
     (cut / "grid.png").unlink()
-    proc = run_cli(*args, "--out", cut, "--resume", check=True)
+    proc = call_cli(*args, "--out", cut, "--resume", check=True)
     assert "2 prompt(s) already there" in proc.stdout
     proc = run_torchrun(*args, "--out", two, port=29551)
     pngs = sorted(str(p.relative_to(whole)) for p in whole.rglob("*.png"))

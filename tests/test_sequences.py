@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli, write_idx
+from conftest import call_cli, write_idx
 from diffcli.shared.errors import DiffcliError
 from diffcli.data.contexts import read_context
 from diffcli.data.sequences import (SequenceSpec, centroid, check_spec, circle_shifts, draw_track, iou, make_dataset,
@@ -248,7 +248,7 @@ SEQ = ("--dataset", "circle-jumping", "--split", "test", "--image-size", str(SIZ
 @pytest.fixture(scope="module")
 def seq_run(tmp_path_factory, mnist_root):
     out = tmp_path_factory.mktemp("seq") / "run"
-    run_cli("train", *SEQ, "--data-root", mnist_root, "--net", "tiny", "--batch", "4", "--steps", "3",
+    call_cli("train", *SEQ, "--data-root", mnist_root, "--net", "tiny", "--batch", "4", "--steps", "3",
             "--lr-warmup", "1", "--grid-every", "3", "--log-every", "0", "--quiet", "--device", "cpu", "--out", out,
             check=True)
     return out

@@ -122,10 +122,10 @@ def test_eval_over_several_folders_writes_one_table_and_reports_the_unreadable_o
 
 
 def test_two_ranks_sweep_equals_one_process(tmp_path):
-    from conftest import run_cli, run_torchrun
+    from conftest import call_cli, run_torchrun
     args = ["sweep", "sample", "--n", "4", "--steps", "2", "--labels", "1,7", "--sampler", "euler",
             "--grid", "cfg=1,2", "--score", "digits"]
-    run_cli(*args, "--out", tmp_path / "one", check=True)
+    call_cli(*args, "--out", tmp_path / "one", check=True)
     run_torchrun(*args, "--out", tmp_path / "two", port=29557)
     assert (tmp_path / "one" / "results.csv").read_text() == (tmp_path / "two" / "results.csv").read_text()
     for png in sorted((tmp_path / "one").rglob("0*.png")):

@@ -27,12 +27,6 @@ CPU = torch.device("cpu")
 USER_TEMP = ".notes.abcdefgh.tmp"  # a user's own hidden file of the form --resume used to delete
 
 
-@pytest.fixture(scope="module")
-def tiny_if(tmp_path_factory):
-    from pipes import build_tiny_if
-    return build_tiny_if(tmp_path_factory.mktemp("tiny-if"))
-
-
 def killed_writer(path: Path, held: list) -> Path:
     """The temp file a writer killed inside atomic_path leaves (the context is kept open: never renamed)."""
     cm = atomic_path(path)

@@ -139,12 +139,6 @@ def grader_reads(folder: Path) -> list[str]:
     return names
 
 
-@pytest.fixture(scope="module")
-def tiny_if(tmp_path_factory):
-    from pipes import build_tiny_if
-    return build_tiny_if(tmp_path_factory.mktemp("tiny-if"))
-
-
 def test_panorama_folder_is_gradable_and_resumes_with_its_record_beside(tmp_path, tiny_sd, capsys):
     args = ["panorama", "--prompts-file", tmp_path / "wide.txt", "--model", tiny_sd, "--height", "16", "--width",
             "32", "--stride", "4", "--steps", "2", "--eval-pos", "0,16"]

@@ -176,17 +176,6 @@ class _NoCapture:
         return type("Captured", (), {"out": "", "err": ""})()
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, digit_folder) -> Path:
-    """conftest's tiny_run (4 steps of the tiny net on the digit folder), trained in this process: no interpreter
-    start, so this file stays fast on its own."""
-    out = tmp_path_factory.mktemp("trust-run") / "run"
-    code, _, err = invoke_cli(["train", "--dataset", f"folder:{digit_folder}", "--steps", "4", "--out", out,
-                               *TINY_TRAIN], _NoCapture())
-    assert code == 0, err
-    return out
-
-
 def png(path: Path, width: int, height: int, whole: bool) -> Path:
     """A grey PNG whose header says width x height: `whole` compresses every (zero) row, a real decompression bomb
     of ~100 KB; otherwise one row follows a header that promises far more."""
