@@ -25,7 +25,8 @@ from diffcli.shared.devices import pick_device
 from diffcli.shared.images import to_uint8
 from diffcli.core.metrics import digit_record
 from diffcli.backends.models import load_model
-from diffcli.pg import PGConfig, make_kernel, sample_digits
+from diffcli.core.particles import make_kernel
+from diffcli.pg import PGConfig, sample_digits
 from diffcli.sample import SHIPPED_CHECKPOINT
 
 

@@ -31,7 +31,7 @@ from .core.guidance import stack
 from .shared.limits import BATCH_MAX, SIDE_MAX, check_image_size, count, seed as check_seed
 from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_pipeline_steps,
                       check_sampling, group_fields, pg_of, record as options_record, seg_layers, seg_of)
-from .core.particles import KernelGrad, make_kernel  # make_kernel: the benchmarks' import
+from .core.particles import KernelGrad
 from .drawing import (GRID_MAX, DrawOptions, digit_kernel, model_contexts, parse_labels, sample_images, sample_names,
                       samples_record, sequence_pictures)
 from .core.samplers import nfe, run_sampler

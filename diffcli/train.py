@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import signal
 import threading
 import time

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from conftest import ROOT, invoke_cli
-from diffcli.core import guidance
 from diffcli.backends import pipelines
 from diffcli import options, seg
 from diffcli.shared.errors import DiffcliError

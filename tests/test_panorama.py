@@ -3,7 +3,6 @@ same windows), the sync cases, the 003 file layout and every refused input."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

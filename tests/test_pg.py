@@ -241,7 +241,8 @@ def test_cli_reproducible_by_seed(tiny_run, tmp_path):
         return [(out / f"{i:05d}-seed{int(seed) + i}.png").read_bytes() for i in range(3)]
     assert draw("a", "5") == draw("b", "5")
     from diffcli.backends.models import load_model
-    from diffcli.pg import PGConfig, make_kernel, sample_digits
+    from diffcli.core.particles import make_kernel
+    from diffcli.pg import PGConfig, sample_digits
     model, meta = load_model(tiny_run)
     five, six = (sample_digits(model, meta, PGConfig(n=3, steps=3, seed=s), 1.7, make_kernel("rbf"), torch.device("cpu"))
                  for s in (5, 6))

@@ -21,7 +21,7 @@ from conftest import TINY_TRAIN, invoke_cli
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from diffcli import cli, options
+from diffcli import cli
 from diffcli.shared import checkpoints, files, images, limits
 from diffcli.shared.errors import DiffcliError
 
