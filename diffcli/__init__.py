@@ -35,7 +35,7 @@ _EXPORTS = {
     "backends.diffusers_unet": ("initial_latents",),
     "backends.family": ("Family",),
     "core.guidance": ("stack", "classifier_free", "smoothed_energy", "particle_guidance", "class_particle_guidance", "Seg",
-                 "PG"),
+                      "PG", "Guidance"),
     "core.query_blur": ("parse_blur",),
     "core.particles": ("rbf_grad", "make_kernel", "feature_grad", "class_posterior", "posterior_push"),
     "core.samplers": ("SAMPLERS", "SCHEDULES", "run_sampler", "get_sigmas_karras", "sample_euler", "sample_heun",
