@@ -116,8 +116,8 @@ def if_scheduler():
 def build_tiny_if(root: Path, size: int = 16, upscale: int = 2) -> tuple[Path, Path]:
     """DeepFloyd IF stage I (size px) and stage II (size * upscale px), saved as two pipelines sharing one T5."""
     from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline
+    torch.manual_seed(0)  # before the T5 too: its weights may not depend on what ran earlier in the session
     tokenizer, encoder = tiny_t5(root / "tok")
-    torch.manual_seed(0)
     common = dict(tokenizer=tokenizer, text_encoder=encoder, safety_checker=None, feature_extractor=None,
                   watermarker=None, requires_safety_checker=False)
     stage1 = IFPipeline(unet=tiny_if_unet(size, False), scheduler=if_scheduler(), **common)

@@ -83,7 +83,9 @@ def test_wheel_carries_the_shipped_files_and_no_tests(wheel_install):
         assert f"diffcli/checkpoints/{f}" in names
     for f in [*PROMPT_SETS, "README.md"]:  # the prompt sets' README holds their licence
         assert f"diffcli/prompts/{f}" in names
-    assert "diffcli/shipped.py" in names
+    for package in ("core", "data", "backends", "shared"):  # every subpackage of the library travels
+        assert {f"diffcli/{package}/__init__.py", *(f"diffcli/{package}/{p.name}" for p in (ROOT / "diffcli" / package).glob("*.py"))} <= set(names)
+    assert "diffcli/shared/shipped.py" in names
     tops = {n.split("/")[0] for n in names}
     assert tops == {"diffcli", wheel.name.split("-py")[0] + ".dist-info"}, tops  # no tests/, benchmarks/
 
