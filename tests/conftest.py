@@ -58,7 +58,6 @@ def invoke_cli(args, capsys) -> tuple[int, str, str]:
     capsys.readouterr()
     argv = sys.argv
     sys.argv = ["diffcli", *map(str, args)]
-    cli._state["debug"] = False
     try:
         cli.run()
         code = 0
