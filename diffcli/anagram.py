@@ -13,7 +13,7 @@ import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -27,8 +27,9 @@ from .shared.images import save_gif, save_grid, save_image
 from .shared.dist import Dist
 from .shared.tasks import Task, run_tasks
 from .core.guidance import stack
-from .shared.limits import (BATCH_MAX, FRAMES_MAX, SCALE_MAX, SIDE_MAX, STEPS_MAX, check_image_size, count, finite,
-                            seed as check_seed)
+from .shared.limits import BATCH_MAX, FRAMES_MAX, SCALE_MAX, SIDE_MAX, STEPS_MAX, check_image_size, count
+from .shared.fields import check_fields, opt, redefault
+from .runner import Command, RunContext, generating
 from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_pipeline_steps,
                       check_sampling, record as options_record, seg_layers, seg_of)
 from .core.sync import CASES, NOISES, rows_of, sample_views
@@ -42,32 +43,54 @@ ANIMATIONS_BESIDE = ".animations"  # OUT.animations/ next to OUT: the graded fol
 
 @dataclass(kw_only=True)
 class AnagramConfig(GuidanceOptions, SamplingOptions):
-    prompts: list[str] = field(default_factory=list)
-    views: list[str] = field(default_factory=lambda: ["identity", "rotate_cw"])
-    prompts_file: str | None = None
-    model: str = DEFAULT_MODEL
-    sr_model: str | None = DEFAULT_SR_MODEL   # None: stage I only
-    height: int | None = None                 # stage I px; default the UNet's sample size (64)
-    width: int | None = None
-    sampler: str | None = "euler"             # on the scheduler's sigmas: DDIM (003), both stages
-    steps: int | None = 30
-    cfg: float | None = 10.0
-    sr_steps: int = 30
-    sr_cfg: float = 10.0
-    noise_level: int = 50
-    negative_prompt: str | None = None
-    seed: int = 0
-    sync: str = "x0"
-    noise: str = "canvas"
-    view_batch: int = 8
-    view_seed: int = 0
-    patches: int = 8
-    pieces: int = 4
-    squares: int = 2
-    skew: float = 0.5
-    inner_angle: float = 90.0
-    frames: int = 12
-    dtype: str | None = None
+    prompts: list[str] = opt(None, argument=True, factory=list, panel="input", cli_default=None,
+                             cli_type=Optional[list[str]],
+                             help="One prompt per view, in the order of --views.")
+    views: list[str] = opt(None, "--views", factory=lambda: ["identity", "rotate_cw"], panel="input", cli_default=None,
+                           cli_type=Optional[list[str]],
+                           help=f"Views, one per prompt (default: identity rotate_cw): {', '.join(VIEWS)}. '--views "
+                                "identity rotate_cw', '--views identity,rotate_cw' and repeating --views all work.")
+    prompts_file: str | None = opt(None, "--prompts-file", panel="input",
+                                   help="003 ambiguous_image_prompts.json (canonical_prompt, instance_prompt per "
+                                        "entry): runs every pair; 'assignment' = the shipped 003 set.")
+    model: str = opt(DEFAULT_MODEL, "--model", panel="model",
+                     help="DeepFloyd IF stage I pipeline: a local folder or a hub id in the cache.")
+    sr_model: str | None = opt(DEFAULT_SR_MODEL, "--sr-model", panel="model", cli_type=str,  # None: stage I only
+                               to_config=lambda name: None if name.lower() == "none" else name,
+                               help="DeepFloyd IF stage II pipeline, or 'none' for stage I images only.")
+    # stage I px; default the UNet's sample size (64)
+    height: int | None = opt(None, panel="sampling", check="count", high=SIDE_MAX,
+                             help="Stage I height in px (default: the UNet's, 64); stage II is x4.")
+    width: int | None = opt(None, panel="sampling", check="count", high=SIDE_MAX,
+                            help="Stage I width in px (default: the height).")
+    sampler: str | None = redefault(SamplingOptions, "sampler", "euler")  # on the scheduler's sigmas: DDIM (003), both stages
+    steps: int | None = redefault(SamplingOptions, "steps", 30)
+    cfg: float | None = redefault(GuidanceOptions, "cfg", 10.0)
+    sr_steps: int = opt(30, "--sr-steps", panel="sampling", check="count", high=STEPS_MAX, help="Stage II DDIM steps.")
+    sr_cfg: float = opt(10.0, "--sr-cfg", panel="guidance", check="finite", high=SCALE_MAX, help="Stage II CFG scale.")
+    noise_level: int = opt(50, "--noise-level", panel="sampling", check="count", low=0, high=STEPS_MAX,
+                           help="Stage II: noise added to the upsampled stage-I image (timestep of IF's image-noising "
+                                "scheduler).")
+    negative_prompt: str | None = opt(None, "--negative-prompt", panel="input",
+                                      help="Prompt of the unconditional CFG branch (default: empty).")
+    seed: int = opt(0, panel="sampling", check="seed", help="Seed of the canvas noise.")
+    sync: str = opt("x0", panel="sampling", choices=tuple(CASES),
+                    help="What the views agree on each step: x0 (SyncTweedies), eps, xt, or none (unsynchronized).")
+    noise: str = opt("canvas", panel="sampling", choices=tuple(NOISES),
+                     help="Initial noise: canvas (one draw seen through every view) or views (one draw per view).")
+    view_batch: int = opt(8, "--view-batch", panel="sampling", check="count", high=BATCH_MAX,
+                          help="Views per network batch (x2 with CFG).")
+    view_seed: int = opt(0, "--view-seed", panel="input", check="seed",
+                         help="Seed of the permutation views (patch_permute, pixel_permute, jigsaw).")
+    patches: int = opt(8, panel="input", check="count", high=SIDE_MAX, help="patch_permute: patches per side.")
+    pieces: int = opt(4, panel="input", check="count", high=SIDE_MAX, help="jigsaw: pieces per side.")
+    squares: int = opt(2, panel="input", check="count", high=SIDE_MAX, help="square_hinge: squares per side.")
+    skew: float = opt(0.5, panel="input", check="finite", low=-SIDE_MAX, high=SIDE_MAX,
+                      help="skew: rows of shift per column.")
+    inner_angle: float = opt(90.0, "--inner-angle", panel="input", check="finite", low=-math.inf,
+                             help="inner_rotate: degrees the central disc turns clockwise.")
+    frames: int = opt(12, panel="output", check="count", high=FRAMES_MAX, help="Animation frames per transition.")
+    dtype: str | None = opt(None, panel="model", help="fp32, fp16 or bf16 (default: fp16 on CUDA, else fp32).")
 
     def view_options(self) -> ViewOptions:
         return ViewOptions(seed=self.view_seed, patches=self.patches, pieces=self.pieces, squares=self.squares,
@@ -113,26 +136,15 @@ def validate(cfg: AnagramConfig) -> list[Job]:
     for name in ("sr_steps", "view_batch", "frames", "patches", "pieces", "squares"):
         if getattr(cfg, name) < 1:
             raise DiffcliError(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("height", "width", "patches", "pieces", "squares"):  # the upper limits (options.py)
-        count(name, getattr(cfg, name), 1, SIDE_MAX)
+    check_fields(cfg, ["height", "width", "patches", "pieces", "squares"])  # the upper limits
     if cfg.height or cfg.width:
         check_image_size(cfg.height or cfg.width, cfg.width or cfg.height)
-    count("sr_steps", cfg.sr_steps, 1, STEPS_MAX)
-    count("view_batch", cfg.view_batch, 1, BATCH_MAX)
-    count("frames", cfg.frames, 1, FRAMES_MAX)
-    count("noise_level", cfg.noise_level, 0, STEPS_MAX)  # and below the stage II scheduler's steps (`load`)
-    check_seed("seed", cfg.seed)
-    check_seed("view_seed", cfg.view_seed)
+    # noise_level: and below the stage II scheduler's steps (`load`)
+    check_fields(cfg, ["sr_steps", "view_batch", "frames", "noise_level", "seed", "view_seed"])
     check_sampling(cfg, pipeline=True)
     check_guidance(cfg)
     check_particles(cfg, 1, pipeline=True, what="the number of canvases a prompt set (anagram draws one)")
-    finite("sr_cfg", cfg.sr_cfg, high=SCALE_MAX)
-    finite("skew", cfg.skew, low=-SIDE_MAX, high=SIDE_MAX)
-    finite("inner_angle", cfg.inner_angle, low=-math.inf)
-    if cfg.sync not in CASES:
-        raise DiffcliError(f"unknown --sync {cfg.sync!r}; choose one of {', '.join(CASES)}")
-    if cfg.noise not in NOISES:
-        raise DiffcliError(f"unknown --noise {cfg.noise!r}; choose one of {', '.join(NOISES)}")
+    check_fields(cfg, ["sr_cfg", "skew", "inner_angle", "sync", "noise"])
     if cfg.prompts and cfg.prompts_file:
         raise DiffcliError("give prompts or --prompts-file, not both")
     if cfg.prompts_file:
@@ -325,3 +337,39 @@ def _run(cfg: AnagramConfig, jobs: list, out: Path, overwrite: bool, resume: boo
                          files=files, animations=anim.name))
     return {"out": str(out), "run_record": str(record_file), "animations": str(anim), "images": len(files),
             "pairs": len(jobs), "skipped": done.skipped, "main": dist.main}
+
+
+def build(values: dict[str, Any]) -> AnagramConfig:
+    """The command line's values -> the config. Click gives an option one value, so in `--views identity
+    rotate_cw` the second name lands among the prompts: a bare view name there is taken as a view (a prompt is
+    never just a view's name); views may also be comma-separated."""
+    prompts, views = values.pop("prompts"), values.pop("views")
+    names = [v for spec in views or [] for v in spec.replace(",", " ").split()]
+    names += [p for p in prompts or [] if p in VIEWS]
+    return AnagramConfig(**values, prompts=[p for p in prompts or [] if p not in VIEWS],
+                         views=names or ["identity", "rotate_cw"])
+
+
+def main(cfg: AnagramConfig, ctx: RunContext) -> dict[str, Any]:
+    """`diffcli anagram`: run every prompt set and say what was written."""
+    result = run(cfg, ctx.out, ctx.overwrite, ctx.device, ctx.options(), resume=ctx.resume)
+    if result["main"]:
+        skipped = f" ({result['skipped']} already there)" if ctx.resume else ""
+        ctx.echo(f"wrote {result['images']} view image(s) of {result['pairs']} anagram(s){skipped} to {result['out']}, "
+                 f"their animations to {result['out']}.animations and the run record to {result['out']}.run.json")
+    return result
+
+
+COMMAND = Command(
+    "anagram", AnagramConfig, validate, main, build=build,
+    context=generating("diffcli-out/anagram",
+                       "Continue an interrupted run in --out (same options): prompts whose files all exist are "
+                       "skipped.",
+                       "Output folder: only the view images (the 003 ambiguous_images layout, gradable as written); "
+                       "OUT.run.json and OUT.animations/ go beside it."),
+    help="""Visual anagrams: one image that shows each prompt under its view, by synchronized DeepFloyd IF.
+
+    Example: diffcli anagram "an oil painting of a horse" "an oil painting of a snowy mountain village" --views identity rotate_cw --out ambiguous_images
+
+    Example: diffcli anagram --prompts-file assignment --out ambiguous_images && diffcli eval ambiguous_images --app ambiguous_images
+    """)

@@ -34,7 +34,9 @@ from .data.grading import (APPS, ClipFile, anagram_record, clip_score_record, gr
                            read_anagram_pairs)
 from .data.image_folders import (EVAL_FILE, check_images, conversion_warnings, file_kind, grader_chokes,
                                  read_digit_samples)
-from .shared.limits import BATCH_MAX, KID_SUBSETS_MAX, N_MAX, count
+from .shared.limits import BATCH_MAX, KID_SUBSETS_MAX, N_MAX
+from .shared.fields import check_fields, opt
+from .runner import Command, CommandExit, RunContext
 from .core.metrics import cosine_per_image, digit_record, frechet_distance, group_means, kernel_distance
 
 OTHER_FAMILIES = ("fid", "kid", "digits")  # eval.json keys a CLIP run leaves in place; the rest is the CLIP part
@@ -43,21 +45,64 @@ OTHER_FAMILIES = ("fid", "kid", "digits")  # eval.json keys a CLIP run leaves in
 @dataclass
 class EvalConfig:
     folder: str                        # as typed: the grader writes it verbatim into eval.json
-    app: str | None = None
-    clip_model: str = "ViT-B-32"
-    clip_pretrained: str = "openai"
-    quick_gelu: bool | None = None     # None: what the weights were trained with (OpenAI: QuickGELU)
-    anagram_prompts: str | None = None
-    drop_panoramas: bool = False
-    fid: str | None = None
-    kid: str | None = None
-    features: str = "inception"
-    classifier: str | None = None
-    digits: bool = False
-    kid_subsets: int = 100
-    kid_subset_size: int = 1000
-    batch_size: int = BATCH_SIZE
-    device: str | None = None
+    app: str | None = opt(None, "--app", name="app_name", panel="input",
+                          help="003 CLIP score: wide_images (<prompt>_<crop pos>.png) or ambiguous_images "
+                               "(<prompt>.png).")
+    clip_model: str = opt("ViT-B-32", "--clip-model", panel="model",
+                          help="open_clip model name, or a JSON model config file (embed_dim, vision_cfg, text_cfg), "
+                               "registered at run time under its file name.")
+    clip_pretrained: str = opt("openai", "--clip-pretrained", panel="model",
+                               help="open_clip pretrained tag (from the cache, downloaded where a network exists) or a "
+                                    "local weights file: safetensors or a torch state dict (read with "
+                                    "weights_only=True).")
+    # None: what the weights were trained with (OpenAI: QuickGELU)
+    quick_gelu: bool | None = opt(None, "--quick-gelu/--no-quick-gelu", panel="model",
+                                  help="Activation of the CLIP model (default: what the weights were trained with; a "
+                                       "local file counts as the OpenAI weights: QuickGELU for ViT-B-32).")
+    anagram_prompts: str | None = opt(None, "--anagram-metrics", name="anagram_metrics", metavar="PROMPTS_JSON", panel="input",
+                                      help="Also Visual Anagrams alignment/concealment per pair of this 003 prompt "
+                                           "file (implies --app ambiguous_images).")
+    drop_panoramas: bool = opt(False, "--drop-panoramas", panel="input",
+                               help="wide_images: leave out files with no crop position (the grader scores them; the "
+                                    "score then differs).")
+    fid: str | None = opt(None, "--fid", metavar="REF", panel="input",
+                          help="FID against a reference folder, or a dataset clean-fid has statistics for "
+                               "(NAME[:RES[:SPLIT]], e.g. cifar10:32:train).")
+    kid: str | None = opt(None, "--kid", metavar="REF", panel="input",
+                          help="KID against a reference folder or dataset, as --fid.")
+    features: str = opt("inception", "--features", panel="model",
+                        help="FID/KID features: inception (clean-fid's) or mnist (the digit classifier's 128-d "
+                             "penultimate layer; offline).")
+    classifier: str | None = opt(None, "--classifier", panel="model",
+                                 help="Digit classifier for --digits and --features mnist (default: the shipped one).")
+    digits: bool = opt(False, "--digits", panel="input",
+                       help="Class accuracy against the labels in the folder's run.json, modes discovered, in-batch "
+                            "similarity.")
+    kid_subsets: int = opt(100, "--kid-subsets", panel="sampling", check="count", high=KID_SUBSETS_MAX,
+                           help="KID: number of random subsets (clean-fid's default).")
+    kid_subset_size: int = opt(1000, "--kid-subset-size", panel="sampling", check="count", low=2, high=N_MAX,
+                               help="KID: largest subset size (clean-fid's default).")
+    batch_size: int = opt(BATCH_SIZE, "--batch-size", panel="model", check="count", high=BATCH_MAX,
+                          help="Images per network batch.")
+    device: str | None = None          # the command line's --device (RunContext)
+
+
+@dataclass(kw_only=True)
+class EvalArgs:
+    """The command line's folders and where several folders' table goes."""
+    folders: list[str] = opt(..., argument=True, metavar="FOLDER...", panel="input",
+                             help="Folder(s) of images to score (or quoted glob patterns); each gets its eval.json "
+                                  "(images are never touched).")
+    summary: Path = opt(Path("eval-summary"), "--summary", metavar="PATH", panel="output",
+                        help="Several folders: the combined table goes to PATH.csv and PATH.json.")
+
+
+@dataclass
+class EvalJob:
+    """What `diffcli eval` scores: the config for each of these folders, and where the summary goes."""
+    config: EvalConfig
+    folders: list[str]
+    summary: Path
 
 
 def validate(cfg: EvalConfig) -> None:
@@ -74,9 +119,7 @@ def validate(cfg: EvalConfig) -> None:
         raise DiffcliError("--batch-size must be >= 1")
     if cfg.kid_subsets < 1 or cfg.kid_subset_size < 2:
         raise DiffcliError("--kid-subsets must be >= 1 and --kid-subset-size >= 2")
-    count("batch_size", cfg.batch_size, 1, BATCH_MAX)  # the upper limits (options.py)
-    count("kid_subsets", cfg.kid_subsets, 1, KID_SUBSETS_MAX)
-    count("kid_subset_size", cfg.kid_subset_size, 2, N_MAX)
+    check_fields(cfg, ["batch_size", "kid_subsets", "kid_subset_size"])  # the upper limits
 
 
 def check_eval_file(folder: str) -> None:
@@ -323,3 +366,49 @@ def write_summary(path: Path, rows: list[dict[str, Any]], failures: list[tuple[s
 
 def _cell(v: Any) -> str:
     return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+
+# ---------------------------------------------------------------- the command
+
+def build(values: dict[str, Any]) -> EvalJob:
+    """The command line's values -> the folders (globs expanded) and the config of the first."""
+    folders, summary = expand_folders(values.pop("folders")), values.pop("summary")
+    return EvalJob(EvalConfig(folder=folders[0], **values), folders, summary)
+
+
+def main(job: EvalJob, ctx: RunContext) -> dict[str, Any]:
+    """`diffcli eval`: score every folder, print its lines, and with several folders write the summary table."""
+    cfg, paths = replace(job.config, device=ctx.device), job.folders
+
+    def report(folder: str, result: dict | None, error: str | None) -> None:
+        if error is not None:
+            if len(paths) == 1:
+                raise DiffcliError(error)
+            ctx.echo_err(f"error: {folder}: {error}")
+            return
+        for note in result["warnings"]:
+            ctx.echo_err(f"warning: {note}")
+        for line in result["lines"]:
+            ctx.echo(line)
+        ctx.echo(f"wrote {result['eval_file']}")
+
+    outcome = run_many(cfg, paths, report)
+    if len(paths) > 1 and outcome["main"]:
+        for line in write_summary(job.summary, outcome["rows"], outcome["failures"]):
+            ctx.echo(line)
+        ctx.echo(f"wrote {job.summary}.csv and {job.summary}.json ({len(outcome['rows'])} of {len(paths)} folders "
+                 "scored)")
+    if outcome["failures"]:
+        raise CommandExit(1)
+    return outcome
+
+
+COMMAND = Command(
+    "eval", EvalConfig, lambda job: validate(job.config), main, build=build, cli=EvalArgs,
+    context={"device": {}},
+    help="""Score folders: the 003 CLIP score exactly as graded, anagram metrics, FID/KID (clean-fid), digit metrics.
+
+    Example: diffcli eval results/wide_images --app wide_images
+
+    Results go to FOLDER/eval.json: a CLIP run writes the grader's layout (source_dir, the first image path of each prompt with its mean, score; indent 4); fid, kid and digits keep their own keys beside it.
+    """)

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .runner import Command, RunContext
 from .shared.records import package_versions
 from .shared.devices import pick_device
 from .shared.shipped import CHECKPOINTS_DIR
@@ -38,3 +39,22 @@ def environment() -> dict[str, Any]:
             "packages": pkgs, "devices": devices, "default device": str(pick_device(None)), "caches": caches,
             "shipped models": sorted(p.name for p in shipped.glob("*.safetensors")) if shipped.is_dir() else [],
             "hub offline mode (HF_HUB_OFFLINE)": bool(os.environ.get("HF_HUB_OFFLINE"))}
+
+
+def main(cfg: None, ctx: RunContext) -> dict[str, Any]:
+    """`diffcli info`: the environment, a line per entry."""
+    env = environment()
+    for key, value in env.items():
+        if isinstance(value, dict):
+            ctx.echo(f"{key}:")
+            for k, v in value.items():
+                ctx.echo(f"  {k}: {v}")
+        else:
+            ctx.echo(f"{key}: {', '.join(value) if isinstance(value, list) else value}")
+    return env
+
+
+COMMAND = Command("info", None, lambda cfg: None, main, help="""Versions, devices and the dtypes they run, and where models are cached.
+
+    Example: diffcli info
+    """)

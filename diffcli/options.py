@@ -1,9 +1,11 @@
 """The settings every generating command shares, written once: guidance (CFG, SEG, PG) and sampling.
 
-Each group is a dataclass whose field names are both the Python API's keyword arguments and the command-line
-options (`seg_scale` is `--seg-scale`, `blurs` is `--blur`). A command's config inherits the groups and may
-change a default (seg: SEG on at scale 3; pg: PG factor 1.7). `check_guidance` / `check_sampling` validate them
-before any model is loaded or any file is written, with the option's name and its range in the message.
+Each group is a dataclass whose field names are the Python API's keyword arguments; each field declares its
+command-line option once (`opt`: flags, help, range, choices, help panel; `seg_scale` is `--seg-scale`, `blurs` is
+`--blur`). A command's config inherits the groups and may change a default with `redefault` (seg: SEG on at scale
+3; pg: PG factor 1.7). `check_guidance` / `check_sampling` validate them before any model is loaded or any file is
+written: the declared ranges (`check_fields`), then the rules across fields, the option's name and range in the
+message.
 
 The guidance stack, in the order every command applies it (see `guidance.stack`):
 
@@ -15,7 +17,7 @@ The guidance stack, in the order every command applies it (see `guidance.stack`)
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -23,10 +25,11 @@ import torch
 from .core import attention
 from .core.guidance import PG, REGIONS, Guidance, Seg
 from .core.particles import DIGIT_KERNELS, KERNELS, PG_GRADS, PIPELINE_KERNELS, KernelGrad
-from .core.query_blur import Blur, parse_blur
+from .core.query_blur import SPEC_FORMS, Blur, parse_blur
 from .core.samplers import SAMPLERS, SCHEDULES, SamplerKnobs
 from .shared.errors import DiffcliError
-from .shared.limits import RHO_MAX, SCALE_MAX, STEPS_MAX, count, finite
+from .shared.fields import check_fields, opt
+from .shared.limits import RHO_MAX, SCALE_MAX, STEPS_MAX, count
 
 DEFAULT_BLUR = "gaussian_-1_9999999"  # the official SEG default: infinite blur (the query's spatial mean)
 DEFAULT_SEG_SCALE = 3.0               # the official SEG default, used when a blur is given without a scale
@@ -40,19 +43,50 @@ def split_list(values: list[str] | None) -> list[str]:
 @dataclass(kw_only=True)
 class GuidanceOptions:
     """CFG, SEG and PG settings, stacked on one denoiser (module docstring)."""
-    cfg: float | None = None                  # CFG scale w in D_u + w (D_c - D_u); None: the command's default
-    seg_scale: float | None = None            # s in + s (D_c - D_seg); None: 3 if a blur is given, else SEG off
-    blurs: list[str] | None = None            # SEG query blur specs; None: infinite blur when SEG is on
-    layers: list[str] = field(default_factory=lambda: ["mid"])
-    regions: list[str] = field(default_factory=lambda: [",".join(REGIONS)])
-    sigma_start: float = math.inf             # SEG acts only at sigma <= sigma_start ...
-    sigma_end: float = 0.0                    # ... and sigma >= sigma_end
-    pg_factor: float = 0.0                    # particle guidance lambda; 0 = off
-    kernel: str = "rbf"
-    pg_grad: str = "exact"                    # kernels on x0_hat: through the network (exact) or c_skip I (skip)
-    pg_bandwidth: float = 1.0                 # times the median-heuristic kernel bandwidth
-    pg_sigma_min: float = 0.0
-    pg_sigma_max: float = math.inf
+    # CFG scale w in D_u + w (D_c - D_u); None: the command's default
+    cfg: float | None = opt(None, "--cfg", "--guidance", panel="guidance", check="finite", high=SCALE_MAX,
+                            help="CFG scale w: D_u + w (D_c - D_u); 1 = conditional only, 0 = unconditional (with SEG "
+                                 "on, 0 or 1 = SEG without CFG, as the official SEG code). Same as the 002 seed's alpha.")
+    # s in + s (D_c - D_seg); None: 3 if a blur is given, else SEG off
+    seg_scale: float | None = opt(None, "--seg-scale", panel="guidance", check="finite", high=SCALE_MAX,
+                                  help="SEG: s in D_c + s (D_c - D_seg); 0 = off (default: 3 when --blur is given, "
+                                       "else off).")
+    # SEG query blur specs; None: infinite blur when SEG is on
+    blurs: list[str] | None = opt(None, "--blur", panel="guidance",
+                                  help=f"SEG query blur: {SPEC_FORMS}. Turns SEG on (default infinite blur).")
+    layers: list[str] = opt(None, "--layers", factory=lambda: ["mid"], panel="guidance",
+                            help="SEG: self-attention layers to perturb: down, mid, up, or indexed d4, m0, u1 "
+                                 "(repeatable or comma-separated).")
+    regions: list[str] = opt(None, "--regions", factory=lambda: [",".join(REGIONS)], panel="guidance",
+                             help="SEG: thirds of the steps that run the perturbed pass (begin = noisiest).")
+    # SEG acts only at sigma <= sigma_start and sigma >= sigma_end
+    sigma_start: float = opt(math.inf, "--sigma-start", panel="guidance", check="finite", allow_inf=True,
+                             help="SEG: perturb only at noise levels sigma <= this.")
+    sigma_end: float = opt(0.0, "--sigma-end", panel="guidance", check="finite",
+                           help="SEG: perturb only at noise levels sigma >= this.")
+    pg_factor: float = opt(0.0, "--pg-factor", panel="guidance", check="finite", high=SCALE_MAX,
+                           help="PG: lambda in dx/dsigma = (x - D)/sigma + lambda sigma grad_x sum_j k(x_i, x_j) over "
+                                "the batch; > 0 repels, 0 = off.")
+    kernel: str = opt("rbf", "--kernel", panel="guidance", choices=tuple(KERNELS),
+                      help="PG kernel, an RBF on: rbf the sample x itself (pixels, or a pipeline's latent); x0 the "
+                           "denoiser's x0_hat; classifier the digit classifier's 128-d features of x0_hat (digit "
+                           "models); clip CLIP image features of the decoded x0_hat (pipelines). posterior: the chance "
+                           "two particles share a class, from the model's own class-conditional denoisers "
+                           "(class-conditional digit models, unconditional sampling; every class a pass inside the PG "
+                           "sigma window). centroid: where the ink of x0_hat is (next-frame models: the digit's "
+                           "position).")
+    # kernels on x0_hat: through the network (exact) or c_skip I (skip)
+    pg_grad: str = opt("exact", "--pg-grad", panel="guidance", choices=tuple(PG_GRADS),
+                       help="PG kernels on x0_hat (x0, classifier, clip): exact = the gradient through the network "
+                            "(one backward pass a step), skip = EDM's c_skip(sigma) I (no backward pass, nearly "
+                            "nothing at high sigma).")
+    pg_bandwidth: float = opt(1.0, "--pg-bandwidth", panel="guidance", check="finite", above=True, high=SCALE_MAX,
+                              help="PG: kernel bandwidth as a multiple of the median heuristic (< 1: only near "
+                                   "neighbours repel).")
+    pg_sigma_min: float = opt(0.0, "--pg-sigma-min", panel="guidance", check="finite",
+                              help="PG acts only at noise levels sigma >= this.")
+    pg_sigma_max: float = opt(math.inf, "--pg-sigma-max", panel="guidance", check="finite", allow_inf=True,
+                              help="PG acts only at noise levels sigma <= this.")
 
     @property
     def seg_on(self) -> bool:
@@ -68,13 +102,32 @@ class GuidanceOptions:
         return split_list(self.blurs) or [DEFAULT_BLUR]
 
 
+def _knob(name: str, **meta: Any) -> Any:
+    """A sampler knob of core.samplers.SamplerKnobs, at its default there, declared for the command line."""
+    return opt(SamplerKnobs.__dataclass_fields__[name].default, f"--{name.replace('_', '-')}", panel="sampling",
+               check="finite", **meta)
+
+
 @dataclass(kw_only=True)
 class SamplingOptions(SamplerKnobs):
     """Which sampler, how many steps, on which noise schedule (None: the command's or the model's default)."""
-    sampler: str | None = None
-    steps: int | None = None
-    schedule: str | None = None   # pipelines: scheduler (its own timesteps, the default) or karras
-    rho: float = 7.0
+    s_churn: float = _knob("s_churn", high=SCALE_MAX, help="stochastic_heun: EDM S_churn.")
+    s_tmin: float = _knob("s_tmin", high=SCALE_MAX, help="stochastic_heun: EDM S_tmin.")
+    s_tmax: float = _knob("s_tmax", allow_inf=True, help="stochastic_heun: EDM S_tmax.")
+    s_noise: float = _knob("s_noise", high=SCALE_MAX, help="stochastic_heun, euler_ancestral: noise scale S_noise.")
+    eta: float | None = _knob("eta", high=SCALE_MAX,
+                              help="ddim: 0 deterministic (default), 1 ancestral; euler_ancestral: default 1.")
+    sampler: str | None = opt(None, "--sampler", panel="sampling",
+                              help=f"{', '.join(SAMPLERS)} (dpmpp_2m: DPM-Solver++(2M)). On a pipeline's own sigmas "
+                                   "euler is DDIM.")
+    steps: int | None = opt(None, "--steps", panel="sampling", check="count", low=1, high=STEPS_MAX,
+                            help="Sampling steps (heun: 2*steps-1 network evaluations).")
+    # pipelines: scheduler (its own timesteps, the default) or karras
+    schedule: str | None = opt(None, "--schedule", panel="sampling", choices=tuple(SCHEDULES),
+                               help="Pipelines: the noise levels: scheduler (its own timesteps, default) or karras "
+                                    "(in its sigma range).")
+    rho: float = opt(7.0, "--rho", panel="sampling", check="finite", above=True, high=RHO_MAX,
+                     help="Karras schedule exponent.")
 
 
 def check_guidance(opts: GuidanceOptions, *, many_blurs: bool = False) -> list[Blur]:
@@ -82,12 +135,7 @@ def check_guidance(opts: GuidanceOptions, *, many_blurs: bool = False) -> list[B
 
     Only `diffcli seg` runs one pass per blur (`many_blurs`); elsewhere one blur is one setting.
     """
-    for name in ("cfg", "seg_scale", "pg_factor"):
-        finite(name, getattr(opts, name), high=SCALE_MAX)
-    finite("sigma_start", opts.sigma_start, allow_inf=True)
-    finite("sigma_end", opts.sigma_end)
-    finite("pg_sigma_min", opts.pg_sigma_min)
-    finite("pg_sigma_max", opts.pg_sigma_max, allow_inf=True)
+    check_fields(opts, ["cfg", "seg_scale", "pg_factor", "sigma_start", "sigma_end", "pg_sigma_min", "pg_sigma_max"])
     if opts.sigma_end > opts.sigma_start:
         raise DiffcliError(f"need --sigma-end <= --sigma-start (got {opts.sigma_end} and {opts.sigma_start})")
     if opts.pg_sigma_min > opts.pg_sigma_max:
@@ -98,11 +146,7 @@ def check_guidance(opts: GuidanceOptions, *, many_blurs: bool = False) -> list[B
                            "(thirds of the steps, begin = noisiest)")
     if not split_list(opts.layers):
         raise DiffcliError("--layers needs at least one of down, mid, up or an indexed layer (d4, m0, u1)")
-    if opts.kernel not in KERNELS:
-        raise DiffcliError(f"unknown --kernel {opts.kernel!r}; choose one of {', '.join(KERNELS)}")
-    if opts.pg_grad not in PG_GRADS:
-        raise DiffcliError(f"unknown --pg-grad {opts.pg_grad!r}; choose one of {', '.join(PG_GRADS)}")
-    finite("pg_bandwidth", opts.pg_bandwidth, above=True, high=SCALE_MAX)
+    check_fields(opts, ["kernel", "pg_grad", "pg_bandwidth"])
     blurs = [parse_blur(spec) for spec in opts.blur_specs()]
     if len(blurs) > 1 and not many_blurs:
         raise DiffcliError(f"{len(blurs)} --blur specs: this command runs one blur (diffcli seg runs one pass per blur)")
@@ -129,15 +173,10 @@ def check_sampling(opts: SamplingOptions, pipeline: bool | None = None) -> None:
     """Validate the sampler settings; `pipeline` False refuses the pipeline-only schedule choice."""
     if opts.sampler is not None and opts.sampler not in SAMPLERS:
         raise DiffcliError(f"unknown --sampler {opts.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    count("steps", opts.steps, 1, STEPS_MAX)
-    if opts.schedule is not None and opts.schedule not in SCHEDULES:
-        raise DiffcliError(f"unknown --schedule {opts.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    check_fields(opts, ["steps", "schedule"])
     if pipeline is False and opts.schedule is not None and SCHEDULES[opts.schedule].pipeline_only:
         raise DiffcliError(f"--schedule {opts.schedule} needs a diffusers pipeline; diffcli models sample on Karras sigmas")
-    for name in ("s_churn", "s_noise", "eta", "s_tmin"):
-        finite(name, getattr(opts, name), high=SCALE_MAX)
-    finite("s_tmax", opts.s_tmax, allow_inf=True)
-    finite("rho", opts.rho, above=True, high=RHO_MAX)
+    check_fields(opts, ["s_churn", "s_noise", "eta", "s_tmin", "s_tmax", "rho"])
 
 
 def check_pipeline_steps(pipe: Any, steps: int, schedule: str | None, name: str = "steps") -> None:
@@ -149,19 +188,8 @@ def check_pipeline_steps(pipe: Any, steps: int, schedule: str | None, name: str 
 
 
 def group_fields(*groups: type) -> list[str]:
-    """Field names of option groups, in declaration order (the CLI adds one option per field)."""
+    """Field names of option groups, in declaration order."""
     return [f.name for g in groups for f in fields(g)]
-
-
-def default(config: type, name: str) -> Any:
-    """A command config's default for one field (its own override, else its group's): the one place a default
-    is written; the CLI reads it from here."""
-    f = next(f for f in fields(config) if f.name == name)
-    return f.default_factory() if f.default_factory is not MISSING else f.default
-
-
-def defaults(config: type, names: list[str]) -> dict[str, Any]:
-    return {name: default(config, name) for name in names}
 
 
 # ---------------------------------------------------------------- options -> guidance terms

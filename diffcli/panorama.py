@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -25,7 +25,9 @@ from .shared.images import save_image
 from .shared.dist import Dist
 from .shared.tasks import Task, run_tasks
 from .core.guidance import stack
-from .shared.limits import BATCH_MAX, SIDE_MAX, check_image_size, count, seed as check_seed
+from .shared.limits import BATCH_MAX, SIDE_MAX, check_image_size
+from .shared.fields import check_fields, opt, redefault
+from .runner import Command, RunContext, generating
 from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_pipeline_steps,
                       check_sampling, record as options_record, seg_layers, seg_of)
 from .core.sync import CASES, NOISES, rows_of, sample_views
@@ -37,25 +39,47 @@ DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
 
 @dataclass(kw_only=True)
 class PanoramaConfig(GuidanceOptions, SamplingOptions):
-    prompt: str | None = None
-    prompts_file: str | None = None
-    model: str = DEFAULT_MODEL
-    height: int = 512
-    width: int = 3072
-    window: int | None = None       # latent cells; default the UNet's sample size (64 for SD 2 base = 512 px)
-    stride: int = 8                 # latent cells (64 px)
-    sampler: str | None = "euler"   # on the scheduler's sigmas: DDIM (003)
-    steps: int | None = 50
-    cfg: float | None = 7.5
-    negative_prompt: str | None = None
-    seed: int = 1
-    sync: str = "x0"
-    noise: str = "canvas"
-    view_batch: int = 8
-    decode_stride: int | None = None  # latent cells between decoded tiles; default the stride (003: 64 px)
-    decode_batch: int = 4
-    eval_pos: list[int] | None = None
-    dtype: str | None = None
+    prompt: str | None = opt(None, argument=True, panel="input", help="Text prompt (or --prompts-file).")
+    prompts_file: str | None = opt(None, "--prompts-file", panel="input",
+                                   help="003 wide_image_prompts.json (prompt and eval_pos per entry), a text file (one "
+                                        "prompt a line), or 'assignment' for the shipped 003 set "
+                                        "(prompts/wide_image_prompts.json).")
+    model: str = opt(DEFAULT_MODEL, "--model", panel="model",
+                     help="SD 1.x/2.x or SDXL pipeline: a local folder (save_pretrained layout) or a hub id in the "
+                          "cache.")
+    height: int = opt(512, panel="sampling", check="count", high=SIDE_MAX,
+                      help="Image height in px (multiple of 8; taller than a window gives a tall image).")
+    width: int = opt(3072, panel="sampling", check="count", high=SIDE_MAX, help="Image width in px (multiple of 8).")
+    # latent cells; default the UNet's sample size (64 for SD 2 base = 512 px)
+    window: int | None = opt(None, panel="sampling", check="count", high=SIDE_MAX,
+                             help="Window size in latent cells (default: the UNet's sample size, 64 = 512 px for SD 2 "
+                                  "base).")
+    stride: int = opt(8, panel="sampling", check="count", high=SIDE_MAX,  # latent cells (64 px)
+                      help="Window stride in latent cells (8 = 64 px); the last window is flush with the border.")
+    sampler: str | None = redefault(SamplingOptions, "sampler", "euler")   # on the scheduler's sigmas: DDIM (003)
+    steps: int | None = redefault(SamplingOptions, "steps", 50)
+    cfg: float | None = redefault(GuidanceOptions, "cfg", 7.5)
+    negative_prompt: str | None = opt(None, "--negative-prompt", panel="input",
+                                      help="Prompt of the unconditional CFG branch (default: empty).")
+    seed: int = opt(1, panel="sampling", check="seed",
+                    help="Seed of the canvas noise (003: 1; every prompt uses it).")
+    sync: str = opt("x0", panel="sampling", choices=tuple(CASES),
+                    help="What the windows agree on each step: x0 (SyncTweedies), eps, xt, or none (unsynchronized).")
+    noise: str = opt("canvas", panel="sampling", choices=tuple(NOISES),
+                     help="Initial noise: canvas (drawn on the canvas and cropped, 003) or views (one draw per window).")
+    view_batch: int = opt(8, "--view-batch", panel="sampling", check="count", high=BATCH_MAX,
+                          help="Windows per network batch (x2 with CFG).")
+    # latent cells between decoded tiles; default the stride (003: 64 px)
+    decode_stride: int | None = opt(None, "--decode-stride", panel="output", check="count", high=SIDE_MAX,
+                                    help="Latent cells between decoded VAE tiles, averaged where they overlap "
+                                         "(default: --stride).")
+    decode_batch: int = opt(4, "--decode-batch", panel="output", check="count", high=BATCH_MAX,
+                            help="VAE tiles decoded at once (memory does not grow with the width).")
+    eval_pos: list[int] | None = opt(None, "--eval-pos", panel="output", cli_type=Optional[str],
+                                     to_config=lambda text: parse_positions(text),
+                                     help="x offsets (px) of window-sized crops written as <Prompt>_<pos>.png, e.g. "
+                                          "243,1005 (overrides the prompts file's).")
+    dtype: str | None = opt(None, panel="model", help="fp32, fp16 or bf16 (default: fp16 on CUDA, else fp32).")
 
 
 @dataclass
@@ -124,19 +148,13 @@ def validate(cfg: PanoramaConfig) -> list[Job]:
     for name in ("view_batch", "decode_batch"):
         if getattr(cfg, name) < 1:
             raise DiffcliError(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("height", "width", "window", "stride", "decode_stride"):  # the upper limits (options.py)
-        count(name, getattr(cfg, name), 1, SIDE_MAX)
+    check_fields(cfg, ["height", "width", "window", "stride", "decode_stride"])  # the upper limits
     check_image_size(cfg.height, cfg.width)
-    for name in ("view_batch", "decode_batch"):
-        count(name, getattr(cfg, name), 1, BATCH_MAX)
-    check_seed("seed", cfg.seed)
+    check_fields(cfg, ["view_batch", "decode_batch", "seed"])
     check_sampling(cfg, pipeline=True)
     check_guidance(cfg)
     check_particles(cfg, 1, pipeline=True, what="the number of canvases a prompt (panorama draws one)")
-    if cfg.sync not in CASES:
-        raise DiffcliError(f"unknown --sync {cfg.sync!r}; choose one of {', '.join(CASES)}")
-    if cfg.noise not in NOISES:
-        raise DiffcliError(f"unknown --noise {cfg.noise!r}; choose one of {', '.join(NOISES)}")
+    check_fields(cfg, ["sync", "noise"])
     jobs = jobs_of(cfg)
     for job in jobs:  # the crop size needs the model (plan checks the crops); a start outside is wrong anyway
         bad = [p for p in job.eval_pos if not 0 <= p < cfg.width]
@@ -287,3 +305,28 @@ def _run(cfg: PanoramaConfig, jobs: list[Job], out: Path, overwrite: bool, resum
                         decode_tiles=len(p.tiles), prompts=[asdict(j) for j in jobs], files=files))
     return {"out": str(out), "run_record": str(record_file), "images": len(jobs), "crops": len(files) - len(jobs),
             "windows": len(p.views), "skipped": done.skipped, "main": dist.main}
+
+
+def main(cfg: PanoramaConfig, ctx: RunContext) -> dict[str, Any]:
+    """`diffcli panorama`: run every prompt and say what was written."""
+    result = run(cfg, ctx.out, ctx.overwrite, ctx.device, ctx.options(), resume=ctx.resume)
+    if result["main"]:
+        skipped = f" ({result['skipped']} prompt(s) already there)" if ctx.resume else ""
+        ctx.echo(f"wrote {result['images']} image(s) of {result['windows']} windows and {result['crops']} crop(s)"
+                 f"{skipped} to {result['out']}")
+    return result
+
+
+COMMAND = Command(
+    "panorama", PanoramaConfig, validate, main,
+    context=generating("diffcli-out/panorama",
+                       "Continue an interrupted run in --out (same options): prompts whose files all exist are "
+                       "skipped.",
+                       "Output folder: only the images (the 003 wide_images layout, gradable as written); "
+                       "OUT.run.json goes beside it."),
+    help="""Wide or tall images by synchronized diffusion over overlapping windows (SyncTweedies).
+
+    Example: diffcli panorama "A beach scene at sunrise with golden sands" --eval-pos 243,1005 --out wide_images
+
+    Example: diffcli panorama --prompts-file assignment --out wide_images && diffcli eval wide_images --app wide_images
+    """)

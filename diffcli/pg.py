@@ -9,7 +9,7 @@ import contextlib
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -28,7 +28,9 @@ from .backends.classifier import SHIPPED_CLASSIFIER, classify, load_classifier, 
 from .core.denoisers import ve_to_vp
 from .core.metrics import digit_record, mean_pairwise_cosine, pca_2d
 from .core.guidance import stack
-from .shared.limits import BATCH_MAX, SIDE_MAX, check_image_size, count, seed as check_seed
+from .shared.limits import BATCH_MAX, SIDE_MAX, check_image_size, seed as check_seed
+from .shared.fields import check_fields, opt, redefault
+from .runner import Command, RunContext, generating
 from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_pipeline_steps,
                       check_sampling, group_fields, pg_of, record as options_record, seg_layers, seg_of)
 from .core.particles import KernelGrad
@@ -39,25 +41,53 @@ from .core.samplers import nfe, run_sampler
 
 @dataclass(kw_only=True)
 class PGConfig(GuidanceOptions, SamplingOptions):
-    checkpoint: str | None = None
-    prompt: str | None = None
-    model: str | None = None  # a Stable Diffusion pipeline (folder or hub id) instead of a diffcli checkpoint
-    n: int = 8
-    pg_factor: float = 1.7
-    labels: str | None = None
-    negative_prompt: str | None = None
-    sampler: str | None = "heun"
-    steps: int | None = None   # 18 for digits, 50 for pipelines
-    seed: int = 0
-    height: int | None = None
-    width: int | None = None
-    dtype: str | None = None
-    classifier: str | None = None
-    compare: bool = False
-    clip_model: str = "ViT-B-32"      # --kernel clip (pipelines): open_clip model and weights, as diffcli eval
-    clip_pretrained: str = "openai"
-    context: str | None = None    # next-frame models: dataset indices (3, 0,4,7 or 0:10) or a context file
-    data_root: str | None = None
+    checkpoint: str | None = opt(None, panel="input", cli_type=Optional[Path], to_config=lambda v: None if v is None else str(v),
+                                 help="A diffcli model file, a run folder (its latest model), or RUN@STEP (a snapshot "
+                                      "of --snapshot-every); default: the shipped MNIST model.")
+    prompt: str | None = opt(None, argument=True, panel="input",
+                             help="Text prompt; with --model, sample a Stable Diffusion pipeline instead of a digit "
+                                  "model.")
+    # a Stable Diffusion pipeline (folder or hub id) instead of a diffcli checkpoint
+    model: str | None = opt(None, "--model", panel="model",
+                            help="Stable Diffusion pipeline: a local folder (save_pretrained layout) or a hub id in "
+                                 "the cache.")
+    n: int = opt(8, "--n", panel="sampling", check="count", high=BATCH_MAX,  # the particles are one network batch
+                 help="Batch size = number of particles sampled jointly (>= 2 with PG on).")
+    pg_factor: float = redefault(GuidanceOptions, "pg_factor", 1.7)
+    labels: str | None = opt(None, panel="input",
+                             help="Class of each sample, cycled: '0,3,7' or 'all' (default: unconditional).")
+    negative_prompt: str | None = opt(None, "--negative-prompt", panel="input",
+                                      help="Pipelines: the prompt of the unconditional CFG branch (default: empty).")
+    sampler: str | None = redefault(SamplingOptions, "sampler", "heun")
+    steps: int | None = redefault(SamplingOptions, "steps", None)   # 18 for digits, 50 for pipelines
+    seed: int = opt(0, panel="sampling", check="seed", per="n",
+                    help="Sample i uses seed + i (initial noise and sampler noise).")
+    height: int | None = opt(None, panel="sampling", check="count", high=SIDE_MAX,
+                             help="Pipelines: image height (default: the UNet's sample size x 8).")
+    width: int | None = opt(None, panel="sampling", check="count", high=SIDE_MAX, help="Pipelines: image width.")
+    dtype: str | None = opt(None, panel="model", help="Network precision: fp32 (default), fp16 or bf16 (GPU).")
+    classifier: str | None = opt(None, "--classifier", panel="model",
+                                 help="Digit classifier for --kernel classifier and --compare (default: the shipped "
+                                      "one).")
+    compare: bool = opt(False, "--compare", panel="output",
+                        help="Also sample the same seeds without PG (in OUT/plain) and report diversity side by side: "
+                             "compare.png, compare.json.")
+    # --kernel clip (pipelines): open_clip model and weights, as diffcli eval
+    clip_model: str = opt("ViT-B-32", "--clip-model", panel="model",
+                          help="Pipelines, --kernel clip: open_clip model name or a JSON model config file (as "
+                               "diffcli eval).")
+    clip_pretrained: str = opt("openai", "--clip-pretrained", panel="model",
+                               help="Pipelines, --kernel clip: open_clip pretrained tag or a local weights file "
+                                    "(safetensors or a state dict).")
+    # next-frame models: dataset indices (3, 0,4,7 or 0:10) or a context file
+    context: str | None = opt(None, "--context", panel="input",
+                              help="Next-frame models: sequences of the model's dataset to continue, one particle set "
+                                   "of --n each: an index (3), a list (0,4,7) or a range (0:10); or one context file "
+                                   "(PNG of the frames side by side, .pt/.safetensors). --compare then reports modes "
+                                   "found, L2/IoU to the nearest true future and directional accuracy.")
+    data_root: str | None = opt(None, "--data-root", panel="input",
+                                help="With --context indices: where the model's MNIST digits are (default: the digits "
+                                     "its model file carries, else the folder recorded at training).")
 
 
 DEFAULT_STEPS = {"digits": 18, "pipeline": 50}
@@ -72,8 +102,7 @@ def validate(cfg: PGConfig) -> None:
         raise DiffcliError("--model needs a prompt: diffcli pg \"a photo of a dog\" --model PATH")
     if cfg.model is not None and cfg.checkpoint is not None:
         raise DiffcliError("--checkpoint (a diffcli model) and --model (a pipeline) exclude each other")
-    count("n", cfg.n, 1, BATCH_MAX)  # the particles are one network batch
-    check_seed("seed", cfg.seed, cfg.n)
+    check_fields(cfg, ["n", "seed", "height", "width"])
     check_sampling(cfg, pipeline=cfg.model is not None)
     check_guidance(cfg)
     check_particles(cfg, cfg.n, pipeline=cfg.model is not None)
@@ -87,7 +116,6 @@ def validate(cfg: PGConfig) -> None:
         raise DiffcliError("--labels is for class-conditional diffcli models; a pipeline takes a prompt")
     for name in ("height", "width"):
         v = getattr(cfg, name)
-        count(name, v, 1, SIDE_MAX)
         if v is not None and (v < 8 or v % 8):
             raise DiffcliError(f"--{name} must be a positive multiple of 8")
     if cfg.height is not None or cfg.width is not None:
@@ -385,3 +413,29 @@ def write_outputs(cfg: PGConfig, done: Done, out: Path, folders: dict[str, Path]
     for folder in folders.values():  # every output is written: the sets' tensors are no longer needed
         shutil.rmtree(folder / SETS, ignore_errors=True)
     return result
+
+
+def main(cfg: PGConfig, ctx: RunContext) -> dict[str, Any]:
+    """`diffcli pg`: draw the particles and say what was written."""
+    result = run(cfg, ctx.out, ctx.overwrite, ctx.device, ctx.options(), resume=ctx.resume)
+    for line in result["lines"]:
+        ctx.echo(line)
+    extra = ", plain/, compare.png, compare.json" if cfg.compare else ""
+    ctx.echo(f"wrote {result['n']} samples, grid.png, run.json{extra} to {result['out']}")
+    return result
+
+
+COMMAND = Command(
+    "pg", PGConfig, validate, main,
+    context=generating("diffcli-out/pg",
+                       "Continue an interrupted run in --out: same options; particle sets already drawn (one per "
+                       "context, plain and PG) are kept, the rest drawn, then every output written as one "
+                       "uninterrupted run writes it."),
+    help="""Particle guidance: sample a batch jointly with a repulsive kernel term, for more modes per batch.
+
+    Example: diffcli pg --n 8 --pg-factor 1.7 --compare --out pg-digits
+
+    Example: diffcli pg --checkpoint runs/circle --context 0:10 --n 8 --compare --out pg-futures
+
+    Example: diffcli pg "a photo of a dog" --model ./sd-v1-5 --n 4 --out pg-dogs
+    """)

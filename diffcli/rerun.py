@@ -5,9 +5,12 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from dataclasses import MISSING, dataclass
+from typing import Any, Iterator, Optional
 
+from .runner import Command, CommandExit, RunContext
 from .shared.errors import DiffcliError
+from .shared.fields import opt
 from .data.image_folders import is_regular
 
 RERUNNABLE = ("train", "sample", "seg", "panorama", "anagram", "pg", "sweep")
@@ -74,3 +77,38 @@ def working_folder(record: dict[str, Any]) -> Iterator[None]:
         yield
     finally:
         os.chdir(before)
+
+
+@dataclass
+class RerunConfig:
+    record: Path = opt(MISSING, argument=True, metavar="RUN_JSON", panel="input",
+                       help="The run record of a diffcli run: OUT/run.json, OUT.run.json (panorama, anagram), or the "
+                            "folder OUT.")
+
+
+def main(cfg: RerunConfig, ctx: RunContext) -> int:
+    """`diffcli rerun`: the recorded command line, in its working folder, through `ctx.commands`."""
+    path, folder = record_and_folder(cfg.record)
+    data = read_record(path)
+    argv = replay_argv(data, ctx.out or folder.with_name(folder.name + "-rerun"))
+    if ctx.overwrite:
+        argv.append("--overwrite")
+    ctx.echo_err(f"diffcli {' '.join(argv)}")
+    with working_folder(data):
+        code = ctx.commands.run(argv[0], argv[1:])
+    if code:
+        raise CommandExit(code)
+    return code
+
+
+COMMAND = Command(
+    "rerun", RerunConfig, lambda cfg: None, main, config_file=False,
+    context={"out": {"default": None, "cli_type": Optional[Path],
+                     "help": "Where to write the rerun (default: the run's folder + '-rerun'); refused if not empty "
+                             "unless --overwrite."},
+             "overwrite": {}},
+    help="""Run a command again from the run.json it wrote: the same command line, in the same working folder, into a
+    new output folder (the same files, byte for byte, on the same machine and versions).
+
+    Example: diffcli rerun digits/run.json --out digits-again
+    """)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 
+from .runner import Command, RunContext, generating
 from .shared.errors import DiffcliError
+from .shared.fields import check_fields, opt
 from .shared.devices import PerSampleRandn, pick_dtype
 from .shared.images import check_image_file, load_images, make_grid, save_gif, save_grid, save_image
 from .shared.memory import check_memory
@@ -20,7 +22,7 @@ from .shared.dist import Dist
 from .shared.tasks import Done, Task, run_tasks
 from .backends.models import check_record
 from .backends.pipelines import load_family
-from .shared.limits import (BATCH_MAX, N_MAX, PIXELS_MAX, SIGMA_LIMIT, count, finite,
+from .shared.limits import (BATCH_MAX, N_MAX, PIXELS_MAX, SIGMA_LIMIT, finite,
                             seed as check_seed)
 from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_sampling,
                       record as options_record, seg_layers)
@@ -38,30 +40,59 @@ from .shared.shipped import SHIPPED_MODEL as SHIPPED_CHECKPOINT  # the built-in 
 class SampleConfig(GuidanceOptions, SamplingOptions):
     """sampler None: the model's default, heun (EDM) or ancestral (blurring); steps None: 18 (EDM; heun = 35 NFE)
     or 100 (blurring, the 004 seed's T). SEG and PG act on EDM models; PG's particles are each network batch."""
-    checkpoint: str = str(SHIPPED_CHECKPOINT)
-    n: int = 16
-    labels: str | None = None
-    sigma_min: float | None = None
-    sigma_max: float | None = None
+    checkpoint: str = opt(str(SHIPPED_CHECKPOINT), panel="input", cli_type=Optional[Path], cli_default=None,
+                          to_config=lambda v: None if v is None else str(v),
+                          help="A diffcli model file, a run folder (its latest model), or RUN@STEP (a snapshot of "
+                               "--snapshot-every); default: the shipped MNIST model.")
+    n: int = opt(16, "--n", panel="sampling", check="count", high=N_MAX, help="Number of samples.")
+    labels: str | None = opt(None, panel="input", help="Class of each sample, cycled: '0,3,7' or 'all' (default: all).")
+    sigma_min: float | None = opt(None, panel="sampling", check="finite", above=True, high=SIGMA_LIMIT,
+                                  help="Lowest noise level (default: the model's, 0.002).")
+    sigma_max: float | None = opt(None, panel="sampling", check="finite", above=True, high=SIGMA_LIMIT,
+                                  help="Highest noise level (default: the model's, 80).")
+    seed: int = opt(0, panel="sampling", check="seed", per="n",
+                    help="Sample i uses seed + i, whatever the batch size.")
+    batch_size: int = opt(64, panel="sampling", check="count", high=BATCH_MAX, help="Samples per network batch.")
+    dtype: str | None = opt(None, panel="model", help="Network precision: fp32 (default), fp16 or bf16 (GPU).")
+    strip: bool = opt(False, "--strip", panel="output",
+                      help="Also write strip.png: x0_hat along the steps (blurring models: z_t at t = 1, 0.9, ..., 0).")
+    gif: bool = opt(False, "--gif", panel="output",
+                    help="Also write process.gif: the first 8 samples at every step (blurring models: the blur "
+                         "undone); with --show-forward, forward.gif.")
+    # blurring models: keep x0_hat in [-1, 1] at every step (DDPM's clip_denoised)
+    clip_denoised: bool = opt(False, "--clip-denoised", panel="sampling",
+                              help="Plain (blur_sigma_max 0) blurring-process models: keep x0_hat in [-1, 1] at every "
+                                   "step (DDPM's clip_denoised; refused for blurring models, where x0_hat is "
+                                   "ill-conditioned).")
+    nrow: int | None = opt(None, panel="output", check="count", high=GRID_MAX, help="Images per grid row.")
+    # next-frame models: a dataset index or a context file
+    context: str | None = opt(None, "--context", panel="input",
+                              help="Next-frame models: the frames to continue, as an index into the model's sequence "
+                                   "dataset (truth known: metrics) or a file (a PNG of the frames side by side, or a "
+                                   ".pt/.safetensors tensor). All n samples share it.")
+    # where the model's MNIST digits are (default: as recorded at training)
+    data_root: str | None = opt(None, "--data-root", panel="input",
+                                help="With --context N: where the model's MNIST digits are (default: the digits its "
+                                     "model file carries, else the folder recorded at training).")
+
+
+@dataclass(kw_only=True)
+class ShowForward:
+    """`diffcli sample --show-forward IMAGE`: the blurring forward process on one image, no model sampled."""
+    show_forward: Path | None = opt(None, "--show-forward", metavar="IMAGE", panel="input",
+                                    help="Instead of sampling, picture the blurring forward process on IMAGE: "
+                                         "forward.png (blurred | blurred + noise, t = 0 .. 1).")
+    blur_sigma_max: float | None = opt(None, "--blur-sigma-max", panel="model",
+                                       help="With --show-forward: sigma_B,max (default: the --checkpoint's blurring "
+                                            "model's, else 20).")
+    checkpoint: str | None = None
     seed: int = 0
-    batch_size: int = 64
-    dtype: str | None = None
-    strip: bool = False
     gif: bool = False
-    clip_denoised: bool = False  # blurring models: keep x0_hat in [-1, 1] at every step (DDPM's clip_denoised)
-    nrow: int | None = None
-    context: str | None = None    # next-frame models: a dataset index or a context file
-    data_root: str | None = None  # where the model's MNIST digits are (default: as recorded at training)
 
 
 def validate(cfg: SampleConfig) -> None:
-    """Every option checked before a model loads or a file is written (ranges: options.py)."""
-    count("n", cfg.n, 1, N_MAX)
-    count("batch_size", cfg.batch_size, 1, BATCH_MAX)
-    check_seed("seed", cfg.seed, cfg.n)
-    count("nrow", cfg.nrow, 1, GRID_MAX)
-    for name in ("sigma_min", "sigma_max"):
-        finite(name, getattr(cfg, name), above=True, high=SIGMA_LIMIT)
+    """Every option checked before a model loads or a file is written (ranges: the fields' declarations)."""
+    check_fields(cfg, ["n", "batch_size", "seed", "nrow", "sigma_min", "sigma_max"])
     if cfg.sampler is not None and cfg.sampler not in (*SAMPLERS, *BLURRING_SAMPLERS):
         raise DiffcliError(f"unknown sampler {cfg.sampler!r}; choose one of {', '.join(SAMPLERS)} (EDM models) "
                            f"or {', '.join(BLURRING_SAMPLERS)} (blurring models)")
@@ -204,3 +235,53 @@ def show_forward(image: Path, out: Path, overwrite: bool, checkpoint: str | None
     write_run_json(out, "sample --show-forward", {"image": str(image), "seed": seed, "gif": gif, "t": ts,
                                                   **asdict(schedule)}, "cpu")
     return {"out": str(out), "schedule": asdict(schedule)}
+
+
+# ---------------------------------------------------------------- the command
+
+def build(values: dict[str, Any]) -> SampleConfig | ShowForward:
+    """The command line's values -> the config: --show-forward pictures the forward process instead of sampling;
+    --blur-sigma-max goes only with it; no --checkpoint means the shipped model."""
+    image, blur_sigma_max = values.pop("show_forward"), values.pop("blur_sigma_max")
+    if image is not None:
+        return ShowForward(show_forward=image, blur_sigma_max=blur_sigma_max, checkpoint=values["checkpoint"],
+                           seed=values["seed"], gif=values["gif"])
+    if blur_sigma_max is not None:
+        raise DiffcliError("--blur-sigma-max goes with --show-forward; a trained model's process is fixed")
+    if values["checkpoint"] is None and not SHIPPED_CHECKPOINT.is_file():
+        raise DiffcliError(f"the shipped model {SHIPPED_CHECKPOINT} is missing; pass --checkpoint")
+    return SampleConfig(**{**values, "checkpoint": values["checkpoint"] or str(SHIPPED_CHECKPOINT)})
+
+
+def main(cfg: SampleConfig | ShowForward, ctx: RunContext) -> dict[str, Any]:
+    """`diffcli sample`: sample (or picture the forward process) and say what was written."""
+    if isinstance(cfg, ShowForward):
+        result = show_forward(cfg.show_forward, ctx.out, ctx.overwrite, cfg.checkpoint, cfg.blur_sigma_max, cfg.seed,
+                              cfg.gif)
+        ctx.echo(f"wrote forward.png{', forward.gif' if cfg.gif else ''} (sigma_B,max "
+                 f"{result['schedule']['blur_sigma_max']:g}) to {result['out']}")
+        return result
+    result = run(cfg, ctx.out, ctx.overwrite, ctx.device, ctx.options(), resume=ctx.resume)
+    if result["main"]:
+        skipped = f" ({result['skipped']} already there)" if ctx.resume else ""
+        extra = "".join(f", {name}" for name, on in (("strip.png", cfg.strip), ("process.gif", cfg.gif)) if on)
+        ctx.echo(f"wrote {result['n']} samples{skipped}, grid.png{extra} and run.json to {result['out']}")
+    return result
+
+
+COMMAND = Command(
+    "sample", SampleConfig, validate, main, build=build, cli=ShowForward,
+    context=generating("diffcli-out/sample",
+                       "Continue an interrupted run in --out: same options, samples already written are skipped."),
+    help="""Sample a diffcli model (EDM or blurring diffusion): PNGs, a grid, run.json, optionally the denoising strip/GIF.
+
+    Example: diffcli sample --labels all --n 20 --cfg 2 --strip --out digits
+
+    Example: diffcli sample --checkpoint checkpoints/mnist-blurring.safetensors --strip --gif --out blur
+
+    Example: diffcli sample --show-forward digit.png --blur-sigma-max 20 --gif --out forward
+
+    Example: diffcli sample --checkpoint runs/circle --context 3 --n 8 --out next-frames
+
+    Many GPUs: torchrun --nproc_per_node 4 -m diffcli -- sample --n 50000 --out fid-samples (each rank draws every 4th sample; the -- keeps torchrun off --n).
+    """)

@@ -26,7 +26,10 @@ from .shared.records import write_run_json
 from .shared.dist import Dist
 from .shared.tasks import Done, Task, run_tasks
 from .core.guidance import Seg, guided_steps, stack, step_index
-from .shared.limits import BATCH_MAX, N_MAX, SIDE_MAX, check_image_size, count, seed as check_seed
+from .shared.limits import BATCH_MAX, N_MAX, SIDE_MAX, check_image_size
+from .shared.fields import check_fields, opt, redefault
+from .shared.names import read_prompts_file
+from .runner import Command, RunContext, generating
 from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_pipeline_steps,
                       check_sampling, pg_of, record as options_record, seg_of, split_list)
 from .core.query_blur import Blur
@@ -39,34 +42,58 @@ METRIC_FIELDS = ("blur", "prompt", "step", "sigma", "layer", "role", "blurred", 
 @dataclass(kw_only=True)
 class SegConfig(GuidanceOptions, SamplingOptions):
     prompts: list[str]
-    model: str = DEFAULT_MODEL
-    cfg: float | None = 5.0        # the official SEG-SDXL default; 0 or 1 = SEG without CFG
-    seg_scale: float | None = 3.0
-    sampler: str | None = "euler"  # on the scheduler's sigmas: DDIM
-    steps: int | None = 50
-    seed: int = 0
-    n: int = 1
-    height: int | None = None
-    width: int | None = None
-    negative_prompt: str | None = None
-    dtype: str | None = None
-    metrics: bool = False
-    track_block: str = "mid"
+    model: str = opt(DEFAULT_MODEL, "--model", panel="model",
+                     help="SD 1.x/2.x or SDXL pipeline: a hub id in the cache or a local folder (save_pretrained "
+                          "layout).")
+    cfg: float | None = redefault(GuidanceOptions, "cfg", 5.0)  # the official SEG-SDXL default; 0 or 1 = SEG without CFG
+    seg_scale: float | None = redefault(GuidanceOptions, "seg_scale", 3.0)
+    sampler: str | None = redefault(SamplingOptions, "sampler", "euler")  # on the scheduler's sigmas: DDIM
+    steps: int | None = redefault(SamplingOptions, "steps", 50)
+    seed: int = opt(0, panel="sampling", check="seed", per="n", help="Image i of each prompt uses seed + i.")
+    n: int = opt(1, "--n", panel="sampling", check="count", high=BATCH_MAX,  # a prompt's images are one network batch
+                 help="Images per prompt (one batch).")
+    height: int | None = opt(None, panel="sampling", check="count", high=SIDE_MAX,
+                             help="Image height (default: the model's native size).")
+    width: int | None = opt(None, panel="sampling", check="count", high=SIDE_MAX,
+                            help="Image width (non-square allowed).")
+    negative_prompt: str | None = opt(None, "--negative-prompt", panel="input",
+                                      help="Prompt of the unconditional CFG branch (default: empty).")
+    dtype: str | None = opt(None, panel="model", help="fp32, fp16 or bf16 (default: fp16 on CUDA, else fp32).")
+    metrics: bool = opt(False, "--metrics", panel="output",
+                        help="Write metrics.csv/json: per step, L2 of attention output - input, Laplacian variance, "
+                             "Sobel edge entropy of --track-block.")
+    track_block: str = opt("mid", "--track-block", panel="output",
+                           help="Block (down, mid, up) or layer (d4, m0, u1) whose metrics --metrics logs.")
+
+
+@dataclass(kw_only=True)
+class SegPrompts:
+    """The command line's prompts: one as the argument, or a file of them (SegConfig.prompts)."""
+    prompt: str | None = opt(None, argument=True, panel="input", help="Text prompt (or --prompts-file).")
+    prompts_file: Path | None = opt(None, "--prompts-file", panel="input",
+                                    help="One prompt a line (blank lines and # comments skipped).")
+
+
+def build(values: dict[str, Any]) -> SegConfig:
+    """The command line's values -> the config: a prompt or --prompts-file, not both."""
+    prompt, prompts_file = values.pop("prompt"), values.pop("prompts_file")
+    if prompt is not None and prompts_file is not None:
+        raise DiffcliError("give a prompt or --prompts-file, not both")
+    prompts = read_prompts_file(prompts_file) if prompts_file is not None else ([prompt] if prompt is not None else [])
+    return SegConfig(**values, prompts=prompts)
 
 
 def validate(cfg: SegConfig) -> list[Blur]:
     """Everything checkable before a model is loaded or a file written; returns the parsed blurs."""
     if not cfg.prompts or not all(p.strip() for p in cfg.prompts):
         raise DiffcliError('give a prompt (diffcli seg "a cat") or --prompts-file FILE')
-    count("n", cfg.n, 1, BATCH_MAX)  # a prompt's images are one network batch
-    check_seed("seed", cfg.seed, cfg.n)
+    check_fields(cfg, ["n", "seed"])
     check_sampling(cfg, pipeline=True)
     blurs = check_guidance(cfg, many_blurs=True)
     check_particles(cfg, cfg.n, pipeline=True)
     if cfg.pg_factor and cfg.kernel == "clip":
         raise DiffcliError("--kernel clip loads a CLIP model: use diffcli pg --model ... --kernel clip")
-    for name in ("height", "width"):
-        count(name, getattr(cfg, name), 1, SIDE_MAX)
+    check_fields(cfg, ["height", "width"])
     if cfg.height is not None and cfg.width is not None:
         check_image_size(cfg.height, cfg.width)
     images = len(cfg.prompts) * cfg.n * len(blurs or [None])
@@ -217,3 +244,27 @@ GRID_MAX = 256  # images per blur column in grid.png
 def spec_of(blur: Blur | None) -> str:
     """A blur's spec, or 'none' for the SEG-off run (seg_scale 0)."""
     return "none" if blur is None else blur.spec
+
+
+def main(cfg: SegConfig, ctx: RunContext) -> dict[str, Any]:
+    """`diffcli seg`: run every prompt and blur and say what was written."""
+    result = run(cfg, ctx.out, ctx.overwrite, ctx.device, ctx.options(), resume=ctx.resume)
+    if result["main"]:
+        skipped = f" ({result['skipped']} prompt(s) already there)" if ctx.resume else ""
+        ctx.echo(f"wrote {result['images']} images ({result['blurs']} blur{'s' if result['blurs'] > 1 else ''})"
+                 f"{skipped}, grid.png and run.json to {result['out']}")
+    return result
+
+
+COMMAND = Command(
+    "seg", SegConfig, validate, main, build=build, cli=SegPrompts,
+    notes=lambda values: {"prompts_file": str(values["prompts_file"]) if values["prompts_file"] else None},
+    context=generating("diffcli-out/seg",
+                       "Continue an interrupted run in --out (same options): prompts whose images all exist are "
+                       "skipped."),
+    help="""Smoothed Energy Guidance (SEG) on Stable Diffusion 1.x/2.x and SDXL, with gaussian, box and EMA query blurs.
+
+    Example: diffcli seg "a cat" --blur gaussian_-1_10 --blur interpolatedBoxBlur_5_0.5 --out seg-cats
+
+    Example: diffcli seg --prompts-file prompts.txt --model ./sd-v1-5 --guidance 7.5 --regions begin --n 4
+    """)

@@ -14,13 +14,15 @@ import itertools
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 
+from .runner import Command, RunContext
 from .shared.cache import caching
+from .shared.fields import opt
 from .shared.dist import Dist
 from .shared.errors import DiffcliError
 from .shared.files import atomic_path, prepare_out_dir, write_json
@@ -39,12 +41,22 @@ RESULTS = ("results.csv", "results.json", "plot.png", "grid.png")
 
 @dataclass
 class SweepConfig:
-    command: str
+    command: str = opt(MISSING, argument=True, panel="input",
+                       help="The command to sweep: sample, seg, panorama, anagram or pg; its own arguments follow.")
     args: list[str]                       # the command's own arguments, shared by every setting
-    grid: list[str]                       # KEY=V1,V2,... (KEY: the option's name, e.g. blur, seg_scale, cfg)
-    scores: list[str] = field(default_factory=list)  # digits, fid=REF, kid=REF, clip
-    features: str = "mnist"               # FID/KID features: mnist (digits, offline) or inception
-    yes: bool = False
+    # KEY=V1,V2,... (KEY: the option's name, e.g. blur, seg_scale, cfg)
+    grid: list[str] = opt(MISSING, "--grid", cli_default=..., panel="input",
+                          help="KEY=V1,V2,...: an option of the command (blur, seg_scale, cfg, pg_factor, sampler, "
+                               "steps, ...) and its values; repeat for a grid.")
+    # digits, fid=REF, kid=REF, clip
+    scores: list[str] = opt(None, "--score", name="score", factory=list, cli_default=None, cli_type=Optional[list[str]],
+                            to_config=lambda given: given or [], panel="output",
+                            help="Score every setting as diffcli eval does: digits (sample, pg), fid=REF, kid=REF, "
+                                 "clip (panorama, anagram).")
+    # FID/KID features: mnist (digits, offline) or inception
+    features: str = opt("mnist", "--features", panel="output",
+                        help="FID/KID features: mnist (the digit classifier's, offline) or inception.")
+    yes: bool = opt(False, "--yes", panel="input", help=f"Run a grid of more than {MAX_SETTINGS} settings.")
 
 
 # ---------------------------------------------------------------- the grid
@@ -291,3 +303,29 @@ def run(cfg: SweepConfig, commands: Commands, out: Path, overwrite: bool, resume
     plotted = plot(out, grid, rows)
     side_by_side(out, rows)
     return {"out": str(out), "main": True, "lines": lines, "settings": len(rows), "plot": plotted}
+
+
+def main(cfg: SweepConfig, ctx: RunContext) -> dict[str, Any]:
+    """`diffcli sweep`: run every setting through `ctx.commands` and say what was written."""
+    result = run(cfg, ctx.commands, ctx.out, ctx.overwrite, ctx.resume,
+                 on_setting=lambda name: ctx.echo_err(f"setting {name}"))
+    if result["main"]:
+        for line in result["lines"]:
+            ctx.echo(line)
+        ctx.echo(f"wrote {result['settings']} settings, results.csv, results.json"
+                 f"{', plot.png' if result['plot'] else ''} and grid.png to {result['out']}")
+    return result
+
+
+COMMAND = Command(
+    "sweep", SweepConfig, lambda cfg: None, main, extra_args=True,
+    context={"out": {"default": Path("diffcli-out/sweep"),
+                     "help": "Sweep folder: one subfolder per setting, results.csv/json, plot.png, grid.png."},
+             "overwrite": {"help": "Write into a non-empty folder."},
+             "resume": {"help": "Continue a killed sweep: scored settings are skipped, a cut one resumes."}},
+    help="""Run a command over a grid of its options, with the same seeds; score each setting; one table, plot and grid.
+
+    Example: diffcli sweep seg "a cat" --steps 30 --grid blur=gaussian_-1_1,gaussian_-1_2,gaussian_-1_5,gaussian_-1_10,gaussian_-1_9999999 --grid seg_scale=1,3 --out ablation
+
+    Example: diffcli sweep sample --n 1000 --grid cfg=1,1.5,2,3 --score digits --score fid=REF5K --out cfg-sweep
+    """)

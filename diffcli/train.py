@@ -11,7 +11,7 @@ import json
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .core.blurring import (DEFAULT_STEPS as BLURRING_STEPS, BlurringLoss, check_blur_sigma, get_ts, sample_blurring,
                             schedule_of)
+from .runner import Command, RunContext
 from .shared.errors import DiffcliError
+from .shared.fields import check_fields, opt
 from .shared.devices import PerSampleRandn
 from .shared.checkpoints import (add_prefix, flatten_state, load_checkpoint, save_checkpoint, strip_prefix,
                                  unflatten_state)
@@ -67,34 +69,99 @@ class EDMLoss:
         return (weight * (denoised - images) ** 2).mean()
 
 
+BLUR_SIGMA_MAX, P_MEAN, P_STD = 20.0, -1.2, 1.2  # the process options' defaults (None: not given)
+
+
 @dataclass
 class TrainConfig:
-    dataset: str = "mnist"
-    data_root: str = "data"
-    split: str = "train"
-    image_size: int | None = None
-    channels: int | None = None
-    conditional: bool = True
-    p_uncond: float = 0.2
-    process: str = "edm"  # or "blurring" (Hoogeboom & Salimans 2023): the loss and the model kind
-    blur_sigma_max: float = 20.0  # blurring only; 0 = plain DDPM-style diffusion
-    p_mean: float = -1.2  # edm only: ln(sigma) ~ N(p_mean, p_std^2) during training
-    p_std: float = 1.2
-    net: str = "small"
-    net_overrides: dict[str, Any] = field(default_factory=dict)
-    steps: int = 10_000
-    batch: int = 64
-    lr: float = 1e-3
-    lr_warmup: int = 200
-    ema_halflife_kimg: float = 20.0
+    dataset: str = opt("mnist", panel="input",
+                       help="mnist, fashion-mnist, cifar10, folder:PATH, or a next-frame sequence set made from the "
+                            "MNIST digits under --data-root: moving-mnist, circle-jumping, horizontal.")
+    data_root: str = opt("data", panel="input", help="Where torchvision-layout datasets live (or are downloaded to).")
+    split: str = opt("train", panel="input", help="train or test split of the dataset.")
+    image_size: int | None = opt(None, panel="input", check="count", high=SIDE_MAX,
+                                 help="Resize images to this size (default: native); for sequence sets the frame size "
+                                      "(default 32; digits are half of it).")
+    channels: int | None = opt(None, panel="input", help="1 or 3 for folder datasets (default: from the files).")
+    conditional: bool = opt(True, "--unconditional", name="unconditional", cli_default=False, panel="model",
+                            to_config=lambda unconditional: not unconditional, help="Ignore labels.")
+    p_uncond: float = opt(0.2, panel="model", check="finite", high=1.0,
+                          help="Label dropout probability (one model does CFG).")
+    process: str = opt("edm", panel="model",  # or "blurring" (Hoogeboom & Salimans 2023): the loss and the model kind
+                       help="edm (Karras et al. 2022) or blurring (Hoogeboom & Salimans 2023: DCT heat dissipation "
+                            "under cosine noise, eps-prediction).")
+    # blurring only (None: 20); 0 = plain DDPM-style diffusion
+    blur_sigma_max: float | None = opt(None, "--blur-sigma-max", panel="model", check="finite", high=SIGMA_LIMIT,
+                                       help="blurring: largest blur std in pixels, sigma_B,max (default 20; 0 = plain "
+                                            "DDPM-style diffusion).")
+    # edm only: ln(sigma) ~ N(p_mean, p_std^2) during training (None: -1.2 and 1.2)
+    p_mean: float | None = opt(None, "--p-mean", panel="model", check="finite", low=-10.0, high=10.0,
+                               help=f"edm: mean of ln(sigma) drawn in training (default {P_MEAN}; higher = more "
+                                    "training at high noise, where a digit's class is decided).")
+    p_std: float | None = opt(None, "--p-std", panel="model", check="finite", above=True, high=10.0,
+                              help=f"edm: standard deviation of ln(sigma) drawn in training (default {P_STD}).")
+    net: str = opt("small", panel="model", help="Architecture preset: small, tiny, base.")
+    net_overrides: dict[str, Any] = field(default_factory=dict)  # --block-channels: {"block_out_channels": [...]}
+    steps: int = opt(10_000, panel="sampling", check="count", high=TRAIN_STEPS_MAX,
+                     help="Total optimizer steps (a resumed run may raise it).")
+    batch: int = opt(64, panel="sampling", check="count", high=BATCH_MAX,
+                     help="Global batch size (split across torchrun processes).")
+    lr: float = opt(1e-3, panel="sampling", check="finite", above=True, help="Adam learning rate.")
+    lr_warmup: int = opt(200, panel="sampling", check="count", low=0, high=TRAIN_STEPS_MAX,
+                         help="Linear warm-up steps.")
+    ema_halflife_kimg: float = opt(20.0, panel="sampling", check="finite", help="EMA half-life in thousands of images.")
     ema_rampup: float = 0.05
-    seed: int = 0
-    ckpt_every: int = 500
-    snapshot_every: int = 0  # keep the EMA model of every N-th step as snapshots/step-NNNNNNN.safetensors
-    grid_every: int = 1000
-    log_every: int = 50
-    precision: str = "fp32"  # or bf16: autocast for the forward/backward, fp32 weights and optimizer
+    seed: int = opt(0, panel="sampling", check="seed", high=TRAIN_SEED_MAX)
+    ckpt_every: int = opt(500, panel="output", check="count", low=0, high=TRAIN_STEPS_MAX,
+                          help="Checkpoint every N steps (0: only at the end).")
+    # keep the EMA model of every N-th step as snapshots/step-NNNNNNN.safetensors
+    snapshot_every: int = opt(0, "--snapshot-every", panel="output", check="count", low=0, high=TRAIN_STEPS_MAX,
+                              help="Also keep the EMA model of every N-th step as snapshots/step-NNNNNNN.safetensors "
+                                   "(0: none); sample, pg and sweep read one as --checkpoint RUN@STEP.")
+    grid_every: int = opt(1000, panel="output", check="count", low=0, high=TRAIN_STEPS_MAX,
+                          help="Sample grid every N steps (0: never).")
+    log_every: int = opt(50, panel="output", check="count", low=0, high=TRAIN_STEPS_MAX,
+                         help="Loss log line every N steps.")
+    precision: str = "fp32"  # or bf16: autocast for the forward/backward, fp32 weights and optimizer (TrainArgs)
     sequence: dict[str, Any] = field(default_factory=dict)  # sequence datasets: --context-frames etc. as given
+
+
+@dataclass(kw_only=True)
+class TrainArgs:
+    """The command line's own train options: --block-channels (-> TrainConfig.net_overrides), the sequence-set
+    options (-> TrainConfig.sequence, only those given), --precision (train's `precision`) and --preview."""
+    block_channels: str | None = opt(None, "--block-channels", name="channels_mult", panel="model",
+                                     help="Override block widths, e.g. 32,64,96.")
+    precision: str | None = opt(None, panel="model",
+                                help="fp32 (default) or bf16 autocast; on --resume, changes the run's.")
+    context_frames: int | None = opt(None, "--context-frames", panel="input",
+                                     help="Sequence sets: frames the model sees before the one it predicts (default 2).")
+    step_size: int | None = opt(None, "--step-size", panel="input",
+                                help="Sequence sets: pixels the digit moves a frame (default 4; moving-mnist: the "
+                                     "largest velocity component).")
+    directions: int | None = opt(None, "--directions", panel="input",
+                                 help="circle-jumping: K equally likely jump directions on the circle (default 4).")
+    p_left: float | None = opt(None, "--p-left", panel="input",
+                               help="horizontal: probability that the digit moves left (default 0.5).")
+    p_change: float | None = opt(None, "--p-change", panel="input",
+                                 help="moving-mnist: probability that the velocity is redrawn before each move "
+                                      "(default 0: constant velocity).")
+    num_digits: int | None = opt(None, "--num-digits", panel="input",
+                                 help="moving-mnist: 1 (default) or 2 digits moving independently.")
+    data_seed: int | None = opt(None, "--data-seed", panel="input",
+                                help="Sequence sets: seed of the generated motions (default 0).")
+    preview: int = opt(0, "--preview", panel="output",
+                       help="Write OUT/preview.png with this many example sequences (context | next frame | every "
+                            "allowed future) and exit without training.")
+
+
+@dataclass
+class TrainJob:
+    """What `diffcli train` does: train `config` (at `precision`, None: the run's own), or with `preview` > 0 only
+    write that many example sequences."""
+    config: TrainConfig
+    precision: str | None = None
+    preview: int = 0
 
 
 def ema_beta(cfg: TrainConfig, step: int) -> float:
@@ -111,6 +178,18 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 PROCESSES = ("edm", "blurring")
+
+
+def given_process_options(cfg: TrainConfig) -> TrainConfig:
+    """Refuse a process option of the other process (only given ones: None means not given), then fill in the
+    defaults: what `train` and `write_preview` run and record."""
+    if cfg.blur_sigma_max is not None and cfg.process != "blurring":
+        raise DiffcliError("--blur-sigma-max is a --process blurring option")
+    if (cfg.p_mean is not None or cfg.p_std is not None) and cfg.process != "edm":
+        raise DiffcliError("--p-mean and --p-std are --process edm options")
+    return replace(cfg, blur_sigma_max=BLUR_SIGMA_MAX if cfg.blur_sigma_max is None else cfg.blur_sigma_max,
+                   p_mean=P_MEAN if cfg.p_mean is None else cfg.p_mean,
+                   p_std=P_STD if cfg.p_std is None else cfg.p_std)
 
 
 def make_loss(cfg: TrainConfig) -> EDMLoss | BlurringLoss:
@@ -189,6 +268,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, overwrite: bool = F
 
     `precision` (fp32/bf16) overrides the config's, also on resume; None keeps the run's own.
     """
+    cfg = given_process_options(cfg)
     dist = Dist(device_name)
     try:
         return _train(cfg, out, resume, overwrite, dist, quiet, options or {}, precision)
@@ -211,19 +291,12 @@ def _validate(cfg: TrainConfig) -> None:
             raise DiffcliError(f"the training config's {name} must be a JSON object, got {getattr(cfg, name)!r}")
     if not isinstance(cfg.conditional, bool):
         raise DiffcliError(f"the training config's conditional must be true or false, got {cfg.conditional!r}")
-    count("steps", cfg.steps, 1, TRAIN_STEPS_MAX)
-    count("batch", cfg.batch, 1, BATCH_MAX)
-    finite("p_uncond", cfg.p_uncond, high=1.0)
-    finite("lr", cfg.lr, above=True)  # a diverging lr is caught by the loss check (the last good checkpoint stays)
-    count("lr_warmup", cfg.lr_warmup, 0, TRAIN_STEPS_MAX)
-    finite("ema_halflife_kimg", cfg.ema_halflife_kimg)
+    # a diverging lr is caught by the loss check (the last good checkpoint stays)
+    check_fields(cfg, ["steps", "batch", "p_uncond", "lr", "lr_warmup", "ema_halflife_kimg"])
     finite("ema_rampup", cfg.ema_rampup, high=1.0)
-    finite("p_mean", cfg.p_mean, low=-10.0, high=10.0)  # ln(sigma): e^-10 .. e^10 covers any noise range
-    finite("p_std", cfg.p_std, above=True, high=10.0)
-    check_seed("seed", cfg.seed, high=TRAIN_SEED_MAX)
-    for name in ("ckpt_every", "snapshot_every", "grid_every", "log_every"):
-        count(name, getattr(cfg, name), 0, TRAIN_STEPS_MAX)
-    count("image_size", cfg.image_size, 1, SIDE_MAX)
+    # p_mean: ln(sigma): e^-10 .. e^10 covers any noise range
+    check_fields(cfg, ["p_mean", "p_std", "seed", "ckpt_every", "snapshot_every", "grid_every", "log_every",
+                       "image_size"])
     if cfg.image_size is not None:
         check_image_size(cfg.image_size, cfg.image_size, ("--image-size", "--image-size"))
     if cfg.channels is not None and (cfg.channels not in (1, 3) or isinstance(cfg.channels, bool)):
@@ -233,7 +306,7 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.process not in PROCESSES:
         raise DiffcliError(f"unknown --process {cfg.process!r}; choose one of {', '.join(PROCESSES)}")
     check_blur_sigma(cfg.blur_sigma_max)
-    finite("blur_sigma_max", cfg.blur_sigma_max, high=SIGMA_LIMIT)
+    check_fields(cfg, ["blur_sigma_max"])
     if cfg.net not in PRESETS:
         raise DiffcliError(f"unknown --net {cfg.net!r}; choose one of {', '.join(PRESETS)}")
     _validate_overrides(cfg)
@@ -483,6 +556,7 @@ def write_preview(cfg: TrainConfig, out: str | Path, n: int, overwrite: bool = F
     """`diffcli train --preview N`: N example sequences of the configured dataset as OUT/preview.png, one
     row each (context | next frame | every allowed future); other datasets: a grid of their first images."""
     count("preview", n, 1, PREVIEW_MAX)
+    cfg = given_process_options(cfg)
     _validate(cfg)
     ds = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.image_size, cfg.channels, cfg.sequence)
     folder = prepare_out_dir(out, overwrite)
@@ -498,3 +572,60 @@ def write_preview(cfg: TrainConfig, out: str | Path, n: int, overwrite: bool = F
         rows.append([to_model_range(it.context[:, None]), to_model_range(it.target[None]), to_model_range(it.futures)])
     save_image(path, strip(rows))
     return path
+
+
+# ---------------------------------------------------------------- the command
+
+def build(values: dict[str, Any]) -> TrainJob:
+    """The command line's values -> what train does: --block-channels parsed into net_overrides, the sequence
+    options given into `sequence` (--data-seed as its seed)."""
+    args = {name: values.pop(name) for name in [f for f in TrainArgs.__dataclass_fields__]}
+    overrides = {}
+    if args["block_channels"]:
+        try:
+            overrides["block_out_channels"] = [int(c) for c in args["block_channels"].split(",")]
+        except ValueError:
+            raise DiffcliError(f"--block-channels expects comma-separated integers, got {args['block_channels']!r}"
+                               ) from None
+    given = {"context_frames": args["context_frames"], "step_size": args["step_size"],
+             "directions": args["directions"], "p_left": args["p_left"], "seed": args["data_seed"],
+             "p_change": args["p_change"], "num_digits": args["num_digits"]}
+    cfg = TrainConfig(**values, net_overrides=overrides, sequence={k: v for k, v in given.items() if v is not None})
+    return TrainJob(cfg, args["precision"], args["preview"])
+
+
+def validate(job: TrainJob | TrainConfig) -> None:
+    """Every option checked before any data is read or any file written."""
+    cfg = job.config if isinstance(job, TrainJob) else job
+    _validate(given_process_options(cfg))
+
+
+def main(job: TrainJob, ctx: RunContext) -> dict[str, Any] | Path:
+    """`diffcli train`: train (or write the preview) and say where the model is."""
+    if job.preview:
+        path = write_preview(job.config, ctx.out, job.preview, ctx.overwrite)
+        ctx.echo(f"wrote {path}")
+        return path
+    result = train(job.config, ctx.out, resume=ctx.resume, overwrite=ctx.overwrite, device_name=ctx.device,
+                   quiet=ctx.quiet, options={"out": str(ctx.out), "resume": ctx.resume, "device": ctx.device},
+                   precision=job.precision)
+    if not ctx.quiet:
+        ctx.echo(f"trained to step {result['step']} (loss {result['loss']:.4f}); model: "
+                 f"{Path(result['out']) / 'model.safetensors'}")
+    return result
+
+
+COMMAND = Command(
+    "train", TrainConfig, validate, main, build=build, cli=TrainArgs,
+    context={"out": {"default": Path("runs/edm"), "help": "Run folder: checkpoints, grids, log, run.json."},
+             "resume": {"help": "Continue the run in --out exactly where it stopped."},
+             "overwrite": {"help": "Replace an existing run in --out."},
+             "device": {}, "quiet": {}},
+    help="""Train a model: EDM (class-conditional with label dropout, unconditional, or next-frame) or blurring diffusion.
+
+    Example: diffcli train --dataset mnist --data-root data --steps 8000 --out runs/mnist
+
+    Blurring diffusion: diffcli train --process blurring --blur-sigma-max 20 --out runs/blur
+
+    Example: diffcli train --dataset circle-jumping --data-root data --split test --directions 4 --preview 8 --out preview
+    """)

@@ -58,7 +58,6 @@ def invoke_cli(args, capsys) -> tuple[int, str, str]:
     capsys.readouterr()
     argv = sys.argv
     sys.argv = ["diffcli", *map(str, args)]
-    cli._state["debug"] = False
     try:
         cli.run()
         code = 0
@@ -78,7 +77,6 @@ def call_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     out, err = io.StringIO(), io.StringIO()
     argv = sys.argv
     sys.argv = ["diffcli", *map(str, args)]
-    cli._state["debug"] = False
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             cli.run()

@@ -5,7 +5,6 @@ refused command leaves --out as it found it. All in-process (conftest.invoke_cli
 from __future__ import annotations
 
 import errno
-import inspect
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from diffcli import cli
+from diffcli.cliopts import parameters
 from diffcli.shared import checkpoints, files, images, limits
 from diffcli.shared.errors import DiffcliError
 
@@ -53,9 +53,9 @@ def refused(args: list, fragment: str, capsys, watched: list[Path] = (), out: Pa
 
 def numeric_options(command: str) -> list[tuple[str, str]]:
     """(flag, 'int' | 'float') of each numeric option, read from the CLI itself: a new option is swept too."""
-    fn = cli.eval_ if command == "eval" else getattr(cli, command)
     found = []
-    for name, p in inspect.signature(fn, eval_str=True).parameters.items():
+    for p in parameters(cli.COMMANDS[command])[0]:
+        name = p.name
         args = [a for a in typing.get_args(p.annotation) if a is not type(None)]
         base = args[0] if args else p.annotation
         if base in (int, float) and hasattr(p.default, "param_decls"):

@@ -1,6 +1,8 @@
 """Run records."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 import datetime as _dt
@@ -9,7 +11,7 @@ import stat
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -31,14 +33,29 @@ def versions() -> dict[str, str]:
     return {"python": platform.python_version(), **package_versions(("diffcli", "torch", "diffusers", "transformers"))}
 
 
+_RECORDED: contextvars.ContextVar[tuple[list[str], str | None] | None] = contextvars.ContextVar("recorded", default=None)
+
+
+@contextlib.contextmanager
+def recording(argv: list[str] | None, cwd: str | None = None) -> Iterator[None]:
+    """Run records written inside note `argv` (and `cwd`) instead of this process's own: a command run by sweep or
+    rerun records the command line that reproduces it (runner.RunContext.argv)."""
+    token = _RECORDED.set(None if argv is None else (list(argv), cwd))
+    try:
+        yield
+    finally:
+        _RECORDED.reset(token)
+
+
 def write_run_json(out_dir: Path, command: str, options: dict[str, Any], device: torch.device | str,
                    record_path: Path | None = None, **extra: Any) -> None:
     """Record what produced a folder: argv, every option, versions, device and time; in OUT/run.json, or at
     `record_path` (panorama and anagram: OUT.run.json beside the folder, see `beside`)."""
+    recorded = _RECORDED.get()
     record = {
         "command": command,
-        "argv": sys.argv,
-        "cwd": os.getcwd(),  # where relative paths in argv were meant (diffcli rerun)
+        "argv": recorded[0] if recorded else sys.argv,
+        "cwd": (recorded[1] if recorded else None) or os.getcwd(),  # where relative paths in argv were meant (diffcli rerun)
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()},
         "versions": versions(),
         "device": str(device),
