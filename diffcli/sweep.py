@@ -129,7 +129,7 @@ def setting_argv(cfg: SweepConfig, options: dict[str, str], setting: dict[str, s
 
 def score(folder: Path, command: str, scores: dict[str, str | None], features: str) -> dict[str, float]:
     """The numbers `diffcli eval` writes for one setting's folder, flattened to name -> value."""
-    from .eval import EvalConfig, run as run_eval, scores_of
+    from .evaluation import EvalConfig, run as run_eval, scores_of
     if not scores:
         return {}
     ecfg = EvalConfig(folder=str(folder), app=CLIP_APPS.get(command) if "clip" in scores else None,
