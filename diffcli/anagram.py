@@ -9,7 +9,6 @@ into each view, and `OUT.run.json` the run record.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,12 +25,11 @@ from .shared.names import check_file_names, safe_name, unique_stems
 from .shared.images import save_gif, save_grid, save_image
 from .shared.dist import Dist
 from .shared.tasks import Task, run_tasks
-from .core.guidance import stack
 from .shared.limits import BATCH_MAX, FRAMES_MAX, SCALE_MAX, SIDE_MAX, STEPS_MAX, check_image_size, count
 from .shared.fields import check_fields, opt, redefault
 from .runner import Command, RunContext, generating
 from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_pipeline_steps,
-                      check_sampling, record as options_record, seg_layers, seg_of)
+                      check_sampling, guidance_of, record as options_record, seg_layers)
 from .core.sync import CASES, NOISES, rows_of, sample_views
 from .data.prompt_files import key_line, resolve_prompts_file
 from .core.views import VIEWS, ViewOptions, ViewSet, frame, make_view
@@ -185,10 +183,10 @@ def synced_sample(family, base, cond: dict[str, Any], uncond: dict[str, Any], sc
                   sigmas: torch.Tensor, rng: PerSampleRandn, cfg: AnagramConfig, on_step=None) -> torch.Tensor:
     """Final instance stack (V, C, H, W) of one synchronized run of one stage (our x = x0 + sigma n form): every
     view runs the guidance stack (CFG at `scale`, SEG with `--blur`) on its own prompt's rows."""
-    seg = seg_of(cfg, check_guidance(cfg)[0] if cfg.seg_on else None)
-    make = lambda a, b: stack(base, scale, rows_of(cond, a, b), rows_of(uncond, a, b), sigmas, seg=seg,  # noqa: E731
-                              limit=family.limit)
-    with seg.installed(family.attention) if seg else contextlib.nullcontext():
+    guidance = guidance_of(cfg, scale)
+    make = lambda a, b: guidance.denoiser(base, rows_of(cond, a, b), rows_of(uncond, a, b), sigmas,  # noqa: E731
+                                          limit=family.limit)
+    with guidance.installed(family.attention):
         return sample_views(make, views, sigmas, lambda shape: rng.randn(shape)[0], views.canvas,
                             sampler=cfg.sampler, case=cfg.sync, noise=cfg.noise, view_batch=cfg.view_batch,
                             knobs=cfg.knobs(), callback=on_step)

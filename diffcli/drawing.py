@@ -3,13 +3,12 @@ both commands.
 
 `core.draw` is the loop itself (tensors in, tensors out); this module stands at the options layer because it
 turns the option groups into that loop's settings: the model's defaults for --sampler/--steps and the refusals
-(`resolve`), labels against the model's classes, the guidance (`options.seg_of` / `pg_of`), the PG kernel (the
+(`resolve`), labels against the model's classes, the guidance (`options.guidance_of`), the PG kernel (the
 classifier kernel loads the digit classifier: `digit_kernel`), a next-frame model's contexts. It never writes a
 file: the commands do.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -24,7 +23,7 @@ from .core.particles import KernelGrad, classifier_features, make_kernel, poster
 from .core.samplers import SAMPLERS
 from .data import sequences as sq
 from .data.contexts import resolve_contexts
-from .options import GuidanceOptions, SamplingOptions, check_guidance, pg_of, seg_of
+from .options import GuidanceOptions, SamplingOptions, guidance_of
 from .shared.errors import DiffcliError
 
 
@@ -152,16 +151,18 @@ def sample_batches(model, meta: dict[str, Any], cfg: DrawOptions, device: torch.
     if bool(meta.get("context_frames")) != (context is not None):
         raise DiffcliError("a next-frame model needs a context and other models take none")
     indices = list(range(cfg.n)) if indices is None else list(indices)
-    seg = seg_of(cfg, check_guidance(cfg)[0] if cfg.seg_on else None)  # resolve() refused both for blurring
-    pg = pg_of(cfg, kernel or digit_kernel(cfg, device, meta=meta), classes=meta["num_classes"])
+    # resolve() refused SEG and PG for blurring models; CFG applies only where there are labels
+    guidance = guidance_of(cfg, 1.0 if cfg.cfg is None or labels is None else cfg.cfg,
+                           kernel=digit_kernel(cfg, device, meta=meta) if kernel is None else kernel,
+                           classes=meta["num_classes"])
     edm = meta["kind"] != "blurring"
-    with seg.installed(DiffcliModel(model, meta).attention) if seg else contextlib.nullcontext():
+    with guidance.installed(DiffcliModel(model, meta).attention):
         yield from draw_batches(
             model, meta, indices, device, sampler=cfg.sampler, steps=cfg.steps,
             sigma_min=(cfg.sigma_min or meta["sigma_min"]) if edm else None,
             sigma_max=(cfg.sigma_max or meta["sigma_max"]) if edm else None, rho=cfg.rho, knobs=cfg.knobs(),
             seed=cfg.seed, batch_size=cfg.batch_size, labels=labels,
-            scale=1.0 if cfg.cfg is None or labels is None else cfg.cfg, seg=seg, pg=pg,
+            guidance=guidance,
             trajectory=cfg.strip or cfg.gif, clip_denoised=cfg.clip_denoised, on_step=on_step, context=context)
 
 

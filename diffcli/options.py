@@ -223,5 +223,8 @@ def pg_of(opts: GuidanceOptions, kernel: tuple[KernelGrad, bool] | None, sigma_d
 def guidance_of(opts: GuidanceOptions, cfg: float, blur: Blur | None = None,
                 kernel: tuple[KernelGrad, bool] | None = None, sigma_data: float = 0.5, classes: int = 0) -> Guidance:
     """The one place a command's options become its guidance terms: CFG at scale `cfg` (the command's default
-    already applied), SEG with one parsed `blur` (`seg_of`), PG with its `kernel` (`pg_of`)."""
+    already applied), SEG (`seg_of`) with `blur`, default the options' one blur, and PG (`pg_of`) with its
+    `kernel`. Every generating command and `drawing` build their guidance here."""
+    if blur is None and opts.seg_on:
+        blur = check_guidance(opts)[0]
     return Guidance(cfg, seg_of(opts, blur), pg_of(opts, kernel, sigma_data, classes))

@@ -8,7 +8,6 @@ holds only those images (the grader opens every entry with PIL): the run record 
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -24,12 +23,11 @@ from .shared.records import run_record_path, write_run_json
 from .shared.images import save_image
 from .shared.dist import Dist
 from .shared.tasks import Task, run_tasks
-from .core.guidance import stack
 from .shared.limits import BATCH_MAX, SIDE_MAX, check_image_size
 from .shared.fields import check_fields, opt, redefault
 from .runner import Command, RunContext, generating
 from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_pipeline_steps,
-                      check_sampling, record as options_record, seg_layers, seg_of)
+                      check_sampling, guidance_of, record as options_record, seg_layers)
 from .core.sync import CASES, NOISES, rows_of, sample_views
 from .data.prompt_files import key_line, resolve_prompts_file
 from .core.views import ViewSet, windows
@@ -226,11 +224,11 @@ def generate(pipe, p: Plan, prompt: str, cfg: PanoramaConfig, device: torch.devi
     sigmas = family.sigmas(cfg.steps, device, cfg.schedule or "scheduler")
     size = p.window * p.scale
     cond, uncond = family.encode_prompts([prompt], cfg.negative_prompt, size, size, device)
-    base, seg = family.denoiser(), seg_of(cfg, check_guidance(cfg)[0] if cfg.seg_on else None)
-    make = lambda a, b: stack(base, cfg.cfg, rows_of(cond, a, b), rows_of(uncond, a, b), sigmas, seg=seg,  # noqa: E731
-                              limit=family.limit)
+    base, guidance = family.denoiser(), guidance_of(cfg, cfg.cfg)
+    make = lambda a, b: guidance.denoiser(base, rows_of(cond, a, b), rows_of(uncond, a, b), sigmas,  # noqa: E731
+                                          limit=family.limit)
     rng = PerSampleRandn([cfg.seed], device)
-    with seg.installed(family.attention) if seg else contextlib.nullcontext():
+    with guidance.installed(family.attention):
         w = sample_views(make, p.views, sigmas, lambda shape: rng.randn(shape)[0], (p.latent[0], p.window, p.window),
                          sampler=cfg.sampler, case=cfg.sync, noise=cfg.noise, view_batch=cfg.view_batch,
                          knobs=cfg.knobs(), callback=on_step)

@@ -5,7 +5,6 @@ of `diffcli.core.samplers`; this module only picks the kernel, the model family 
 """
 from __future__ import annotations
 
-import contextlib
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,12 +26,11 @@ from .data import sequences as sq
 from .backends.classifier import SHIPPED_CLASSIFIER, classify, load_classifier, load_digits
 from .core.denoisers import ve_to_vp
 from .core.metrics import digit_record, mean_pairwise_cosine, pca_2d
-from .core.guidance import stack
 from .shared.limits import BATCH_MAX, SIDE_MAX, check_image_size, seed as check_seed
 from .shared.fields import check_fields, opt, redefault
 from .runner import Command, RunContext, generating
 from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_pipeline_steps,
-                      check_sampling, group_fields, pg_of, record as options_record, seg_layers, seg_of)
+                      check_sampling, group_fields, guidance_of, record as options_record, seg_layers)
 from .core.particles import KernelGrad
 from .drawing import (GRID_MAX, DrawOptions, digit_kernel, model_contexts, parse_labels, sample_images, sample_names,
                       samples_record, sequence_pictures)
@@ -206,12 +204,12 @@ def sample_pipeline(pipe, cfg: PGConfig, factor: float, device: torch.device,
     height, width = pipeline_size(family, cfg)
     cond, uncond = family.encode_prompts([cfg.prompt] * cfg.n, cfg.negative_prompt, height, width, device)
     opts = replace(cfg, pg_factor=factor)
-    seg = seg_of(cfg, check_guidance(cfg)[0] if cfg.seg_on else None)
-    denoiser = stack(family.denoiser(), DEFAULT_CFG["pipeline"] if cfg.cfg is None else cfg.cfg, cond, uncond,
-                     sigmas, seg=seg, pg=pg_of(opts, kernel, family.sigma_data))
+    guidance = guidance_of(opts, DEFAULT_CFG["pipeline"] if cfg.cfg is None else cfg.cfg, kernel=kernel,
+                           sigma_data=family.sigma_data)
+    denoiser = guidance.denoiser(family.denoiser(), cond, uncond, sigmas)
     rng = PerSampleRandn([cfg.seed + i for i in range(cfg.n)], device)
     x = family.initial_latents(rng, family.latent_shape(height, width), sigmas[0])
-    with seg.installed(family.attention) if seg else contextlib.nullcontext():
+    with guidance.installed(family.attention):
         x = run_sampler(cfg.sampler, denoiser, x, sigmas, callback=(lambda info: on_step(1)) if on_step else None,
                         noise=rng, **cfg.knobs())
     return family.decode(x, sigmas[-1]), ve_to_vp(x, sigmas[-1]).float().cpu()

@@ -25,13 +25,13 @@ from .shared.images import load_images, save_grid, save_image
 from .shared.records import write_run_json
 from .shared.dist import Dist
 from .shared.tasks import Done, Task, run_tasks
-from .core.guidance import Seg, guided_steps, stack, step_index
+from .core.guidance import Guidance, guided_steps, step_index
 from .shared.limits import BATCH_MAX, N_MAX, SIDE_MAX, check_image_size
 from .shared.fields import check_fields, opt, redefault
 from .shared.names import read_prompts_file
 from .runner import Command, RunContext, generating
 from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_pipeline_steps,
-                      check_sampling, pg_of, record as options_record, seg_of, split_list)
+                      check_sampling, guidance_of, record as options_record, split_list)
 from .core.query_blur import Blur
 from .core.samplers import run_sampler
 
@@ -106,13 +106,13 @@ def validate(cfg: SegConfig) -> list[Blur]:
 # ---------------------------------------------------------------- sampling
 
 @torch.no_grad()
-def sample(pipe, cond: dict[str, Any], uncond: dict[str, Any], seeds: list[int], cfg: SegConfig, seg: Seg | None,
+def sample(pipe, cond: dict[str, Any], uncond: dict[str, Any], seeds: list[int], cfg: SegConfig, guidance: Guidance,
            sigmas: torch.Tensor, device: torch.device, callback=None) -> torch.Tensor:
-    """One batch of images (N, 3, H, W) in [-1, 1] for one prompt's encodings; sample i starts from seeds[i]."""
+    """One batch of images (N, 3, H, W) in [-1, 1] for one prompt's encodings under `guidance` (its terms
+    installed by the caller); sample i starts from seeds[i]."""
     family = pipelines.pipeline_family(pipe)
     height, width = size(family, cfg)
-    model = stack(family.denoiser(), cfg.cfg, cond, uncond, sigmas, seg=seg,
-                  pg=pg_of(cfg, pipelines.pipeline_kernel(family, cfg), family.sigma_data))
+    model = guidance.denoiser(family.denoiser(), cond, uncond, sigmas)
     rng = PerSampleRandn(seeds, device)
     x = family.initial_latents(rng, family.latent_shape(height, width), sigmas[0])
     x = run_sampler(cfg.sampler, model, x, sigmas, callback=callback, noise=rng, **cfg.knobs())
@@ -187,11 +187,12 @@ def _run(cfg: SegConfig, blurs: list[Blur], out: Path, overwrite: bool, resume: 
     sigmas = family.sigmas(cfg.steps, device, cfg.schedule or "scheduler")
     guided = guided_steps(sigmas, split_list(cfg.regions), cfg.sigma_start, cfg.sigma_end) if perturbed else []
     seeds = [cfg.seed + i for i in range(cfg.n)]
-    segs = {spec_of(b): seg_of(cfg, b) for b in blurs}
-    state = next((g.state for g in segs.values() if g is not None), attention.SegState())
-    for g in segs.values():
-        if g is not None:
-            g.state = state  # one set of processors serves every blur
+    kernel = pipelines.pipeline_kernel(family, cfg)
+    guides = {spec_of(b): guidance_of(cfg, cfg.cfg, b, kernel, family.sigma_data) for b in blurs}
+    state = next((g.seg.state for g in guides.values() if g.seg is not None), attention.SegState())
+    for g in guides.values():
+        if g.seg is not None:
+            g.seg.state = state  # one set of processors serves every blur
     folders = {spec_of(b): out if len(blurs) == 1 else out / blur_folder(b) for b in blurs}
     if resume and len(blurs) > 1:  # the per-blur folders are ours too: clear their killed writers' temp files
         dist.main_first(lambda: clear_temp_files(*folders.values()))
@@ -206,7 +207,7 @@ def _run(cfg: SegConfig, blurs: list[Blur], out: Path, overwrite: bool, resume: 
             prompt, stem = task.item
             cond, uncond = family.encode_prompts([prompt] * cfg.n, cfg.negative_prompt, height, width, device)
             for blur in blurs:  # same prompt encodings and seeds for every blur
-                batch = sample(family, cond, uncond, seeds, cfg, segs[spec_of(blur)], sigmas, device,
+                batch = sample(family, cond, uncond, seeds, cfg, guides[spec_of(blur)], sigmas, device,
                                callback=lambda info: advance(1))
                 yield from ((path, save_image, image) for image, path in zip(batch, names(stem, blur)))
                 if recorder is not None:

@@ -14,6 +14,7 @@ from diffcli import options, seg
 from diffcli.shared.errors import DiffcliError
 from diffcli.backends.models import load_model
 from diffcli.panorama import PanoramaConfig, generate, plan, validate
+from diffcli.core.guidance import Guidance
 from diffcli.core.query_blur import parse_blur
 from diffcli.drawing import sample_images
 from diffcli.sample import SampleConfig
@@ -71,7 +72,7 @@ def test_seg_in_a_one_window_panorama_is_diffcli_seg(sd):
     g = options.seg_of(cfg, parse_blur(blur))
     cond, uncond = pipelines.encode_prompts(sd, ["a beach"], None, 16, 16, CPU)
     with g.installed(sd.unet):
-        alone = seg.sample(sd, cond, uncond, [5], cfg, g, pipelines.sigmas(sd, 3, CPU), CPU)
+        alone = seg.sample(sd, cond, uncond, [5], cfg, Guidance(4.0, g), pipelines.sigmas(sd, 3, CPU), CPU)
     torch.testing.assert_close(image, alone[0], atol=1e-5, rtol=0)
 
 

@@ -158,7 +158,7 @@ def test_regions_count_the_perturbed_passes(sd, regions, w, expected, monkeypatc
     sigmas = pipelines.sigmas(sd, 6, CPU)
     g = guidance.Seg(3.0, parse_blur("gaussian_-1_2"), ["mid"], regions)
     with g.installed(sd.unet):
-        images = seg.sample(sd, *encodings(sd), [0, 1], cfg, g, sigmas, CPU)
+        images = seg.sample(sd, *encodings(sd), [0, 1], cfg, guidance.Guidance(w, g), sigmas, CPU)
     assert batches == expected and images.shape == (2, 3, 16, 16)
 
 

@@ -11,20 +11,20 @@ import torch
 
 from ..shared.devices import PerSampleRandn
 from .blurring import get_ts, sample_blurring, schedule_of
-from .guidance import PG, Seg, stack
+from .guidance import Guidance
 from .samplers import get_sigmas_karras, run_sampler
 
 
 def draw_batches(model, meta: dict[str, Any], indices: Sequence[int], device: torch.device, *,
                  sampler: str | None, steps: int, sigma_min: float | None, sigma_max: float | None, rho: float,
-                 knobs: dict[str, Any], seed: int, batch_size: int, labels: list[int] | None, scale: float, seg: Seg | None, pg: PG | None,
+                 knobs: dict[str, Any], seed: int, batch_size: int, labels: list[int] | None, guidance: Guidance,
                  trajectory: bool = False, clip_denoised: bool = False,
                  on_step: Callable[[int], None] | None = None, context: torch.Tensor | None = None,
                  ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
     """Yields (sample indices, images (B,C,H,W) in [-1,1], trajectory or None) per batch (`batches`).
 
     Sample i starts from seed + i (its initial and per-step noise) with label labels[i] (None: unconditional);
-    `scale` is the CFG scale against the model's null label. An EDM model (meta kind "edm") runs `sampler` on
+    `guidance` holds the run's terms (CFG against the model's null label, SEG, PG). An EDM model (meta kind "edm") runs `sampler` on
     Karras sigmas [sigma_max .. sigma_min] (rho, `knobs`), a blurring one its own reverse process in `steps`.
     With `trajectory`, the batch that holds index 0 also yields (rows, steps, C, H, W) for its first 8 samples:
     x0_hat after each step then the final image (blurring: z_t from t = 1 to 0). `context`: a next-frame model's
@@ -38,7 +38,7 @@ def draw_batches(model, meta: dict[str, Any], indices: Sequence[int], device: to
         start_scale = sigmas[0]
     shape = (meta["channels"], meta["image_size"], meta["image_size"])
     group = net_group(device)
-    for idx in batches(indices, batch_size, None if pg else group):
+    for idx in batches(indices, batch_size, None if guidance.pg else group):
         rng = PerSampleRandn([seed + i for i in idx], device)
         x = rng.randn(shape) * start_scale
         cond = {} if context is None else {"context": context.to(device).expand(len(idx), *context.shape)}
@@ -48,7 +48,7 @@ def draw_batches(model, meta: dict[str, Any], indices: Sequence[int], device: to
             y = torch.tensor([labels[i] for i in idx], device=device)
             both = ({"class_labels": y, **cond}, {"class_labels": torch.full_like(y, model.null_label), **cond})
         net = fixed_groups(model, idx, group)
-        denoiser = stack(net, scale, *both, None if blurring else sigmas, seg=seg, pg=pg)
+        denoiser = guidance.denoiser(net, *both, None if blurring else sigmas)
         keep = trajectory and 0 in idx
         # blurring: the state z_t itself, from the noise at t = 1 (x0_hat would divide by d_t ~ 0.001)
         frames: list[torch.Tensor] = [x[:8].clamp(-1, 1).cpu()] if blurring and keep else []
