@@ -24,9 +24,9 @@ import torch
 
 from .core import attention
 from .core.guidance import PG, REGIONS, Guidance, Seg
-from .core.particles import DIGIT_KERNELS, KERNELS, PG_GRADS, PIPELINE_KERNELS, KernelGrad
+from .core.particles import DIGIT_KERNELS, KERNELS, PG_GRADS, PIPELINE_KERNELS, KernelGrad, describe as describe_kernels
 from .core.query_blur import SPEC_FORMS, Blur, parse_blur
-from .core.samplers import SAMPLERS, SCHEDULES, SamplerKnobs
+from .core.samplers import SAMPLERS, SCHEDULES, SamplerKnobs, describe as describe_samplers, describe_schedules
 from .shared.errors import DiffcliError
 from .shared.fields import check_fields, opt
 from .shared.limits import RHO_MAX, SCALE_MAX, STEPS_MAX, count
@@ -68,13 +68,7 @@ class GuidanceOptions:
                            help="PG: lambda in dx/dsigma = (x - D)/sigma + lambda sigma grad_x sum_j k(x_i, x_j) over "
                                 "the batch; > 0 repels, 0 = off.")
     kernel: str = opt("rbf", "--kernel", panel="guidance", choices=tuple(KERNELS),
-                      help="PG kernel, an RBF on: rbf the sample x itself (pixels, or a pipeline's latent); x0 the "
-                           "denoiser's x0_hat; classifier the digit classifier's 128-d features of x0_hat (digit "
-                           "models); clip CLIP image features of the decoded x0_hat (pipelines). posterior: the chance "
-                           "two particles share a class, from the model's own class-conditional denoisers "
-                           "(class-conditional digit models, unconditional sampling; every class a pass inside the PG "
-                           "sigma window). centroid: where the ink of x0_hat is (next-frame models: the digit's "
-                           "position).")
+                      help=f"PG kernel. {describe_kernels()}.")
     # kernels on x0_hat: through the network (exact) or c_skip I (skip)
     pg_grad: str = opt("exact", "--pg-grad", panel="guidance", choices=tuple(PG_GRADS),
                        help="PG kernels on x0_hat (x0, classifier, clip): exact = the gradient through the network "
@@ -114,18 +108,15 @@ class SamplingOptions(SamplerKnobs):
     s_churn: float = _knob("s_churn", high=SCALE_MAX, help="stochastic_heun: EDM S_churn.")
     s_tmin: float = _knob("s_tmin", high=SCALE_MAX, help="stochastic_heun: EDM S_tmin.")
     s_tmax: float = _knob("s_tmax", allow_inf=True, help="stochastic_heun: EDM S_tmax.")
-    s_noise: float = _knob("s_noise", high=SCALE_MAX, help="stochastic_heun, euler_ancestral: noise scale S_noise.")
+    s_noise: float = _knob("s_noise", high=SCALE_MAX, help="stochastic_heun: noise scale S_noise (euler_ancestral keeps 1).")
     eta: float | None = _knob("eta", high=SCALE_MAX,
                               help="ddim: 0 deterministic (default), 1 ancestral; euler_ancestral: default 1.")
-    sampler: str | None = opt(None, "--sampler", panel="sampling",
-                              help=f"{', '.join(SAMPLERS)} (dpmpp_2m: DPM-Solver++(2M)). On a pipeline's own sigmas "
-                                   "euler is DDIM.")
+    sampler: str | None = opt(None, "--sampler", panel="sampling", help=f"{describe_samplers()}.")
     steps: int | None = opt(None, "--steps", panel="sampling", check="count", low=1, high=STEPS_MAX,
                             help="Sampling steps (heun: 2*steps-1 network evaluations).")
     # pipelines: scheduler (its own timesteps, the default) or karras
     schedule: str | None = opt(None, "--schedule", panel="sampling", choices=tuple(SCHEDULES),
-                               help="Pipelines: the noise levels: scheduler (its own timesteps, default) or karras "
-                                    "(in its sigma range).")
+                               help=f"Pipelines: the noise levels. {describe_schedules()}.")
     rho: float = opt(7.0, "--rho", panel="sampling", check="finite", above=True, high=RHO_MAX,
                      help="Karras schedule exponent.")
 

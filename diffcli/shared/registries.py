@@ -11,8 +11,9 @@ from typing import Any, Callable, Mapping
 
 def describe(registry: Mapping[str, Any], note: Callable[[Any], str] | None = None) -> str:
     """The choices with their help lines, in the registry's order: "euler: Euler on the ODE; heun: ...";
-    `note` adds a fact of each record in brackets ("rbf: an RBF on x [digit models and pipelines]")."""
-    return "; ".join(f"{name}: {entry.description}" + (f" [{note(entry)}]" if note else "")
+    `note` adds a fact of each record ("rbf: an RBF on x, for digit models and pipelines"; no square brackets,
+    which the CLI's rich help would take for markup)."""
+    return "; ".join(f"{name}: {entry.description}" + (f", for {note(entry)}" if note else "")
                      for name, entry in registry.items())
 
 
