@@ -1,5 +1,5 @@
 """Untrusted numbers, sizes and files (docs/trust.md, "Limits"): every numeric option of every command is checked in
-one place (diffcli/options.py: `finite`, `count`, `seed`, `check_image_size`, the limits), bombs are refused before
+one place (diffcli/shared/limits.py: `finite`, `count`, `seed`, `check_image_size`, the limits), bombs are refused before
 anything is allocated, malformed checkpoints, run records, CLIP configs and environments are one-line errors, and a
 refused command leaves --out as it found it. All in-process (conftest.invoke_cli), no model work before a refusal."""
 from __future__ import annotations
