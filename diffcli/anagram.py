@@ -296,7 +296,7 @@ def _run(cfg: AnagramConfig, jobs: list, out: Path, overwrite: bool, resume: boo
     """Prompt pairs are jobs: torchrun ranks take every world-th one, --resume skips those already written."""
     device = dist.device
     dtype = pick_dtype(cfg.dtype, device)
-    record_file, anim = run_record_path(out, "anagram"), beside(out, ANIMATIONS_BESIDE)  # OUT holds only the views
+    record_file, anim = run_record_path(out, COMMAND.record_beside), beside(out, ANIMATIONS_BESIDE)  # OUT holds only the views
     if cfg.height or cfg.width:  # bad view/size pairs fail before loading
         build_views(cfg, cfg.height or cfg.width, cfg.width or cfg.height)
     pipe, sr_pipe = load(cfg, device, dtype)
@@ -365,6 +365,7 @@ COMMAND = Command(
                        "skipped.",
                        "Output folder: only the view images (the 003 ambiguous_images layout, gradable as written); "
                        "OUT.run.json and OUT.animations/ go beside it."),
+    record_beside=True,
     help="""Visual anagrams: one image that shows each prompt under its view, by synchronized DeepFloyd IF.
 
     Example: diffcli anagram "an oil painting of a horse" "an oil painting of a snowy mountain village" --views identity rotate_cw --out ambiguous_images

@@ -138,6 +138,10 @@ class Commands:
     def __init__(self, debug: bool = False) -> None:
         self.debug = debug
 
+    def record_beside(self, command: str) -> bool:
+        """Does the command keep its run record beside its output folder (`Command.record_beside`)?"""
+        return COMMANDS[command].record_beside
+
     def options(self, command: str) -> dict[str, str]:
         """Grid keys -> the command's flag, for every option except where output goes: a key is the flag without
         dashes, '-' as '_' (--seg-scale: seg_scale; --blur: blur; both --cfg and --guidance)."""

@@ -278,7 +278,7 @@ def _run(cfg: PanoramaConfig, jobs: list[Job], out: Path, overwrite: bool, resum
     """Prompts are jobs: torchrun ranks take every world-th one, --resume skips those whose files all exist."""
     device = dist.device
     dtype = pick_dtype(cfg.dtype, device)
-    record_file = run_record_path(out, "panorama")  # OUT.run.json: OUT holds only the images the grader opens
+    record_file = run_record_path(out, COMMAND.record_beside)  # OUT.run.json: OUT holds only the images the grader opens
     family = pipelines.load_family(cfg.model, device, dtype)
     if family.pixel_space:
         raise DiffcliError(f"{cfg.model!r} is a DeepFloyd IF pipeline; panorama needs a latent model (SD 1.x/2.x, SDXL)")
@@ -322,6 +322,7 @@ COMMAND = Command(
                        "skipped.",
                        "Output folder: only the images (the 003 wide_images layout, gradable as written); "
                        "OUT.run.json goes beside it."),
+    record_beside=True,
     help="""Wide or tall images by synchronized diffusion over overlapping windows (SyncTweedies).
 
     Example: diffcli panorama "A beach scene at sunrise with golden sands" --eval-pos 243,1005 --out wide_images

@@ -63,6 +63,7 @@ class Command:
     help: str = ""
     extra_args: bool = False  # sweep: the swept command's own arguments follow
     config_file: bool = True  # takes --config FILE.toml
+    record_beside: bool = False  # its run record is OUT.run.json beside OUT (a folder graded entry by entry)
 
     def make(self, values: dict[str, Any]) -> Any:
         """Config of the command line's values."""

@@ -117,6 +117,7 @@ class Commands(Protocol):
     """diffcli's own commands run by their argv in this process (the CLI provides it: `cli.Commands`)."""
 
     def options(self, command: str) -> dict[str, str]: ...  # grid key -> flag, for every option but the output's
+    def record_beside(self, command: str) -> bool: ...  # its run record is OUT.run.json beside OUT
     def check(self, command: str, argv: list[str]) -> None: ...  # parse and validate only; DiffcliError if refused
     def run(self, command: str, argv: list[str]) -> int: ...  # the exit code; errors print their own line
 
@@ -273,7 +274,7 @@ def run(cfg: SweepConfig, commands: Commands, out: Path, overwrite: bool, resume
     elif main:
         prepare_out_dir(out, overwrite)
         write_json(record_path, record, indent=2)
-    rows = []
+    rows, beside_record = [], commands.record_beside(cfg.command)
     with caching(), Dist(None):  # under torchrun, one process group for every setting's command and score
         for s in todo:
             name = setting_name(s)
@@ -283,7 +284,7 @@ def run(cfg: SweepConfig, commands: Commands, out: Path, overwrite: bool, resume
                 rows.append(json.loads(done.read_text()))
                 continue
             argv = setting_argv(cfg, options, s, folder)
-            if run_record_path(folder, cfg.command).is_file():
+            if run_record_path(folder, beside_record).is_file():
                 argv.append("--resume")
             if on_setting:
                 on_setting(name)
@@ -291,7 +292,7 @@ def run(cfg: SweepConfig, commands: Commands, out: Path, overwrite: bool, resume
             if code:
                 raise DiffcliError(f"setting {name} failed (its message is above); rerun with --resume to continue")
             values = score(folder, cfg.command, scores, cfg.features)
-            run_record = json.loads(run_record_path(folder, cfg.command).read_text())
+            run_record = json.loads(run_record_path(folder, beside_record).read_text())
             files = written_files(folder, run_record)
             row = {"setting": s, "folder": name, "scores": values, "files": files}
             if main:

@@ -82,13 +82,11 @@ def beside(out: str | os.PathLike, suffix: str) -> Path:
     return path.with_name(path.name + suffix)
 
 
-RECORD_BESIDE_COMMANDS = ("panorama", "anagram")  # their folders are graded entry by entry
-
-
-def run_record_path(out: str | os.PathLike, command: str) -> Path:
-    """Where `command` keeps the run record of its output folder OUT: `OUT.run.json` beside it for panorama and
-    anagram, `OUT/run.json` for the other commands. Every reader of a record goes through this."""
-    return beside(out, RECORD_BESIDE) if command in RECORD_BESIDE_COMMANDS else Path(out) / "run.json"
+def run_record_path(out: str | os.PathLike, record_beside: bool) -> Path:
+    """Where a command keeps the run record of its output folder OUT: `OUT.run.json` beside it for a command whose
+    folder is graded entry by entry (`Command.record_beside`: panorama, anagram), else `OUT/run.json`. Every reader
+    of a record goes through this."""
+    return beside(out, RECORD_BESIDE) if record_beside else Path(out) / "run.json"
 
 
 def is_run_record(path: str | os.PathLike) -> bool:
