@@ -193,9 +193,9 @@ class Dist:
 
     def begin(self, out: Path, overwrite: bool, resume: bool, command: str, options: dict,
               record_path: Path | None = None, beside_folders: Sequence[Path] = (), **extra) -> Path:
-        """Rank 0 prepares the output folder (`common.begin_output`) and, for a new run, writes a run record with
+        """Rank 0 prepares the output folder (`shared.records.begin_output`) and, for a new run, writes a run record with
         status "running" that a later --resume checks its options against; every rank waits for it. The record is
-        OUT/run.json, or `record_path` beside OUT (panorama, anagram: with `beside_folders`, see `common.beside`)."""
+        OUT/run.json, or `record_path` beside OUT (panorama, anagram: with `beside_folders`, see `shared.records.beside`)."""
         def start() -> Path:
             folder = begin_output(out, overwrite, resume, options, record_path=record_path,
                                   beside_folders=beside_folders)
