@@ -163,7 +163,7 @@ def validate(cfg: AnagramConfig) -> list[Job]:
 
 
 def name_jobs(jobs: list[Job]) -> list[Job]:
-    """File names under the one naming rule (`common.unique_stems`), over all prompt sets: every view image is
+    """File names under the one naming rule (`shared.names.unique_stems`), over all prompt sets: every view image is
     named by its prompt and the animations by the set's key (or its prompts); a name an earlier one already takes
     (equal prompts, 'a/cat' and 'a cat', keys 'a/b' and 'a b') gets `-2`, `-3`, ..., so nothing is overwritten."""
     names = unique_stems([j.name for j in jobs], lambda i, stem: animation_files(Job(stem, [])))

@@ -162,7 +162,7 @@ def validate(cfg: PanoramaConfig) -> list[Job]:
 
 
 def name_jobs(jobs: list[Job]) -> list[Job]:
-    """Each prompt's stem under the one naming rule (`common.unique_stems`): a prompt whose panorama or crops
+    """Each prompt's stem under the one naming rule (`shared.names.unique_stems`): a prompt whose panorama or crops
     would take a file an earlier prompt writes ('a cat' and 'a/cat'; 'a cat 64' and the crop of 'a cat' at 64)
     gets `-2`, `-3`, ..."""
     stems = unique_stems([j.prompt for j in jobs], lambda i, stem: files_of(stem, jobs[i].eval_pos))

@@ -127,7 +127,7 @@ def size(family: Family, cfg: SegConfig) -> tuple[int, int]:
 
 
 def image_stems(prompts: list[str]) -> list[str]:
-    """One file-name stem per prompt under diffcli's one naming rule (`common.unique_stems`): prompts that clean to
+    """One file-name stem per prompt under diffcli's one naming rule (`shared.names.unique_stems`): prompts that clean to
     the same name ('a/b', 'a b', 'A b') get -2, -3 ... suffixes."""
     return unique_stems(prompts)
 
