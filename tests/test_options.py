@@ -10,7 +10,7 @@ import pytest
 from diffcli import cli
 from diffcli.cliopts import context_fields, fields_of, parameters
 from diffcli.shared.errors import DiffcliError
-from tests.conftest import invoke_cli
+from conftest import invoke_cli
 
 
 @pytest.mark.parametrize("name", sorted(cli.COMMANDS))
