@@ -132,7 +132,8 @@ def _decode_peak(width: int, tiled: bool, queue) -> None:
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64),
                         norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 3,
                         up_block_types=("UpDecoderBlock2D",) * 3).eval()
-    pipe = SimpleNamespace(vae=vae, vae_scale_factor=4)
+    from diffcli.backends.stable_diffusion import StableDiffusion
+    pipe = StableDiffusion(SimpleNamespace(vae=vae, vae_scale_factor=4))  # the SD family around a bare VAE
     z = torch.randn(4, 16, width)
     tiles = windows(16, width, (16, 16), 2)
     with torch.no_grad():  # warm the allocator on one tile so both variants start from the same baseline
@@ -157,8 +158,10 @@ def memory(args) -> None:
             q = ctx.Queue()
             proc = ctx.Process(target=_decode_peak, args=(width, tiled, q))
             proc.start()
+            proc.join()  # the answer is two floats: the queue never fills
+            if proc.exitcode != 0 or q.empty():
+                raise SystemExit(f"decode-memory child (width {width}, tiled {tiled}) failed (exit {proc.exitcode})")
             mib, _ = q.get()
-            proc.join()
             row.append(mib)
         print(f"{width:12d} {width * 4:6d} {row[0]:13.0f} {row[1]:13.0f}")
 
