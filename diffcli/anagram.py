@@ -366,6 +366,7 @@ COMMAND = Command(
                        "Output folder: only the view images (the 003 ambiguous_images layout, gradable as written); "
                        "OUT.run.json and OUT.animations/ go beside it."),
     record_beside=True,
+    scores=("clip", "fid", "kid"), clip_app="ambiguous_images",
     help="""Visual anagrams: one image that shows each prompt under its view, by synchronized DeepFloyd IF.
 
     Example: diffcli anagram "an oil painting of a horse" "an oil painting of a snowy mountain village" --views identity rotate_cw --out ambiguous_images

@@ -138,9 +138,13 @@ class Commands:
     def __init__(self, debug: bool = False) -> None:
         self.debug = debug
 
-    def record_beside(self, command: str) -> bool:
-        """Does the command keep its run record beside its output folder (`Command.record_beside`)?"""
-        return COMMANDS[command].record_beside
+    def spec(self, command: str) -> Command:
+        """The command's contract and facts (record_beside, scores, clip_app)."""
+        return COMMANDS[command]
+
+    def sweepable(self) -> list[str]:
+        """The commands a sweep runs (those with scores), in their registration order."""
+        return [name for name, command in COMMANDS.items() if command.scores]
 
     def options(self, command: str) -> dict[str, str]:
         """Grid keys -> the command's flag, for every option except where output goes: a key is the flag without

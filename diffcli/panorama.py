@@ -323,6 +323,7 @@ COMMAND = Command(
                        "Output folder: only the images (the 003 wide_images layout, gradable as written); "
                        "OUT.run.json goes beside it."),
     record_beside=True,
+    scores=("clip", "fid", "kid"), clip_app="wide_images",
     help="""Wide or tall images by synchronized diffusion over overlapping windows (SyncTweedies).
 
     Example: diffcli panorama "A beach scene at sunrise with golden sands" --eval-pos 243,1005 --out wide_images

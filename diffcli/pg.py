@@ -429,6 +429,7 @@ COMMAND = Command(
                        "Continue an interrupted run in --out: same options; particle sets already drawn (one per "
                        "context, plain and PG) are kept, the rest drawn, then every output written as one "
                        "uninterrupted run writes it."),
+    scores=("digits", "fid", "kid"),
     help="""Particle guidance: sample a batch jointly with a repulsive kernel term, for more modes per batch.
 
     Example: diffcli pg --n 8 --pg-factor 1.7 --compare --out pg-digits

@@ -64,6 +64,8 @@ class Command:
     extra_args: bool = False  # sweep: the swept command's own arguments follow
     config_file: bool = True  # takes --config FILE.toml
     record_beside: bool = False  # its run record is OUT.run.json beside OUT (a folder graded entry by entry)
+    scores: tuple[str, ...] = ()  # what `diffcli sweep --score` may ask of its folders; () = not sweepable
+    clip_app: str | None = None   # the 003 app its folders are CLIP-graded as (eval --app)
 
     def make(self, values: dict[str, Any]) -> Any:
         """Config of the command line's values."""

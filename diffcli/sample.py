@@ -273,6 +273,7 @@ COMMAND = Command(
     "sample", SampleConfig, validate, main, build=build, cli=ShowForward,
     context=generating("diffcli-out/sample",
                        "Continue an interrupted run in --out: same options, samples already written are skipped."),
+    scores=("digits", "fid", "kid"),
     help="""Sample a diffcli model (EDM or blurring diffusion): PNGs, a grid, run.json, optionally the denoising strip/GIF.
 
     Example: diffcli sample --labels all --n 20 --cfg 2 --strip --out digits

@@ -263,6 +263,7 @@ COMMAND = Command(
     context=generating("diffcli-out/seg",
                        "Continue an interrupted run in --out (same options): prompts whose images all exist are "
                        "skipped."),
+    scores=("fid", "kid"),
     help="""Smoothed Energy Guidance (SEG) on Stable Diffusion 1.x/2.x and SDXL, with gaussian, box and EMA query blurs.
 
     Example: diffcli seg "a cat" --blur gaussian_-1_10 --blur interpolatedBoxBlur_5_0.5 --out seg-cats

@@ -30,11 +30,8 @@ from .shared.images import load_images, save_grid
 from .shared.records import run_record_path
 from .shared.names import safe_name
 
-COMMANDS = ("sample", "seg", "panorama", "anagram", "pg")
 MAX_SETTINGS = 32  # more settings than this need --yes
 SCORES = ("digits", "fid", "kid", "clip")
-CLIP_APPS = {"panorama": "wide_images", "anagram": "ambiguous_images"}
-DIGIT_COMMANDS = ("sample", "pg")
 GRID_SAMPLES = 8  # rows of the side-by-side grid
 RESULTS = ("results.csv", "results.json", "plot.png", "grid.png")
 
@@ -92,8 +89,10 @@ def setting_name(setting: dict[str, str]) -> str:
     return safe_name("_".join(f"{k}-{v}" for k, v in setting.items()), 200)
 
 
-def parse_scores(scores: list[str], command: str) -> dict[str, str | None]:
-    """['digits', 'fid=REF'] -> {'digits': None, 'fid': 'REF'}, refused where the score does not apply."""
+def parse_scores(scores: list[str], command: str, commands: Commands) -> dict[str, str | None]:
+    """['digits', 'fid=REF'] -> {'digits': None, 'fid': 'REF'}, refused where the score does not apply (each
+    command's `scores`)."""
+    having = lambda score: [c for c in commands.sweepable() if score in commands.spec(c).scores]  # noqa: E731
     out: dict[str, str | None] = {}
     for spec in scores:
         name, _, ref = spec.partition("=")
@@ -101,11 +100,11 @@ def parse_scores(scores: list[str], command: str) -> dict[str, str | None]:
             raise DiffcliError(f"--score {spec!r}: choose from digits, fid=REF, kid=REF, clip")
         if name in ("fid", "kid") and not ref:
             raise DiffcliError(f"--score {name} needs a reference: {name}=FOLDER (or a clean-fid dataset name)")
-        if name == "digits" and command not in DIGIT_COMMANDS:
-            raise DiffcliError(f"--score digits scores digit samples (sample, pg); {command} writes text-to-image "
-                               "pictures")
-        if name == "clip" and command not in CLIP_APPS:
-            raise DiffcliError(f"--score clip is the 003 CLIP score of panorama and anagram folders; not of "
+        if name == "digits" and command not in having("digits"):
+            raise DiffcliError(f"--score digits scores digit samples ({', '.join(having('digits'))}); {command} writes "
+                               "text-to-image pictures")
+        if name == "clip" and command not in having("clip"):
+            raise DiffcliError(f"--score clip is the 003 CLIP score of {' and '.join(having('clip'))} folders; not of "
                                f"{command} outputs")
         out[name] = ref or None
     return out
@@ -117,7 +116,8 @@ class Commands(Protocol):
     """diffcli's own commands run by their argv in this process (the CLI provides it: `cli.Commands`)."""
 
     def options(self, command: str) -> dict[str, str]: ...  # grid key -> flag, for every option but the output's
-    def record_beside(self, command: str) -> bool: ...  # its run record is OUT.run.json beside OUT
+    def spec(self, command: str) -> Any: ...  # the command's runner.Command (its facts: record_beside, scores, ...)
+    def sweepable(self) -> list[str]: ...  # the commands a sweep runs
     def check(self, command: str, argv: list[str]) -> None: ...  # parse and validate only; DiffcliError if refused
     def run(self, command: str, argv: list[str]) -> int: ...  # the exit code; errors print their own line
 
@@ -128,12 +128,12 @@ def setting_argv(cfg: SweepConfig, options: dict[str, str], setting: dict[str, s
 
 # ---------------------------------------------------------------- scoring and results
 
-def score(folder: Path, command: str, scores: dict[str, str | None], features: str) -> dict[str, float]:
+def score(folder: Path, clip_app: str | None, scores: dict[str, str | None], features: str) -> dict[str, float]:
     """The numbers `diffcli eval` writes for one setting's folder, flattened to name -> value."""
     from .evaluation import EvalConfig, run as run_eval, scores_of
     if not scores:
         return {}
-    ecfg = EvalConfig(folder=str(folder), app=CLIP_APPS.get(command) if "clip" in scores else None,
+    ecfg = EvalConfig(folder=str(folder), app=clip_app if "clip" in scores else None,
                       fid=scores.get("fid"), kid=scores.get("kid"), features=features, digits="digits" in scores)
     result = run_eval(ecfg)
     return scores_of(result.get("eval") or json.loads((folder / "eval.json").read_text()))
@@ -236,8 +236,8 @@ def _x_value(text: str) -> float | None:
 def plan(cfg: SweepConfig, commands: Commands) -> tuple[list[tuple[str, list[str]]], list[dict[str, str]],
                                                         dict[str, str | None], dict[str, str]]:
     """Everything checked before any setting runs: command, grid keys, every setting's options, scores."""
-    if cfg.command not in COMMANDS:
-        raise DiffcliError(f"diffcli sweep runs one of {', '.join(COMMANDS)}; got {cfg.command!r}")
+    if cfg.command not in commands.sweepable():
+        raise DiffcliError(f"diffcli sweep runs one of {', '.join(commands.sweepable())}; got {cfg.command!r}")
     if any(a in ("--out", "--resume", "--overwrite") or a.startswith("--out=") for a in cfg.args):
         raise DiffcliError("give --out, --resume and --overwrite to the sweep, not to the swept command")
     options = commands.options(cfg.command)
@@ -245,7 +245,7 @@ def plan(cfg: SweepConfig, commands: Commands) -> tuple[list[tuple[str, list[str
     todo = settings(grid)
     if len(todo) > MAX_SETTINGS and not cfg.yes:
         raise DiffcliError(f"the grid makes {len(todo)} settings (more than {MAX_SETTINGS}); pass --yes to run them all")
-    scores = parse_scores(cfg.scores, cfg.command)
+    scores = parse_scores(cfg.scores, cfg.command, commands)
     if cfg.features not in ("mnist", "inception"):
         raise DiffcliError(f"--features {cfg.features!r}: choose mnist or inception")
     for s in todo:
@@ -274,7 +274,7 @@ def run(cfg: SweepConfig, commands: Commands, out: Path, overwrite: bool, resume
     elif main:
         prepare_out_dir(out, overwrite)
         write_json(record_path, record, indent=2)
-    rows, beside_record = [], commands.record_beside(cfg.command)
+    rows, beside_record = [], commands.spec(cfg.command).record_beside
     with caching(), Dist(None):  # under torchrun, one process group for every setting's command and score
         for s in todo:
             name = setting_name(s)
@@ -291,7 +291,7 @@ def run(cfg: SweepConfig, commands: Commands, out: Path, overwrite: bool, resume
             code = commands.run(cfg.command, argv)
             if code:
                 raise DiffcliError(f"setting {name} failed (its message is above); rerun with --resume to continue")
-            values = score(folder, cfg.command, scores, cfg.features)
+            values = score(folder, commands.spec(cfg.command).clip_app, scores, cfg.features)
             run_record = json.loads(run_record_path(folder, beside_record).read_text())
             files = written_files(folder, run_record)
             row = {"setting": s, "folder": name, "scores": values, "files": files}
