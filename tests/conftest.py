@@ -51,40 +51,35 @@ def write_log_env(folder: Path) -> tuple[dict, Path]:
     return {"PYTHONPATH": os.pathsep.join([str(hook), str(ROOT)]), "DIFFCLI_TEST_WRITE_LOG": str(log)}, log
 
 
-def invoke_cli(args, capsys) -> tuple[int, str, str]:
-    """The console script's entry point (`diffcli.cli:run`) in this process: (exit code, stdout, stderr), without
-    paying an interpreter start and the imports per call (run_cli covers the real subprocess)."""
+def entry_point(args) -> int:
+    """The console script's entry point (`diffcli.cli:run`) run in this process with `args`; its exit code."""
     from diffcli import cli
-    capsys.readouterr()
     argv = sys.argv
     sys.argv = ["diffcli", *map(str, args)]
     try:
         cli.run()
-        code = 0
+        return 0
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
+        return e.code if isinstance(e.code, int) else 1
     finally:
         sys.argv = argv
+
+
+def invoke_cli(args, capsys) -> tuple[int, str, str]:
+    """`entry_point` with pytest's capture: (exit code, stdout, stderr), without paying an interpreter start and the
+    imports per call (run_cli covers the real subprocess)."""
+    capsys.readouterr()
+    code = entry_point(args)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
 
 def call_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
-    """run_cli's answer (exit code, stdout, stderr) from the console script's entry point run in this process, as
-    invoke_cli does, for tests that need no real process: no interpreter start and no imports per call. Usable where
-    capsys is not (session and module fixtures)."""
-    from diffcli import cli
+    """run_cli's answer (exit code, stdout, stderr) from `entry_point`, for tests that need no real process: no
+    interpreter start and no imports per call. Usable where capsys is not (session and module fixtures)."""
     out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = ["diffcli", *map(str, args)]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            cli.run()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = argv
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = entry_point(args)
     proc = subprocess.CompletedProcess(["diffcli", *map(str, args)], code, out.getvalue(), err.getvalue())
     if check and code != 0:
         raise AssertionError(f"diffcli {' '.join(map(str, args))} failed ({code}):\n{proc.stderr}")
