@@ -213,11 +213,6 @@ def clip_x0(model, pipe):
     return pipeline_family(pipe).limit(model)
 
 
-def is_super_resolution(pipe) -> bool:
-    """IF stage II: its UNet reads the noisy image and the upsampled stage-I image side by side."""
-    return isinstance(pipeline_family(pipe), DeepFloydIFSuperResolution)
-
-
 def sr_denoiser(pipe) -> DiffusersDenoiser:
     return pipeline_family(pipe).denoiser()
 
