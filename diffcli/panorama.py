@@ -8,7 +8,7 @@ holds only those images (the grader opens every entry with PIL): the run record 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -31,6 +31,8 @@ from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_pa
 from .core.sync import CASES, NOISES, rows_of, sample_views
 from .data.prompt_files import key_line, resolve_prompts_file
 from .core.views import ViewSet, windows
+from .core.regions import Bootstrap, bootstrapped, flat_colours, gather_rows, prompt_weights, region_views, \
+    zero_weight_cells
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
 
@@ -78,6 +80,31 @@ class PanoramaConfig(GuidanceOptions, SamplingOptions):
                                      help="x offsets (px) of window-sized crops written as <Prompt>_<pos>.png, e.g. "
                                           "243,1005 (overrides the prompts file's).")
     dtype: str | None = opt(None, panel="model", help="fp32, fp16 or bf16 (default: fp16 on CUDA, else fp32).")
+    circular: bool = opt(False, "--circular", panel="sampling",
+                         help="A 360-degree panorama: windows, initial noise and the tiled decode wrap around the "
+                              "side border, so the left and right edges join.")
+    region_boxes: list[str] = opt(None, "--region", factory=list, panel="input", cli_default=None,
+                             cli_type=Optional[list[str]],
+                             help="A region prompt 'X0,Y0,X1,Y1:prompt' (a box in px, repeatable): the prompt "
+                                  "drives the canvas inside the box, the main prompt (the background) the rest.")
+    region_masks: list[str] = opt(None, "--region-mask", factory=list, panel="input", cli_default=None,
+                                  cli_type=Optional[list[str]],
+                                  help="A region prompt 'FILE.png:prompt' (repeatable): a greyscale mask the size of "
+                                       "the image, white where the prompt applies (grey: partly).")
+    bootstrap: float = opt(0.2, "--bootstrap", panel="sampling", check="finite", low=0.0, high=1.0,
+                           help="Region prompts: the fraction of steps in which each region is generated over a "
+                                "random flat colour outside its mask (MultiDiffusion's bootstrapping; 0: off).")
+
+
+@dataclass
+class Region:
+    """A region prompt: its pixel mask (H, W) in [0, 1] and where it came from (for messages and the record)."""
+    prompt: str
+    source: str
+    mask: torch.Tensor = field(repr=False, default=None)
+
+    def record(self) -> dict[str, str]:
+        return {"prompt": self.prompt, "region": self.source}
 
 
 @dataclass
@@ -85,6 +112,12 @@ class Job:
     prompt: str
     eval_pos: list[int] = field(default_factory=list)
     stem: str = ""  # its files' stem, set by `name_jobs` (the one naming rule: no two prompts share a file)
+    regions: list[Region] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        """What names its files: the background prompt, or the regions' prompts when there is none."""
+        return self.prompt or " + ".join(r.prompt for r in self.regions)
 
 
 # ---------------------------------------------------------------- input
@@ -117,7 +150,62 @@ def read_wide_prompts(path: str) -> list[Job]:
     return jobs
 
 
+def split_region(spec: str, flag: str, what: str) -> tuple[str, str]:
+    where, sep, prompt = spec.partition(":")
+    if not sep or not where.strip() or not prompt.strip():
+        raise DiffcliError(f"{flag} {spec!r}: expected '{what}:prompt'")
+    return where.strip(), prompt.strip()
+
+
+def read_regions(cfg: PanoramaConfig) -> list[Region]:
+    """--region boxes and --region-mask files -> pixel masks of the image's size, each refused in one line when it
+    cannot apply (malformed, outside the image, unreadable, the wrong size, empty)."""
+    from PIL import Image, UnidentifiedImageError
+    regions = []
+    for spec in cfg.region_boxes:
+        where, prompt = split_region(spec, "--region", "X0,Y0,X1,Y1")
+        try:
+            x0, y0, x1, y1 = (int(v) for v in where.split(","))
+        except ValueError:
+            raise DiffcliError(f"--region {spec!r}: expected 'X0,Y0,X1,Y1:prompt' with integer pixels") from None
+        if not (0 <= x0 < x1 <= cfg.width and 0 <= y0 < y1 <= cfg.height):
+            raise DiffcliError(f"--region {spec!r}: the box must lie inside the {cfg.width}x{cfg.height} px image "
+                               f"with X0 < X1 and Y0 < Y1")
+        mask = torch.zeros(cfg.height, cfg.width)
+        mask[y0:y1, x0:x1] = 1
+        regions.append(Region(prompt, where, mask))
+    for spec in cfg.region_masks:
+        path, prompt = split_region(spec, "--region-mask", "FILE.png")
+        try:
+            with Image.open(path) as im:
+                grey = im.convert("L")
+                size = grey.size
+                mask = torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8).float().div(255)
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise DiffcliError(f"--region-mask {path}: cannot read it as an image ({e.__class__.__name__})") from None
+        if size != (cfg.width, cfg.height):
+            raise DiffcliError(f"--region-mask {path}: is {size[0]}x{size[1]} px, the image is "
+                               f"{cfg.width}x{cfg.height}")
+        mask = mask.view(cfg.height, cfg.width)
+        if not (mask > 0).any():
+            raise DiffcliError(f"--region-mask {path}: the mask is black everywhere (no pixel for its prompt)")
+        regions.append(Region(prompt, path, mask))
+    return regions
+
+
 def jobs_of(cfg: PanoramaConfig) -> list[Job]:
+    if cfg.region_boxes or cfg.region_masks:
+        if cfg.prompts_file is not None:
+            raise DiffcliError("region prompts take one background prompt, not --prompts-file")
+        if cfg.prompt is not None and not cfg.prompt.strip():
+            raise DiffcliError("the prompt is empty")
+        regions = read_regions(cfg)
+        if cfg.prompt is None:  # no background: the regions must cover the image between them
+            bare = int((torch.stack([r.mask for r in regions]).sum(0) <= 0).sum())
+            if bare:
+                raise DiffcliError(f"the regions leave {bare} px with zero total weight and there is no background "
+                                   "prompt: cover the image or give a prompt")
+        return [Job(cfg.prompt or "", list(cfg.eval_pos or []), regions=regions)]
     if (cfg.prompt is None) == (cfg.prompts_file is None):
         raise DiffcliError("give a prompt or --prompts-file (one of them): diffcli panorama \"a beach at sunrise\"")
     if cfg.prompt is not None:
@@ -152,7 +240,7 @@ def validate(cfg: PanoramaConfig) -> list[Job]:
     check_sampling(cfg, pipeline=True)
     check_guidance(cfg)
     check_particles(cfg, 1, pipeline=True, what="the number of canvases a prompt (panorama draws one)")
-    check_fields(cfg, ["sync", "noise"])
+    check_fields(cfg, ["sync", "noise", "bootstrap"])
     jobs = jobs_of(cfg)
     for job in jobs:  # the crop size needs the model (plan checks the crops); a start outside is wrong anyway
         bad = [p for p in job.eval_pos if not 0 <= p < cfg.width]
@@ -165,7 +253,7 @@ def name_jobs(jobs: list[Job]) -> list[Job]:
     """Each prompt's stem under the one naming rule (`shared.names.unique_stems`): a prompt whose panorama or crops
     would take a file an earlier prompt writes ('a cat' and 'a/cat'; 'a cat 64' and the crop of 'a cat' at 64)
     gets `-2`, `-3`, ..."""
-    stems = unique_stems([j.prompt for j in jobs], lambda i, stem: files_of(stem, jobs[i].eval_pos))
+    stems = unique_stems([j.label for j in jobs], lambda i, stem: files_of(stem, jobs[i].eval_pos))
     for job, stem in zip(jobs, stems):
         job.stem = stem
     return jobs
@@ -183,6 +271,7 @@ class Plan:
     scale: int        # pixels per latent cell
     views: ViewSet
     tiles: list       # decode windows (latent)
+    masks: torch.Tensor | None = None  # region prompts: (R, h, w) latent masks, each cell its pixels' mean
 
     @property
     def crop(self) -> int:
@@ -201,39 +290,76 @@ def plan(pipe, cfg: PanoramaConfig, jobs: list[Job]) -> Plan:
             raise DiffcliError(f"--{name} {v} px is smaller than one window ({window} latent cells = {window * f} px)")
     if cfg.stride > window:
         raise DiffcliError(f"--stride {cfg.stride} must be between 1 and the window size ({window})")
+    if cfg.circular and cfg.width < window * f:
+        raise DiffcliError(f"--circular: the window ({window * f} px) is wider than the canvas ({cfg.width} px)")
     latent = family.latent_shape(cfg.height, cfg.width)
     for job in jobs:
         bad = [p for p in job.eval_pos if p < 0 or p + window * f > cfg.width]
         if bad:
             raise DiffcliError(f"eval position(s) {bad} lie outside the image: a {window * f} px crop must start in "
                                f"[0, {cfg.width - window * f}]")
-    views = ViewSet(windows(latent[1], latent[2], (window, window), cfg.stride), latent)
-    tiles = windows(latent[1], latent[2], (window, window), min(cfg.decode_stride or cfg.stride, window))
-    return Plan(latent, window, f, views, tiles)
+    views = ViewSet(windows(latent[1], latent[2], (window, window), cfg.stride, cfg.circular), latent)
+    tiles = windows(latent[1], latent[2], (window, window), min(cfg.decode_stride or cfg.stride, window), cfg.circular)
+    masks = None
+    regions = [r for job in jobs for r in job.regions]
+    if regions:
+        masks = torch.nn.functional.avg_pool2d(torch.stack([r.mask for r in regions])[:, None], f)[:, 0]
+        for r, m in zip(regions, masks):
+            if not (m > 0).any():  # cannot happen for a mask with a lit pixel; kept for a model's own rounding
+                raise DiffcliError(f"region {r.source!r} covers no latent cell")
+        weights = prompt_weights(masks, bool(jobs[0].prompt))
+        bare = zero_weight_cells(weights)
+        if bare:
+            raise DiffcliError(f"the regions leave {bare} latent cell(s) with zero total weight")
+    return Plan(latent, window, f, views, tiles, masks)
 
 
 # ---------------------------------------------------------------- sampling and decoding
 
 @torch.no_grad()
 def generate(pipe, p: Plan, prompt: str, cfg: PanoramaConfig, device: torch.device,
-             on_step: Callable[[dict], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             on_step: Callable[[dict], None] | None = None,
+             regions: list[Region] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(image (3, H, W) in [-1, 1] on the CPU, final latent canvas in our x = x0 + sigma n form).
 
     Each window runs the guidance stack (CFG, SEG with `--blur`) on its own rows; the windows are synchronized."""
     family = pipelines.pipeline_family(pipe)
     sigmas = family.sigmas(cfg.steps, device, cfg.schedule or "scheduler")
     size = p.window * p.scale
-    cond, uncond = family.encode_prompts([prompt], cfg.negative_prompt, size, size, device)
+    prompts = [prompt] if regions is None else [prompt] * bool(prompt) + [r.prompt for r in regions]
+    cond, uncond = family.encode_prompts(prompts, cfg.negative_prompt, size, size, device)
     base, guidance = family.denoiser(), guidance_of(cfg, cfg.cfg)
+    views, boot = p.views, None
+    if regions:  # every (window, prompt) pair an instance, weighted by the prompt's mask (core/regions.py)
+        instances = region_views(p.views.views, prompt_weights(p.masks, bool(prompt)), p.latent)
+        views = instances.views
+        cond, uncond = gather_rows(cond, instances.prompt), gather_rows(uncond, instances.prompt)
+        boot = bootstrap_of(family, p, cfg, sigmas, len(regions), bool(prompt), device)
     make = lambda a, b: guidance.denoiser(base, rows_of(cond, a, b), rows_of(uncond, a, b), sigmas,  # noqa: E731
                                           limit=family.limit)
+    if regions:
+        make = bootstrapped(make, boot, instances)
     rng = PerSampleRandn([cfg.seed], device)
     with guidance.installed(family.attention):
-        w = sample_views(make, p.views, sigmas, lambda shape: rng.randn(shape)[0], (p.latent[0], p.window, p.window),
+        w = sample_views(make, views, sigmas, lambda shape: rng.randn(shape)[0], (p.latent[0], p.window, p.window),
                          sampler=cfg.sampler, case=cfg.sync, noise=cfg.noise, view_batch=cfg.view_batch,
                          knobs=cfg.knobs(), callback=on_step)
-    z = p.views.average(w)
+    z = views.average(w)
     return decode_tiled(family, z, sigmas[-1], p.tiles, cfg.decode_batch), z
+
+
+def bootstrap_of(family, p: Plan, cfg: PanoramaConfig, sigmas: torch.Tensor, regions: int, background: bool,
+                 device: torch.device) -> Bootstrap | None:
+    """The flat colours and noise of --bootstrap (core/regions.py): round(F x steps) steps, a colour per region and
+    step drawn from --seed, the canvas noise as drawn at the start."""
+    steps = round(cfg.bootstrap * (len(sigmas) - 1))
+    if steps == 0:
+        return None
+    rgb = torch.rand(steps * regions, 3, generator=torch.Generator().manual_seed(cfg.seed))
+    side = min(p.window, 8) * p.scale  # 8 latent cells: a flat colour's latent, averaged (regions.flat_colours)
+    colours = torch.cat([flat_colours(family.encoded, part.to(device), side).cpu() for part in rgb.split(16)])
+    noise = PerSampleRandn([cfg.seed], device).randn(p.latent)[0]  # the start's canvas noise (as the paper's code)
+    return Bootstrap(colours.view(steps, regions, -1), noise, sigmas, background)
 
 
 @torch.no_grad()
@@ -262,7 +388,7 @@ def crops(image: torch.Tensor, positions: list[int], size: int) -> list[torch.Te
 
 def outputs(job: Job) -> list[str]:
     """The files one prompt writes: the panorama and its evaluation crops (the 003 layout)."""
-    return files_of(job.stem or unique_stems([job.prompt])[0], job.eval_pos)
+    return files_of(job.stem or unique_stems([job.label])[0], job.eval_pos)
 
 
 def run(cfg: PanoramaConfig, out: Path, overwrite: bool, device_name: str | None,
@@ -291,7 +417,7 @@ def _run(cfg: PanoramaConfig, jobs: list[Job], out: Path, overwrite: bool, resum
     def draw(mine: list[Task], advance) -> Iterator[tuple]:
         for todo in mine:
             job = todo.item
-            image, _ = generate(family, p, job.prompt, cfg, device, lambda info: advance(1))
+            image, _ = generate(family, p, job.prompt, cfg, device, lambda info: advance(1), job.regions or None)
             images = [image] + crops(image, job.eval_pos, p.crop)
             yield from ((path, save_image, picture) for path, picture in zip(todo.files, images))
 
@@ -300,7 +426,10 @@ def _run(cfg: PanoramaConfig, jobs: list[Job], out: Path, overwrite: bool, resum
                     label="panorama", work=lambda todo: cfg.steps, finish=lambda done: write_run_json(
                         out, "panorama", record, device, record_path=record_file, status="complete", model=cfg.model,
                         world_size=dist.world, windows=len(p.views), window_px=p.crop, latent=list(p.latent),
-                        decode_tiles=len(p.tiles), prompts=[asdict(j) for j in jobs], files=files))
+                        decode_tiles=len(p.tiles), files=files, circular=cfg.circular,
+                        prompts=[{"prompt": j.prompt, "eval_pos": j.eval_pos, "stem": j.stem,
+                                  **({"regions": [r.record() for r in j.regions]} if j.regions else {})}
+                                 for j in jobs]))
     return {"out": str(out), "run_record": str(record_file), "images": len(jobs), "crops": len(files) - len(jobs),
             "windows": len(p.views), "skipped": done.skipped, "main": dist.main}
 

@@ -171,3 +171,67 @@ def test_resume_and_two_ranks_write_the_same_files(tmp_path, tiny_sd):
         for name in pngs:
             assert (folder / name).read_bytes() == (whole / name).read_bytes(), (folder.name, name)
     assert json.loads((tmp_path / "two.run.json").read_text())["world_size"] == 2
+
+
+def test_circular_equals_diffusers_circular_padding(pipe):
+    """--circular: diffusers' StableDiffusionPanoramaPipeline(circular_padding=True) on the same canvas gives the
+    same latents; its own get_views (in latent cells) gives our windows, the last ones wrapping the side border."""
+    from diffusers import DDIMScheduler, StableDiffusionPanoramaPipeline
+    _, z, p = run_panorama(pipe, view_batch=3, circular=True)
+    ref_pipe = StableDiffusionPanoramaPipeline(**{**pipe.components, "scheduler": DDIMScheduler.from_config(
+        pipe.scheduler.config)})
+    ref_pipe.set_progress_bar_config(disable=True)
+    h, w = p.latent[1:]
+    theirs = ref_pipe.get_views(h * 8, w * 8, window_size=p.window, stride=3, circular_padding=True)  # it divides by 8
+    ours = [(v.top, v.top + v.height, v.left, v.left + v.width) for v in p.views.views]
+    assert ours == theirs and len(ours) == w // 3 and ours[-1][3] > w  # 20 // 3 = 6 windows, the last wraps
+    ref_pipe.get_views = lambda *a, **k: ours  # it also assumes a VAE factor of 8 (ours is 2)
+    start = PerSampleRandn([1]).randn(p.latent)
+    ref = ref_pipe("a beach", height=16, width=40, num_inference_steps=3, guidance_scale=7.5, latents=start,
+                   view_batch_size=3, output_type="latent", circular_padding=True).images
+    sigmas = pipelines.sigmas(pipe, 3, CPU)
+    torch.testing.assert_close(ve_to_vp(z, sigmas[-1]), ref[0], atol=1e-4, rtol=1e-4)
+    flat, _, _ = run_panorama(pipe, view_batch=3)
+    assert (z - run_panorama(pipe, view_batch=3)[1]).abs().max() > 1e-3 and flat.shape == (3, 16, 40)
+
+
+def test_circular_windows_wrap_and_average_back():
+    from diffcli.core.views import ViewSet, windows
+    z = torch.arange(40.0).view(1, 4, 10)
+    ws = windows(4, 10, (4, 6), 3, circular=True)  # 10 // 3 = 3 windows at 0, 3, 6; the last covers 6..9, 0, 1
+    assert [w.left for w in ws] == [0, 3, 6] and [w.wrap for w in ws] == [True] * 3
+    assert torch.equal(ws[2].view(z), z[..., [6, 7, 8, 9, 0, 1]]) and torch.equal(ws[0].view(z), z[..., :6])
+    pasted = ws[2].inverse_view(ws[2].view(z))
+    assert torch.equal(pasted[..., [6, 7, 8, 9, 0, 1]], z[..., [6, 7, 8, 9, 0, 1]]) and not pasted[..., 2:6].any()
+    assert torch.equal(ws[2].scaled(2).view(torch.arange(160.0).view(1, 8, 20))[0, 0],
+                       torch.tensor([12.0, 13, 14, 15, 16, 17, 18, 19, 0, 1, 2, 3]))  # a pixel tile wraps as well
+    vs = ViewSet(ws, (1, 4, 10))
+    assert vs.count[0, 0].tolist() == [2, 2, 1, 2, 2, 2, 2, 2, 2, 1]
+    torch.testing.assert_close(vs.average(vs.forward(z)), z)
+    with pytest.raises(DiffcliError, match="cells 8 to 9 of the 10 around the cylinder unseen"):
+        windows(4, 10, (4, 4), 4, circular=True)
+
+
+def test_circular_refusals_and_one_window(pipe):
+    with pytest.raises(DiffcliError, match="smaller than one window"):
+        cfg = PanoramaConfig(prompt="x", height=16, width=8, circular=True)
+        plan(pipe, cfg, validate(cfg))
+    _, z, p = run_panorama(pipe, width=16, circular=True)  # one window: nothing wraps, plain sampling
+    assert len(p.views) == 1 and not p.views.views[0].wrap
+    assert torch.equal(z, run_panorama(pipe, width=16)[1])
+
+
+def test_two_d_canvas_equals_multidiffusion_on_its_windows(pipe):
+    """Windows over both axes (a 2-D canvas), decoded in 2-D tiles; = diffusers' MultiDiffusion on those windows."""
+    from diffusers import DDIMScheduler, StableDiffusionPanoramaPipeline
+    image, z, p = run_panorama(pipe, height=32, width=40, stride=4, view_batch=4, decode_batch=2)
+    tops, lefts = {w.top for w in p.views.views}, {w.left for w in p.views.views}
+    assert len(tops) == 3 and len(lefts) == 4 and len(p.views) == 12 and image.shape == (3, 32, 40)
+    assert {t.top for t in p.tiles} == tops and max(t.height for t in p.tiles) == p.window  # tiles stay window-sized
+    ref_pipe = StableDiffusionPanoramaPipeline(**{**pipe.components, "scheduler": DDIMScheduler.from_config(
+        pipe.scheduler.config)})
+    ref_pipe.set_progress_bar_config(disable=True)
+    ref_pipe.get_views = lambda *a, **k: [(w.top, w.top + w.height, w.left, w.left + w.width) for w in p.views.views]
+    ref = ref_pipe("a beach", height=32, width=40, num_inference_steps=3, guidance_scale=7.5,
+                   latents=PerSampleRandn([1]).randn(p.latent), view_batch_size=4, output_type="latent").images
+    torch.testing.assert_close(ve_to_vp(z, pipelines.sigmas(pipe, 3, CPU)[-1]), ref[0], atol=1e-4, rtol=1e-4)

@@ -88,6 +88,14 @@ class Family(abc.ABC):
     @abc.abstractmethod
     def decoded(self, x0: torch.Tensor) -> torch.Tensor: ...
 
+    def encoded(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, H, W) in [-1, 1] -> the x0 they are in the space the model samples (region prompts'
+        bootstrapping encodes flat colours with it). Pixel models sample the image itself; a latent family that
+        cannot encode says so in one line."""
+        if self.pixel_space:
+            return images
+        raise DiffcliError(f"a {self.kind} model cannot encode images (needed by --bootstrap); use --bootstrap 0")
+
     @property
     @abc.abstractmethod
     def attention(self) -> torch.nn.Module:

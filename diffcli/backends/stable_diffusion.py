@@ -31,6 +31,14 @@ class StableDiffusion(UNetPipeline):
         return vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
 
     @torch.no_grad()
+    def encoded(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> scaled latents (the VAE posterior's mean): the x0 of those images."""
+        vae = self.pipe.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        mean = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean
+        return (mean - shift) * vae.config.scaling_factor
+
+    @torch.no_grad()
     def decode(self, x: torch.Tensor, sigma_last: torch.Tensor | float) -> torch.Tensor:
         """Final sample (our form) -> images (N, 3, H, W) in [-1, 1] on the CPU."""
         latents = ve_to_vp(x, sigma_last)

@@ -231,65 +231,100 @@ def make_view(name: str, height: int, width: int, opts: ViewOptions | None = Non
 
 @dataclass(frozen=True)
 class Window:
-    """A crop of a canvas; inverse_view pastes it back into zeros of the canvas size."""
+    """A crop of a canvas; inverse_view pastes it back into zeros of the canvas size. With `wrap` the canvas is a
+    cylinder: a window running past the right border continues at the left one (a 360-degree panorama)."""
     top: int
     left: int
     height: int
     width: int
     canvas: tuple[int, int]
     name: str = "window"
+    wrap: bool = False
+
+    def _spans(self) -> list[tuple[int, int, int]]:
+        """(canvas column start, stop, column offset in the window) of the window's one or two pieces."""
+        right = self.left + self.width
+        if not self.wrap or right <= self.canvas[1]:
+            return [(self.left, right, 0)]
+        cut = self.canvas[1] - self.left
+        return [(self.left, self.canvas[1], 0), (0, right - self.canvas[1], cut)]
 
     def view(self, x: torch.Tensor) -> torch.Tensor:
-        return x[..., self.top:self.top + self.height, self.left:self.left + self.width]
+        rows = x[..., self.top:self.top + self.height, :]
+        spans = self._spans()
+        if len(spans) == 1:
+            return rows[..., self.left:self.left + self.width]
+        return torch.cat([rows[..., a:b] for a, b, _ in spans], -1)
 
     def inverse_view(self, x: torch.Tensor) -> torch.Tensor:
         out = x.new_zeros(*x.shape[:-2], *self.canvas)
-        self.view(out).copy_(x)
+        self.accumulate(out, x)
         return out
 
     def accumulate(self, acc: torch.Tensor, x: torch.Tensor) -> None:
         """acc += inverse_view(x), without building a canvas of zeros per window."""
-        self.view(acc).add_(x)
+        rows = acc[..., self.top:self.top + self.height, :]
+        for a, b, off in self._spans():
+            rows[..., a:b].add_(x[..., off:off + b - a])
 
     def scaled(self, k: int) -> "Window":
         """The same window on a k times larger canvas (latent window -> pixel tile)."""
         return Window(self.top * k, self.left * k, self.height * k, self.width * k,
-                      (self.canvas[0] * k, self.canvas[1] * k))
+                      (self.canvas[0] * k, self.canvas[1] * k), self.name, self.wrap)
 
 
-def window_starts(size: int, window: int, stride: int) -> list[int]:
-    """0, stride, 2 stride, ... and a last window flush with the border when the stride does not land there."""
+def window_starts(size: int, window: int, stride: int, circular: bool = False) -> list[int]:
+    """0, stride, 2 stride, ... and a last window flush with the border when the stride does not land there.
+    `circular`: the axis closes on itself, so windows start at 0, stride, ... while they start inside it
+    (size // stride of them, as diffusers' panorama pipeline with circular padding) and the last ones wrap."""
     if window > size:
         raise DiffcliError(f"the canvas ({size}) is smaller than one window ({window})")
     if not 1 <= stride <= window:
         raise DiffcliError(f"stride {stride} must be between 1 and the window size {window}")
+    if circular and size > window:
+        starts = [i * stride for i in range(size // stride)]
+        if starts[-1] + window < size:
+            raise DiffcliError(f"circular windows of {window} every {stride} leave cells {starts[-1] + window} to "
+                               f"{size - 1} of the {size} around the cylinder unseen: take a stride dividing "
+                               f"{size} or a wider window")
+        return starts
     starts = list(range(0, size - window + 1, stride))
     if starts[-1] != size - window:
         starts.append(size - window)
     return starts
 
 
-def windows(height: int, width: int, window: tuple[int, int], stride: int) -> list[Window]:
-    """Every window of a (height, width) canvas, row by row: 512x3072 px / 8 = 64x384 latent, 64 wide, stride 8 -> 41."""
+def windows(height: int, width: int, window: tuple[int, int], stride: int, circular: bool = False) -> list[Window]:
+    """Every window of a (height, width) canvas, row by row: 512x3072 px / 8 = 64x384 latent, 64 wide, stride 8 -> 41.
+    Windows run over both axes when both sides exceed the window (a 2-D canvas); `circular` wraps the side border
+    (384 / 8 = 48 windows for the 360-degree 64x384 canvas)."""
     wh, ww = window
-    return [Window(t, l, wh, ww, (height, width))
-            for t in window_starts(height, wh, stride) for l in window_starts(width, ww, stride)]
+    wrap = circular and width > ww
+    return [Window(t, l, wh, ww, (height, width), wrap=wrap)
+            for t in window_starts(height, wh, stride) for l in window_starts(width, ww, stride, circular)]
 
 
 # ---------------------------------------------------------------- a canvas and its views
 
 @dataclass
 class ViewSet:
-    """The views of one canvas of shape (C, H, W): forward to instances, average instances back."""
+    """The views of one canvas of shape (C, H, W): forward to instances, average instances back.
+
+    `weights` (optional, one (1, h, w) tensor per view, in the view's own frame) make the average a per-pixel
+    weighted one (region prompts: each instance counts where its mask is); without them every view counts 1."""
     views: list
     canvas: tuple[int, int, int]
+    weights: list | None = None
     count: torch.Tensor = field(init=False)
 
     def __post_init__(self):
-        self.count = coverage(self.views, self.canvas[1:])
+        if self.weights is not None and len(self.weights) != len(self.views):
+            raise ValueError(f"{len(self.weights)} weights for {len(self.views)} views")
+        self.count = coverage(self.views, self.canvas[1:], self.weights)
         if (self.count == 0).any():
             missing = int((self.count == 0).sum())
-            raise DiffcliError(f"{missing} canvas pixels are seen by no view")
+            raise DiffcliError(f"{missing} canvas pixels are seen by no view" if self.weights is None else
+                               f"{missing} canvas pixels have zero total weight")
 
     def __len__(self) -> int:
         return len(self.views)
@@ -299,9 +334,11 @@ class ViewSet:
         return torch.stack([v.view(z) for v in self.views])
 
     def average(self, xs: torch.Tensor) -> torch.Tensor:
-        """Instances (V, C, h, w) -> canvas: every instance mapped back, overlaps averaged."""
+        """Instances (V, C, h, w) -> canvas: every instance mapped back, overlaps averaged (weighted)."""
         acc = xs.new_zeros(self.canvas)
-        for v, x in zip(self.views, xs):
+        for i, (v, x) in enumerate(zip(self.views, xs)):
+            if self.weights is not None:
+                x = x * self.weights[i].to(x.device, x.dtype)
             if isinstance(v, Window):
                 v.accumulate(acc, x)
             else:
@@ -313,14 +350,17 @@ class ViewSet:
         return self.forward(self.average(xs))
 
 
-def coverage(views: list, hw: tuple[int, int]) -> torch.Tensor:
-    """How many views see each canvas pixel, shape (1, H, W): 1 for each bijection, the overlap for windows."""
+def coverage(views: list, hw: tuple[int, int], weights: list | None = None) -> torch.Tensor:
+    """How many views see each canvas pixel, shape (1, H, W): 1 for each bijection, the overlap for windows; with
+    weights, the sum of the views' weights there."""
     count = torch.zeros(1, *hw)
-    for v in views:
+    for i, v in enumerate(views):
+        one = (torch.ones(1, v.height, v.width) if isinstance(v, Window) else torch.ones(1, *hw)) \
+            if weights is None else weights[i].float().cpu()
         if isinstance(v, Window):
-            v.accumulate(count, torch.ones(1, v.height, v.width))
+            v.accumulate(count, one)
         else:
-            count += 1
+            count += v.inverse_view(one) if weights is not None else one
     return count
 
 
