@@ -84,11 +84,11 @@ class PanoramaConfig(GuidanceOptions, SamplingOptions):
                          help="A 360-degree panorama: windows, initial noise and the tiled decode wrap around the "
                               "side border, so the left and right edges join.")
     region_boxes: list[str] = opt(None, "--region", factory=list, panel="input", cli_default=None,
-                             cli_type=Optional[list[str]],
+                                  cli_type=Optional[list[str]], to_config=lambda v: list(v or []),
                              help="A region prompt 'X0,Y0,X1,Y1:prompt' (a box in px, repeatable): the prompt "
                                   "drives the canvas inside the box, the main prompt (the background) the rest.")
     region_masks: list[str] = opt(None, "--region-mask", factory=list, panel="input", cli_default=None,
-                                  cli_type=Optional[list[str]],
+                                  cli_type=Optional[list[str]], to_config=lambda v: list(v or []),
                                   help="A region prompt 'FILE.png:prompt' (repeatable): a greyscale mask the size of "
                                        "the image, white where the prompt applies (grey: partly).")
     bootstrap: float = opt(0.2, "--bootstrap", panel="sampling", check="finite", low=0.0, high=1.0,
