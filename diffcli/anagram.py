@@ -32,7 +32,7 @@ from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_pa
                       check_sampling, guidance_of, record as options_record, seg_layers)
 from .core.sync import CASES, NOISES, rows_of, sample_views
 from .data.prompt_files import key_line, resolve_prompts_file
-from .core.views import VIEWS, ViewOptions, ViewSet, frame, make_view
+from .core.views import PIXEL_ONLY, VIEWS, ViewOptions, ViewSet, check_factorized, frame, make_view
 
 DEFAULT_MODEL = "DeepFloyd/IF-I-M-v1.0"
 DEFAULT_SR_MODEL = "DeepFloyd/IF-II-M-v1.0"
@@ -87,12 +87,36 @@ class AnagramConfig(GuidanceOptions, SamplingOptions):
                       help="skew: rows of shift per column.")
     inner_angle: float = opt(90.0, "--inner-angle", panel="input", check="finite", low=-math.inf,
                              help="inner_rotate: degrees the central disc turns clockwise.")
+    hybrid_sigma: float = opt(2.0, "--hybrid-sigma", panel="input", check="finite", above=True, high=SIDE_MAX,
+                              help="low_pass/high_pass: std (stage-I px) of the Gaussian splitting the image.")
+    triple_sigmas: list[float] = opt(None, "--triple-sigmas", factory=lambda: [1.0, 2.0], panel="input",
+                                     cli_type=Optional[str], cli_default=None,
+                                     to_config=lambda text: parse_sigmas(text),
+                                     help="triple_*: the two Gaussians' std (stage-I px), fine,coarse (default 1,2).")
+    motion_size: int = opt(7, "--motion-size", panel="input", check="count", high=SIDE_MAX,
+                           help="motion_blur/motion_rest: length (stage-I px) of the diagonal motion blur.")
+    scale_factor: int = opt(4, "--scale-factor", panel="input", check="count", high=SIDE_MAX,
+                            help="scale_small/scale_rest: the small copy is the image shrunk by this factor.")
     frames: int = opt(12, panel="output", check="count", high=FRAMES_MAX, help="Animation frames per transition.")
     dtype: str | None = opt(None, panel="model", help="fp32, fp16 or bf16 (default: fp16 on CUDA, else fp32).")
 
     def view_options(self) -> ViewOptions:
         return ViewOptions(seed=self.view_seed, patches=self.patches, pieces=self.pieces, squares=self.squares,
-                           skew=self.skew, inner_angle=self.inner_angle)
+                           skew=self.skew, inner_angle=self.inner_angle, hybrid_sigma=self.hybrid_sigma,
+                           triple_sigmas=tuple(self.triple_sigmas), motion_size=self.motion_size,
+                           scale_factor=self.scale_factor)
+
+
+def parse_sigmas(text: str | None) -> list[float]:
+    if text is None:
+        return [1.0, 2.0]
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 2 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise DiffcliError(f"--triple-sigmas expects two positive numbers 'fine,coarse' like 1,2, got {text!r}")
+    return values
 
 
 @dataclass
@@ -127,6 +151,10 @@ def validate(cfg: AnagramConfig) -> list[Job]:
         raise DiffcliError(f"unknown view(s) {', '.join(unknown)}; choose from {', '.join(VIEWS)}")
     if len(cfg.views) < 1:
         raise DiffcliError("--views needs at least one view")
+    check_factorized(cfg.views)
+    check_fields(cfg, ["hybrid_sigma", "motion_size", "scale_factor"])
+    if len(cfg.triple_sigmas) != 2 or not all(math.isfinite(v) and v > 0 for v in cfg.triple_sigmas):
+        raise DiffcliError(f"--triple-sigmas expects two positive numbers, got {cfg.triple_sigmas}")
     for name in ("height", "width"):
         v = getattr(cfg, name)
         if v is not None and (v < 8 or v % 8):
@@ -197,7 +225,7 @@ def images_of(views: ViewSet, w: torch.Tensor, sigma_last, family, case: str) ->
     the canvas; unsynchronized ones are each their own sample."""
     rows = family.decode(w, sigma_last)
     canvas = views.average(rows)
-    return canvas, (rows if case == "none" else views.forward(canvas))
+    return canvas, (rows if case == "none" else views.looks(canvas))
 
 
 @torch.no_grad()
@@ -264,6 +292,10 @@ def load(cfg: AnagramConfig, device: torch.device, dtype: torch.dtype):
         if isinstance(getattr(noising, "num_train_timesteps", None), int):
             count("noise_level", cfg.noise_level, 0, noising.num_train_timesteps - 1)
     check_pipeline_steps(pipe.pipe, cfg.steps, cfg.schedule)
+    pixel_only = [v for v in cfg.views if v in PIXEL_ONLY]
+    if pixel_only and not pipe.pixel_space:
+        raise DiffcliError(f"view(s) {' '.join(pixel_only)} split RGB colours: they need a pixel model (DeepFloyd IF), "
+                           f"not a {pipe.kind}")
     return pipe, sr_pipe
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from diffcli.shared.errors import DiffcliError
 from diffcli.core.sync import synchronized
-from diffcli.core.views import (SQUARE_ONLY, VIEWS, ViewOptions, ViewSet, Window, coverage, frame, make_view,
+from diffcli.core.views import (BIJECTIONS, SQUARE_ONLY, VIEWS, ViewOptions, ViewSet, Window, coverage, frame, make_view,
                                 window_starts, windows)
 
 SQUARE_SIZES = [(16, 16), (24, 24), (64, 64)]
@@ -19,7 +19,7 @@ def disc(h: int, w: int) -> torch.Tensor:
     return i ** 2 + j ** 2 < min(h, w) ** 2
 
 
-@pytest.mark.parametrize("name", VIEWS)
+@pytest.mark.parametrize("name", BIJECTIONS)
 @pytest.mark.parametrize("size", SQUARE_SIZES + [(16, 32), (24, 8)])
 def test_inverse_view_undoes_view_exactly(name, size):
     h, w = size
@@ -83,7 +83,7 @@ def test_bad_views_are_named():
 
 def test_frames_run_from_the_image_to_its_view():
     x = torch.rand(3, 16, 16) * 2 - 1
-    for name in VIEWS:
+    for name in BIJECTIONS:
         v = make_view(name, 16, 16)
         assert torch.equal(frame(v, x, 0), x) and torch.equal(frame(v, x, 1), v.view(x))
         assert frame(v, x, 0.5).shape == x.shape

@@ -215,6 +215,11 @@ class ViewOptions:
     squares: int = 2       # square_hinge: squares per side
     skew: float = 0.5      # skew: rows of shift per column
     inner_angle: float = 90.0
+    # factorized views' filters, at the base (stage I) size; they scale with the image as the permutations do
+    hybrid_sigma: float = 2.0                          # low_pass / high_pass: the Gaussian's std in px
+    triple_sigmas: tuple[float, float] = (1.0, 2.0)    # triple_*: the two Gaussians' std in px (fine, coarse)
+    motion_size: int = 7                               # motion_*: length of the diagonal blur in px
+    scale_factor: int = 4                              # scale_*: the image seen shrunk by this factor
 
 
 def make_view(name: str, height: int, width: int, opts: ViewOptions | None = None) -> View:
@@ -225,6 +230,161 @@ def make_view(name: str, height: int, width: int, opts: ViewOptions | None = Non
     if VIEWS[name].square_only and height != width:
         raise DiffcliError(f"view {name} needs a square image, got {height}x{width}")
     return VIEWS[name].make(name, height, width, o)
+
+
+# ---------------------------------------------------------------- factorized views
+
+class Component(View):
+    """One component f of a factorized image x = sum_i f_i(x) (Factorized Diffusion, Geng et al. 2024): the model
+    sees the whole image (`view` is the identity) and its prediction counts only through its component
+    (`inverse_view` = f), so the synchronized prediction is sum_i f_i(D_i(x)): each prompt drives one component.
+    The components of one factorization (`FACTORS`) sum to the identity, so they count 1/parts each in a
+    ViewSet's coverage and its average is that sum. `look` is what a viewer of the component sees (the hybrid's
+    far-away blur, the grey picture, the motion-blurred one); filters are set at the base (stage I) size and
+    scale with the image (k times the size: k times the blur), so both IF stages see the same illusion."""
+
+    def __init__(self, name: str, factor: str, part: int, base: int,
+                 split: Callable[[torch.Tensor, int], list[torch.Tensor]], looks: Callable | None = None):
+        self.name, self.factor, self.part, self.base, self.split = name, factor, part, base, split
+        self.share = 1.0 / len(FACTORS[factor])
+        self._looks = looks
+
+    def k(self, x: torch.Tensor) -> int:
+        return max(1, x.shape[-2] // self.base)
+
+    def view(self, x):
+        return x
+
+    def inverse_view(self, x):
+        return self.split(x, self.k(x))[self.part]
+
+    def components(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every component of x under this view's factorization, in FACTORS order: they sum to x."""
+        return self.split(x, self.k(x))
+
+    def look(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self._looks is None else self._looks(x, self.k(x))
+
+
+def _odd(n: int) -> int:
+    return n if n % 2 else n + 1
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float, size: int) -> torch.Tensor:
+    """Separable Gaussian blur of (..., C, H, W), reflected at the border (as torchvision's); `size` (odd) is cut to
+    what the image can reflect."""
+    h, w = x.shape[-2:]
+    size = min(_odd(size), _odd(2 * min(h, w) - 3) if min(h, w) > 2 else 1)
+    if size < 3 or sigma <= 0:
+        return x
+    r = size // 2
+    t = torch.arange(-r, r + 1, dtype=torch.float64)
+    g = torch.exp(-0.5 * (t / sigma) ** 2)
+    g = (g / g.sum()).to(x.dtype).to(x.device)
+    shape = x.shape
+    y = x.reshape(-1, 1, h, w)
+    y = F.conv2d(F.pad(y, (r, r, 0, 0), mode="reflect"), g.view(1, 1, 1, -1))
+    y = F.conv2d(F.pad(y, (0, 0, r, r), mode="reflect"), g.view(1, 1, -1, 1))
+    return y.reshape(shape)
+
+
+def motion_blur(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The diagonal motion blur of Factorized Diffusion: the mean along the top-left to bottom-right diagonal
+    (identity-matrix kernel / size, zero padding), per channel."""
+    size = _odd(size)
+    h, w = x.shape[-2:]
+    kernel = (torch.eye(size, dtype=x.dtype, device=x.device) / size)[None, None]
+    y = F.conv2d(x.reshape(-1, 1, h, w), kernel, padding=size // 2)
+    return y.reshape(x.shape)
+
+
+def _hybrid(o: "ViewOptions"):
+    def split(x, k):
+        low = gaussian_blur(x, o.hybrid_sigma * k, 33 * k)
+        return [low, x - low]
+    return split
+
+
+def _triple(o: "ViewOptions"):
+    def split(x, k):
+        fine, coarse = o.triple_sigmas
+        mid_and_low = gaussian_blur(x, fine * k, 33 * k)
+        low = gaussian_blur(mid_and_low, coarse * k, 33 * k)
+        return [low, mid_and_low - low, x - mid_and_low]
+    return split
+
+
+def _colour(o: "ViewOptions"):
+    def split(x, k):
+        grey = x.mean(-3, keepdim=True).expand_as(x)
+        return [grey, x - grey]
+    return split
+
+
+def _motion(o: "ViewOptions"):
+    def split(x, k):
+        blurred = motion_blur(x, o.motion_size * k)
+        return [blurred, x - blurred]
+    return split
+
+
+def shrunk(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x as seen shrunk by `block`: each block x block square its mean (the image at 1/block the size, shown at
+    full size)."""
+    h, w = x.shape[-2:]
+    if block <= 1:
+        return x
+    if h % block or w % block:
+        raise DiffcliError(f"scale views: {h}x{w} px does not split into {block}x{block} blocks (--scale-factor)")
+    y = F.avg_pool2d(x.reshape(-1, 1, h, w), block)
+    return F.interpolate(y, scale_factor=block, mode="nearest").reshape(x.shape)
+
+
+def _scale(o: "ViewOptions"):
+    def split(x, k):
+        small = shrunk(x, o.scale_factor * k)
+        return [small, x - small]
+    return split
+
+
+# factorization -> (its views in component order, how its components are computed, how each is seen)
+FACTORS: dict[str, tuple[str, ...]] = {
+    "hybrid": ("low_pass", "high_pass"),
+    "triple": ("triple_low", "triple_mid", "triple_high"),
+    "colour": ("grayscale", "color"),
+    "motion": ("motion_blur", "motion_rest"),
+    "scale": ("scale_small", "scale_rest"),
+}
+_SPLITS = {"hybrid": _hybrid, "triple": _triple, "colour": _colour, "motion": _motion, "scale": _scale}
+_LOOKS: dict[str, Callable] = {  # what a viewer of the component sees; the rest see the image itself
+    "low_pass": lambda o: lambda x, k: gaussian_blur(x, 2 * o.hybrid_sigma * k, 65 * k),
+    "triple_low": lambda o: lambda x, k: gaussian_blur(x, 2 * o.triple_sigmas[1] * k, 65 * k),
+    "triple_mid": lambda o: lambda x, k: gaussian_blur(x, o.triple_sigmas[1] * k, 33 * k),
+    "grayscale": lambda o: lambda x, k: x.mean(-3, keepdim=True).expand_as(x),
+    "motion_blur": lambda o: lambda x, k: motion_blur(x, o.motion_size * k),
+    "scale_small": lambda o: lambda x, k: shrunk(x, o.scale_factor * k),
+}
+
+
+def _component(factor: str) -> Callable[[str, int, int, "ViewOptions"], View]:
+    def make(name, height, width, o):
+        look = _LOOKS.get(name)
+        return Component(name, factor, FACTORS[factor].index(name), height, _SPLITS[factor](o),
+                         look(o) if look else None)
+    return make
+
+
+def check_factorized(names: list[str]) -> None:
+    """Factorized views go in whole factorizations (their components must sum to the image) and not with other
+    views; one line naming the sets otherwise."""
+    factors = {VIEWS[n].factor for n in names if n in VIEWS}
+    if factors == {None}:
+        return
+    sets = " | ".join(" ".join(v) for v in FACTORS.values())
+    whole = len(factors) == 1 and None not in factors and sorted(names) == sorted(FACTORS[next(iter(factors))])
+    if not whole:
+        raise DiffcliError(f"factorized views come as one whole set, each view once and no other view: {sets} "
+                           f"(got {' '.join(names)})")
 
 
 # ---------------------------------------------------------------- panorama windows
@@ -345,6 +505,10 @@ class ViewSet:
                 acc += v.inverse_view(x)
         return acc / self.count.to(acc.device, acc.dtype)
 
+    def looks(self, z: torch.Tensor) -> torch.Tensor:
+        """Canvas -> what each view's viewer sees (V, C, h, w): the view itself, or a component's look."""
+        return torch.stack([v.look(z) if isinstance(v, Component) else v.view(z) for v in self.views])
+
     def project(self, xs: torch.Tensor) -> torch.Tensor:
         """Average to the canvas and map forward again: the nearest set of instances that agree."""
         return self.forward(self.average(xs))
@@ -359,6 +523,8 @@ def coverage(views: list, hw: tuple[int, int], weights: list | None = None) -> t
             if weights is None else weights[i].float().cpu()
         if isinstance(v, Window):
             v.accumulate(count, one)
+        elif isinstance(v, Component):  # a factorization's parts sum to one image: each counts its share
+            count += v.share * one
         else:
             count += v.inverse_view(one) if weights is not None else one
     return count
@@ -372,7 +538,7 @@ def frame(v: View, x: torch.Tensor, t: float, background: float = 1.0) -> torch.
     on top), identity and flip stay still until t = 1."""
     if t <= 0:
         return x
-    if t >= 1:
+    if t >= 1 and not isinstance(v, Component):  # a component's view is the image: its frames show the look
         return v.view(x)
     kind = VIEWS.get(v.name)
     return x if kind is None else kind.frame(v, x, t, background)
@@ -412,6 +578,37 @@ def move(v: View, x: torch.Tensor, t: float, background: float) -> torch.Tensor:
     return out.view(x.shape)
 
 
+def zoom(v: View, x: torch.Tensor, t: float, background: float) -> torch.Tensor:
+    """Hybrid images: the picture shrinks (walking away from it) to 1/12 of its size, centred on the background,
+    as Visual Anagrams' hybrid animations."""
+    h, w = x.shape[-2:]
+    f = 1 + 11 * min(max(t, 0.0), 1.0)
+    nh, nw = max(1, round(h / f)), max(1, round(w / f))
+    small = F.interpolate(x[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
+    out = x.new_full(x.shape, background)
+    top, left = (h - nh) // 2, (w - nw) // 2
+    out[..., top:top + nh, left:left + nw] = small
+    return out
+
+
+def desaturate(v: View, x: torch.Tensor, t: float, background: float) -> torch.Tensor:
+    """Grayscale / colour: the colour fades out to the grey picture."""
+    grey = x.mean(-3, keepdim=True).expand_as(x)
+    return grey + (1 - min(max(t, 0.0), 1.0)) * (x - grey)
+
+
+def shake(v: View, x: torch.Tensor, t: float, background: float) -> torch.Tensor:
+    """Motion blur: the picture shakes along the blur's diagonal (a triangular wave), as the eye sees a moving
+    picture blurred."""
+    h = x.shape[-2]
+    amp = max(1, round(h * 29 / 512))
+    offset = round(amp * 2 / math.pi * math.asin(math.sin(2 * math.pi * 2.5 * t)))  # 2.5 periods over t
+    out = x.new_full(x.shape, background)
+    src = x[..., max(0, -offset):h - max(0, offset), max(0, -offset):x.shape[-1] - max(0, offset)]
+    out[..., max(0, offset):max(0, offset) + src.shape[-2], max(0, offset):max(0, offset) + src.shape[-1]] = src
+    return out
+
+
 def rotate_image(x: torch.Tensor, degrees: float) -> torch.Tensor:
     """Bilinear turn of (C, H, W) clockwise about its centre (for pictures only; the views themselves are exact)."""
     a = math.radians(degrees)
@@ -435,6 +632,8 @@ class ViewKind:
     frame: Frame
     description: str
     square_only: bool = False
+    factor: str | None = None   # factorized views: the factorization (FACTORS) whose component this is
+    pixel_only: bool = False    # defined on RGB pixels only (a latent's channels are not colours)
 
 
 def _same(cls: type) -> Callable[[str, int, int, ViewOptions], View]:
@@ -469,8 +668,31 @@ VIEWS: dict[str, ViewKind] = {
                                           lambda o: o.inner_angle), turn_disc, "the inscribed disc turned"),
     "square_hinge": ViewKind(_permutation(lambda h, w, o: square_hinge_perm(h, w, o.squares), lambda o: 90.0), move,
                              "squares each turned a quarter, neighbours opposite ways", square_only=True),
+    # factorized views (Factorized Diffusion): whole sets only (FACTORS), components summing to the image
+    "low_pass": ViewKind(_component("hybrid"), zoom, "hybrid image: the Gaussian low-pass (seen from afar)",
+                         factor="hybrid"),
+    "high_pass": ViewKind(_component("hybrid"), zoom, "hybrid image: the rest, high frequencies (seen close up)",
+                          factor="hybrid"),
+    "triple_low": ViewKind(_component("triple"), zoom, "triple hybrid: the lowest band", factor="triple"),
+    "triple_mid": ViewKind(_component("triple"), zoom, "triple hybrid: the middle band", factor="triple"),
+    "triple_high": ViewKind(_component("triple"), zoom, "triple hybrid: the highest band", factor="triple"),
+    "grayscale": ViewKind(_component("colour"), desaturate, "colour hybrid: the grey image (channel mean)",
+                          factor="colour", pixel_only=True),
+    "color": ViewKind(_component("colour"), desaturate, "colour hybrid: the colour (image minus its grey)",
+                      factor="colour", pixel_only=True),
+    "motion_blur": ViewKind(_component("motion"), shake, "motion hybrid: the diagonally motion-blurred image",
+                            factor="motion"),
+    "motion_rest": ViewKind(_component("motion"), shake, "motion hybrid: the rest (image minus its motion blur)",
+                            factor="motion"),
+    "scale_small": ViewKind(_component("scale"), zoom, "scale hybrid: the image at 1/--scale-factor the size",
+                            factor="scale"),
+    "scale_rest": ViewKind(_component("scale"), zoom, "scale hybrid: the rest (the detail a small copy loses)",
+                           factor="scale"),
 }
 SQUARE_ONLY = having(VIEWS, lambda k: k.square_only)  # their instance would not have the canvas's shape
+FACTORIZED = having(VIEWS, lambda k: k.factor is not None)
+BIJECTIONS = having(VIEWS, lambda k: k.factor is None)  # exact inverse_view(view(x)) == x
+PIXEL_ONLY = having(VIEWS, lambda k: k.pixel_only)
 
 
 def describe() -> str:
