@@ -36,7 +36,7 @@ def paper_components(factor: str, x: torch.Tensor, k: int) -> list[torch.Tensor]
 
 
 @pytest.mark.parametrize("factor", FACTORS)
-@pytest.mark.parametrize("k", [1, 4])  # IF stage I (64 px) and stage II (256 px)
+@pytest.mark.parametrize("k", [1, 2])  # the stage-I size and twice it (IF stage II is x4: the same rule)
 def test_components_are_the_papers_and_sum_to_the_image(factor, k):
     x = torch.rand(3, 64 * k, 64 * k, generator=torch.Generator().manual_seed(k)) * 2 - 1
     views = [make_view(n, 64, 64) for n in FACTORS[factor]]
@@ -99,3 +99,18 @@ def test_equal_prompts_are_plain_sampling_on_a_tiny_if(tiny_if):
     two = generate(pipe, None, Job("x", ["a horse", "a village"]), AnagramConfig(views=list(FACTORS["hybrid"]),
                                                                                  steps=3), (16, 16), cpu)
     assert (two["canvas"] - plain["canvas"]).abs().max() > 1e-3
+
+
+def test_cli_hybrid_both_stages_and_refusals(tmp_path, tiny_if):
+    from conftest import call_cli
+    out = tmp_path / "hybrid"
+    args = ["anagram", "a horse", "a village", "--model", tiny_if[0], "--sr-model", tiny_if[1], "--steps", "2",
+            "--sr-steps", "1", "--frames", "2"]
+    proc = call_cli(*args, "--views", "low_pass", "identity", "--out", out)
+    assert proc.returncode != 0 and "one whole set" in proc.stderr and not out.exists()
+    proc = call_cli(*args, "--views", "low_pass", "high_pass", "--triple-sigmas", "1", "--out", out)
+    assert proc.returncode != 0 and "--triple-sigmas expects two positive numbers" in proc.stderr
+    call_cli(*args, "--views", "motion_blur", "motion_rest", "--out", out, check=True)
+    assert sorted(p.name for p in out.iterdir()) == ["a_horse.png", "a_village.png"]
+    assert {p.name for p in (tmp_path / "hybrid.animations").iterdir()} == {"a_horse-a_village.gif",
+                                                                           "a_horse-a_village_strip.png"}
