@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from .backends.classifier import SHIPPED_CLASSIFIER, classify, load_classifier, read_digit, stack_digits
-from .backends.clip_model import Clip, embed_image_files, embed_prompts, load_clip
+from .backends.clip_model import Clip, embed_image_files, embed_prompts, encode_images, load_clip
+from .data.sync_scores import SYNC_APPS, crop_pictures, region_crops, region_record, seam_record
 from .shared.images import BATCH_SIZE
 from .shared.errors import DiffcliError
 from .shared.files import atomic_path, write_json
@@ -39,7 +40,7 @@ from .shared.limits import BATCH_MAX, KID_SUBSETS_MAX, N_MAX
 from .shared.fields import check_fields, opt
 from .core.metrics import cosine_per_image, digit_record, frechet_distance, group_means, kernel_distance
 
-OTHER_FAMILIES = ("fid", "kid", "digits")  # eval.json keys a CLIP run leaves in place; the rest is the CLIP part
+OTHER_FAMILIES = ("fid", "kid", "digits", "regions", "seam")  # eval.json keys a CLIP run leaves in place; the rest is the CLIP part
 
 
 @dataclass
@@ -47,7 +48,9 @@ class EvalConfig:
     folder: str                        # as typed: the grader writes it verbatim into eval.json
     app: str | None = opt(None, "--app", name="app_name", panel="input",
                           help="003 CLIP score: wide_images (<prompt>_<crop pos>.png) or ambiguous_images "
-                               "(<prompt>.png).")
+                               "(<prompt>.png); or a panorama folder's regions (CLIP score of each region's crop "
+                               "against its prompt, from OUT.run.json) or seam (the 360-degree join's change "
+                               "against the change inside).")
     clip_model: str = opt("ViT-B-32", "--clip-model", panel="model",
                           help="open_clip model name, or a JSON model config file (embed_dim, vision_cfg, text_cfg), "
                                "registered at run time under its file name.")
@@ -90,12 +93,14 @@ class EvalConfig:
 
 
 def validate(cfg: EvalConfig) -> None:
-    if cfg.app is not None and cfg.app not in APPS:
-        raise DiffcliError(f"unknown --app {cfg.app!r}; choose {' or '.join(APPS)}")
+    if cfg.app is not None and cfg.app not in APPS + SYNC_APPS:
+        raise DiffcliError(f"unknown --app {cfg.app!r}; choose {' or '.join(APPS + SYNC_APPS)}")
+    if cfg.anagram_prompts and cfg.app in SYNC_APPS:
+        raise DiffcliError(f"--anagram-metrics scores ambiguous images; it cannot go with --app {cfg.app}")
     if cfg.anagram_prompts and cfg.app == "wide_images":
         raise DiffcliError("--anagram-metrics scores ambiguous images; it cannot go with --app wide_images")
     if not (cfg.app or cfg.anagram_prompts or cfg.fid or cfg.kid or cfg.digits):
-        raise DiffcliError("nothing to evaluate: pass --app wide_images|ambiguous_images, --fid REF, --kid REF "
+        raise DiffcliError("nothing to evaluate: pass --app wide_images|ambiguous_images|regions|seam, --fid REF, --kid REF "
                            "or --digits")
     if cfg.features not in FEATURES:
         raise DiffcliError(f"unknown --features {cfg.features!r}; choose {' or '.join(FEATURES)}")
@@ -153,8 +158,12 @@ def _run(cfg: EvalConfig, dist: Dist) -> dict[str, Any]:
     check_eval_file(cfg.folder)
 
     # ---- read everything first, so bad input fails before any model loads
-    clip_files = pairs = None
-    if cfg.app:
+    clip_files = pairs = crops = seam = None
+    if cfg.app == "regions":
+        crops = region_crops(cfg.folder)
+    elif cfg.app == "seam":
+        seam = seam_record(cfg.folder)
+    elif cfg.app:
         clip_files, n = plan_clip_files(cfg.folder, cfg.app, cfg.drop_panoramas)
         notes += n + conversion_warnings(check_images([f.path for f in clip_files], dist))
         if dist.main:  # every entry the real grader opens and would choke on, one line each
@@ -215,6 +224,13 @@ def _run(cfg: EvalConfig, dist: Dist) -> dict[str, Any]:
         if clip_files:
             clip_part = clip_metrics(cfg, clip, clip_files, image_emb, pairs, lines, notes)
         families: dict[str, Any] = {}
+        if crops:
+            families["regions"] = region_scores(cfg, crops, device)
+            lines.append(f"region CLIP score {families['regions']['score']:.4f} over {len(crops)} region(s)")
+        if seam:
+            families["seam"] = seam
+            lines.append(f"seam: the join changes {seam['ratio']:.3f}x as much as neighbouring columns inside "
+                         f"({len(seam['images'])} panorama(s))")
         if refs:
             families.update(fid_kid(cfg, refs, feats, len(gen_files), lines))
         if cfg.digits:
@@ -250,6 +266,18 @@ def clip_metrics(cfg: EvalConfig, clip: Clip, clip_files: Sequence[ClipFile], im
         lines.append(f"anagram alignment {am['alignment']:.4f}, concealment {am['concealment']:.4f} "
                      f"over {len(am['pairs'])} pair(s)")
     return clip_part
+
+
+def region_scores(cfg: EvalConfig, crops: list, device: torch.device) -> dict[str, Any]:
+    """eval.json's regions family: each region's crop against its own prompt (raw CLIP cosine, as the grader's)."""
+    clip = load_clip(cfg.clip_model, cfg.clip_pretrained, device, cfg.quick_gelu)
+    pixels = torch.stack([clip.preprocess(p) for p in crop_pictures(crops)])
+    image_emb = torch.cat([encode_images(clip.model, pixels[a:a + cfg.batch_size].to(clip.device)).cpu()
+                           for a in range(0, len(pixels), cfg.batch_size)])
+    prompts = sorted({c.prompt for c in crops})
+    text_emb = embed_prompts(clip, prompts, cfg.batch_size)
+    index = torch.tensor([prompts.index(c.prompt) for c in crops])
+    return {**region_record(crops, cosine_per_image(image_emb, text_emb, index)), "clip_model": clip.weights}
 
 
 def fid_kid(cfg: EvalConfig, refs: dict[str, Reference], feats: dict[str, np.ndarray], n_images: int,

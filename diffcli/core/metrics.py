@@ -100,3 +100,14 @@ def digit_record(logits: torch.Tensor, feats: torch.Tensor, labels: list[int] | 
         within = [mean_pairwise_cosine(feats[y == k]) for k in y.unique() if int((y == k).sum()) > 1]
         record["mean_similarity_within_label"] = float(torch.stack(within).mean()) if within else None
     return record
+
+
+def seam_figure(image: torch.Tensor) -> dict[str, float]:
+    """How visible the join of a 360-degree panorama is: image (C, H, W) in [0, 1]. `join` is the mean absolute
+    change from the last column to the first (what the eye crosses when the picture wraps), `inside` the mean
+    absolute change between neighbouring columns inside the image, `ratio` join / inside: about 1 when the join is
+    as smooth as the rest, well above 1 for a visible seam."""
+    x = image.double()
+    join = float((x[..., 0] - x[..., -1]).abs().mean())
+    inside = float((x[..., 1:] - x[..., :-1]).abs().mean())
+    return {"join": join, "inside": inside, "ratio": join / inside if inside > 0 else float("inf")}
