@@ -135,3 +135,16 @@ def test_cli_regions_write_nothing_when_refused_and_record_regions(tmp_path, tin
     assert record["prompts"][0]["regions"] == [{"prompt": "a cat", "region": "0,0,16,8"},
                                                {"prompt": "a dog", "region": "16,8,32,16"}]
     assert record["circular"] and sorted(p.name for p in out.iterdir()) == ["a_beach.png"]
+
+
+def test_regions_on_sdxl_with_seg_and_circular(tiny_sdxl):
+    """Another family (SDXL: pooled embeddings and size ids gathered per instance) with SEG and --circular."""
+    sdxl = pipelines.load_pipeline(str(tiny_sdxl), CPU, torch.float32)
+    f = pipelines.pipeline_family(sdxl).scale_factor
+    w = pipelines.pipeline_family(sdxl).native_size()
+    cfg = PanoramaConfig(prompt="a beach", steps=2, height=w, width=2 * w, stride=max(1, w // f // 4),
+                         region_boxes=[f"0,0,{w},{w}:a red ball"], bootstrap=0.5, seg_scale=2.0, circular=True)
+    jobs = validate(cfg)
+    p = plan(sdxl, cfg, jobs)
+    image, z = generate(sdxl, p, "a beach", cfg, CPU, regions=jobs[0].regions)
+    assert torch.isfinite(z).all() and image.shape == (3, w, 2 * w) and any(v.wrap for v in p.views.views)
