@@ -189,7 +189,7 @@ def read_regions(cfg: PanoramaConfig) -> list[Region]:
         mask = mask.view(cfg.height, cfg.width)
         if not (mask > 0).any():
             raise DiffcliError(f"--region-mask {path}: the mask is black everywhere (no pixel for its prompt)")
-        regions.append(Region(prompt, path, mask))
+        regions.append(Region(prompt, str(Path(path).resolve()), mask))  # eval --app regions reads it from anywhere
     return regions
 
 
