@@ -148,3 +148,15 @@ def test_regions_on_sdxl_with_seg_and_circular(tiny_sdxl):
     p = plan(sdxl, cfg, jobs)
     image, z = generate(sdxl, p, "a beach", cfg, CPU, regions=jobs[0].regions)
     assert torch.isfinite(z).all() and image.shape == (3, w, 2 * w) and any(v.wrap for v in p.views.views)
+
+
+def test_a_single_canvas_is_one_window(pipe):
+    """Region prompts on one ordinary image: a panorama of one window, still the paper's algorithm."""
+    boxes = ["0,0,8,16:a red ball", "8,4,16,12:a green tree"]
+    _, z, p, cfg = run_regions(pipe, width=16, region_boxes=boxes, bootstrap=0.5)
+    assert len({(v.top, v.left) for v in p.views.views}) == 1  # one window, one instance per prompt present
+    sigmas = pipelines.sigmas(pipe, 4, CPU)
+    boot = bootstrap_of(pipelines.pipeline_family(pipe), p, cfg, sigmas, 2, True, CPU)
+    ref = paper_region_based(pipe, p.masks, ["a beach", "a red ball", "a green tree"], [(0, 8, 0, 8)],
+                             PerSampleRandn([1]).randn(p.latent)[0], 4, 7.5, boot.colours, boot.steps)
+    torch.testing.assert_close(ve_to_vp(z, sigmas[-1]), ref, atol=1e-4, rtol=1e-4)
