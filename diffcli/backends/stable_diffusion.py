@@ -34,6 +34,8 @@ class StableDiffusion(UNetPipeline):
     def encoded(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] -> scaled latents (the VAE posterior's mean): the x0 of those images."""
         vae = self.pipe.vae
+        if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+            vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (as `decode`)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         mean = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean
         return (mean - shift) * vae.config.scaling_factor
