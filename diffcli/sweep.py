@@ -26,7 +26,7 @@ from .shared.fields import opt
 from .shared.dist import Dist
 from .shared.errors import DiffcliError
 from .shared.files import atomic_path, prepare_out_dir, write_json
-from .shared.images import load_images, save_grid
+from .shared.images import load_images, save_figure, save_grid
 from .shared.records import run_record_path
 from .shared.names import safe_name
 
@@ -216,8 +216,7 @@ def plot(out: Path, grid: list[tuple[str, list[str]]], rows: list[dict[str, Any]
         if others:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(out / "plot.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_figure(out / "plot.png", fig, dpi=110)
     plt.close(fig)
     return True
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as torch_dist
 
 from .errors import DiffcliError
-from .records import begin_output, write_run_json
+from .records import begin_output, note_run, write_run_json
 from .devices import pick_device
 from .limits import WORLD_MAX
 
@@ -204,6 +204,7 @@ class Dist:
                                **extra)
             return folder
 
+        note_run(command, options, self.device)  # every rank's images carry the run's settings, resumed or not
         self.main_first(start)
         return Path(out)
 
