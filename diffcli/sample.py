@@ -139,9 +139,9 @@ def _run(cfg: SampleConfig, out: Path, overwrite: bool, resume: bool, dist: Dist
 
     def sample_facts(i: int) -> dict[str, Any]:
         """What image i carries of its own: index, seed, label, and the arguments that draw it again with least
-        work, the same pixels: --n up to it (a sample's floats never depend on the samples after it; with PG up to
-        the end of its batch, one particle set)."""
-        alone = min(cfg.n, (i // cfg.batch_size + 1) * cfg.batch_size) if pg else i + 1
+        work, the same pixels: --n up to the end of its block (its network group, whose other rows its floats
+        depend on; with PG its batch, one particle set)."""
+        alone = min(cfg.n, (i // block + 1) * block)
         return {"index": i, "seed": cfg.seed + i, "label": None if labels is None else labels[i],
                 "rerun": ["--n", str(alone)]}
 

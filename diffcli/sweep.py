@@ -27,7 +27,7 @@ from .shared.dist import Dist
 from .shared.errors import DiffcliError
 from .shared.files import atomic_path, prepare_out_dir, write_json
 from .shared.images import load_images, save_figure, save_grid
-from .shared.records import run_record_path
+from .shared.records import note_run, run_record_path
 from .shared.names import safe_name
 
 MAX_SETTINGS = 32  # more settings than this need --yes
@@ -273,6 +273,7 @@ def run(cfg: SweepConfig, commands: Commands, out: Path, overwrite: bool, resume
     elif main:
         prepare_out_dir(out, overwrite)
         write_json(record_path, record, indent=2)
+    note_run("sweep", {"out": str(out), **record}, "none")  # its grid and plot carry the sweep's settings
     rows, beside_record = [], commands.spec(cfg.command).record_beside
     with caching(), Dist(None):  # under torchrun, one process group for every setting's command and score
         for s in todo:

@@ -30,16 +30,40 @@ SETTINGS_MAX_BYTES = 1 << 20  # a chunk read back: at most 1 MiB of JSON
 DEPTH_MAX = 32                # and at most this deep
 OPTION_MAX_CHARS = 2000       # an option value longer than this (a list of 50,000 prompts) is left out of images
 
-_RUN: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("image_settings", default=None)
+# where output goes, not what it holds: left out of images, so a run resumed, spread over torchrun ranks or sent to
+# another --out writes the same bytes (records.RESUME_IGNORES names the options that change no pixel)
+PLACE_FLAGS = ("--out", "--resume", "--overwrite", "--device")
+PLACE_OPTIONS = ("out", "resume", "overwrite", "device")
+
+_RUN: contextvars.ContextVar[tuple[dict[str, Any], str | None] | None] = contextvars.ContextVar("image_settings",
+                                                                                              default=None)
 
 
-def note_run(settings: dict[str, Any] | None) -> None:
-    """The settings of the run now writing images (None: no run; its images carry nothing)."""
-    _RUN.set(settings)
+def note_run(settings: dict[str, Any] | None, out: str | os.PathLike | None = None) -> None:
+    """The settings of the run now writing images into the folder `out` (None: no run; its images carry
+    nothing)."""
+    _RUN.set(None if settings is None else (settings, None if out is None else str(out)))
 
 
 def current() -> dict[str, Any] | None:
-    return _RUN.get()
+    run = _RUN.get()
+    return None if run is None else run[0]
+
+
+def command_line(argv: list[str], command: str) -> list[str]:
+    """`diffcli COMMAND ARGS` from a process's argv (a console script, `python -m diffcli`, torchrun's), without
+    where its output went (`PLACE_FLAGS` and their values): what reproduces the pixels anywhere."""
+    name = command.split()[0]
+    args = list(argv[argv.index(name) + 1:]) if name in argv else list(argv[1:])
+    kept, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in ("--out", "--device"):
+            skip = True
+        elif not (a.startswith(("--out=", "--device=")) or a in ("--resume", "--overwrite")):
+            kept.append(a)
+    return ["diffcli", name, *kept]
 
 
 @contextlib.contextmanager
@@ -54,10 +78,13 @@ def scoped() -> Iterator[None]:
 
 def run_settings(command: str, argv: list[str], cwd: str, options: dict[str, Any], device: str,
                  versions: dict[str, str]) -> dict[str, Any]:
-    """What every image of a run carries: enough to run it again (argv, cwd) and to read what it was. Option values
-    too long for an image (`OPTION_MAX_CHARS` of JSON) are named in `omitted` instead: run.json holds them."""
+    """What every image of a run carries: enough to run it again (its command line without where the output went,
+    the working folder, the kind of device) and to read what it was. Option values too long for an image
+    (`OPTION_MAX_CHARS` of JSON) are named in `omitted` instead: run.json holds them."""
     kept, omitted = {}, []
     for k, v in options.items():
+        if k in PLACE_OPTIONS:
+            continue
         v = str(v) if isinstance(v, Path) else v
         try:
             text = json.dumps(v)
@@ -67,8 +94,8 @@ def run_settings(command: str, argv: list[str], cwd: str, options: dict[str, Any
             omitted.append(k)
         else:
             kept[k] = v
-    return {"schema": SCHEMA, "diffcli": versions.get("diffcli", "unknown"), "command": command, "argv": list(argv),
-            "cwd": cwd, "device": str(device), "options": kept, **({"omitted": omitted} if omitted else {}),
+    return {"schema": SCHEMA, "diffcli": versions.get("diffcli", "unknown"), "command": command,
+            "argv": command_line(argv, command), "cwd": cwd, "device": str(device).split(":")[0], "options": kept, **({"omitted": omitted} if omitted else {}),
             "versions": versions}
 
 
@@ -78,9 +105,8 @@ def image_settings(path: str | os.PathLike, image: dict[str, Any] | None) -> dic
     run = _RUN.get()
     if run is None:
         return None
-    settings = dict(run)
-    out = run["options"].get("out")
-    if isinstance(out, str):
+    settings, out = dict(run[0]), run[1]
+    if out is not None:
         rel = os.path.relpath(os.path.abspath(path), os.path.abspath(out))
         if not rel.startswith(".."):
             settings["file"] = Path(rel).as_posix()

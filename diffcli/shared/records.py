@@ -56,7 +56,7 @@ def note_run(command: str, options: dict[str, Any], device: torch.device | str) 
     recorded = _RECORDED.get()
     image_settings.note_run(image_settings.run_settings(
         command, recorded[0] if recorded else sys.argv, (recorded[1] if recorded else None) or os.getcwd(),
-        options, str(device), versions()))
+        options, str(device), versions()), options.get("out"))
 
 
 def write_run_json(out_dir: Path, command: str, options: dict[str, Any], device: torch.device | str,
