@@ -143,7 +143,7 @@ def _run(cfg: SampleConfig, out: Path, overwrite: bool, resume: bool, dist: Dist
         depend on; with PG its batch, one particle set)."""
         alone = min(cfg.n, (i // block + 1) * block)
         return {"index": i, "seed": cfg.seed + i, "label": None if labels is None else labels[i],
-                "rerun": ["--n", str(alone)]}
+                "rerun": ["--n", str(alone), *(["--batch-size", str(cfg.batch_size)] if pg else [])]}
 
     def draw(mine: list[Task], advance) -> Iterator[tuple]:
         # a PG block is a particle set and runs whole (what is on disk stays as it is); other blocks draw only

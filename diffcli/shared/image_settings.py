@@ -30,10 +30,12 @@ SETTINGS_MAX_BYTES = 1 << 20  # a chunk read back: at most 1 MiB of JSON
 DEPTH_MAX = 32                # and at most this deep
 OPTION_MAX_CHARS = 2000       # an option value longer than this (a list of 50,000 prompts) is left out of images
 
-# where output goes, not what it holds: left out of images, so a run resumed, spread over torchrun ranks or sent to
-# another --out writes the same bytes (records.RESUME_IGNORES names the options that change no pixel)
-PLACE_FLAGS = ("--out", "--resume", "--overwrite", "--device")
-PLACE_OPTIONS = ("out", "resume", "overwrite", "device")
+# where output goes and how fast, not what it holds (records.RESUME_IGNORES: the options that change no pixel): left
+# out of images, so a run resumed, spread over torchrun ranks, batched otherwise or sent to another --out writes the
+# same bytes. The device's kind is kept apart (`device`). A batch that is a PG particle set does change pixels:
+# sample's images name it in their own `rerun` arguments.
+PLACE_FLAGS = ("--out", "--resume", "--overwrite", "--device", "--batch-size", "--view-batch")
+PLACE_OPTIONS = ("out", "resume", "overwrite", "device", "batch_size", "view_batch")
 
 _RUN: contextvars.ContextVar[tuple[dict[str, Any], str | None] | None] = contextvars.ContextVar("image_settings",
                                                                                               default=None)
@@ -59,9 +61,9 @@ def command_line(argv: list[str], command: str) -> list[str]:
     for a in args:
         if skip:
             skip = False
-        elif a in ("--out", "--device"):
+        elif a in PLACE_FLAGS[:1] + PLACE_FLAGS[3:]:  # flags with a value
             skip = True
-        elif not (a.startswith(("--out=", "--device=")) or a in ("--resume", "--overwrite")):
+        elif not (a.startswith(tuple(f + "=" for f in PLACE_FLAGS)) or a in ("--resume", "--overwrite")):
             kept.append(a)
     return ["diffcli", name, *kept]
 
