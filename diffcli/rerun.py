@@ -181,8 +181,8 @@ COMMAND = Command(
 
     Example: diffcli rerun digits/run.json --out digits-again
 
-    Given an image diffcli wrote, it reruns that image's command line (a sample: only as far as that sample) and
-    checks the image comes out with the same pixels.
+    Given an image diffcli wrote, it reruns the command line the image carries (a sample's only as far as the
+    sample's network group) and checks that the image comes out with the same pixels.
 
     Example: diffcli rerun digits/00003-seed3-label3.png --out sample-3-again
     """)
