@@ -94,3 +94,20 @@ def test_rerun_image_refuses_what_it_cannot_replay(digits, tmp_path, capsys):
         for command in ("rerun", "info"):
             code, _, err = invoke_cli([command, str(tmp_path / name)], capsys)
             assert code == 2 and len(err.strip().splitlines()) == 1 and "internal error" not in err, (name, err)
+
+
+def test_a_pipeline_image_carries_its_prompt_and_reruns(tiny_sd, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ok(capsys, "seg", "a red barn", "--model", tiny_sd, "--steps", "2", "--n", "2", "--width", "32",
+       "--blur", "gaussian_-1_2", "--guidance", "3", "--out", "barn", "--device", "cpu")
+    image = tmp_path / "barn" / "a_red_barn_seed1.png"
+    settings = json.loads(chunks(image)["diffcli"])
+    assert settings["image"] == {"index": 1, "seed": 1, "prompt": "a red barn", "blur": "gaussian_-1_2"}
+    assert chunks(image)["parameters"].startswith("a red barn\nSteps: 2, ")
+    assert "CFG scale: 3.0, Seed: 1, Size: 32x" in chunks(image)["parameters"]
+    out, _ = ok(capsys, "info", image)
+    assert "prompt: a red barn" in out
+    out, _ = ok(capsys, "rerun", image)  # default: beside the run's folder
+    again = tmp_path / "barn-a_red_barn_seed1-rerun" / "a_red_barn_seed1.png"
+    assert f"{again}: the same pixels as {image}" in out
+    assert np.array_equal(pixels(again)[1], pixels(image)[1])
