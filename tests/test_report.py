@@ -77,6 +77,11 @@ def sweep(tmp_path_factory):
 
 
 def test_sweep_report_sorts_by_each_score_in_a_browser(sweep, capsys):
+    from diffcli.shared.image_settings import read_settings
+    assert read_settings(sweep / "grid.png")["command"] == "sweep"  # the sweep's figures carry the sweep's settings
+    assert read_settings(sweep / "plot.png")["argv"][:3] == ["diffcli", "sweep", "sample"]
+    setting = read_settings(next(sweep.glob("cfg-*/00000-*.png")))
+    assert setting["command"] == "sample" and "--cfg" in setting["argv"]  # a setting's images, the setting's
     code, out, err = invoke_cli(["report", str(sweep)], capsys)
     assert code == 0, err
     page = sweep.with_name("cfg-sweep.report.html")

@@ -68,6 +68,16 @@ def command_line(argv: list[str], command: str) -> list[str]:
     return ["diffcli", name, *kept]
 
 
+def keep() -> contextvars.Token:
+    """The settings now noted, to `restore` when a run's block ends (`shared.dist.Dist`), so a run's settings never
+    reach files written after it (a library user's own images)."""
+    return _RUN.set(_RUN.get())
+
+
+def restore(token: contextvars.Token) -> None:
+    _RUN.reset(token)
+
+
 @contextlib.contextmanager
 def scoped() -> Iterator[None]:
     """What runs inside notes its own settings; those around it come back after (a sweep's setting, a rerun)."""
