@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -227,7 +228,8 @@ def png_split(data: bytes) -> tuple[bytes, dict[str, str]]:
         if kind in (b"tEXt", b"iTXt") and key in SETTINGS_CHUNKS:
             rest = body[len(key) + 1:]
             if kind == b"iTXt":  # compression flag and method, language tag, translated keyword, then the text
-                rest = rest[2:].split(b"\0", 2)[2]
+                compressed, rest = rest[0], rest[2:].split(b"\0", 2)[2]
+                rest = zlib.decompress(rest) if compressed else rest
             texts[key.decode()] = rest.decode("utf-8" if kind == b"iTXt" else "latin-1")
             continue
         kept.append(chunk)

@@ -80,7 +80,7 @@ def save_figure(path: str | os.PathLike, fig: Any, dpi: int) -> None:
     if settings is not None:
         import json
         width, height = fig.get_size_inches()
-        metadata = {KEY: json.dumps(settings, sort_keys=True),
+        metadata = {KEY: json.dumps(settings, sort_keys=True),  # matplotlib writes it uncompressed
                     PARAMETERS_KEY: parameters_text(settings, (round(width * dpi), round(height * dpi)))}
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi, **({"metadata": metadata} if metadata else {}))
