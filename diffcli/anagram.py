@@ -351,7 +351,8 @@ def _run(cfg: AnagramConfig, jobs: list, out: Path, overwrite: bool, resume: boo
             job = task.item
             result = generate(pipe, sr_pipe, job, cfg, size, device, lambda info: advance(1))
             names = view_files(job, cfg.views)
-            yield from ((out / name, save_image, image) for name, image in zip(names, result["views"]))
+            yield from ((out / name, save_image, image, {"prompt": prompt, "view": k})
+                        for k, (name, image, prompt) in enumerate(zip(names, result["views"], job.prompts)))
             gif, strip_png = (anim / f for f in animation_files(job))
             yield gif, save_gif, animation(build_views(cfg, *size), result["canvas"], cfg.frames)
             strip = [frame(v, result["canvas"], t) for v in build_views(cfg, *size) if v.name != "identity"

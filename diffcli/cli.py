@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import typer
 
-from . import anagram, eval as eval_, info, panorama, pg, rerun, sample, seg, sweep, train
+from . import anagram, eval as eval_, info, panorama, pg, report, rerun, sample, seg, sweep, train
 from .cliopts import to_config_values, typer_function
 from .runner import Command, CommandExit, RunContext, execute
 from .shared.errors import DiffcliError
@@ -127,6 +127,7 @@ register(info.COMMAND)
 register(eval_.COMMAND)
 register(sweep.COMMAND)
 register(rerun.COMMAND)
+register(report.COMMAND)
 
 
 # ---------------------------------------------------------------- commands run by argv in this process

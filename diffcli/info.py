@@ -1,18 +1,22 @@
-"""diffcli info: what this machine runs diffcli with (versions, devices and their dtypes, caches, shipped models)."""
+"""diffcli info: what this machine runs diffcli with (versions, devices and their dtypes, caches, shipped models);
+`diffcli info IMAGE.png`: the generation settings an image diffcli wrote carries."""
 from __future__ import annotations
 
 import os
 import platform
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from .runner import Command, RunContext
 from .shared.records import package_versions
 from .shared.devices import pick_device
+from .shared.fields import opt
+from .shared.image_settings import parameters_text, read_settings
 from .shared.shipped import CHECKPOINTS_DIR
 
 
@@ -41,8 +45,49 @@ def environment() -> dict[str, Any]:
             "hub offline mode (HF_HUB_OFFLINE)": bool(os.environ.get("HF_HUB_OFFLINE"))}
 
 
-def main(cfg: None, ctx: RunContext) -> dict[str, Any]:
-    """`diffcli info`: the environment, a line per entry."""
+@dataclass
+class InfoConfig:
+    image: Optional[Path] = opt(None, argument=True, metavar="[IMAGE.png]", panel="input",
+                                help="An image diffcli wrote: print the settings it carries instead.")
+
+
+def _echo_value(ctx: RunContext, key: str, value: Any, indent: str = "") -> None:
+    if isinstance(value, dict):
+        ctx.echo(f"{indent}{key}:")
+        for k, v in value.items():
+            _echo_value(ctx, k, v, indent + "  ")
+    else:
+        ctx.echo(f"{indent}{key}: {', '.join(map(str, value)) if isinstance(value, list) else value}")
+
+
+def image_info(path: Path, ctx: RunContext) -> dict[str, Any] | None:
+    """The settings IMAGE carries, a line per entry: the command line first (shell-quoted), then the sample's own
+    facts, the options, device and versions. An image without them: one line saying so."""
+    settings = read_settings(path)
+    if settings is None:
+        ctx.echo(f"{path}: no diffcli settings (not written by diffcli, or by a diffcli that did not record "
+                 f"them)")
+        return None
+    import shlex
+    ctx.echo(f"command line: {shlex.join(settings['argv'])}")
+    ctx.echo(f"working folder: {settings.get('cwd')}")
+    for key in ("command", "file", "image", "diffcli", "device", "options", "omitted", "versions"):
+        if key in settings:
+            _echo_value(ctx, key, settings[key])
+    try:
+        from PIL import Image
+        with Image.open(path) as im:
+            size = im.size
+    except OSError:
+        size = (0, 0)
+    ctx.echo("parameters: " + parameters_text(settings, size).replace("\n", " | "))
+    return settings
+
+
+def main(cfg: InfoConfig | None, ctx: RunContext) -> dict[str, Any] | None:
+    """`diffcli info`: the environment, a line per entry; `diffcli info IMAGE`: the settings IMAGE carries."""
+    if cfg is not None and cfg.image is not None:
+        return image_info(cfg.image, ctx)
     env = environment()
     for key, value in env.items():
         if isinstance(value, dict):
@@ -54,7 +99,10 @@ def main(cfg: None, ctx: RunContext) -> dict[str, Any]:
     return env
 
 
-COMMAND = Command("info", None, lambda cfg: None, main, help="""Versions, devices and the dtypes they run, and where models are cached.
+COMMAND = Command("info", InfoConfig, lambda cfg: None, main, config_file=False, help="""Versions, devices and the dtypes they run, and where models are cached; or, given an image diffcli wrote,
+    the generation settings it carries (its command line, seed, label, prompt, options, versions).
 
     Example: diffcli info
+
+    Example: diffcli info digits/00003-seed3-label3.png
     """)

@@ -419,7 +419,8 @@ def _run(cfg: PanoramaConfig, jobs: list[Job], out: Path, overwrite: bool, resum
             job = todo.item
             image, _ = generate(family, p, job.prompt, cfg, device, lambda info: advance(1), job.regions or None)
             images = [image] + crops(image, job.eval_pos, p.crop)
-            yield from ((path, save_image, picture) for path, picture in zip(todo.files, images))
+            facts = [{"prompt": job.prompt}] + [{"prompt": job.prompt, "crop_x": pos} for pos in job.eval_pos]
+            yield from ((path, save_image, picture, fact) for path, picture, fact in zip(todo.files, images, facts))
 
     files = [f for job in jobs for f in outputs(job)]
     done = run_tasks(dist, [Task(job, tuple(out / f for f in outputs(job))) for job in jobs], draw, resume=resume,

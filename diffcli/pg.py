@@ -15,11 +15,11 @@ import torch
 from .shared.errors import DiffcliError
 from .shared.devices import PerSampleRandn, pick_dtype
 from .shared.dist import Dist
-from .shared.files import atomic_path, write_json
+from .shared.files import write_json
 from .shared.tasks import Done, Task, run_tasks
 from .shared.records import write_run_json
 from .shared.checkpoints import load_checkpoint, save_checkpoint
-from .shared.images import save_grid, save_image
+from .shared.images import save_figure, save_grid, save_image
 from .shared.shipped import SHIPPED_MODEL
 from .backends import pipelines
 from .data import sequences as sq
@@ -185,8 +185,7 @@ def plot_embedding(path: Path, feats: dict[str, torch.Tensor], classes: dict[str
     (axes[0] if len(names) > 1 else axes).set_ylabel("PC 2")
     if classes:
         fig.colorbar(sc, ax=axes, ticks=range(10), label="predicted class", fraction=0.03)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    save_figure(path, fig, dpi=100)
     plt.close(fig)
     return True
 
@@ -280,8 +279,8 @@ def write_samples(out: Path, images: torch.Tensor, labels: list[int] | None, see
     """One PNG per sample named by index, seed and label (`drawing.sample_names`), plus grid.png; returns the file
     names."""
     files = sample_names(len(images), labels, seed)
-    for name, img in zip(files, images):
-        save_image(out / name, img)
+    for i, (name, img) in enumerate(zip(files, images)):
+        save_image(out / name, img, {"index": i, "seed": seed + i, "label": None if labels is None else labels[i]})
     save_grid(out / "grid.png", images[:GRID_MAX], nrow=nrow)
     return files
 

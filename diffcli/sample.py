@@ -15,7 +15,7 @@ from .shared.fields import check_fields, opt
 from .shared.devices import PerSampleRandn, pick_dtype
 from .shared.images import check_image_file, load_images, make_grid, save_gif, save_grid, save_image
 from .shared.memory import check_memory
-from .shared.records import is_run_record, write_run_json
+from .shared.records import is_run_record, note_run, write_run_json
 from .shared.checkpoints import load_checkpoint
 from .shared.files import prepare_out_dir
 from .shared.dist import Dist
@@ -137,13 +137,21 @@ def _run(cfg: SampleConfig, out: Path, overwrite: bool, resume: bool, dist: Dist
     blocks = [range(s, min(s + block, cfg.n)) for s in range(0, cfg.n, block)]
     tasks = [Task(b, tuple(out / names[i] for i in b)) for b in blocks]
 
+    def sample_facts(i: int) -> dict[str, Any]:
+        """What image i carries of its own: index, seed, label, and the arguments that draw it again with least
+        work, the same pixels: --n up to the end of its block (its network group, whose other rows its floats
+        depend on; with PG its batch, one particle set)."""
+        alone = min(cfg.n, (i // block + 1) * block)
+        return {"index": i, "seed": cfg.seed + i, "label": None if labels is None else labels[i],
+                "rerun": ["--n", str(alone), *(["--batch-size", str(cfg.batch_size)] if pg else [])]}
+
     def draw(mine: list[Task], advance) -> Iterator[tuple]:
         # a PG block is a particle set and runs whole (what is on disk stays as it is); other blocks draw only
         # their missing samples
         todo = [i for task in mine for i, f in zip(task.item, task.files) if pg or f in task.missing]
         for idx, images, strip in sample_batches(model, meta, cfg, device, todo, on_step=advance,
                                                  context=None if ctx is None else ctx.frames):
-            yield from ((out / names[i], save_image, img) for i, img in zip(idx, images))
+            yield from ((out / names[i], save_image, img, sample_facts(i)) for i, img in zip(idx, images))
             if strip is not None:
                 yield from process_outputs(out, strip, cfg.strip, cfg.gif)
 
@@ -228,12 +236,13 @@ def show_forward(image: Path, out: Path, overwrite: bool, checkpoint: str | None
         return torch.cat([blurred_mean(x, tt, schedule), diffuse(x, tt, noise, schedule)]).clamp(-1, 1)
 
     ts = torch.linspace(0, 1, columns).tolist()
+    options = {"image": str(image), "seed": seed, "gif": gif, "t": ts, **asdict(schedule)}
+    note_run("sample --show-forward", {"out": str(out), **options}, "cpu")
     save_grid(out / "forward.png", torch.stack([frame(t) for t in ts], dim=1).flatten(0, 1), nrow=columns)
     if gif:
         frames = [make_grid(frame(t), nrow=2) for t in torch.linspace(0, 1, 50).tolist()]
         save_gif(out / "forward.gif", frames + [frames[-1]] * 10, duration_ms=80)
-    write_run_json(out, "sample --show-forward", {"image": str(image), "seed": seed, "gif": gif, "t": ts,
-                                                  **asdict(schedule)}, "cpu")
+    write_run_json(out, "sample --show-forward", options, "cpu")
     return {"out": str(out), "schedule": asdict(schedule)}
 
 

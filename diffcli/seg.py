@@ -209,7 +209,8 @@ def _run(cfg: SegConfig, blurs: list[Blur], out: Path, overwrite: bool, resume: 
             for blur in blurs:  # same prompt encodings and seeds for every blur
                 batch = sample(family, cond, uncond, seeds, cfg, guides[spec_of(blur)], sigmas, device,
                                callback=lambda info: advance(1))
-                yield from ((path, save_image, image) for image, path in zip(batch, names(stem, blur)))
+                yield from ((path, save_image, image, {"index": i, "seed": seed, "prompt": prompt, "blur": spec_of(blur)})
+                            for i, (image, path, seed) in enumerate(zip(batch, names(stem, blur), seeds)))
                 if recorder is not None:
                     metrics[spec_of(blur)] += [{"blur": spec_of(blur), "prompt": prompt, "step": step_index(sigmas, r["sigma"]),
                                             **r} for r in recorder]

@@ -26,8 +26,8 @@ from .shared.fields import opt
 from .shared.dist import Dist
 from .shared.errors import DiffcliError
 from .shared.files import atomic_path, prepare_out_dir, write_json
-from .shared.images import load_images, save_grid
-from .shared.records import run_record_path
+from .shared.images import load_images, save_figure, save_grid
+from .shared.records import note_run, run_record_path
 from .shared.names import safe_name
 
 MAX_SETTINGS = 32  # more settings than this need --yes
@@ -216,8 +216,7 @@ def plot(out: Path, grid: list[tuple[str, list[str]]], rows: list[dict[str, Any]
         if others:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(out / "plot.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_figure(out / "plot.png", fig, dpi=110)
     plt.close(fig)
     return True
 
@@ -274,6 +273,7 @@ def run(cfg: SweepConfig, commands: Commands, out: Path, overwrite: bool, resume
     elif main:
         prepare_out_dir(out, overwrite)
         write_json(record_path, record, indent=2)
+    note_run("sweep", {"out": str(out), **record}, "none")  # its grid and plot carry the sweep's settings
     rows, beside_record = [], commands.spec(cfg.command).record_beside
     with caching(), Dist(None):  # under torchrun, one process group for every setting's command and score
         for s in todo:

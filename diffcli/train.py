@@ -31,7 +31,7 @@ from .shared.checkpoints import (add_prefix, flatten_state, load_checkpoint, sav
                                  unflatten_state)
 from .shared.files import clear_temp_files, prepare_out_dir
 from .shared.images import save_grid, save_image, to_model_range
-from .shared.records import write_run_json
+from .shared.records import note_run, write_run_json
 from .data.datasets import BatchOrder, ImageSet, load_dataset, mnist_digit_tiles
 from .core.denoisers import EDMPrecond
 from .shared.dist import Dist
@@ -561,6 +561,7 @@ def write_preview(cfg: TrainConfig, out: str | Path, n: int, overwrite: bool = F
     ds = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.image_size, cfg.channels, cfg.sequence)
     folder = prepare_out_dir(out, overwrite)
     path = folder / "preview.png"
+    note_run("train --preview", {"out": str(out), "preview": n, **asdict(cfg)}, "cpu")
     if ds.sequence is None:
         save_grid(path, to_model_range(ds.images[:n]))
         return path

@@ -13,7 +13,10 @@ What is hashed:
   (VOLATILE_KEYS: time stamps, seconds since the start, package versions), as sorted-keys JSON;
 - safetensors files: the tensors' header and bytes, and their JSON metadata as above (it records the dataset
   folder, a temporary path);
-- every other file (PNG, GIF, CSV, ...): its raw bytes.
+- PNG files: their raw bytes without the generation-settings text chunks (`diffcli`, `parameters`), so the entry
+  pins the pixels and the encoder's bytes as before; the settings themselves, read as JSON and scrubbed as above,
+  are a second entry `<file>#settings`;
+- every other file (GIF, CSV, ...): its raw bytes.
 
 A failure lists, per case, the commands that failed and the files whose hash changed, that are missing or that
 are extra. The hashes hold for one machine and one set of library versions (float rounding, PNG encoders): a
@@ -34,6 +37,7 @@ import json
 import os
 import platform
 import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -208,10 +212,36 @@ def safetensors_digest(data: bytes, places: list[tuple[str, str]]) -> bytes:
     return canonical({"header": header, "metadata": meta}, places) + data[8 + size:]
 
 
+SETTINGS_CHUNKS = (b"diffcli", b"parameters")  # the generation settings diffcli's PNGs carry (shared/image_settings.py)
+
+
+def png_split(data: bytes) -> tuple[bytes, dict[str, str]]:
+    """A PNG's bytes without the settings chunks (what the file would be without them: its pixels and the rest,
+    byte for byte) and those chunks' texts by key."""
+    kept, texts, pos = [data[:8]], {}, 8
+    while pos + 8 <= len(data):
+        (size,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + size]
+        chunk = data[pos:pos + 12 + size]
+        pos += 12 + size
+        key = body.split(b"\0", 1)[0]
+        if kind in (b"tEXt", b"iTXt") and key in SETTINGS_CHUNKS:
+            rest = body[len(key) + 1:]
+            if kind == b"iTXt":  # compression flag and method, language tag, translated keyword, then the text
+                compressed, rest = rest[0], rest[2:].split(b"\0", 2)[2]
+                rest = zlib.decompress(rest) if compressed else rest
+            texts[key.decode()] = rest.decode("utf-8" if kind == b"iTXt" else "latin-1")
+            continue
+        kept.append(chunk)
+    return b"".join(kept), texts
+
+
 def file_digest(path: Path, places: list[tuple[str, str]]) -> str:
     data = path.read_bytes()
     name = path.name
-    if name.endswith(".json"):
+    if name.endswith(".png"):
+        data = png_split(data)[0]
+    elif name.endswith(".json"):
         data = canonical(json.loads(data), places)
     elif name.endswith(".jsonl"):
         data = b"\n".join(canonical(json.loads(line), places) for line in data.splitlines() if line.strip())
@@ -220,9 +250,27 @@ def file_digest(path: Path, places: list[tuple[str, str]]) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def settings_digest(path: Path, places: list[tuple[str, str]]) -> str | None:
+    """The settings a PNG carries, scrubbed as JSON is (paths as placeholders, versions left out): its own entry
+    `<file>#settings` beside the file's, so a change of settings and a change of pixels read apart."""
+    texts = png_split(path.read_bytes())[1]
+    if not texts:
+        return None
+    settings = {"diffcli": json.loads(texts["diffcli"]) if "diffcli" in texts else None,
+                "parameters": texts.get("parameters")}
+    return hashlib.sha256(canonical(settings, places)).hexdigest()
+
+
 def folder_digests(folder: Path, places: list[tuple[str, str]]) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): file_digest(p, places)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    digests = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(folder).as_posix()
+            digests[rel] = file_digest(p, places)
+            settings = settings_digest(p, places) if p.name.endswith(".png") else None
+            if settings is not None:
+                digests[rel + "#settings"] = settings
+    return digests
 
 
 # ---------------------------------------------------------------- running the cases

@@ -11,7 +11,7 @@ from pathlib import Path
 from conftest import ROOT
 
 PACKAGE = ROOT / "diffcli"
-COMMANDS = {"train", "sample", "seg", "panorama", "anagram", "pg", "eval", "sweep", "rerun", "info"}
+COMMANDS = {"train", "sample", "seg", "panorama", "anagram", "pg", "eval", "sweep", "rerun", "info", "report"}
 LAYERS = {"shared": 0, "core": 1, "data": 2, "backends": 3}
 
 

@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..shared.errors import DiffcliError
-from ..shared.files import atomic_path
-from ..shared.images import to_model_range
+from ..shared.images import save_figure, to_model_range
 
 SEQUENCE_DIGITS = "sequence.digits"  # a next-frame model file's digit tiles, uint8 (M, s, s), of its sequences 0..M-1
 CARRIED_DIGITS = 1000                # how many a model file carries (256 KB for 16-px digits)
@@ -439,8 +438,7 @@ def plot_landing(path: Path, moved: dict[str, torch.Tensor], shifts: torch.Tenso
     ax.set_title("where the next-frame digit lands")
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_figure(path, fig, dpi=110)
     plt.close(fig)
     return True
 

@@ -20,7 +20,8 @@ import torch
 import torch.distributed as torch_dist
 
 from .errors import DiffcliError
-from .records import begin_output, write_run_json
+from . import image_settings
+from .records import begin_output, note_run, write_run_json
 from .devices import pick_device
 from .limits import WORLD_MAX
 
@@ -134,9 +135,13 @@ class Dist:
             torch_dist.barrier()
 
     def __enter__(self) -> "Dist":
+        self._settings = image_settings.keep()  # the run noted inside (`begin`) ends with the block
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
+        if getattr(self, "_settings", None) is not None:
+            image_settings.restore(self._settings)
+            self._settings = None
         if exc_type is None:
             self.barrier()  # every rank leaves after rank 0 wrote the outputs (a sweep's next step reads them)
         self.close()
@@ -204,6 +209,7 @@ class Dist:
                                **extra)
             return folder
 
+        note_run(command, options, self.device)  # every rank's images carry the run's settings, resumed or not
         self.main_first(start)
         return Path(out)
 

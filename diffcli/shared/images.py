@@ -7,7 +7,7 @@ import re
 import stat
 import warnings
 import zlib
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ from PIL import Image
 
 from .errors import DiffcliError
 from .files import atomic_path
+from .image_settings import image_settings, png_info, parameters_text, KEY, PARAMETERS_KEY
 
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}  # what counts as an image file
@@ -61,11 +62,28 @@ def make_grid(x: torch.Tensor, nrow: int | None = None, pad: int = 2, pad_value:
     return grid
 
 
-def save_image(path: str | os.PathLike, x: torch.Tensor) -> None:
-    """Save one (C,H,W) image in [-1, 1] as PNG, atomically; never one with NaN/inf (they would turn black)."""
+def save_image(path: str | os.PathLike, x: torch.Tensor, image: dict[str, Any] | None = None) -> None:
+    """Save one (C,H,W) image in [-1, 1] as PNG, atomically; never one with NaN/inf (they would turn black). It
+    carries the run's generation settings (`shared.image_settings`) and `image`, a sample's own (index, seed,
+    label, prompt, the arguments that draw it alone); a figure passes none."""
     check_finite_image(path, x)
+    picture = _pil(to_uint8(x))
+    info = png_info(image_settings(path, image), picture.size)
     with atomic_path(path) as tmp:
-        _pil(to_uint8(x)).save(tmp, format="PNG")
+        picture.save(tmp, format="PNG", **({"pnginfo": info} if info is not None else {}))
+
+
+def save_figure(path: str | os.PathLike, fig: Any, dpi: int) -> None:
+    """A matplotlib figure as PNG, atomically, carrying the run's settings as `save_image`'s figures do."""
+    settings = image_settings(path, None)
+    metadata = {}
+    if settings is not None:
+        import json
+        width, height = fig.get_size_inches()
+        metadata = {KEY: json.dumps(settings, sort_keys=True),  # matplotlib writes it uncompressed
+                    PARAMETERS_KEY: parameters_text(settings, (round(width * dpi), round(height * dpi)))}
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, **({"metadata": metadata} if metadata else {}))
 
 
 def check_finite_image(path: str | os.PathLike, x: torch.Tensor) -> None:

@@ -17,6 +17,7 @@ import torch
 
 from .errors import DiffcliError
 from .files import clear_temp_files, prepare_out_dir, write_json
+from . import image_settings
 
 
 def package_versions(packages: Iterable[str]) -> dict[str, str]:
@@ -42,9 +43,20 @@ def recording(argv: list[str] | None, cwd: str | None = None) -> Iterator[None]:
     rerun records the command line that reproduces it (runner.RunContext.argv)."""
     token = _RECORDED.set(None if argv is None else (list(argv), cwd))
     try:
-        yield
+        with image_settings.scoped():  # and the images written inside carry that run's settings
+            yield
     finally:
         _RECORDED.reset(token)
+
+
+def note_run(command: str, options: dict[str, Any], device: torch.device | str) -> None:
+    """The settings every image this run writes from now on carries (`shared.image_settings`): the command line
+    and folder its run record notes, its options, device and versions (no time: an image stays a function of its
+    command line). `write_run_json` notes them; a rank or resumed run that writes no record calls this."""
+    recorded = _RECORDED.get()
+    image_settings.note_run(image_settings.run_settings(
+        command, recorded[0] if recorded else sys.argv, (recorded[1] if recorded else None) or os.getcwd(),
+        options, str(device), versions()), options.get("out"))
 
 
 def write_run_json(out_dir: Path, command: str, options: dict[str, Any], device: torch.device | str,
@@ -63,6 +75,7 @@ def write_run_json(out_dir: Path, command: str, options: dict[str, Any], device:
         **extra,
     }
     write_json(record_path or Path(out_dir) / "run.json", record)
+    note_run(command, options, device)
 
 
 # panorama and anagram write folders a grader opens entry by entry (the 003 grader: every entry of glob(OUT/*)
