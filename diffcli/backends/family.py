@@ -97,6 +97,10 @@ class Family(abc.ABC):
         """Layer names (down/mid/up, d4, m0, u1) -> module paths in `attention`; unknown names list the valid ones."""
         return seg_attention.resolve_layers(self.attention, names, option)
 
+    def seg_processor(self, state: seg_attention.SegState, name: str, perturb: bool, recorder=None):
+        """The attention processor SEG installs on the module `name` (`attention.installed`'s factory)."""
+        return seg_attention.SegAttnProcessor(state, name, perturb, recorder)
+
     @abc.abstractmethod
     def check_memory(self, n: int, height: int, width: int, dtype: torch.dtype, device: torch.device | str,
                      what: str, hint: str) -> None: ...

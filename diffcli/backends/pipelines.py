@@ -8,6 +8,7 @@ of them, so SD 1.x/2.x, SDXL and DeepFloyd IF load, condition and decode one way
 """
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from pathlib import Path
@@ -25,6 +26,8 @@ from .deepfloyd import DeepFloydIF, DeepFloydIFSuperResolution
 from .diffusers_unet import UNetPipeline
 from .edm import DiffcliModel
 from .family import Family
+from .flow_flux import Flux
+from .flow_sd3 import StableDiffusion3
 from .models import load_model
 from .stable_diffusion import StableDiffusion, StableDiffusionXL
 
@@ -32,7 +35,11 @@ initial_latents = diffusers_unet.initial_latents  # the Python API's names, kept
 ConcatUNet = deepfloyd.ConcatUNet
 
 # the diffusers pipeline families, first match wins (SDXL before SD; IF stage II before stage I)
-FAMILIES: tuple[type[UNetPipeline], ...] = (StableDiffusionXL, DeepFloydIFSuperResolution, DeepFloydIF, StableDiffusion)
+FAMILIES: tuple[type[Family], ...] = (
+    StableDiffusionXL, DeepFloydIFSuperResolution, DeepFloydIF, StableDiffusion,
+    StableDiffusion3,  # flow_sd3.py: SD3 / SD3.5
+    Flux,  # flow_flux.py: Flux.1 dev / schnell
+)
 
 
 def load_pipeline(spec: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
@@ -59,6 +66,7 @@ def _load_pipeline(spec: str, device: torch.device | str | None, dtype: torch.dt
     device = pick_device(None if device is None else str(device))
     dtype = pick_dtype(None, device) if dtype is None else dtype
     pickled = pickled_weights(Path(spec)) if Path(spec).is_dir() else []
+    components = {**absent_components(Path(spec)), **components}
     if pickled:
         what = "is a pickled weight file" if len(pickled) == 1 else "are pickled weight files"
         raise DiffcliError(f"{spec}: {some_names(pickled)} {what} with no safetensors beside; {NO_PICKLES}")
@@ -83,6 +91,16 @@ def _load_pipeline(spec: str, device: torch.device | str | None, dtype: torch.dt
     return pipe.to(device)
 
 
+def absent_components(folder: Path) -> dict[str, None]:
+    """Components a local pipeline folder saved as absent ([null, null] in model_index.json, e.g. SD3 without its
+    T5): `from_pretrained` wants them passed as None."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
+
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 NO_PICKLES = ("diffcli loads pipeline weights from safetensors only and never unpickles (a pickle can run code): "
               "convert it once where you trust it, e.g. `DiffusionPipeline.from_pretrained(DIR)"
@@ -100,11 +118,11 @@ def pickled_weights(folder: Path) -> list[str]:
     return found
 
 
-UNSUPPORTED = ("diffcli runs UNet pipelines (SD 1.x/2.x, SDXL, DeepFloyd IF); transformer models (SD3, Flux) are "
-               "not supported yet")
+UNSUPPORTED = ("diffcli runs SD 1.x/2.x, SDXL, DeepFloyd IF, SD3/SD3.5 and Flux.1 pipelines; other pipeline "
+               "classes are not supported")
 
 
-def family_class(pipe) -> type[UNetPipeline] | None:
+def family_class(pipe) -> type[Family] | None:
     return next((f for f in FAMILIES if f.matches(pipe)), None)
 
 

@@ -285,18 +285,20 @@ class SegAttnProcessor:
 
 @contextlib.contextmanager
 def installed(unet: torch.nn.Module, state: SegState, perturbed: list[str], tracked: list[str] = (),
-              recorder: list[dict[str, Any]] | None = None) -> Iterator[None]:
+              recorder: list[dict[str, Any]] | None = None, factory=None) -> Iterator[None]:
     """Put SEG processors on the perturbed (and, with a recorder, the tracked) layers; restore the old ones after.
 
     Layers neither perturbed nor tracked keep their own processor, so unselected layers cost nothing extra.
+    `factory(state, path, perturb, recorder)` makes a processor (default `SegAttnProcessor`; transformer families
+    give their joint-attention one, `joint_attention.JointSegProcessor`).
     """
+    make = factory or SegAttnProcessor
     modules = dict(unet.named_modules())
     paths = list(dict.fromkeys([*perturbed, *(tracked if recorder is not None else ())]))
     old = {p: modules[p].processor for p in paths}
     try:
         for p in paths:
-            modules[p].set_processor(SegAttnProcessor(state, p, p in perturbed,
-                                                      recorder if p in tracked else None))
+            modules[p].set_processor(make(state, p, p in perturbed, recorder if p in tracked else None))
         yield
     finally:
         for p, proc in old.items():
