@@ -47,6 +47,7 @@ class Family(abc.ABC):
     sigma_data: float = 1.0
     scale_factor: int = 1
     pixel_space: bool = False
+    tracks_metrics: bool = True  # SEG's --metrics can record its attention blocks
 
     @classmethod
     @abc.abstractmethod

@@ -98,6 +98,7 @@ class FlowPipeline(Family):
 
     sigma_data = 1.0
     pixel_space = False
+    tracks_metrics = False
     patch = 2
     block_kinds: dict[str, str] = {}  # module-list attribute -> layer-name letter (SEG's --layers)
 
@@ -237,13 +238,15 @@ class FlowPipeline(Family):
                    device: torch.device | str | None = None) -> None:
         """Encode every batch of prompts a run needs, then free the text encoders (T5-XXL alone is 4.7B
         parameters): later `encode_prompts` calls for these batches read the kept encodings."""
+        from ..shared import cache
         self.encoded = {}
         dev = self.device(device)
         for prompts in batches:
             neg = [negative or ""] * len(prompts) if isinstance(negative, str) or negative is None else negative
             key = ("prompts", id(self.pipe), tuple(prompts), tuple(neg), self.guidance_embed, str(dev))
             self.encoded[key] = self._encode_prompts(prompts, neg, dev)
-        self.release_text_encoders()
+        if cache._cache is None and not self.offload:  # a sweep reuses the pipeline; offload moves them off anyway
+            self.release_text_encoders()
 
     def release_text_encoders(self) -> None:
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
@@ -299,7 +302,8 @@ class FlowPipeline(Family):
     def seg_processor(self, state, name: str, perturb: bool, recorder=None):
         if recorder is not None:
             raise DiffcliError("--metrics tracks UNet attention blocks; transformer models have no such tracking yet")
-        return joint_attention.JointSegProcessor(state, name, perturb, self.layout(name), self.patch)
+        plain = dict(self.attention.named_modules())[name].processor
+        return joint_attention.JointSegProcessor(state, name, perturb, self.layout(name), self.patch, plain)
 
     def layout(self, name: str) -> str:
         raise NotImplementedError

@@ -61,8 +61,9 @@ class JointSegProcessor:
     grid the denoiser sees) divided by the transformer's `patch`.
     """
 
-    def __init__(self, state, name: str, perturb: bool, layout: str, patch: int):
+    def __init__(self, state, name: str, perturb: bool, layout: str, patch: int, plain=None):
         self.state, self.name, self.perturb, self.layout, self.patch = state, name, perturb, layout, patch
+        self.plain = plain  # the module's own processor: what runs when this call perturbs nothing (bit for bit)
 
     def grid(self) -> tuple[int, int]:
         lh, lw = self.state.latent_hw
@@ -73,6 +74,10 @@ class JointSegProcessor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None, *args, **kwargs):
+        if self.blur() is None and self.plain is not None:
+            if self.layout == "image_text":
+                return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+            return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         if self.layout == "image_text":
             return self.sd3(attn, hidden_states, encoder_hidden_states)
         return self.flux(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
