@@ -187,9 +187,10 @@ def synced_sample(family, base, cond: dict[str, Any], uncond: dict[str, Any], sc
     make = lambda a, b: guidance.denoiser(base, rows_of(cond, a, b), rows_of(uncond, a, b), sigmas,  # noqa: E731
                                           limit=family.limit)
     with guidance.installed(family.attention):
-        return sample_views(make, views, sigmas, lambda shape: rng.randn(shape)[0], views.canvas,
+        state = family.state_dtype(sigmas.device)
+        return sample_views(make, views, sigmas, lambda shape: rng.randn(shape)[0].to(state), views.canvas,
                             sampler=cfg.sampler, case=cfg.sync, noise=cfg.noise, view_batch=cfg.view_batch,
-                            knobs=cfg.knobs(), callback=on_step)
+                            knobs=cfg.knobs(), callback=on_step, start_scale=family.start_scale(sigmas[0]))
 
 
 def images_of(views: ViewSet, w: torch.Tensor, sigma_last, family, case: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -100,7 +100,6 @@ class FlowPipeline(Family):
     pixel_space = False
     tracks_metrics = False
     patch = 2
-    block_kinds: dict[str, str] = {}  # module-list attribute -> layer-name letter (SEG's --layers)
 
     def __init__(self, pipe: Any):
         self.pipe = pipe
@@ -180,6 +179,12 @@ class FlowPipeline(Family):
                         sigma_max: torch.Tensor | float) -> torch.Tensor:
         """Unit noise n as the pipeline draws it (on the unpacked grid), in our form: x = n (1 + sigma_max)."""
         return rng.randn(shape).to(state_dtype(rng.device)) * (1 + float(sigma_max))
+
+    def start_scale(self, sigma_max: torch.Tensor | float) -> float:
+        return 1 + float(sigma_max)
+
+    def state_dtype(self, device: torch.device | str) -> torch.dtype:
+        return state_dtype(device)
 
     def scheduler_ts(self, steps: int, height: int, width: int) -> torch.Tensor:
         """The t values the pipeline's own loop visits (its scheduler after `set_timesteps`), ending in 0."""
@@ -288,25 +293,13 @@ class FlowPipeline(Family):
 
     # ------------------------------------------------------------ SEG on joint attention
 
-    def attention_layers(self) -> dict[str, list[str]]:
-        """SEG's perturbable attention modules by block kind, in module order (`block_kinds`)."""
-        net = self.pipe.transformer
-        return {kind: [f"{attr}.{i}.attn" for i in range(len(getattr(net, attr)))]
-                for attr, kind in self.block_kinds.items() if hasattr(net, attr)}
-
     def layers(self, names: list[str], option: str = "layers") -> list[str]:
         """Block kinds ('joint'; 'double', 'single'), indexed layers ('j3'; 'd0', 's12'), 'all', or 'mid' (the
         middle block of the whole stack, the default) -> module paths; unknown names list the valid ones."""
-        return joint_attention.resolve(self.attention_layers(), names, option)
+        return joint_attention.resolve(joint_attention.layers_of(self.attention), names, option)
 
     def seg_processor(self, state, name: str, perturb: bool, recorder=None):
-        if recorder is not None:
-            raise DiffcliError("--metrics tracks UNet attention blocks; transformer models have no such tracking yet")
-        plain = dict(self.attention.named_modules())[name].processor
-        return joint_attention.JointSegProcessor(state, name, perturb, self.layout(name), self.patch, plain)
-
-    def layout(self, name: str) -> str:
-        raise NotImplementedError
+        return joint_attention.processor(self.attention, state, name, perturb, recorder)
 
 
 def dynamic_mu(config: Any, image_seq_len: int, max_shift_default: float = 1.15) -> float:

@@ -38,7 +38,6 @@ def image_ids(h: int, w: int, device, dtype, offset: tuple[int, int] = (0, 0)) -
 class Flux(FlowPipeline):
     name = "flux"
     pipelines = ("FluxPipeline",)
-    block_kinds = {"transformer_blocks": "double", "single_transformer_blocks": "single"}
     packing = 4
     position_offset: tuple[int, int] = (0, 0)  # RoPE row/col offset of the grid the network sees (panoramas)
 
@@ -87,8 +86,3 @@ class Flux(FlowPipeline):
                 img_ids=image_ids(h // 2, w // 2, x_t.device, net.dtype, self.position_offset),
                 return_dict=False)[0]
         return unpack(v, h, w)
-
-    def layout(self, name: str) -> str:
-        # FluxAttnProcessor: double blocks attend over [text, image] (the image from encoder_hidden_states' end);
-        # single blocks get the concatenated [text, image] sequence as hidden_states, the image last
-        return "text_image" if name.startswith("transformer_blocks") else "single"

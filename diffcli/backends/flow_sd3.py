@@ -13,7 +13,6 @@ from .flow_common import FlowPipeline, dynamic_mu, flow_scheduler
 class StableDiffusion3(FlowPipeline):
     name = "sd3"
     pipelines = ("StableDiffusion3Pipeline",)
-    block_kinds = {"transformer_blocks": "joint"}
 
     @property
     def text_tokens(self) -> int:
@@ -39,6 +38,3 @@ class StableDiffusion3(FlowPipeline):
         timestep = (t * self.pipe.scheduler.config.num_train_timesteps).to(net.dtype)
         return net(hidden_states=x_t.to(net.dtype), timestep=timestep, return_dict=False,
                    **{k: v.to(net.dtype) for k, v in cond.items()})[0]
-
-    def layout(self, name: str) -> str:
-        return "image_text"  # JointAttnProcessor2_0: [image, text] along the sequence

@@ -66,13 +66,16 @@ def pipeline_class_name(spec: str) -> str | None:
         return None
 
 
+def is_flow(spec: str) -> bool:
+    """Does `spec` name a flow transformer pipeline (its model_index.json; a hub id by its name)?"""
+    return pipeline_class_name(spec) in FLOW_PIPELINES or bool(re.search(r"flux|stable-diffusion-3", spec, re.I))
+
+
 def pipeline_dtype(name: str | None, device: torch.device, spec: str) -> torch.dtype:
     """`--dtype` for a pipeline: as asked, else bf16 on CUDA for the flow transformers (SD3, Flux: fp16 overflows
     in T5 and Flux), else `devices.pick_dtype`'s default (fp16 on CUDA, fp32 elsewhere)."""
-    if name in (None, "", "auto") and torch.device(device).type == "cuda":
-        flow = pipeline_class_name(spec) in FLOW_PIPELINES or re.search(r"flux|stable-diffusion-3", spec, re.I)
-        if flow:
-            return torch.bfloat16
+    if name in (None, "", "auto") and torch.device(device).type == "cuda" and is_flow(spec):
+        return torch.bfloat16
     return pick_dtype(name, torch.device(device))
 
 

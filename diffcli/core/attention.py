@@ -26,6 +26,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
+from . import joint_attention
 from .query_blur import Blur
 from ..shared.errors import DiffcliError
 
@@ -98,6 +99,8 @@ def resolve_layers(unet: torch.nn.Module, names: list[str], option: str = "layer
 
     `option` names what is being resolved in the error (a caller may pass its own word, e.g. a flag).
     """
+    if joint_attention.is_joint(unet):  # SD3 / Flux: joint / double / single blocks (joint_attention.resolve)
+        return joint_attention.resolve(joint_attention.layers_of(unet), names, option)
     layers = self_attention_layers(unet)
     if names and not any(layers.values()):
         raise DiffcliError(f"{option} {','.join(names)!r}: this model has no self-attention layers, "
@@ -293,6 +296,8 @@ def installed(unet: torch.nn.Module, state: SegState, perturbed: list[str], trac
     give their joint-attention one, `joint_attention.JointSegProcessor`).
     """
     make = factory or SegAttnProcessor
+    if factory is None and joint_attention.is_joint(unet):
+        make = lambda state_, path, perturb, rec: joint_attention.processor(unet, state_, path, perturb, rec)  # noqa: E731
     modules = dict(unet.named_modules())
     paths = list(dict.fromkeys([*perturbed, *(tracked if recorder is not None else ())]))
     old = {p: modules[p].processor for p in paths}

@@ -139,6 +139,40 @@ class JointSegProcessor:
         return y
 
 
+# ---------------------------------------------------------------- which transformers, which layers
+
+# transformer class -> (its block lists -> SEG's block kinds, the image token's side in latent cells)
+TRANSFORMERS = {
+    "SD3Transformer2DModel": ({"transformer_blocks": "joint"}, 2),
+    "FluxTransformer2DModel": ({"transformer_blocks": "double", "single_transformer_blocks": "single"}, 2),
+}
+
+
+def is_joint(net: torch.nn.Module) -> bool:
+    """Is `net` a joint-attention transformer whose attention these processors know?"""
+    return type(net).__name__ in TRANSFORMERS
+
+
+def layers_of(net: torch.nn.Module) -> dict[str, list[str]]:
+    """SEG's perturbable attention modules of a joint transformer by block kind, in module order."""
+    kinds, _ = TRANSFORMERS[type(net).__name__]
+    return {kind: [f"{attr}.{i}.attn" for i in range(len(getattr(net, attr)))]
+            for attr, kind in kinds.items() if hasattr(net, attr)}
+
+
+def processor(net: torch.nn.Module, state, path: str, perturb: bool, recorder=None) -> JointSegProcessor:
+    """The processor for the module at `path` of a joint transformer (`attention.installed`'s factory there)."""
+    if recorder is not None:
+        raise DiffcliError("--metrics tracks UNet attention blocks; transformer models have no such tracking yet")
+    name = type(net).__name__
+    if name == "SD3Transformer2DModel":
+        layout = "image_text"
+    else:  # Flux: double blocks attend over [text, image], single blocks get [text, image] as one sequence
+        layout = "text_image" if path.startswith("transformer_blocks") else "single"
+    plain = dict(net.named_modules())[path].processor
+    return JointSegProcessor(state, path, perturb, layout, TRANSFORMERS[name][1], plain)
+
+
 # ---------------------------------------------------------------- layer names
 
 def resolve(layers: dict[str, list[str]], names: list[str], option: str = "layers") -> list[str]:
