@@ -43,3 +43,23 @@ def test_wide_panorama_runs_on_the_latent_grid(which, request, tmp_path):
     from diffcli.shared.images import load_images
     files = sorted(out.glob("*.png"))
     assert files and load_images(files[:1]).shape[-2:] == (16, 40)
+
+
+@pytest.mark.parametrize("which,kernel", [("tiny_sd3", "rbf"), ("tiny_flux", "rbf"), ("tiny_flux", "clip")])
+def test_particle_guidance_on_flow_models(which, kernel, request, tmp_path, capsys):
+    """PG repels the particles on the latent (rbf) or through the decoded x0_hat's CLIP features (clip): --compare
+    writes the plain set beside, and PG changes the images."""
+    from conftest import invoke_cli
+    model = request.getfixturevalue(which)
+    extra = []
+    if kernel == "clip":
+        pytest.importorskip("open_clip")
+        from pipes import build_tiny_clip
+        config, weights, _ = build_tiny_clip(tmp_path, "tinyclip-flowpg", seed=4)
+        extra = ["--clip-model", config, "--clip-pretrained", weights]
+    out = tmp_path / "pg"
+    code, _, err = invoke_cli(["pg", "a dog", "--model", model, "--n", "2", "--steps", "3", "--height", "16",
+                               "--width", "16", "--kernel", kernel, *extra, "--pg-factor", "50", "--compare",
+                               "--out", out, "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert (out / "plain" / "00001-seed1.png").read_bytes() != (out / "00001-seed1.png").read_bytes()
