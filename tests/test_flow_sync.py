@@ -63,3 +63,47 @@ def test_particle_guidance_on_flow_models(which, kernel, request, tmp_path, caps
                                "--out", out, "--device", "cpu"], capsys)
     assert code == 0, err
     assert (out / "plain" / "00001-seed1.png").read_bytes() != (out / "00001-seed1.png").read_bytes()
+
+
+@pytest.mark.parametrize("which", ["tiny_sd", "tiny_sd3", "tiny_flux"])
+def test_identity_anagram_on_a_latent_model_is_plain_sampling(which, request, tmp_path, capsys):
+    """One identity view on the latent grid == plain CFG sampling of its prompt (same seed, same sigmas)."""
+    from conftest import invoke_cli
+    from diffcli.shared.images import load_images
+    model = request.getfixturevalue(which)
+    out = tmp_path / "ana"
+    code, _, err = invoke_cli(["anagram", "a cat", "--views", "identity", "--model", model, "--steps", "3",
+                               "--height", "16", "--width", "16", "--cfg", "4", "--seed", "3", "--out", out,
+                               "--device", "cpu"], capsys)
+    assert code == 0, err
+    fam = family(model)
+    fam.check_size(16, 16)
+    sigmas = fam.sigmas(3, CPU)
+    cond, uncond = fam.encode_prompts(["a cat"], None, 16, 16, CPU)
+    x = fam.initial_latents(PerSampleRandn([3]), fam.latent_shape(16, 16), sigmas[0])
+    plain = fam.decode(sample_euler(classifier_free(fam.denoiser(), 4.0, cond, uncond), x, sigmas), sigmas[-1])
+    assert torch.equal(load_images([out / "a_cat.png"])[0], load_images_of(plain[0], tmp_path)[0])
+
+
+def load_images_of(image, tmp_path):
+    from diffcli.shared.images import load_images, save_image
+    save_image(tmp_path / "plain.png", image)
+    return load_images([tmp_path / "plain.png"])
+
+
+def test_latent_anagram_views(tiny_flux, tmp_path, capsys):
+    """A flip anagram on Flux writes one image per view, synchronized (view 2 is view 1 upside down on the latent
+    grid); views with no latent meaning are refused in one line before anything is written."""
+    from conftest import invoke_cli
+    out = tmp_path / "ana"
+    code, _, err = invoke_cli(["anagram", "a cat", "a dog", "--views", "identity", "flip", "--model", tiny_flux,
+                               "--steps", "2", "--height", "16", "--width", "16", "--out", out, "--device", "cpu"],
+                              capsys)
+    assert code == 0, err
+    assert (out / "a_cat.png").exists() and (out / "a_dog.png").exists()
+    for views in (["identity", "negate"], ["identity", "skew"], ["identity", "inner_rotate"]):
+        bad = tmp_path / f"bad-{views[1]}"
+        code, _, err = invoke_cli(["anagram", "a cat", "a dog", "--views", *views, "--model", tiny_flux, "--steps", "2",
+                                   "--height", "16", "--width", "16", "--out", bad, "--device", "cpu"], capsys)
+        assert code != 0 and "no meaning on a FluxPipeline's latent grid" in err, err
+        assert len(err.strip().splitlines()) == 1 and not bad.exists()

@@ -14,6 +14,8 @@ by the coverage count): the two operations every synchronization case is made of
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -395,6 +397,7 @@ class ViewKind:
     frame: Frame
     description: str
     square_only: bool = False
+    latent: bool = False  # means the same on a latent grid (cells move whole): latent models (SD, SDXL, SD3, Flux) take it
 
 
 def _same(cls: type) -> Callable[[str, int, int, ViewOptions], View]:
@@ -431,6 +434,15 @@ VIEWS: dict[str, ViewKind] = {
                              "squares each turned a quarter, neighbours opposite ways", square_only=True),
 }
 SQUARE_ONLY = having(VIEWS, lambda k: k.square_only)  # their instance would not have the canvas's shape
+
+
+# Views that move whole cells keep their meaning on a VAE's latent grid (a flipped or turned latent decodes to
+# about the flipped or turned image, a permutation of latent-cell blocks to the same permutation of pixel blocks);
+# negate (a latent's negative is no image's negative), skew and inner_rotate (they cut through cells along lines
+# the VAE's 8 px cells do not follow) have none there.
+for _name in ("identity", "flip", "rotate_cw", "rotate_ccw", "rotate_180", "patch_permute", "pixel_permute", "jigsaw",
+              "square_hinge"):
+    VIEWS[_name] = dataclasses.replace(VIEWS[_name], latent=True)
 
 
 def describe() -> str:
