@@ -40,6 +40,9 @@ DEFAULT_SR_MODEL = "DeepFloyd/IF-II-M-v1.0"
 ANIMATIONS_BESIDE = ".animations"  # OUT.animations/ next to OUT: the graded folder holds only the view images
 
 
+DEFAULT_CFG = 10.0  # --cfg's default (003, IF); guidance-distilled models (Flux dev/schnell): 1, no CFG
+
+
 @dataclass(kw_only=True)
 class AnagramConfig(GuidanceOptions, SamplingOptions, FlowOptions):
     prompts: list[str] = opt(None, argument=True, factory=list, panel="input", cli_default=None,
@@ -65,7 +68,7 @@ class AnagramConfig(GuidanceOptions, SamplingOptions, FlowOptions):
                             help="Stage I width in px (default: the height).")
     sampler: str | None = redefault(SamplingOptions, "sampler", "euler")  # on the scheduler's sigmas: DDIM (003), both stages
     steps: int | None = redefault(SamplingOptions, "steps", 30)
-    cfg: float | None = redefault(GuidanceOptions, "cfg", None)  # None: 10; 1 (off) on guidance-distilled Flux
+    cfg: float | None = redefault(GuidanceOptions, "cfg", None)  # None: DEFAULT_CFG; 1 (off) on guidance-distilled Flux
     sr_steps: int = opt(30, "--sr-steps", panel="sampling", check="count", high=STEPS_MAX, help="Stage II DDIM steps.")
     sr_cfg: float = opt(10.0, "--sr-cfg", panel="guidance", check="finite", high=SCALE_MAX, help="Stage II CFG scale.")
     noise_level: int = opt(50, "--noise-level", panel="sampling", check="count", low=0, high=STEPS_MAX,
@@ -214,13 +217,15 @@ def generate(pipe, sr_pipe, job: Job, cfg: AnagramConfig, size: tuple[int, int],
     if not pipe.pixel_space:  # latent models: the views act on the latent grid, each view's latent is decoded
         latent = pipe.latent_shape(height, width)
         views = ViewSet(build_views(cfg, latent[1], latent[2]), latent)
-        w = synced_sample(pipe, pipe.denoiser(), cond, uncond, cfg.cfg, views, sigmas, rng, cfg, on_step)
+        w = synced_sample(pipe, pipe.denoiser(), cond, uncond, default_cfg(pipe, cfg.cfg, DEFAULT_CFG), views,
+                          sigmas, rng, cfg, on_step)
         z = views.average(w)
         per_view = pipe.decode(w if cfg.sync == "none" else views.forward(z), sigmas[-1])
         canvas = pipe.decode(z[None], sigmas[-1])[0]
         return {"stage1": canvas, "canvas": canvas, "views": per_view}
     views = ViewSet(build_views(cfg, height, width), (3, height, width))
-    w = synced_sample(pipe, pipe.denoiser(), cond, uncond, cfg.cfg, views, sigmas, rng, cfg, on_step)
+    w = synced_sample(pipe, pipe.denoiser(), cond, uncond, default_cfg(pipe, cfg.cfg, DEFAULT_CFG), views,
+                          sigmas, rng, cfg, on_step)
     canvas, per_view = images_of(views, w, sigmas[-1], pipe, cfg.sync)
     result = {"stage1": canvas, "canvas": canvas, "views": per_view}
     if sr_pipe is None:
@@ -319,7 +324,7 @@ def _run(cfg: AnagramConfig, jobs: list, out: Path, overwrite: bool, resume: boo
     if cfg.height or cfg.width:  # bad view/size pairs fail before loading
         build_views(cfg, cfg.height or cfg.width, cfg.width or cfg.height)
     pipe, sr_pipe = load(cfg, device, dtype)
-    cfg = replace(cfg, cfg=default_cfg(pipe, cfg.cfg, 10.0),
+    cfg = replace(cfg, cfg=default_cfg(pipe, cfg.cfg, DEFAULT_CFG),
                   sr_model=cfg.sr_model if pipe.pixel_space else None)  # latent models have no stage II
     for family in (pipe, *([sr_pipe] if sr_pipe is not None else [])):
         seg_layers(family.attention, cfg, "--layers")

@@ -36,6 +36,9 @@ from .core.views import ViewSet, windows
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
 
 
+DEFAULT_CFG = 7.5  # --cfg's default (003); guidance-distilled models (Flux dev/schnell): 1, no CFG
+
+
 @dataclass(kw_only=True)
 class PanoramaConfig(GuidanceOptions, SamplingOptions, FlowOptions):
     prompt: str | None = opt(None, argument=True, panel="input", help="Text prompt (or --prompts-file).")
@@ -57,7 +60,7 @@ class PanoramaConfig(GuidanceOptions, SamplingOptions, FlowOptions):
                       help="Window stride in latent cells (8 = 64 px); the last window is flush with the border.")
     sampler: str | None = redefault(SamplingOptions, "sampler", "euler")   # on the scheduler's sigmas: DDIM (003)
     steps: int | None = redefault(SamplingOptions, "steps", 50)
-    cfg: float | None = redefault(GuidanceOptions, "cfg", None)  # None: 7.5; 1 (off) on guidance-distilled Flux
+    cfg: float | None = redefault(GuidanceOptions, "cfg", None)  # None: DEFAULT_CFG; 1 (off) on guidance-distilled Flux
     negative_prompt: str | None = opt(None, "--negative-prompt", panel="input",
                                       help="Prompt of the unconditional CFG branch (default: empty).")
     seed: int = opt(1, panel="sampling", check="seed",
@@ -225,7 +228,7 @@ def generate(pipe, p: Plan, prompt: str, cfg: PanoramaConfig, device: torch.devi
     sigmas = family.sigmas(cfg.steps, device, cfg.schedule or "scheduler")
     size = p.window * p.scale
     cond, uncond = family.encode_prompts([prompt], cfg.negative_prompt, size, size, device)
-    base, guidance = family.denoiser(), guidance_of(cfg, cfg.cfg)
+    base, guidance = family.denoiser(), guidance_of(cfg, default_cfg(family, cfg.cfg, DEFAULT_CFG))
     make = lambda a, b: guidance.denoiser(base, rows_of(cond, a, b), rows_of(uncond, a, b), sigmas,  # noqa: E731
                                           limit=family.limit)
     rng = PerSampleRandn([cfg.seed], device)
@@ -284,7 +287,7 @@ def _run(cfg: PanoramaConfig, jobs: list[Job], out: Path, overwrite: bool, resum
     record_file = run_record_path(out, COMMAND.record_beside)  # OUT.run.json: OUT holds only the images the grader opens
     family = pipelines.load_family(cfg.model, device, dtype, offload=cfg.offload)
     apply_flow_options(family, cfg)
-    cfg = replace(cfg, cfg=default_cfg(family, cfg.cfg, 7.5))
+    cfg = replace(cfg, cfg=default_cfg(family, cfg.cfg, DEFAULT_CFG))
     if family.pixel_space:
         raise DiffcliError(f"{cfg.model!r} is a DeepFloyd IF pipeline; panorama needs a latent model (SD 1.x/2.x, SDXL, SD3, "
                            "Flux)")

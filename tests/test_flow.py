@@ -108,3 +108,27 @@ class _Fixed:
     def randn(self, shape):
         assert tuple(shape) == tuple(self.noise.shape[1:]) or tuple(shape) == tuple(self.noise.shape)
         return self.noise.clone()
+
+
+def test_memory_estimate_counts_the_weights_unless_offloaded(tiny_flux, monkeypatch):
+    from diffcli.shared import memory
+    fam = pipelines.load_family(str(tiny_flux), CPU, torch.float32, offload=True)  # on a CPU: a plain load
+    assert fam.offload
+    weights = sum(p.numel() for p in fam.pipe.transformer.parameters()) * 4
+    c = fam.pipe.transformer.config
+    activations = (fam.image_tokens(16, 16) + fam.text_tokens) * c.num_attention_heads * c.attention_head_dim * 4 * 4
+    monkeypatch.setattr(memory, "device_memory", lambda device: activations + weights // 2)
+    fam.check_memory(1, 16, 16, torch.float32, CPU, "a batch", "lower --n")  # offloaded: the activations only
+    fam.offload = False
+    with pytest.raises(DiffcliError, match="with the transformer's weights.*lower --n"):
+        fam.check_memory(1, 16, 16, torch.float32, CPU, "a batch", "lower --n")
+
+
+def test_text_encoders_are_freed_after_encoding(tiny_sd3):
+    fam = family(tiny_sd3)
+    fam.encode_all([["a cat"], ["a dog"] * 2], None, 16, 16, CPU)
+    assert fam.pipe.text_encoder is None and fam.pipe.text_encoder_2 is None
+    cond, _ = fam.encode_prompts(["a dog"] * 2, None, 16, 16)
+    assert cond["encoder_hidden_states"].shape[0] == 2
+    with pytest.raises(DiffcliError, match="text encoders were freed"):
+        fam.encode_prompts(["a bird"], None, 16, 16)
