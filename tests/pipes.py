@@ -158,27 +158,23 @@ def tiny_flow_vae():
                          use_quant_conv=False, use_post_quant_conv=False)
 
 
-def build_tiny_sd3(root: Path, t5: bool = False) -> Path:
-    """SD3-shaped: two CLIP encoders with projection (optional tiny T5), an MMDiT of 2 joint blocks with RMS QK-norm,
-    patch 2 over a 16 px image (latent 8x8, 4x4 tokens), the scheduler's shift 3."""
+def build_tiny_sd3(root: Path) -> Path:
+    """SD3-shaped: two CLIP encoders with projection and no T5 (SD3 runs without it: zero T5 embeddings), an MMDiT
+    of 2 joint blocks with RMS QK-norm, patch 2 over a 16 px image (latent 8x8, 4x4 tokens), the scheduler's
+    shift 3."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
     tokenizer, vocab = tiny_tokenizer(root / "tok")
     torch.manual_seed(0)
     enc1 = CLIPTextModelWithProjection(tiny_text_config(vocab, hidden=16, projection=16))
     enc2 = CLIPTextModelWithProjection(tiny_text_config(vocab, hidden=16, projection=16))
-    extra = {}
-    if t5:
-        tok3, enc3 = tiny_t5(root / "tok3")
-        extra = {"tokenizer_3": tok3, "text_encoder_3": enc3}
     transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
                                         caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=16,
                                         qk_norm="rms_norm")
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
                                     vae=tiny_flow_vae(), text_encoder=enc1, tokenizer=tokenizer, text_encoder_2=enc2,
-                                    tokenizer_2=tokenizer, text_encoder_3=extra.get("text_encoder_3"),
-                                    tokenizer_3=extra.get("tokenizer_3"))
+                                    tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
     pipe.save_pretrained(root / "pipe")
     return root / "pipe"
 

@@ -132,3 +132,18 @@ def test_text_encoders_are_freed_after_encoding(tiny_sd3):
     assert cond["encoder_hidden_states"].shape[0] == 2
     with pytest.raises(DiffcliError, match="text encoders were freed"):
         fam.encode_prompts(["a bird"], None, 16, 16)
+
+
+def test_flux_without_guidance_embedding(tmp_path):
+    """A Flux without the distilled embedding (schnell-like): --guidance-embed refused, CFG keeps its default."""
+    from pipes import build_tiny_flux
+    from diffcli.options import default_cfg
+    fam = family(build_tiny_flux(tmp_path, distilled=False))
+    assert not fam.distilled and default_cfg(fam, None, 5.0) == 5.0
+    with pytest.raises(DiffcliError, match="no distilled guidance embedding"):
+        fam.set_guidance_embed(3.5)
+    cond, _ = fam.encode_prompts(["a cat"], None, 16, 16)
+    assert "guidance" not in cond
+    fam.check_size(16, 16)
+    x = fam.initial_latents(_Fixed(torch.randn(1, 4, 8, 8)), (4, 8, 8), fam.sigmas(2)[0])
+    assert torch.isfinite(fam.denoiser()(x, fam.sigmas(2)[:1], **cond)).all()
