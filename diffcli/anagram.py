@@ -396,7 +396,8 @@ COMMAND = Command(
                        "OUT.run.json and OUT.animations/ go beside it."),
     record_beside=True,
     scores=("clip", "fid", "kid"), clip_app="ambiguous_images",
-    help="""Visual anagrams: one image that shows each prompt under its view, by synchronized DeepFloyd IF.
+    help="""Visual anagrams: one image that shows each prompt under its view, by synchronized DeepFloyd IF
+    (pixel views) or a latent model (SD, SDXL, SD3, Flux: views on the latent grid).
 
     Example: diffcli anagram "an oil painting of a horse" "an oil painting of a snowy mountain village" --views identity rotate_cw --out ambiguous_images
 

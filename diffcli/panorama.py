@@ -47,7 +47,7 @@ class PanoramaConfig(GuidanceOptions, SamplingOptions, FlowOptions):
                                         "prompt a line), or 'assignment' for the shipped 003 set "
                                         "(prompts/wide_image_prompts.json).")
     model: str = opt(DEFAULT_MODEL, "--model", panel="model",
-                     help="SD 1.x/2.x or SDXL pipeline: a local folder (save_pretrained layout) or a hub id in the "
+                     help="SD 1.x/2.x, SDXL, SD3 or Flux pipeline: a local folder (save_pretrained layout) or a hub id in the "
                           "cache.")
     height: int = opt(512, panel="sampling", check="count", high=SIDE_MAX,
                       help="Image height in px (multiple of 8; taller than a window gives a tall image).")

@@ -47,7 +47,7 @@ class PGConfig(GuidanceOptions, SamplingOptions, FlowOptions):
                                   "model.")
     # a Stable Diffusion pipeline (folder or hub id) instead of a diffcli checkpoint
     model: str | None = opt(None, "--model", panel="model",
-                            help="Stable Diffusion pipeline: a local folder (save_pretrained layout) or a hub id in "
+                            help="SD 1.x/2.x, SDXL, SD3 or Flux pipeline: a local folder (save_pretrained layout) or a hub id in "
                                  "the cache.")
     n: int = opt(8, "--n", panel="sampling", check="count", high=BATCH_MAX,  # the particles are one network batch
                  help="Batch size = number of particles sampled jointly (>= 2 with PG on).")
