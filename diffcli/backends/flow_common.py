@@ -210,6 +210,8 @@ class FlowPipeline(Family):
         if schedule == "scheduler":
             h, w = self.size_hw or (self.native_size(),) * 2
             return t_to_sigma(self.scheduler_ts(steps, h, w)).to(device=device, dtype=state_dtype(device))
+        if schedule != "karras":  # until the shared schedules take NoiseLevels (the schedule seam)
+            raise DiffcliError(f"--schedule {schedule}: {self.kind} models take scheduler or karras for now")
         levels = self.noise_levels()
         return get_sigmas_karras(steps, levels.sigma_min, levels.sigma_max, rho, device).to(state_dtype(device))
 
