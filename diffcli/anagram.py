@@ -10,7 +10,7 @@ into each view, and `OUT.run.json` the run record.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -18,7 +18,7 @@ import torch
 
 from .backends import pipelines
 from .shared.errors import DiffcliError
-from .shared.devices import PerSampleRandn, pick_dtype
+from .shared.devices import PerSampleRandn
 from .shared.records import beside, run_record_path, write_run_json
 from .shared.files import read_json_option
 from .shared.names import check_file_names, safe_name, unique_stems
@@ -28,7 +28,8 @@ from .shared.tasks import Task, run_tasks
 from .shared.limits import BATCH_MAX, FRAMES_MAX, SCALE_MAX, SIDE_MAX, STEPS_MAX, check_image_size, count
 from .shared.fields import check_fields, opt, redefault
 from .runner import Command, RunContext, generating
-from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_pipeline_steps,
+from .options import (FlowOptions, GuidanceOptions, SamplingOptions, apply_flow_options, default_cfg,
+                      check_guidance, check_particles, check_pipeline_steps,
                       check_sampling, guidance_of, record as options_record, seg_layers)
 from .core.sync import CASES, NOISES, rows_of, sample_views
 from .data.prompt_files import key_line, resolve_prompts_file
@@ -39,8 +40,11 @@ DEFAULT_SR_MODEL = "DeepFloyd/IF-II-M-v1.0"
 ANIMATIONS_BESIDE = ".animations"  # OUT.animations/ next to OUT: the graded folder holds only the view images
 
 
+DEFAULT_CFG = 10.0  # --cfg's default (003, IF); guidance-distilled models (Flux dev/schnell): 1, no CFG
+
+
 @dataclass(kw_only=True)
-class AnagramConfig(GuidanceOptions, SamplingOptions):
+class AnagramConfig(GuidanceOptions, SamplingOptions, FlowOptions):
     prompts: list[str] = opt(None, argument=True, factory=list, panel="input", cli_default=None,
                              cli_type=Optional[list[str]],
                              help="One prompt per view, in the order of --views.")
@@ -52,7 +56,8 @@ class AnagramConfig(GuidanceOptions, SamplingOptions):
                                    help="003 ambiguous_image_prompts.json (canonical_prompt, instance_prompt per "
                                         "entry): runs every pair; 'assignment' = the shipped 003 set.")
     model: str = opt(DEFAULT_MODEL, "--model", panel="model",
-                     help="DeepFloyd IF stage I pipeline: a local folder or a hub id in the cache.")
+                     help="DeepFloyd IF stage I pipeline, or a latent one (SD 1.x/2.x, SDXL, SD3, Flux: views on its "
+                          "latent grid, no stage II): a local folder or a hub id in the cache.")
     sr_model: str | None = opt(DEFAULT_SR_MODEL, "--sr-model", panel="model", cli_type=str,  # None: stage I only
                                to_config=lambda name: None if name.lower() == "none" else name,
                                help="DeepFloyd IF stage II pipeline, or 'none' for stage I images only.")
@@ -63,7 +68,7 @@ class AnagramConfig(GuidanceOptions, SamplingOptions):
                             help="Stage I width in px (default: the height).")
     sampler: str | None = redefault(SamplingOptions, "sampler", "euler")  # on the scheduler's sigmas: DDIM (003), both stages
     steps: int | None = redefault(SamplingOptions, "steps", 30)
-    cfg: float | None = redefault(GuidanceOptions, "cfg", 10.0)
+    cfg: float | None = redefault(GuidanceOptions, "cfg", None)  # None: DEFAULT_CFG; 1 (off) on guidance-distilled Flux
     sr_steps: int = opt(30, "--sr-steps", panel="sampling", check="count", high=STEPS_MAX, help="Stage II DDIM steps.")
     sr_cfg: float = opt(10.0, "--sr-cfg", panel="guidance", check="finite", high=SCALE_MAX, help="Stage II CFG scale.")
     noise_level: int = opt(50, "--noise-level", panel="sampling", check="count", low=0, high=STEPS_MAX,
@@ -215,9 +220,10 @@ def synced_sample(family, base, cond: dict[str, Any], uncond: dict[str, Any], sc
     make = lambda a, b: guidance.denoiser(base, rows_of(cond, a, b), rows_of(uncond, a, b), sigmas,  # noqa: E731
                                           limit=family.limit)
     with guidance.installed(family.attention):
-        return sample_views(make, views, sigmas, lambda shape: rng.randn(shape)[0], views.canvas,
+        state = family.state_dtype(sigmas.device)
+        return sample_views(make, views, sigmas, lambda shape: rng.randn(shape)[0].to(state), views.canvas,
                             sampler=cfg.sampler, case=cfg.sync, noise=cfg.noise, view_batch=cfg.view_batch,
-                            knobs=cfg.knobs(), callback=on_step)
+                            knobs=cfg.knobs(), callback=on_step, start_scale=family.start_scale(sigmas[0]))
 
 
 def images_of(views: ViewSet, w: torch.Tensor, sigma_last, family, case: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,10 +240,20 @@ def generate(pipe, sr_pipe, job: Job, cfg: AnagramConfig, size: tuple[int, int],
     """Stage I (and II): {'canvas': (3, H, W), 'views': (V, 3, H, W), 'stage1': (3, h, w)} in [-1, 1] on the CPU."""
     height, width = size
     rng = PerSampleRandn([cfg.seed], device)
-    views = ViewSet(build_views(cfg, height, width), (3, height, width))
     cond, uncond = pipe.encode_prompts(job.prompts, cfg.negative_prompt, height, width, device)
     sigmas = pipe.sigmas(cfg.steps, device, cfg.schedule or "scheduler")
-    w = synced_sample(pipe, pipe.denoiser(), cond, uncond, cfg.cfg, views, sigmas, rng, cfg, on_step)
+    if not pipe.pixel_space:  # latent models: the views act on the latent grid, each view's latent is decoded
+        latent = pipe.latent_shape(height, width)
+        views = ViewSet(build_views(cfg, latent[1], latent[2]), latent)
+        w = synced_sample(pipe, pipe.denoiser(), cond, uncond, default_cfg(pipe, cfg.cfg, DEFAULT_CFG), views,
+                          sigmas, rng, cfg, on_step)
+        z = views.average(w)
+        per_view = pipe.decode(w if cfg.sync == "none" else views.forward(z), sigmas[-1])
+        canvas = pipe.decode(z[None], sigmas[-1])[0]
+        return {"stage1": canvas, "canvas": canvas, "views": per_view}
+    views = ViewSet(build_views(cfg, height, width), (3, height, width))
+    w = synced_sample(pipe, pipe.denoiser(), cond, uncond, default_cfg(pipe, cfg.cfg, DEFAULT_CFG), views,
+                          sigmas, rng, cfg, on_step)
     canvas, per_view = images_of(views, w, sigmas[-1], pipe, cfg.sync)
     result = {"stage1": canvas, "canvas": canvas, "views": per_view}
     if sr_pipe is None:
@@ -276,10 +292,18 @@ def animation(views: list, canvas: torch.Tensor, frames: int) -> list[torch.Tens
 
 def load(cfg: AnagramConfig, device: torch.device, dtype: torch.dtype):
     """(stage I, stage II or None) as families (`family.Family`)."""
-    pipe = pipelines.load_family(cfg.model, device, dtype, kind="DeepFloyd IF stage I")
+    pipe = pipelines.load_family(cfg.model, device, dtype, kind="DeepFloyd IF stage I", offload=cfg.offload)
+    apply_flow_options(pipe, cfg)
+    if not pipe.pixel_space:  # SD 1.x/2.x, SDXL, SD3, Flux: views on the latent grid, no stage II
+        bad = [v for v in cfg.views if not VIEWS[v].latent]
+        if bad:
+            raise DiffcliError(f"--views {' '.join(bad)}: no meaning on a {pipe.kind}'s latent grid; latent models "
+                               f"take {', '.join(k for k, v in VIEWS.items() if v.latent)}")
+        check_pipeline_steps(pipe.pipe, cfg.steps, cfg.schedule)
+        return pipe, None
     if pipe.name != "if" or pipe.stage != 1:
         raise DiffcliError(f"--model {cfg.model!r} is a {pipe.kind}; anagram needs a DeepFloyd IF stage I "
-                           "pipeline (IFPipeline)")
+                           "pipeline (IFPipeline) or a latent one (SD 1.x/2.x, SDXL, SD3, Flux)")
     sr_pipe = None
     if cfg.sr_model:
         sr_pipe = pipelines.load_family(cfg.sr_model, device, dtype, kind="DeepFloyd IF stage II", text_encoder=None)
@@ -327,11 +351,13 @@ def _run(cfg: AnagramConfig, jobs: list, out: Path, overwrite: bool, resume: boo
          options: dict[str, Any]) -> dict[str, Any]:
     """Prompt pairs are jobs: torchrun ranks take every world-th one, --resume skips those already written."""
     device = dist.device
-    dtype = pick_dtype(cfg.dtype, device)
+    dtype = pipelines.pipeline_dtype(cfg.dtype, device, cfg.model)
     record_file, anim = run_record_path(out, COMMAND.record_beside), beside(out, ANIMATIONS_BESIDE)  # OUT holds only the views
     if cfg.height or cfg.width:  # bad view/size pairs fail before loading
         build_views(cfg, cfg.height or cfg.width, cfg.width or cfg.height)
     pipe, sr_pipe = load(cfg, device, dtype)
+    cfg = replace(cfg, cfg=default_cfg(pipe, cfg.cfg, DEFAULT_CFG),
+                  sr_model=cfg.sr_model if pipe.pixel_space else None)  # latent models have no stage II
     for family in (pipe, *([sr_pipe] if sr_pipe is not None else [])):
         seg_layers(family.attention, cfg, "--layers")
     default = pipe.native_size()
@@ -342,6 +368,9 @@ def _run(cfg: AnagramConfig, jobs: list, out: Path, overwrite: bool, resume: boo
         check_image_size(size[0] * scale, size[1] * scale,
                          (f"stage II's height (--height x {scale})", f"stage II's width (--width x {scale})"))
     build_views(cfg, *size)
+    if not pipe.pixel_space:  # the views are built on the latent grid too: a bad one fails now
+        latent = pipe.latent_shape(*size)
+        build_views(cfg, latent[1], latent[2])
     record = {**options_record(cfg), **options}
     out = dist.begin(out, overwrite, resume, "anagram", record, record_path=record_file, beside_folders=[anim],
                      model=cfg.model, sr_model=cfg.sr_model)
@@ -400,7 +429,8 @@ COMMAND = Command(
                        "OUT.run.json and OUT.animations/ go beside it."),
     record_beside=True,
     scores=("clip", "fid", "kid"), clip_app="ambiguous_images",
-    help="""Visual anagrams: one image that shows each prompt under its view, by synchronized DeepFloyd IF.
+    help="""Visual anagrams: one image that shows each prompt under its view, by synchronized DeepFloyd IF
+    (pixel views) or a latent model (SD, SDXL, SD3, Flux: views on the latent grid).
 
     Example: diffcli anagram "an oil painting of a horse" "an oil painting of a snowy mountain village" --views identity rotate_cw --out ambiguous_images
 

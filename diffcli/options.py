@@ -156,8 +156,40 @@ def check_particles(opts: GuidanceOptions, n: int, pipeline: bool, what: str = "
 
 
 def record(config: Any) -> dict[str, Any]:
-    """A config as run.json stores it: infinities (no limit) as null, so the file is strict JSON."""
-    return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(config).items()}
+    """A config as run.json stores it: infinities (no limit) as null, so the file is strict JSON. The flow-model
+    options (`FlowOptions`) are recorded only where set, so the records of UNet runs read as they always did."""
+    flow = {f.name: f.default for f in fields(FlowOptions)}
+    return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(config).items()
+            if not (k in flow and v == flow[k])}
+
+
+@dataclass(kw_only=True)
+class FlowOptions:
+    """The options of the flow-matching transformer families (SD3, Flux): ignored by UNet pipelines except where
+    they refuse them (`apply_flow_options`)."""
+    guidance_embed: float | None = opt(None, "--guidance-embed", panel="model", check="finite", high=SCALE_MAX,
+                                       help="Flux dev: the distilled guidance value the network takes as an input "
+                                            "(not CFG; default: the pipeline's, 3.5). Refused on models without one.")
+    offload: bool = opt(False, "--offload", panel="model",
+                        help="diffusers' model CPU offload: one model of the pipeline on the GPU at a time (slower, "
+                             "far less GPU memory). On a CPU there is nothing to offload.")
+
+
+def apply_flow_options(family: Any, opts: FlowOptions) -> None:
+    """Hand --guidance-embed to the family (refused, one line, on a model with no guidance embedding)."""
+    if opts.guidance_embed is not None:
+        if not hasattr(family, "set_guidance_embed"):
+            raise DiffcliError(f"--guidance-embed {opts.guidance_embed}: this {family.kind} has no distilled "
+                               "guidance embedding (use --cfg for classifier-free guidance)")
+        family.set_guidance_embed(opts.guidance_embed)
+
+
+def default_cfg(family: Any, cfg: float | None, default: float) -> float:
+    """The CFG scale a run uses: as given, else 1 (off) on guidance-distilled models (Flux dev, schnell: their
+    guidance is the embedded value), else the command's `default`."""
+    if cfg is not None:
+        return cfg
+    return 1.0 if getattr(family, "distilled", False) else default
 
 
 def check_sampling(opts: SamplingOptions, pipeline: bool | None = None) -> None:

@@ -8,7 +8,7 @@ holds only those images (the grader opens every entry with PIL): the run record 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -16,7 +16,7 @@ import torch
 
 from .backends import pipelines
 from .shared.errors import DiffcliError
-from .shared.devices import PerSampleRandn, pick_dtype
+from .shared.devices import PerSampleRandn
 from .shared.files import read_json_option
 from .shared.names import read_prompts_file, check_file_names, unique_stems
 from .shared.records import run_record_path, write_run_json
@@ -26,7 +26,8 @@ from .shared.tasks import Task, run_tasks
 from .shared.limits import BATCH_MAX, SIDE_MAX, check_image_size
 from .shared.fields import check_fields, opt, redefault
 from .runner import Command, RunContext, generating
-from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_pipeline_steps,
+from .options import (FlowOptions, GuidanceOptions, SamplingOptions, apply_flow_options, default_cfg,
+                      check_guidance, check_particles, check_pipeline_steps,
                       check_sampling, guidance_of, record as options_record, seg_layers)
 from .core.sync import CASES, NOISES, rows_of, sample_views
 from .data.prompt_files import key_line, resolve_prompts_file
@@ -37,15 +38,18 @@ from .core.regions import Bootstrap, bootstrapped, flat_colours, gather_rows, pr
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
 
 
+DEFAULT_CFG = 7.5  # --cfg's default (003); guidance-distilled models (Flux dev/schnell): 1, no CFG
+
+
 @dataclass(kw_only=True)
-class PanoramaConfig(GuidanceOptions, SamplingOptions):
+class PanoramaConfig(GuidanceOptions, SamplingOptions, FlowOptions):
     prompt: str | None = opt(None, argument=True, panel="input", help="Text prompt (or --prompts-file).")
     prompts_file: str | None = opt(None, "--prompts-file", panel="input",
                                    help="003 wide_image_prompts.json (prompt and eval_pos per entry), a text file (one "
                                         "prompt a line), or 'assignment' for the shipped 003 set "
                                         "(prompts/wide_image_prompts.json).")
     model: str = opt(DEFAULT_MODEL, "--model", panel="model",
-                     help="SD 1.x/2.x or SDXL pipeline: a local folder (save_pretrained layout) or a hub id in the "
+                     help="SD 1.x/2.x, SDXL, SD3 or Flux pipeline: a local folder (save_pretrained layout) or a hub id in the "
                           "cache.")
     height: int = opt(512, panel="sampling", check="count", high=SIDE_MAX,
                       help="Image height in px (multiple of 8; taller than a window gives a tall image).")
@@ -58,7 +62,7 @@ class PanoramaConfig(GuidanceOptions, SamplingOptions):
                       help="Window stride in latent cells (8 = 64 px); the last window is flush with the border.")
     sampler: str | None = redefault(SamplingOptions, "sampler", "euler")   # on the scheduler's sigmas: DDIM (003)
     steps: int | None = redefault(SamplingOptions, "steps", 50)
-    cfg: float | None = redefault(GuidanceOptions, "cfg", 7.5)
+    cfg: float | None = redefault(GuidanceOptions, "cfg", None)  # None: DEFAULT_CFG; 1 (off) on guidance-distilled Flux
     negative_prompt: str | None = opt(None, "--negative-prompt", panel="input",
                                       help="Prompt of the unconditional CFG branch (default: empty).")
     seed: int = opt(1, panel="sampling", check="seed",
@@ -328,7 +332,7 @@ def generate(pipe, p: Plan, prompt: str, cfg: PanoramaConfig, device: torch.devi
     size = p.window * p.scale
     prompts = [prompt] if regions is None else [prompt] * bool(prompt) + [r.prompt for r in regions]
     cond, uncond = family.encode_prompts(prompts, cfg.negative_prompt, size, size, device)
-    base, guidance = family.denoiser(), guidance_of(cfg, cfg.cfg)
+    base, guidance = family.denoiser(), guidance_of(cfg, default_cfg(family, cfg.cfg, DEFAULT_CFG))
     views, boot = p.views, None
     if regions:  # every (window, prompt) pair an instance, weighted by the prompt's mask (core/regions.py)
         instances = region_views(p.views.views, prompt_weights(p.masks, bool(prompt)), p.latent)
@@ -340,10 +344,12 @@ def generate(pipe, p: Plan, prompt: str, cfg: PanoramaConfig, device: torch.devi
     if regions:
         make = bootstrapped(make, boot, instances)
     rng = PerSampleRandn([cfg.seed], device)
+    state = family.state_dtype(device)
     with guidance.installed(family.attention):
-        w = sample_views(make, views, sigmas, lambda shape: rng.randn(shape)[0], (p.latent[0], p.window, p.window),
-                         sampler=cfg.sampler, case=cfg.sync, noise=cfg.noise, view_batch=cfg.view_batch,
-                         knobs=cfg.knobs(), callback=on_step)
+        w = sample_views(make, views, sigmas, lambda shape: rng.randn(shape)[0].to(state),
+                         (p.latent[0], p.window, p.window), sampler=cfg.sampler, case=cfg.sync, noise=cfg.noise,
+                         view_batch=cfg.view_batch, knobs=cfg.knobs(), callback=on_step,
+                         start_scale=family.start_scale(sigmas[0]))
     z = views.average(w)
     return decode_tiled(family, z, sigmas[-1], p.tiles, cfg.decode_batch), z
 
@@ -403,11 +409,14 @@ def _run(cfg: PanoramaConfig, jobs: list[Job], out: Path, overwrite: bool, resum
          options: dict[str, Any]) -> dict[str, Any]:
     """Prompts are jobs: torchrun ranks take every world-th one, --resume skips those whose files all exist."""
     device = dist.device
-    dtype = pick_dtype(cfg.dtype, device)
+    dtype = pipelines.pipeline_dtype(cfg.dtype, device, cfg.model)
     record_file = run_record_path(out, COMMAND.record_beside)  # OUT.run.json: OUT holds only the images the grader opens
-    family = pipelines.load_family(cfg.model, device, dtype)
+    family = pipelines.load_family(cfg.model, device, dtype, offload=cfg.offload)
+    apply_flow_options(family, cfg)
+    cfg = replace(cfg, cfg=default_cfg(family, cfg.cfg, DEFAULT_CFG))
     if family.pixel_space:
-        raise DiffcliError(f"{cfg.model!r} is a DeepFloyd IF pipeline; panorama needs a latent model (SD 1.x/2.x, SDXL)")
+        raise DiffcliError(f"{cfg.model!r} is a DeepFloyd IF pipeline; panorama needs a latent model (SD 1.x/2.x, SDXL, SD3, "
+                           "Flux)")
     p = plan(family, cfg, jobs)
     check_pipeline_steps(family.pipe, cfg.steps, cfg.schedule)
     seg_layers(family.attention, cfg, "--layers")

@@ -29,8 +29,8 @@ from .core.metrics import digit_record, mean_pairwise_cosine, pca_2d
 from .shared.limits import BATCH_MAX, SIDE_MAX, check_image_size, seed as check_seed
 from .shared.fields import check_fields, opt, redefault
 from .runner import Command, RunContext, generating
-from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_pipeline_steps,
-                      check_sampling, group_fields, guidance_of, record as options_record, seg_layers)
+from .options import (FlowOptions, GuidanceOptions, SamplingOptions, apply_flow_options, default_cfg,
+                      check_guidance, check_particles, check_pipeline_steps, check_sampling, group_fields, guidance_of, record as options_record, seg_layers)
 from .core.particles import KernelGrad
 from .drawing import (GRID_MAX, DrawOptions, digit_kernel, model_contexts, parse_labels, sample_images, sample_names,
                       samples_record, sequence_pictures)
@@ -38,7 +38,7 @@ from .core.samplers import nfe, run_sampler
 
 
 @dataclass(kw_only=True)
-class PGConfig(GuidanceOptions, SamplingOptions):
+class PGConfig(GuidanceOptions, SamplingOptions, FlowOptions):
     checkpoint: str | None = opt(None, panel="input", cli_type=Optional[Path], to_config=lambda v: None if v is None else str(v),
                                  help="A diffcli model file, a run folder (its latest model), or RUN@STEP (a snapshot "
                                       "of --snapshot-every); default: the shipped MNIST model.")
@@ -47,7 +47,7 @@ class PGConfig(GuidanceOptions, SamplingOptions):
                                   "model.")
     # a Stable Diffusion pipeline (folder or hub id) instead of a diffcli checkpoint
     model: str | None = opt(None, "--model", panel="model",
-                            help="Stable Diffusion pipeline: a local folder (save_pretrained layout) or a hub id in "
+                            help="SD 1.x/2.x, SDXL, SD3 or Flux pipeline: a local folder (save_pretrained layout) or a hub id in "
                                  "the cache.")
     n: int = opt(8, "--n", panel="sampling", check="count", high=BATCH_MAX,  # the particles are one network batch
                  help="Batch size = number of particles sampled jointly (>= 2 with PG on).")
@@ -203,7 +203,7 @@ def sample_pipeline(pipe, cfg: PGConfig, factor: float, device: torch.device,
     height, width = pipeline_size(family, cfg)
     cond, uncond = family.encode_prompts([cfg.prompt] * cfg.n, cfg.negative_prompt, height, width, device)
     opts = replace(cfg, pg_factor=factor)
-    guidance = guidance_of(opts, DEFAULT_CFG["pipeline"] if cfg.cfg is None else cfg.cfg, kernel=kernel,
+    guidance = guidance_of(opts, default_cfg(family, cfg.cfg, DEFAULT_CFG["pipeline"]), kernel=kernel,
                            sigma_data=family.sigma_data)
     denoiser = guidance.denoiser(family.denoiser(), cond, uncond, sigmas)
     rng = PerSampleRandn([cfg.seed + i for i in range(cfg.n)], device)
@@ -302,7 +302,10 @@ def _run(cfg: PGConfig, out: Path, overwrite: bool, resume: bool, dist: Dist, op
     kind = family(cfg)
     classifier, contexts = None, None
     if kind == "pipeline":
-        pipe = pipelines.load_family(cfg.model, device, dtype)
+        if cfg.dtype is None and pipelines.is_flow(cfg.model):  # SD3/Flux: bf16 on CUDA (fp16 overflows)
+            dtype = pipelines.pipeline_dtype(None, device, cfg.model) if device.type == "cuda" else dtype
+        pipe = pipelines.load_family(cfg.model, device, dtype, offload=cfg.offload)
+        apply_flow_options(pipe, cfg)
         height, width = pipeline_size(pipe, cfg)  # fail before touching the output folder
         check_pipeline_steps(pipe.pipe, cfg.steps or DEFAULT_STEPS["pipeline"], cfg.schedule)
         pipe.check_memory(cfg.n, height, width, dtype, device, "the particles (one network batch)", "lower --n")

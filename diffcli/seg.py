@@ -1,4 +1,5 @@
-"""diffcli seg: Smoothed Energy Guidance (Hong 2024) on Stable Diffusion 1.x/2.x and SDXL, with the 000 seed's blurs.
+"""diffcli seg: Smoothed Energy Guidance (Hong 2024) on Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux, with the 000
+seed's blurs.
 
 SEG is `guidance.stack` (CFG + SEG in one batch, optional PG) over the pipeline's denoiser, run by any sampler of
 `diffcli.core.samplers` (default: Euler on the scheduler's sigmas = DDIM); the blurs live in `query_blur.py`, the
@@ -8,7 +9,7 @@ writes the outputs.
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,7 +19,7 @@ from .core import attention
 from .backends import pipelines
 from .backends.family import Family
 from .shared.errors import DiffcliError
-from .shared.devices import PerSampleRandn, pick_dtype
+from .shared.devices import PerSampleRandn
 from .shared.files import atomic_path, clear_temp_files, write_json
 from .shared.names import check_file_names, safe_name, unique_stems
 from .shared.images import load_images, save_grid, save_image
@@ -30,7 +31,8 @@ from .shared.limits import BATCH_MAX, N_MAX, SIDE_MAX, check_image_size
 from .shared.fields import check_fields, opt, redefault
 from .shared.names import read_prompts_file
 from .runner import Command, RunContext, generating
-from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_pipeline_steps,
+from .options import (FlowOptions, GuidanceOptions, SamplingOptions, apply_flow_options, check_guidance,
+                      default_cfg, check_particles, check_pipeline_steps,
                       check_sampling, guidance_of, record as options_record, split_list)
 from .core.query_blur import Blur
 from .core.samplers import run_sampler
@@ -40,12 +42,13 @@ METRIC_FIELDS = ("blur", "prompt", "step", "sigma", "layer", "role", "blurred", 
 
 
 @dataclass(kw_only=True)
-class SegConfig(GuidanceOptions, SamplingOptions):
+class SegConfig(GuidanceOptions, SamplingOptions, FlowOptions):
     prompts: list[str]
     model: str = opt(DEFAULT_MODEL, "--model", panel="model",
-                     help="SD 1.x/2.x or SDXL pipeline: a hub id in the cache or a local folder (save_pretrained "
-                          "layout).")
-    cfg: float | None = redefault(GuidanceOptions, "cfg", 5.0)  # the official SEG-SDXL default; 0 or 1 = SEG without CFG
+                     help="SD 1.x/2.x, SDXL, SD3/SD3.5 or Flux.1 pipeline: a hub id in the cache or a local folder "
+                          "(save_pretrained layout).")
+    # None: 5, the official SEG-SDXL default (0 or 1 = SEG without CFG); 1 (off) on guidance-distilled Flux
+    cfg: float | None = redefault(GuidanceOptions, "cfg", None)
     seg_scale: float | None = redefault(GuidanceOptions, "seg_scale", 3.0)
     sampler: str | None = redefault(SamplingOptions, "sampler", "euler")  # on the scheduler's sigmas: DDIM
     steps: int | None = redefault(SamplingOptions, "steps", 50)
@@ -58,7 +61,8 @@ class SegConfig(GuidanceOptions, SamplingOptions):
                             help="Image width (non-square allowed).")
     negative_prompt: str | None = opt(None, "--negative-prompt", panel="input",
                                       help="Prompt of the unconditional CFG branch (default: empty).")
-    dtype: str | None = opt(None, panel="model", help="fp32, fp16 or bf16 (default: fp16 on CUDA, else fp32).")
+    dtype: str | None = opt(None, panel="model", help="fp32, fp16 or bf16 (default: fp16 on CUDA, bf16 for SD3 and "
+                                                      "Flux, else fp32).")
     metrics: bool = opt(False, "--metrics", panel="output",
                         help="Write metrics.csv/json: per step, L2 of attention output - input, Laplacian variance, "
                              "Sobel edge entropy of --track-block.")
@@ -170,16 +174,20 @@ def _run(cfg: SegConfig, blurs: list[Blur], out: Path, overwrite: bool, resume: 
     """Prompts are tasks: torchrun ranks take every world-th one, --resume skips those whose images all exist;
     rank 0 then reads the images back for the grid and writes run.json."""
     device = dist.device
-    dtype = pick_dtype(cfg.dtype, device)
-    family = pipelines.load_family(cfg.model, device, dtype)
+    dtype = pipelines.pipeline_dtype(cfg.dtype, device, cfg.model)
+    family = pipelines.load_family(cfg.model, device, dtype, offload=cfg.offload)
+    apply_flow_options(family, cfg)
+    cfg = replace(cfg, cfg=default_cfg(family, cfg.cfg, 5.0))
     if family.pixel_space:
-        raise DiffcliError(f"{cfg.model!r} is a pixel-space (DeepFloyd IF) pipeline; seg runs latent SD 1.x/2.x "
-                           "and SDXL models")
+        raise DiffcliError(f"{cfg.model!r} is a pixel-space (DeepFloyd IF) pipeline; seg runs latent SD 1.x/2.x, "
+                           "SDXL, SD3 and Flux models")
     height, width = size(family, cfg)
     check_image_size(height, width)
     check_pipeline_steps(family.pipe, cfg.steps, cfg.schedule)
     family.check_memory(cfg.n, height, width, dtype, device, "a prompt's images (one network batch)", "lower --n")
     perturbed = family.layers(split_list(cfg.layers), "--layers") if blurs[0] is not None else []
+    if cfg.metrics and not family.tracks_metrics:
+        raise DiffcliError(f"--metrics tracks UNet attention blocks; a {family.kind} has no such tracking yet")
     tracked = family.layers([cfg.track_block], "--track-block") if cfg.metrics else []
     record = {**options_record(cfg), **options}
     out = dist.begin(out, overwrite, resume, "seg", record)  # nothing is written before this line
@@ -203,6 +211,8 @@ def _run(cfg: SegConfig, blurs: list[Blur], out: Path, overwrite: bool, resume: 
     metrics: dict[str, list[dict[str, Any]]] = {spec_of(b): [] for b in blurs}
 
     def draw(mine: list[Task], advance) -> Iterator[tuple]:
+        if hasattr(family, "encode_all"):  # flow transformers: encode this rank's prompts, free the text encoders
+            family.encode_all([[t.item[0]] * cfg.n for t in mine], cfg.negative_prompt, height, width, device)
         for task in mine:
             prompt, stem = task.item
             cond, uncond = family.encode_prompts([prompt] * cfg.n, cfg.negative_prompt, height, width, device)
@@ -233,7 +243,7 @@ def _run(cfg: SegConfig, blurs: list[Blur], out: Path, overwrite: bool, resume: 
                        guided_steps=[i for i, g in enumerate(guided) if g],
                        blurs={spec_of(b): str(folders[spec_of(b)].relative_to(out)) for b in blurs}, images=files)
 
-    with attention.installed(family.attention, state, perturbed, tracked, recorder):
+    with attention.installed(family.attention, state, perturbed, tracked, recorder, factory=family.seg_processor):
         done = run_tasks(dist, tasks, draw, resume=resume, label="seg", work=lambda task: cfg.steps * len(blurs),
                          finish=finish)
     return {"out": str(out), "images": sum(len(f) for f in files.values()), "blurs": len(blurs),
@@ -265,7 +275,8 @@ COMMAND = Command(
                        "Continue an interrupted run in --out (same options): prompts whose images all exist are "
                        "skipped."),
     scores=("fid", "kid"),
-    help="""Smoothed Energy Guidance (SEG) on Stable Diffusion 1.x/2.x and SDXL, with gaussian, box and EMA query blurs.
+    help="""Smoothed Energy Guidance (SEG) on Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux, with gaussian, box and EMA
+    query blurs (on SD3/Flux: the image queries of joint attention, after QK-norm and RoPE).
 
     Example: diffcli seg "a cat" --blur gaussian_-1_10 --blur interpolatedBoxBlur_5_0.5 --out seg-cats
 

@@ -159,3 +159,17 @@ def run_torchrun(*args: str, port: int, nproc: int = 2, env: dict | None = None)
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> Path:
+    """A tiny random SD3 pipeline (tests/pipes.py), built once for the session."""
+    from pipes import build_tiny_sd3
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    """A tiny random guidance-distilled Flux pipeline (tests/pipes.py), built once for the session."""
+    from pipes import build_tiny_flux
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))

@@ -147,3 +147,54 @@ def build_tiny_clip(root: Path, name: str, seed: int):
     weights = root / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     return config, weights, model
+
+
+def tiny_flow_vae():
+    """SD3/Flux-style VAE: 4 latent channels here (16 in the real ones), a scaling and a shift factor."""
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                         norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, scaling_factor=1.5305, shift_factor=0.0609,
+                         use_quant_conv=False, use_post_quant_conv=False)
+
+
+def build_tiny_sd3(root: Path) -> Path:
+    """SD3-shaped: two CLIP encoders with projection and no T5 (SD3 runs without it: zero T5 embeddings), an MMDiT
+    of 2 joint blocks with RMS QK-norm, patch 2 over a 16 px image (latent 8x8, 4x4 tokens), the scheduler's
+    shift 3."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+    tokenizer, vocab = tiny_tokenizer(root / "tok")
+    torch.manual_seed(0)
+    enc1 = CLIPTextModelWithProjection(tiny_text_config(vocab, hidden=16, projection=16))
+    enc2 = CLIPTextModelWithProjection(tiny_text_config(vocab, hidden=16, projection=16))
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                        caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=16,
+                                        qk_norm="rms_norm")
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=tiny_flow_vae(), text_encoder=enc1, tokenizer=tokenizer, text_encoder_2=enc2,
+                                    tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(root / "pipe")
+    return root / "pipe"
+
+
+def build_tiny_flux(root: Path, distilled: bool = True) -> Path:
+    """Flux-shaped: CLIP pooled + tiny T5 sequence embeddings, 1 double- and 2 single-stream blocks, RoPE over
+    (0, row, col) ids, latents packed 2x2 (4 channels -> 16 per token), a guidance embedding when `distilled`,
+    the dynamic shift from the image token count."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+    tokenizer, vocab = tiny_tokenizer(root / "tok")
+    torch.manual_seed(0)
+    clip = CLIPTextModel(tiny_text_config(vocab, hidden=16))
+    tok2, t5 = tiny_t5(root / "tok2")
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                         pooled_projection_dim=16, guidance_embeds=distilled, axes_dims_rope=(4, 6, 6))
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=tiny_flow_vae(), text_encoder=clip,
+                        tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tok2)
+    pipe.save_pretrained(root / "pipe")
+    return root / "pipe"

@@ -200,8 +200,8 @@ def test_bad_input_is_refused(tmp_path, tiny_if, tiny_sd):
         run(AnagramConfig(prompts=["a", "b"], height=16, width=32, model="nowhere"), tmp_path / "o", False, "cpu", {})
     with pytest.raises(DiffcliError, match="cannot load"):
         load(AnagramConfig(model=str(tmp_path / "none")), CPU, torch.float32)
-    with pytest.raises(DiffcliError, match="needs a DeepFloyd IF stage I"):
-        load(AnagramConfig(model=str(tiny_sd)), CPU, torch.float32)
+    with pytest.raises(DiffcliError, match="negate: no meaning on a StableDiffusionPipeline's latent grid"):
+        load(AnagramConfig(model=str(tiny_sd), views=["identity", "negate"]), CPU, torch.float32)  # latent model
     with pytest.raises(DiffcliError, match="stage II"):
         load(AnagramConfig(model=str(tiny_if[0]), sr_model=str(tiny_if[0])), CPU, torch.float32)
     assert not (tmp_path / "o").exists()

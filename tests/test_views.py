@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from diffcli.shared.errors import DiffcliError
 from diffcli.core.sync import synchronized
-from diffcli.core.views import (BIJECTIONS, SQUARE_ONLY, VIEWS, ViewOptions, ViewSet, Window, coverage, frame, make_view,
+from diffcli.core.views import (BIJECTIONS, SQUARE_ONLY, ViewOptions, ViewSet, Window, coverage, frame, make_view,
                                 window_starts, windows)
 
 SQUARE_SIZES = [(16, 16), (24, 24), (64, 64)]

@@ -30,6 +30,7 @@ in `pipelines.FAMILIES` (one line; before a family it must win over). The subcla
 from __future__ import annotations
 
 import abc
+import math
 from typing import Any
 
 import torch
@@ -47,6 +48,7 @@ class Family(abc.ABC):
     sigma_data: float = 1.0
     scale_factor: int = 1
     pixel_space: bool = False
+    tracks_metrics: bool = True  # SEG's --metrics can record its attention blocks
 
     @classmethod
     @abc.abstractmethod
@@ -104,6 +106,19 @@ class Family(abc.ABC):
     def layers(self, names: list[str], option: str = "layers") -> list[str]:
         """Layer names (down/mid/up, d4, m0, u1) -> module paths in `attention`; unknown names list the valid ones."""
         return seg_attention.resolve_layers(self.attention, names, option)
+
+    def start_scale(self, sigma_max: torch.Tensor | float) -> float:
+        """What unit noise is multiplied by to start sampling at sigma_max (`initial_latents` does the same):
+        sqrt(1 + sigma^2), a VP latent's spread in VE form; flow models: 1 + sigma."""
+        return math.sqrt(1 + float(sigma_max) ** 2)
+
+    def state_dtype(self, device: torch.device | str) -> torch.dtype:
+        """The dtype of the sampler's state (float32; flow models float64, see flow_common)."""
+        return torch.float32
+
+    def seg_processor(self, state: seg_attention.SegState, name: str, perturb: bool, recorder=None):
+        """The attention processor SEG installs on the module `name` (`attention.installed`'s factory)."""
+        return seg_attention.SegAttnProcessor(state, name, perturb, recorder)
 
     @abc.abstractmethod
     def check_memory(self, n: int, height: int, width: int, dtype: torch.dtype, device: torch.device | str,

@@ -8,6 +8,7 @@ of them, so SD 1.x/2.x, SDXL and DeepFloyd IF load, condition and decode one way
 """
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from pathlib import Path
@@ -25,6 +26,8 @@ from .deepfloyd import DeepFloydIF, DeepFloydIFSuperResolution
 from .diffusers_unet import UNetPipeline
 from .edm import DiffcliModel
 from .family import Family
+from .flow_flux import Flux
+from .flow_sd3 import StableDiffusion3
 from .models import load_model
 from .stable_diffusion import StableDiffusion, StableDiffusionXL
 
@@ -32,23 +35,71 @@ initial_latents = diffusers_unet.initial_latents  # the Python API's names, kept
 ConcatUNet = deepfloyd.ConcatUNet
 
 # the diffusers pipeline families, first match wins (SDXL before SD; IF stage II before stage I)
-FAMILIES: tuple[type[UNetPipeline], ...] = (StableDiffusionXL, DeepFloydIFSuperResolution, DeepFloydIF, StableDiffusion)
+FAMILIES: tuple[type[Family], ...] = (
+    StableDiffusionXL, DeepFloydIFSuperResolution, DeepFloydIF, StableDiffusion,
+    StableDiffusion3,  # flow_sd3.py: SD3 / SD3.5
+    Flux,  # flow_flux.py: Flux.1 dev / schnell
+)
 
 
 def load_pipeline(spec: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                  kind: str = "text-to-image", **components):
+                  kind: str = "text-to-image", offload: bool = False, **components):
     """`DiffusionPipeline.from_pretrained` on a hub id or a local folder; the class comes from model_index.json.
 
     device None: cuda, then mps, then cpu; dtype None: fp16 on CUDA, else fp32.
     `components` replace parts of the pipeline (IF stage II: text_encoder=None, it reuses stage I's T5 embeddings).
     Within `cache.caching()` (a sweep) each pipeline loads once.
     """
-    key = ("pipeline", spec, str(device), str(dtype), kind, tuple(sorted((k, repr(v)) for k, v in components.items())))
-    return cached(key, lambda: _load_pipeline(spec, device, dtype, kind, **components))
+    key = ("pipeline", spec, str(device), str(dtype), kind, offload,
+           tuple(sorted((k, repr(v)) for k, v in components.items())))
+    return cached(key, lambda: _load_pipeline(spec, device, dtype, kind, offload, **components))
+
+
+FLOW_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
+
+
+def pipeline_class_name(spec: str) -> str | None:
+    """The pipeline class a local folder's model_index.json names (None for hub ids and unreadable folders)."""
+    try:
+        return json.loads((Path(spec) / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def is_flow(spec: str) -> bool:
+    """Does `spec` name a flow transformer pipeline (its model_index.json; a hub id by its name)?"""
+    return pipeline_class_name(spec) in FLOW_PIPELINES or bool(re.search(r"flux|stable-diffusion-3", spec, re.I))
+
+
+def pipeline_dtype(name: str | None, device: torch.device, spec: str) -> torch.dtype:
+    """`--dtype` for a pipeline: as asked, else bf16 on CUDA for the flow transformers (SD3, Flux: fp16 overflows
+    in T5 and Flux), else `devices.pick_dtype`'s default (fp16 on CUDA, fp32 elsewhere)."""
+    if name in (None, "", "auto") and torch.device(device).type == "cuda" and is_flow(spec):
+        return torch.bfloat16
+    return pick_dtype(name, torch.device(device))
+
+
+def check_load_memory(spec: str, device: torch.device, dtype: torch.dtype, offload: bool) -> None:
+    """Refuse, before loading, a local pipeline whose weights cannot sit on `device`: all components' safetensors
+    (with --offload only the largest, as model CPU offload moves one model at a time), counted as stored: a lower
+    bound when they are stored in the run's dtype."""
+    from ..shared.memory import check_memory
+    folder = Path(spec)
+    if not folder.is_dir() or device.type != "cuda":
+        return
+    sizes = []
+    for part in sorted(p for p in folder.iterdir() if p.is_dir()):
+        sizes.append(sum(f.stat().st_size for f in part.glob("*.safetensors")))
+    if not sizes:
+        return
+    need = max(sizes) if offload else sum(sizes)
+    what = "the largest model of the pipeline (--offload)" if offload else "the pipeline's weights"
+    check_memory(need, device, f"{what} of {spec}", "pass --offload (diffusers' model CPU offload)" if not offload
+                 else "use a smaller model")
 
 
 def _load_pipeline(spec: str, device: torch.device | str | None, dtype: torch.dtype | None, kind: str,
-                   **components):
+                   offload: bool = False, **components):
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
@@ -58,7 +109,9 @@ def _load_pipeline(spec: str, device: torch.device | str | None, dtype: torch.dt
     tlog.disable_progress_bar()
     device = pick_device(None if device is None else str(device))
     dtype = pick_dtype(None, device) if dtype is None else dtype
+    check_load_memory(spec, device, dtype, offload)
     pickled = pickled_weights(Path(spec)) if Path(spec).is_dir() else []
+    components = {**{k: v for k, v in absent_components(Path(spec)).items() if k != "safety_checker"}, **components}
     if pickled:
         what = "is a pickled weight file" if len(pickled) == 1 else "are pickled weight files"
         raise DiffcliError(f"{spec}: {some_names(pickled)} {what} with no safetensors beside; {NO_PICKLES}")
@@ -80,7 +133,20 @@ def _load_pipeline(spec: str, device: torch.device | str | None, dtype: torch.dt
     if family_class(pipe) is None:
         raise DiffcliError(f"{spec!r} is a {type(pipe).__name__}; {UNSUPPORTED}")
     pipe.set_progress_bar_config(disable=True)
+    if offload and device.type == "cuda":  # one model on the GPU at a time; on a CPU there is nothing to offload
+        pipe.enable_model_cpu_offload(device=device)
+        return pipe
     return pipe.to(device)
+
+
+def absent_components(folder: Path) -> dict[str, None]:
+    """Components a local pipeline folder saved as absent ([null, null] in model_index.json, e.g. SD3 without its
+    T5): `from_pretrained` wants them passed as None."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -100,11 +166,11 @@ def pickled_weights(folder: Path) -> list[str]:
     return found
 
 
-UNSUPPORTED = ("diffcli runs UNet pipelines (SD 1.x/2.x, SDXL, DeepFloyd IF); transformer models (SD3, Flux) are "
-               "not supported yet")
+UNSUPPORTED = ("diffcli runs SD 1.x/2.x, SDXL, DeepFloyd IF, SD3/SD3.5 and Flux.1 pipelines; other pipeline "
+               "classes are not supported")
 
 
-def family_class(pipe) -> type[UNetPipeline] | None:
+def family_class(pipe) -> type[Family] | None:
     return next((f for f in FAMILIES if f.matches(pipe)), None)
 
 
@@ -120,7 +186,7 @@ def pipeline_family(pipe) -> Family:
 
 def load_family(spec: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
                 checkpoint: bool = False, kind: str = "text-to-image", kinds: tuple[str, ...] = ("edm",),
-                **components) -> Family:
+                offload: bool = False, **components) -> Family:
     """A model and its family: a diffusers pipeline (hub id or folder; `kind` words the load error, `components`
     replace its parts, see `load_pipeline`), or with `checkpoint` a diffcli model file of `kinds`
     (`models.load_model`; its net cast to `dtype` where one is given)."""
@@ -129,7 +195,10 @@ def load_family(spec: str, device: torch.device | str | None = None, dtype: torc
         if dtype is not None:
             model.net.to(dtype)
         return DiffcliModel(model, meta)
-    return pipeline_family(load_pipeline(spec, device, dtype, kind, **components))
+    fam = pipeline_family(load_pipeline(spec, device, dtype, kind, offload, **components))
+    if offload:
+        fam.offload = True
+    return fam
 
 
 # ---------------------------------------------------------------- a loaded pipeline's questions, by function

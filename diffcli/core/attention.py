@@ -26,6 +26,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
+from . import joint_attention
 from .query_blur import Blur
 from ..shared.errors import DiffcliError
 
@@ -98,6 +99,8 @@ def resolve_layers(unet: torch.nn.Module, names: list[str], option: str = "layer
 
     `option` names what is being resolved in the error (a caller may pass its own word, e.g. a flag).
     """
+    if joint_attention.is_joint(unet):  # SD3 / Flux: joint / double / single blocks (joint_attention.resolve)
+        return joint_attention.resolve(joint_attention.layers_of(unet), names, option)
     layers = self_attention_layers(unet)
     if names and not any(layers.values()):
         raise DiffcliError(f"{option} {','.join(names)!r}: this model has no self-attention layers, "
@@ -285,18 +288,22 @@ class SegAttnProcessor:
 
 @contextlib.contextmanager
 def installed(unet: torch.nn.Module, state: SegState, perturbed: list[str], tracked: list[str] = (),
-              recorder: list[dict[str, Any]] | None = None) -> Iterator[None]:
+              recorder: list[dict[str, Any]] | None = None, factory=None) -> Iterator[None]:
     """Put SEG processors on the perturbed (and, with a recorder, the tracked) layers; restore the old ones after.
 
     Layers neither perturbed nor tracked keep their own processor, so unselected layers cost nothing extra.
+    `factory(state, path, perturb, recorder)` makes a processor (default `SegAttnProcessor`; transformer families
+    give their joint-attention one, `joint_attention.JointSegProcessor`).
     """
+    make = factory or SegAttnProcessor
+    if factory is None and joint_attention.is_joint(unet):
+        make = lambda state_, path, perturb, rec: joint_attention.processor(unet, state_, path, perturb, rec)  # noqa: E731
     modules = dict(unet.named_modules())
     paths = list(dict.fromkeys([*perturbed, *(tracked if recorder is not None else ())]))
     old = {p: modules[p].processor for p in paths}
     try:
         for p in paths:
-            modules[p].set_processor(SegAttnProcessor(state, p, p in perturbed,
-                                                      recorder if p in tracked else None))
+            modules[p].set_processor(make(state, p, p in perturbed, recorder if p in tracked else None))
         yield
     finally:
         for p, proc in old.items():

@@ -14,6 +14,8 @@ by the coverage count): the two operations every synchronization case is made of
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -636,6 +638,7 @@ class ViewKind:
     square_only: bool = False
     factor: str | None = None   # factorized views: the factorization (FACTORS) whose component this is
     pixel_only: bool = False    # defined on RGB pixels only (a latent's channels are not colours)
+    latent: bool = False  # means the same on a latent grid (cells move whole): latent models (SD, SDXL, SD3, Flux) take it
 
 
 def _same(cls: type) -> Callable[[str, int, int, ViewOptions], View]:
@@ -695,6 +698,15 @@ SQUARE_ONLY = having(VIEWS, lambda k: k.square_only)  # their instance would not
 FACTORIZED = having(VIEWS, lambda k: k.factor is not None)
 BIJECTIONS = having(VIEWS, lambda k: k.factor is None)  # exact inverse_view(view(x)) == x
 PIXEL_ONLY = having(VIEWS, lambda k: k.pixel_only)
+
+
+# Views that move whole cells keep their meaning on a VAE's latent grid (a flipped or turned latent decodes to
+# about the flipped or turned image, a permutation of latent-cell blocks to the same permutation of pixel blocks);
+# negate (a latent's negative is no image's negative), skew and inner_rotate (they cut through cells along lines
+# the VAE's 8 px cells do not follow) have none there.
+for _name in ("identity", "flip", "rotate_cw", "rotate_ccw", "rotate_180", "patch_permute", "pixel_permute", "jigsaw",
+              "square_hinge"):
+    VIEWS[_name] = dataclasses.replace(VIEWS[_name], latent=True)
 
 
 def describe() -> str:
