@@ -1,4 +1,5 @@
-"""The settings every generating command shares, written once: guidance (CFG, SEG, PG) and sampling.
+"""The settings every generating command shares, written once: guidance (CFG and its rules, SEG, PAG, PG) and
+sampling.
 
 Each group is a dataclass whose field names are the Python API's keyword arguments; each field declares its
 command-line option once (`opt`: flags, help, range, choices, help panel; `seg_scale` is `--seg-scale`, `blurs` is
@@ -9,7 +10,7 @@ message.
 
 The guidance stack, in the order every command applies it (see `guidance.stack`):
 
-    CFG and SEG (uncond, cond, perturbed passes as ONE network batch)
+    CFG (or its rule: APG, CFG-Zero*), SEG and PAG (uncond, cond, seg, pag passes as ONE network batch)
       -> the scheduler's limits on x0_hat (IF: dynamic thresholding)
       -> PG (a repulsion across the batch of particles)
       -> view synchronization (panorama, anagram)
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 
 from .core import attention
-from .core.guidance import PG, REGIONS, Guidance, Seg
+from .core.guidance import PG, REGIONS, Apg, Guidance, Pag, Rule, Seg, ZeroStar
 from .core.particles import DIGIT_KERNELS, KERNELS, PG_GRADS, PIPELINE_KERNELS, KernelGrad, describe as describe_kernels
 from .core.query_blur import SPEC_FORMS, Blur, parse_blur
 from .core.samplers import SAMPLERS, SCHEDULES, SamplerKnobs, describe as describe_samplers, describe_schedules
@@ -33,6 +34,7 @@ from .shared.limits import RHO_MAX, SCALE_MAX, STEPS_MAX, count
 
 DEFAULT_BLUR = "gaussian_-1_9999999"  # the official SEG default: infinite blur (the query's spatial mean)
 DEFAULT_SEG_SCALE = 3.0               # the official SEG default, used when a blur is given without a scale
+CFG_RULES = ("cfg", "apg", "zero-star")  # how the CFG passes combine (guidance.Apg, guidance.ZeroStar)
 
 
 def split_list(values: list[str] | None) -> list[str]:
@@ -64,6 +66,32 @@ class GuidanceOptions:
                              help="SEG: perturb only at noise levels sigma <= this.")
     sigma_end: float = opt(0.0, "--sigma-end", panel="guidance", check="finite",
                            help="SEG: perturb only at noise levels sigma >= this.")
+    pag_scale: float = opt(0.0, "--pag-scale", panel="guidance", check="finite", high=SCALE_MAX,
+                           help="PAG (perturbed-attention guidance): p in + p (D_c - D_pag), D_pag = the conditional "
+                                "pass with identity self-attention (output = V) in --pag-layers; 0 = off. Cost: one "
+                                "more network row per sample, in the same batch.")
+    # None: the --layers list (so `--pag-scale 3 --layers up` works); a list: PAG's own layers, SEG keeps --layers
+    pag_layers: list[str] | None = opt(None, "--pag-layers", panel="guidance",
+                                       help="PAG: self-attention layers made identity, named as --layers (default: "
+                                            "the --layers list). Give both to run SEG and PAG on different layers.")
+    cfg_rule: str = opt("cfg", "--cfg-rule", panel="guidance", choices=CFG_RULES,
+                        help="How the CFG passes combine: cfg = D_u + w (D_c - D_u); apg = adaptive projected "
+                             "guidance (Sadat 2024) on x0_hat, D_c + (w - 1) (diff_orth + eta diff_par); zero-star = "
+                             "CFG-Zero* (Fan 2025) on eps, the unconditional eps scaled by its optimal alpha, the "
+                             "first --zero-init-steps at eps = 0. apg and zero-star run both passes (2 rows) at any w.")
+    apg_eta: float | None = opt(None, "--apg-eta", panel="guidance", check="finite", high=1.0,
+                                help="APG: weight of the update's part parallel to D_c (default 0: orthogonal only; "
+                                     "1 with no threshold and momentum = CFG).")
+    apg_norm_threshold: float | None = opt(None, "--apg-norm-threshold", panel="guidance", check="finite",
+                                           high=SCALE_MAX,
+                                           help="APG: cap on the per-sample norm of D_c - D_u (default 0 = no cap).")
+    apg_momentum: float | None = opt(None, "--apg-momentum", panel="guidance", check="finite", low=-1.0, above=True,
+                                     high=0.99,
+                                     help="APG: momentum beta of the running D_c - D_u, kept per sample and per run, "
+                                          "reset each run (default 0 = none; the paper uses -0.5).")
+    zero_init_steps: int | None = opt(None, "--zero-init-steps", panel="guidance", check="count", low=0,
+                                      high=STEPS_MAX,
+                                      help="CFG-Zero*: the first steps whose eps is 0 (x kept; default 1).")
     pg_factor: float = opt(0.0, "--pg-factor", panel="guidance", check="finite", high=SCALE_MAX,
                            help="PG: lambda in dx/dsigma = (x - D)/sigma + lambda sigma grad_x sum_j k(x_i, x_j) over "
                                 "the batch; > 0 repels, 0 = off.")
@@ -94,6 +122,13 @@ class GuidanceOptions:
 
     def blur_specs(self) -> list[str]:
         return split_list(self.blurs) or [DEFAULT_BLUR]
+
+    @property
+    def pag_on(self) -> bool:
+        return self.pag_scale > 0
+
+    def pag_layer_names(self) -> list[str]:
+        return split_list(self.pag_layers) if self.pag_layers is not None else split_list(self.layers)
 
 
 def _knob(name: str, **meta: Any) -> Any:
@@ -126,7 +161,14 @@ def check_guidance(opts: GuidanceOptions, *, many_blurs: bool = False) -> list[B
 
     Only `diffcli seg` runs one pass per blur (`many_blurs`); elsewhere one blur is one setting.
     """
-    check_fields(opts, ["cfg", "seg_scale", "pg_factor", "sigma_start", "sigma_end", "pg_sigma_min", "pg_sigma_max"])
+    check_fields(opts, ["cfg", "seg_scale", "pag_scale", "cfg_rule", "apg_eta", "apg_norm_threshold", "apg_momentum",
+                        "zero_init_steps", "pg_factor", "sigma_start", "sigma_end", "pg_sigma_min", "pg_sigma_max"])
+    for name, rule in (("apg_eta", "apg"), ("apg_norm_threshold", "apg"), ("apg_momentum", "apg"),
+                       ("zero_init_steps", "zero-star")):
+        if getattr(opts, name) is not None and opts.cfg_rule != rule:
+            raise DiffcliError(f"--{name.replace('_', '-')} goes with --cfg-rule {rule} (got --cfg-rule {opts.cfg_rule})")
+    if opts.pag_layers is not None and not split_list(opts.pag_layers):
+        raise DiffcliError("--pag-layers needs at least one of down, mid, up or an indexed layer (d4, m0, u1)")
     if opts.sigma_end > opts.sigma_start:
         raise DiffcliError(f"need --sigma-end <= --sigma-start (got {opts.sigma_end} and {opts.sigma_start})")
     if opts.pg_sigma_min > opts.pg_sigma_max:
@@ -186,9 +228,30 @@ def group_fields(*groups: type) -> list[str]:
 # ---------------------------------------------------------------- options -> guidance terms
 
 def seg_layers(net: torch.nn.Module, opts: GuidanceOptions, option: str = "layers") -> list[str]:
-    """The module paths SEG would perturb in `net` (a family's `attention`; [] with SEG off): commands call it
-    before writing anything, so a model without such layers is refused in one line that names the valid ones."""
-    return attention.resolve_layers(net, split_list(opts.layers), option) if opts.seg_on else []
+    """The module paths SEG (and PAG) would perturb in `net` (a family's `attention`; [] with both off): commands
+    call it before writing anything, so a model without such layers is refused in one line that names the valid
+    ones."""
+    paths = attention.resolve_layers(net, split_list(opts.layers), option) if opts.seg_on else []
+    if opts.pag_on:
+        flag = "--pag-layers" if opts.pag_layers is not None else option
+        paths += [p for p in attention.resolve_layers(net, opts.pag_layer_names(), flag) if p not in paths]
+    return paths
+
+
+def pag_of(opts: GuidanceOptions) -> Pag | None:
+    """The PAG of a command's options; None when --pag-scale is 0."""
+    return Pag(opts.pag_scale, opts.pag_layer_names()) if opts.pag_on else None
+
+
+def rule_of(opts: GuidanceOptions) -> Rule | None:
+    """The CFG rule of a command's options (APG, CFG-Zero*), each option at its default where not given; None for
+    plain CFG."""
+    if opts.cfg_rule == "apg":
+        return Apg(0.0 if opts.apg_eta is None else opts.apg_eta, opts.apg_norm_threshold or 0.0,
+                   opts.apg_momentum or 0.0)
+    if opts.cfg_rule == "zero-star":
+        return ZeroStar(1 if opts.zero_init_steps is None else opts.zero_init_steps)
+    return None
 
 
 def seg_of(opts: GuidanceOptions, blur: Blur | None) -> Seg | None:
@@ -215,7 +278,8 @@ def guidance_of(opts: GuidanceOptions, cfg: float, blur: Blur | None = None,
                 kernel: tuple[KernelGrad, bool] | None = None, sigma_data: float = 0.5, classes: int = 0) -> Guidance:
     """The one place a command's options become its guidance terms: CFG at scale `cfg` (the command's default
     already applied), SEG (`seg_of`) with `blur`, default the options' one blur, and PG (`pg_of`) with its
-    `kernel`. Every generating command and `drawing` build their guidance here."""
+    `kernel`, PAG (`pag_of`) and the CFG rule (`rule_of`: APG, CFG-Zero*). Every generating command and `drawing`
+    build their guidance here."""
     if blur is None and opts.seg_on:
         blur = check_guidance(opts)[0]
-    return Guidance(cfg, seg_of(opts, blur), pg_of(opts, kernel, sigma_data, classes))
+    return Guidance(cfg, seg_of(opts, blur), pg_of(opts, kernel, sigma_data, classes), pag_of(opts), rule_of(opts))

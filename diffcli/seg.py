@@ -180,6 +180,8 @@ def _run(cfg: SegConfig, blurs: list[Blur], out: Path, overwrite: bool, resume: 
     check_pipeline_steps(family.pipe, cfg.steps, cfg.schedule)
     family.check_memory(cfg.n, height, width, dtype, device, "a prompt's images (one network batch)", "lower --n")
     perturbed = family.layers(split_list(cfg.layers), "--layers") if blurs[0] is not None else []
+    identity = family.layers(cfg.pag_layer_names(), "--pag-layers" if cfg.pag_layers is not None else "--layers") \
+        if cfg.pag_on else []
     tracked = family.layers([cfg.track_block], "--track-block") if cfg.metrics else []
     record = {**options_record(cfg), **options}
     out = dist.begin(out, overwrite, resume, "seg", record)  # nothing is written before this line
@@ -189,10 +191,11 @@ def _run(cfg: SegConfig, blurs: list[Blur], out: Path, overwrite: bool, resume: 
     seeds = [cfg.seed + i for i in range(cfg.n)]
     kernel = pipelines.pipeline_kernel(family, cfg)
     guides = {spec_of(b): guidance_of(cfg, cfg.cfg, b, kernel, family.sigma_data) for b in blurs}
-    state = next((g.seg.state for g in guides.values() if g.seg is not None), attention.SegState())
-    for g in guides.values():
-        if g.seg is not None:
-            g.seg.state = state  # one set of processors serves every blur
+    state = attention.SegState()
+    for g in guides.values():  # one set of processors serves every blur (and PAG)
+        for term in (g.seg, g.pag):
+            if term is not None:
+                term.state = state
     folders = {spec_of(b): out if len(blurs) == 1 else out / blur_folder(b) for b in blurs}
     if resume and len(blurs) > 1:  # the per-blur folders are ours too: clear their killed writers' temp files
         dist.main_first(lambda: clear_temp_files(*folders.values()))
@@ -228,11 +231,11 @@ def _run(cfg: SegConfig, blurs: list[Blur], out: Path, overwrite: bool, resume: 
                 write_metrics(folders[spec_of(b)], metrics[spec_of(b)])
         write_run_json(out, "seg", record, device, status="complete", world_size=dist.world,
                        model={"kind": family.kind, "model": cfg.model}, height=height, width=width,
-                       perturbed_layers=perturbed, tracked_layers=tracked,
+                       perturbed_layers=perturbed, pag_layers=identity, tracked_layers=tracked,
                        guided_steps=[i for i, g in enumerate(guided) if g],
                        blurs={spec_of(b): str(folders[spec_of(b)].relative_to(out)) for b in blurs}, images=files)
 
-    with attention.installed(family.attention, state, perturbed, tracked, recorder):
+    with attention.installed(family.attention, state, perturbed, tracked, recorder, identity=identity):
         done = run_tasks(dist, tasks, draw, resume=resume, label="seg", work=lambda task: cfg.steps * len(blurs),
                          finish=finish)
     return {"out": str(out), "images": sum(len(f) for f in files.values()), "blurs": len(blurs),
