@@ -140,7 +140,7 @@ def validate(cfg: AnagramConfig) -> list[Job]:
     # noise_level: and below the stage II scheduler's steps (`load`)
     check_fields(cfg, ["sr_steps", "view_batch", "frames", "noise_level", "seed", "view_seed"])
     check_sampling(cfg, pipeline=True)
-    check_guidance(cfg)
+    check_guidance(cfg, views=True)
     check_particles(cfg, 1, pipeline=True, what="the number of canvases a prompt set (anagram draws one)")
     check_fields(cfg, ["sr_cfg", "skew", "inner_angle", "sync", "noise"])
     if cfg.prompts and cfg.prompts_file:

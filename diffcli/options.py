@@ -27,7 +27,7 @@ from .core import attention
 from .core.guidance import PG, REGIONS, Apg, Guidance, Pag, Rule, Seg, ZeroStar
 from .core.particles import DIGIT_KERNELS, KERNELS, PG_GRADS, PIPELINE_KERNELS, KernelGrad, describe as describe_kernels
 from .core.query_blur import SPEC_FORMS, Blur, parse_blur
-from .core.samplers import SAMPLERS, SCHEDULES, SamplerKnobs, describe as describe_samplers, describe_schedules
+from .core.samplers import CFG_PP, SAMPLERS, SCHEDULES, SamplerKnobs, describe as describe_samplers, describe_schedules
 from .shared.errors import DiffcliError
 from .shared.fields import check_fields, opt
 from .shared.limits import RHO_MAX, SCALE_MAX, STEPS_MAX, count
@@ -156,11 +156,13 @@ class SamplingOptions(SamplerKnobs):
                      help="Karras schedule exponent.")
 
 
-def check_guidance(opts: GuidanceOptions, *, many_blurs: bool = False) -> list[Blur]:
+def check_guidance(opts: GuidanceOptions, *, many_blurs: bool = False, views: bool = False) -> list[Blur]:
     """Validate the guidance settings; returns the parsed SEG blurs (empty when SEG is off).
 
-    Only `diffcli seg` runs one pass per blur (`many_blurs`); elsewhere one blur is one setting.
+    Only `diffcli seg` runs one pass per blur (`many_blurs`); elsewhere one blur is one setting. `views`: the
+    command synchronizes views (panorama, anagram), which the CFG++ samplers do not take.
     """
+    check_cfg_pp(opts, views)
     check_fields(opts, ["cfg", "seg_scale", "pag_scale", "cfg_rule", "apg_eta", "apg_norm_threshold", "apg_momentum",
                         "zero_init_steps", "pg_factor", "sigma_start", "sigma_end", "pg_sigma_min", "pg_sigma_max"])
     for name, rule in (("apg_eta", "apg"), ("apg_norm_threshold", "apg"), ("apg_momentum", "apg"),
@@ -184,6 +186,21 @@ def check_guidance(opts: GuidanceOptions, *, many_blurs: bool = False) -> list[B
     if len(blurs) > 1 and not many_blurs:
         raise DiffcliError(f"{len(blurs)} --blur specs: this command runs one blur (diffcli seg runs one pass per blur)")
     return blurs if opts.seg_on else []
+
+
+def check_cfg_pp(opts: GuidanceOptions, views: bool = False) -> None:
+    """The CFG++ samplers (`samplers.CFG_PP`) renoise with the unconditional x0_hat of ONE CFG denoiser: the scale
+    is the paper's lambda in [0, 1], no PG (its push would enter the renoising), no view synchronization."""
+    sampler = getattr(opts, "sampler", None)
+    if sampler not in CFG_PP:
+        return
+    if opts.cfg is not None and not 0.0 <= opts.cfg <= 1.0:
+        raise DiffcliError(f"--sampler {sampler} takes a CFG scale in [0, 1] (CFG++'s lambda), got --cfg {opts.cfg:g}")
+    if opts.pg_factor:
+        raise DiffcliError(f"--sampler {sampler} renoises with the unconditional x0_hat and takes no PG (--pg-factor)")
+    if views:
+        raise DiffcliError(f"--sampler {sampler} needs one unconditional x0_hat per step; synchronized views have "
+                           "one per view: choose another sampler")
 
 
 def check_particles(opts: GuidanceOptions, n: int, pipeline: bool, what: str = "--n") -> None:

@@ -150,7 +150,7 @@ def validate(cfg: PanoramaConfig) -> list[Job]:
     check_image_size(cfg.height, cfg.width)
     check_fields(cfg, ["view_batch", "decode_batch", "seed"])
     check_sampling(cfg, pipeline=True)
-    check_guidance(cfg)
+    check_guidance(cfg, views=True)
     check_particles(cfg, 1, pipeline=True, what="the number of canvases a prompt (panorama draws one)")
     check_fields(cfg, ["sync", "noise"])
     jobs = jobs_of(cfg)

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from . import attention
-from .denoisers import expand_sigma
+from .denoisers import UNCOND_SINK, expand_sigma
 from .particles import class_posterior, posterior_push
 from .query_blur import Blur
 
@@ -214,7 +214,6 @@ class ZeroStar:
 
 
 Rule = Apg | ZeroStar
-UNCOND_SINK = "uncond_sink"  # keyword a CFG++ sampler passes: a list the CFG combinator appends D_u to
 
 
 def particle_guidance(model, factor: float, kernel_grad, sigma_min: float = 0.0, sigma_max: float = float("inf"),
