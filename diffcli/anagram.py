@@ -29,7 +29,7 @@ from .shared.limits import BATCH_MAX, FRAMES_MAX, SCALE_MAX, SIDE_MAX, STEPS_MAX
 from .shared.fields import check_fields, opt, redefault
 from .runner import Command, RunContext, generating
 from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_pipeline_steps,
-                      check_sampling, guidance_of, record as options_record, seg_layers)
+                      check_sampling, cost_of, guidance_of, record as options_record, seg_layers)
 from .core.sync import CASES, NOISES, rows_of, sample_views
 from .data.prompt_files import key_line, resolve_prompts_file
 from .core.views import VIEWS, ViewOptions, ViewSet, frame, make_view
@@ -332,7 +332,8 @@ def _run(cfg: AnagramConfig, jobs: list, out: Path, overwrite: bool, resume: boo
                      resume=resume, label="anagram", work=lambda task: per_job, finish=lambda done: write_run_json(
                          out, "anagram", record, device, record_path=record_file, status="complete", model=cfg.model,
                          sr_model=cfg.sr_model, world_size=dist.world, size=list(size), jobs=[asdict(j) for j in jobs],
-                         files=files, animations=anim.name))
+                         files=files, animations=anim.name,
+                         cost=cost_of(cfg, cfg.cfg, cfg.sampler, cfg.steps, views=len(cfg.views))))
     return {"out": str(out), "run_record": str(record_file), "animations": str(anim), "images": len(files),
             "pairs": len(jobs), "skipped": done.skipped, "main": dist.main}
 

@@ -18,7 +18,7 @@ The guidance stack, in the order every command applies it (see `guidance.stack`)
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from .core import attention
 from .core.guidance import PG, REGIONS, Apg, Guidance, Pag, Rule, Seg, ZeroStar
 from .core.particles import DIGIT_KERNELS, KERNELS, PG_GRADS, PIPELINE_KERNELS, KernelGrad, describe as describe_kernels
 from .core.query_blur import SPEC_FORMS, Blur, parse_blur
-from .core.samplers import CFG_PP, SAMPLERS, SCHEDULES, SamplerKnobs, describe as describe_samplers, describe_schedules
+from .core.samplers import CFG_PP, SAMPLERS, nfe, SCHEDULES, SamplerKnobs, describe as describe_samplers, describe_schedules
 from .shared.errors import DiffcliError
 from .shared.fields import check_fields, opt
 from .shared.limits import RHO_MAX, SCALE_MAX, STEPS_MAX, count
@@ -300,3 +300,25 @@ def guidance_of(opts: GuidanceOptions, cfg: float, blur: Blur | None = None,
     if blur is None and opts.seg_on:
         blur = check_guidance(opts)[0]
     return Guidance(cfg, seg_of(opts, blur), pg_of(opts, kernel, sigma_data, classes), pag_of(opts), rule_of(opts))
+
+
+def cost_of(opts: GuidanceOptions, cfg: float, sampler: str | None, steps: int | None, classes: int = 0,
+            views: int = 1, evaluations: int | None = None) -> dict[str, Any]:
+    """What a run's guidance costs, for run.json: network rows per sample of one evaluation on a guided step, by
+    pass (CFG 2, CFG + SEG 3, + PAG 4; every pass of one network in ONE batch), evaluations per sample (the
+    sampler's NFE times the `views` each image denoises at each step: panorama windows, anagram views), and their
+    product. Steps outside SEG's regions or window, or outside PG's window, run fewer rows: the figures are the
+    guided steps' (an upper bound). PG with an exact kernel gradient adds one backward pass per evaluation."""
+    guidance = guidance_of(replace(opts, pg_factor=0.0), cfg)
+    if opts.pg_factor and opts.kernel == "posterior" and classes:
+        rows = {"classes": classes, "null": 1}
+    else:
+        rows = guidance.rows()
+        if sampler in CFG_PP and "uncond" not in rows:
+            rows = {"uncond": 1, **rows}  # CFG++ reads D_u whatever the scale
+    if evaluations is None and sampler is not None and steps:
+        evaluations = nfe(sampler, steps) * views
+    per_eval = sum(rows.values())
+    return {"rows_per_evaluation": per_eval, "rows": rows, "evaluations_per_sample": evaluations,
+            "rows_per_sample": None if evaluations is None else per_eval * evaluations,
+            "backward_pass": bool(opts.pg_factor) and KERNELS[opts.kernel].backward and opts.pg_grad == "exact"}

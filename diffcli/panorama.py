@@ -27,7 +27,7 @@ from .shared.limits import BATCH_MAX, SIDE_MAX, check_image_size
 from .shared.fields import check_fields, opt, redefault
 from .runner import Command, RunContext, generating
 from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_pipeline_steps,
-                      check_sampling, guidance_of, record as options_record, seg_layers)
+                      check_sampling, cost_of, guidance_of, record as options_record, seg_layers)
 from .core.sync import CASES, NOISES, rows_of, sample_views
 from .data.prompt_files import key_line, resolve_prompts_file
 from .core.views import ViewSet, windows
@@ -300,7 +300,8 @@ def _run(cfg: PanoramaConfig, jobs: list[Job], out: Path, overwrite: bool, resum
                     label="panorama", work=lambda todo: cfg.steps, finish=lambda done: write_run_json(
                         out, "panorama", record, device, record_path=record_file, status="complete", model=cfg.model,
                         world_size=dist.world, windows=len(p.views), window_px=p.crop, latent=list(p.latent),
-                        decode_tiles=len(p.tiles), prompts=[asdict(j) for j in jobs], files=files))
+                        decode_tiles=len(p.tiles), prompts=[asdict(j) for j in jobs], files=files,
+                        cost=cost_of(cfg, cfg.cfg, cfg.sampler, cfg.steps, views=len(p.views))))
     return {"out": str(out), "run_record": str(record_file), "images": len(jobs), "crops": len(files) - len(jobs),
             "windows": len(p.views), "skipped": done.skipped, "main": dist.main}
 

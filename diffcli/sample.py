@@ -25,7 +25,7 @@ from .backends.pipelines import load_family
 from .shared.limits import (BATCH_MAX, N_MAX, PIXELS_MAX, SIGMA_LIMIT, finite,
                             seed as check_seed)
 from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_sampling,
-                      record as options_record, seg_layers)
+                      cost_of, record as options_record, seg_layers)
 from .core.draw import net_group
 from .core.samplers import SAMPLERS, nfe
 from .core.blurring import (SAMPLERS as BLURRING_SAMPLERS, BlurSchedule, blurred_mean, check_blur_sigma, diffuse,
@@ -157,6 +157,8 @@ def _run(cfg: SampleConfig, out: Path, overwrite: bool, resume: bool, dist: Dist
                 save_image(out / name, picture)
         write_run_json(out, "sample", record, device, status="complete", model=meta, world_size=dist.world, **seq,
                        nfe_per_sample=nfe(cfg.sampler, cfg.steps) * (2 if cfg.cfg not in (None, 0.0, 1.0) else 1),
+                       cost=cost_of(cfg, 1.0 if cfg.cfg is None or labels is None else cfg.cfg, cfg.sampler, cfg.steps,
+                                    meta.get("num_classes") or 0),
                        samples=samples_record(names, labels, cfg.seed))
 
     # each sample's progress: cfg.steps a sample drawn (a PG block draws all of its samples)

@@ -31,7 +31,7 @@ from .shared.fields import check_fields, opt, redefault
 from .shared.names import read_prompts_file
 from .runner import Command, RunContext, generating
 from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_pipeline_steps,
-                      check_sampling, guidance_of, record as options_record, split_list)
+                      check_sampling, cost_of, guidance_of, record as options_record, split_list)
 from .core.query_blur import Blur
 from .core.samplers import run_sampler
 
@@ -232,6 +232,7 @@ def _run(cfg: SegConfig, blurs: list[Blur], out: Path, overwrite: bool, resume: 
         write_run_json(out, "seg", record, device, status="complete", world_size=dist.world,
                        model={"kind": family.kind, "model": cfg.model}, height=height, width=width,
                        perturbed_layers=perturbed, pag_layers=identity, tracked_layers=tracked,
+                       cost=cost_of(cfg, cfg.cfg, cfg.sampler, cfg.steps),
                        guided_steps=[i for i, g in enumerate(guided) if g],
                        blurs={spec_of(b): str(folders[spec_of(b)].relative_to(out)) for b in blurs}, images=files)
 
