@@ -48,11 +48,12 @@ class GuidanceOptions:
     # CFG scale w in D_u + w (D_c - D_u); None: the command's default
     cfg: float | None = opt(None, "--cfg", "--guidance", panel="guidance", check="finite", high=SCALE_MAX,
                             help="CFG scale w: D_u + w (D_c - D_u); 1 = conditional only, 0 = unconditional (with SEG "
-                                 "on, 0 or 1 = SEG without CFG, as the official SEG code). Same as the 002 seed's alpha.")
+                                 "on, 0 or 1 = SEG without CFG, as the official SEG code). Same as the 002 seed's alpha. Cost: 2 "
+                                 "network rows per sample per evaluation, one batch (1 at w = 0 or 1).")
     # s in + s (D_c - D_seg); None: 3 if a blur is given, else SEG off
     seg_scale: float | None = opt(None, "--seg-scale", panel="guidance", check="finite", high=SCALE_MAX,
                                   help="SEG: s in D_c + s (D_c - D_seg); 0 = off (default: 3 when --blur is given, "
-                                       "else off).")
+                                       "else off). Cost: one more row per sample on guided steps, same batch.")
     # SEG query blur specs; None: infinite blur when SEG is on
     blurs: list[str] | None = opt(None, "--blur", panel="guidance",
                                   help=f"SEG query blur: {SPEC_FORMS}. Turns SEG on (default infinite blur).")
@@ -94,7 +95,8 @@ class GuidanceOptions:
                                       help="CFG-Zero*: the first steps whose eps is 0 (x kept; default 1).")
     pg_factor: float = opt(0.0, "--pg-factor", panel="guidance", check="finite", high=SCALE_MAX,
                            help="PG: lambda in dx/dsigma = (x - D)/sigma + lambda sigma grad_x sum_j k(x_i, x_j) over "
-                                "the batch; > 0 repels, 0 = off.")
+                                "the batch; > 0 repels, 0 = off. Cost: kernels on x0_hat with --pg-grad exact add a backward "
+                                "pass per evaluation; --kernel posterior runs classes + 1 rows per sample.")
     kernel: str = opt("rbf", "--kernel", panel="guidance", choices=tuple(KERNELS),
                       help=f"PG kernel. {describe_kernels()}.")
     # kernels on x0_hat: through the network (exact) or c_skip I (skip)

@@ -92,3 +92,36 @@ def test_identity_attention_outputs_the_values():
     torch.testing.assert_close(out[:2], torch.nn.functional.scaled_dot_product_attention(q[:2], k[:2], v[:2]))
     plain = attention.perturbed_attention(q, k, v, ("cond", "pag"), None, False)  # not a PAG layer: plain
     torch.testing.assert_close(plain, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+def test_seg_command_runs_pag_alone_and_with_seg_on_other_layers(tiny_sd, tmp_path):
+    import json
+    from conftest import call_cli
+    common = ("--model", tiny_sd, "--steps", "2", "--n", "1", "--device", "cpu")
+    call_cli("seg", "a cat", *common, "--seg-scale", "0", "--pag-scale", "3", "--out", tmp_path / "pag", check=True)
+    call_cli("seg", "a cat", *common, "--layers", "mid", "--pag-scale", "3", "--pag-layers", "up",
+             "--out", tmp_path / "both", check=True)
+    call_cli("seg", "a cat", *common, "--seg-scale", "0", "--out", tmp_path / "cfg", check=True)
+    call_cli("seg", "a cat", *common, "--seg-scale", "0", "--pag-scale", "0", "--out", tmp_path / "cfg0", check=True)
+    pag, both = (json.loads((tmp_path / d / "run.json").read_text()) for d in ("pag", "both"))
+    assert pag["perturbed_layers"] == [] and pag["pag_layers"] and all("mid_block" in p for p in pag["pag_layers"])
+    assert pag["cost"]["rows"] == {"uncond": 1, "cond": 1, "pag": 1} and pag["cost"]["evaluations_per_sample"] == 2
+    assert all("up_blocks" in p for p in both["pag_layers"]) and both["cost"]["rows_per_evaluation"] == 4
+    image = lambda d: (tmp_path / d / "a_cat_seed0.png").read_bytes()  # noqa: E731
+    assert image("cfg0") == image("cfg") != image("pag")
+    proc = call_cli("seg", "a cat", *common, "--pag-scale", "3", "--pag-layers", "u9", "--out", tmp_path / "bad")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "--pag-layers 'u9'" in proc.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_pag_on_if_and_our_unets_changes_the_result(tiny_if, tmp_path):
+    """IF's added-KV joint attention (identity over the image's own tokens) and our digit UNets take PAG too."""
+    pipe = pipelines.load_pipeline(str(tiny_if[0]), CPU, torch.float32)
+    cond, uncond = pipelines.encode_prompts(pipe, ["a cat"], None, 16, 16, CPU)
+    x, sigma = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(2)), torch.full((1,), 2.0)
+    model = pipelines.denoiser(pipe)
+    outs = []
+    for g in (Guidance(3.0), Guidance(3.0, pag=Pag(2.0, ["down", "mid", "up"]))):
+        with g.installed(pipe.unet), torch.no_grad():
+            outs.append(g.denoiser(model, cond, uncond, torch.tensor([2.0, 0.0]))(x, sigma))
+    assert not torch.allclose(outs[0], outs[1], atol=1e-4)
