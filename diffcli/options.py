@@ -30,7 +30,7 @@ from .core.query_blur import SPEC_FORMS, Blur, parse_blur
 from .core.samplers import CFG_PP, SAMPLERS, nfe, SCHEDULES, SamplerKnobs, describe as describe_samplers, describe_schedules
 from .shared.errors import DiffcliError
 from .shared.fields import check_fields, opt
-from .shared.limits import RHO_MAX, SCALE_MAX, STEPS_MAX, count
+from .shared.limits import BATCH_MAX, RHO_MAX, SCALE_MAX, STEPS_MAX, count
 
 DEFAULT_BLUR = "gaussian_-1_9999999"  # the official SEG default: infinite blur (the query's spatial mean)
 DEFAULT_SEG_SCALE = 3.0               # the official SEG default, used when a blur is given without a scale
@@ -107,6 +107,10 @@ class GuidanceOptions:
     pg_bandwidth: float = opt(1.0, "--pg-bandwidth", panel="guidance", check="finite", above=True, high=SCALE_MAX,
                               help="PG: kernel bandwidth as a multiple of the median heuristic (< 1: only near "
                                    "neighbours repel).")
+    pg_classes: int = opt(0, "--pg-classes", panel="guidance", check="count", low=0, high=BATCH_MAX,
+                          help="PG --kernel posterior: after the window's first evaluation (every class), each particle "
+                               "runs only the K classes that held most of its posterior mass at the previous one "
+                               "(K + 1 network rows a particle instead of classes + 1); 0 = every class.")
     pg_sigma_min: float = opt(0.0, "--pg-sigma-min", panel="guidance", check="finite",
                               help="PG acts only at noise levels sigma >= this.")
     pg_sigma_max: float = opt(math.inf, "--pg-sigma-max", panel="guidance", check="finite", allow_inf=True,
@@ -183,7 +187,9 @@ def check_guidance(opts: GuidanceOptions, *, many_blurs: bool = False, views: bo
                            "(thirds of the steps, begin = noisiest)")
     if not split_list(opts.layers):
         raise DiffcliError("--layers needs at least one of down, mid, up or an indexed layer (d4, m0, u1)")
-    check_fields(opts, ["kernel", "pg_grad", "pg_bandwidth"])
+    check_fields(opts, ["kernel", "pg_grad", "pg_bandwidth", "pg_classes"])
+    if opts.pg_classes and opts.kernel != "posterior":
+        raise DiffcliError(f"--pg-classes goes with --kernel posterior (got --kernel {opts.kernel})")
     blurs = [parse_blur(spec) for spec in opts.blur_specs()]
     if len(blurs) > 1 and not many_blurs:
         raise DiffcliError(f"{len(blurs)} --blur specs: this command runs one blur (diffcli seg runs one pass per blur)")
@@ -290,7 +296,7 @@ def pg_of(opts: GuidanceOptions, kernel: tuple[KernelGrad, bool] | None, sigma_d
         return None
     grad, on_denoised = kernel
     return PG(opts.pg_factor, grad, on_denoised, opts.pg_sigma_min, opts.pg_sigma_max, opts.pg_grad == "exact",
-              sigma_data, classes if opts.kernel == "posterior" else 0)
+              sigma_data, classes if opts.kernel == "posterior" else 0, opts.pg_classes)
 
 
 def guidance_of(opts: GuidanceOptions, cfg: float, blur: Blur | None = None,
@@ -311,9 +317,9 @@ def cost_of(opts: GuidanceOptions, cfg: float, sampler: str | None, steps: int |
     sampler's NFE times the `views` each image denoises at each step: panorama windows, anagram views), and their
     product. Steps outside SEG's regions or window, or outside PG's window, run fewer rows: the figures are the
     guided steps' (an upper bound). PG with an exact kernel gradient adds one backward pass per evaluation."""
-    guidance = guidance_of(replace(opts, pg_factor=0.0), cfg)
+    guidance = guidance_of(replace(opts, pg_factor=0.0, blurs=split_list(opts.blurs)[:1] or None), cfg)
     if opts.pg_factor and opts.kernel == "posterior" and classes:
-        rows = {"classes": classes, "null": 1}
+        rows = {"classes": min(opts.pg_classes or classes, classes), "null": 1}
     else:
         rows = guidance.rows()
         if sampler in CFG_PP and "uncond" not in rows:

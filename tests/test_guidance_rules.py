@@ -133,3 +133,40 @@ def test_cfg_pp_equals_the_paper_update(name, order):
 def test_cfg_pp_needs_a_cfg_denoiser():
     with pytest.raises(ValueError, match="unconditional"):
         run_sampler("euler_cfg_pp", lambda x, s, **kw: x * 0, torch.zeros(1, 1, 2, 2), torch.tensor([1.0, 0.0]))
+
+
+# ---------------------------------------------------------------- PG's class-posterior kernel on a class subset
+
+def test_posterior_push_on_each_particles_own_classes_equals_the_full_push():
+    """When a particle's posterior is zero outside its classes, the push over those classes alone (with the other
+    particles' mass on them) is the full push."""
+    from diffcli.core.particles import posterior_push
+    g = gen(7)
+    n, classes, k = 4, 6, 3
+    picked = torch.stack([torch.randperm(classes, generator=g)[:k].sort().values for _ in range(n)])
+    p_sub = torch.rand(n, k, generator=g, dtype=torch.float64)
+    p_sub = p_sub / p_sub.sum(1, keepdim=True)
+    full = torch.zeros(n, classes, dtype=torch.float64).scatter(1, picked, p_sub)
+    d_full = torch.randn(n, classes, 2, 3, generator=g, dtype=torch.float64)
+    d_sub = d_full.gather(1, picked[..., None, None].expand(-1, -1, 2, 3))
+    q = (full.sum(0, keepdim=True) - full).gather(1, picked)
+    torch.testing.assert_close(posterior_push(p_sub, d_sub, q), posterior_push(full, d_full))
+
+
+def test_posterior_support_runs_fewer_rows_after_the_first_evaluation():
+    from diffcli.core.guidance import class_particle_guidance
+    classes, calls = 5, []
+
+    def model(x, sigma, class_labels):
+        calls.append(x.shape[0])
+        return x * 0.3 + class_labels.view(-1, 1, 1, 1).double() * 0.1
+
+    x = torch.randn(3, 1, 2, 2, generator=gen(1), dtype=torch.float64)
+    sigma = torch.full((3,), 2.0, dtype=torch.float64)
+    d = class_particle_guidance(model, 5.0, classes, {}, sigma_max=10.0, support=2)
+    d(x, sigma), d(x, sigma), d(x, sigma * 100)  # in window twice, then outside the window
+    assert calls == [3 * 6, 3 * 3, 3]
+    calls.clear()
+    everything = class_particle_guidance(model, 5.0, classes, {}, support=0)
+    a = everything(x, sigma)
+    assert torch.equal(a, class_particle_guidance(model, 5.0, classes, {}, support=classes)(x, sigma))

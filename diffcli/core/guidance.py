@@ -260,31 +260,47 @@ def particle_guidance(model, factor: float, kernel_grad, sigma_min: float = 0.0,
 
 
 def class_particle_guidance(model, factor: float, classes: int, uncond: dict[str, Any], sigma_min: float = 0.0,
-                            sigma_max: float = float("inf")):
+                            sigma_max: float = float("inf"), support: int = 0):
     """PG with the class-posterior kernel of a class-conditional model (labels 0..classes-1, `classes` the null
     label): D'(x_i) = D_null(x_i) - factor * sum_c p_i(c) q_i(c) (D_c(x_i) - D_bar_i) (particles.posterior_push),
     the posterior p read from the same denoisers (particles.class_posterior). Inside the sigma window every class
     and the null label run as ONE network batch (classes + 1 times the rows); outside it, only the null pass.
     `uncond` is the batch's conditioning without labels (a next-frame model's context rides along).
+
+    `support` = k in 1..classes-1: after the window's first evaluation (all classes), each particle runs only the k
+    classes that carried the most of its posterior mass at the previous evaluation (k + 1 rows a particle); its
+    posterior is then over those k, zero elsewhere, and q_i(c) the other particles' mass on particle i's classes.
+    The state (the last posterior) lives in this denoiser: one per run, reset with it. 0: every class, every time.
     """
     def null(n: int, device) -> dict[str, Any]:
         return {**uncond, "class_labels": torch.full((n,), classes, device=device, dtype=torch.long)}
 
     if factor == 0.0:
         return lambda x, sigma, **kw: model(x, sigma, **null(x.shape[0], x.device), **kw)
+    last: dict[str, torch.Tensor] = {}
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor, **kw: Any) -> torch.Tensor:
-        n, k = x.shape[0], classes + 1
+        n = x.shape[0]
         s = float(torch.as_tensor(sigma).flatten()[0])
         if not sigma_min <= s <= sigma_max:
             return model(x, sigma, **null(n, x.device), **kw)
-        labels = torch.arange(k, device=x.device).repeat_interleave(n)  # chunk c: label c; the last: null
-        every = {**cat_cond(*([uncond] * k)), "class_labels": labels}
+        if not support or support >= classes or "p" not in last or last["p"].shape[0] != n:
+            picked = torch.arange(classes, device=x.device).expand(n, classes)
+        else:
+            picked = last["p"].topk(support, dim=1).indices.sort(dim=1).values   # (N, k), each particle's own
+        k = picked.shape[1] + 1
+        labels = torch.cat([picked.T.reshape(-1), torch.full((n,), classes, device=x.device)])  # chunk j: class j
+        every = {**cat_cond(*([uncond] * k)), "class_labels": labels.long()}
         out = model(torch.cat([x] * k), expand_sigma(sigma, x).flatten().repeat(k), **every, **kw)
-        out = out.view(k, n, *x.shape[1:]).transpose(0, 1)   # (N, classes + 1, ...)
-        d_classes, d_null = out[:, :classes], out[:, classes]
+        out = out.view(k, n, *x.shape[1:]).transpose(0, 1)   # (N, k, ...)
+        d_classes, d_null = out[:, :-1], out[:, -1]
         p = class_posterior(d_classes, d_null)
-        return d_null - factor * posterior_push(p, d_classes)
+        full = p.new_zeros(n, classes).scatter(1, picked, p)
+        last["p"] = full
+        if picked.shape[1] == classes:
+            return d_null - factor * posterior_push(p, d_classes)
+        q = (full.sum(0, keepdim=True) - full).gather(1, picked)
+        return d_null - factor * posterior_push(p, d_classes, q)
 
     return denoise
 
@@ -359,6 +375,7 @@ class PG:
     exact: bool = False    # kernels on x0_hat: the gradient through the network (a backward pass) or c_skip I
     sigma_data: float = 0.5
     classes: int = 0       # > 0: the class-posterior kernel over this many classes (class_particle_guidance)
+    support: int = 0       # the posterior kernel: classes a particle runs after the first evaluation (0: all)
 
 
 @dataclass
@@ -384,7 +401,7 @@ def stack(model, cfg: float, cond: dict[str, Any], uncond: dict[str, Any], sigma
     itself: unconditional sampling, no SEG, no limit.
     """
     if pg is not None and pg.classes:
-        return class_particle_guidance(model, pg.factor, pg.classes, uncond, pg.sigma_min, pg.sigma_max)
+        return class_particle_guidance(model, pg.factor, pg.classes, uncond, pg.sigma_min, pg.sigma_max, pg.support)
     combine = None if rule is None else rule.combiner(cfg, sigmas)
     seg_on, pag_on = seg is not None and seg.scale != 0, pag is not None and pag.scale != 0
     if not seg_on and not pag_on:
