@@ -125,3 +125,24 @@ def test_pag_on_if_and_our_unets_changes_the_result(tiny_if, tmp_path):
         with g.installed(pipe.unet), torch.no_grad():
             outs.append(g.denoiser(model, cond, uncond, torch.tensor([2.0, 0.0]))(x, sigma))
     assert not torch.allclose(outs[0], outs[1], atol=1e-4)
+
+
+def test_sample_takes_pipelines_as_seg_does(tiny_sd, tmp_path):
+    """`sample "a cat" --model PIPE` is seg's run with SEG off: the same bytes as `seg --seg-scale 0`, PAG included;
+    options of diffcli models are refused in one line."""
+    import json
+    from conftest import call_cli
+    common = ("--model", tiny_sd, "--steps", "2", "--n", "2", "--cfg", "4", "--pag-scale", "2", "--device", "cpu")
+    call_cli("sample", "a cat", *common, "--out", tmp_path / "sample", check=True)
+    call_cli("seg", "a cat", *common, "--seg-scale", "0", "--out", tmp_path / "seg", check=True)
+    for name in ("a_cat_seed0.png", "a_cat_seed1.png", "grid.png"):
+        assert (tmp_path / "sample" / name).read_bytes() == (tmp_path / "seg" / name).read_bytes()
+    record = json.loads((tmp_path / "sample" / "run.json").read_text())
+    assert record["command"] == "sample" and record["cost"]["rows"] == {"uncond": 1, "cond": 1, "pag": 1}
+    for bad, message in ((("--labels", "3"), "--labels is for diffcli models"),
+                         (("--checkpoint", tiny_sd), "give one"), (("--strip",), "--strip is for diffcli models")):
+        proc = call_cli("sample", "a cat", *common, *bad, "--out", tmp_path / "bad")
+        assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = call_cli("sample", "a cat", "--out", tmp_path / "bad")
+    assert proc.returncode == 2 and "--prompt goes with --model" in proc.stderr
+    assert not (tmp_path / "bad").exists()
