@@ -130,9 +130,21 @@ def test_cfg_pp_equals_the_paper_update(name, order):
     assert set(CFG_PP) <= set(SAMPLERS)
 
 
-def test_cfg_pp_needs_a_cfg_denoiser():
-    with pytest.raises(ValueError, match="unconditional"):
-        run_sampler("euler_cfg_pp", lambda x, s, **kw: x * 0, torch.zeros(1, 1, 2, 2), torch.tensor([1.0, 0.0]))
+def test_cfg_pp_without_a_cfg_pass_is_the_plain_sampler():
+    """A denoiser with no CFG combinator is its own unconditional model; one that reports two D_u is refused."""
+    model, sigmas = toy_denoiser(), torch.tensor([10.0, 3.0, 1.0, 0.0], dtype=torch.float64)
+    plain = lambda x, s, **kw: model(x, s, torch.ones(2, dtype=torch.float64))  # noqa: E731
+    x = torch.randn(2, 1, 4, 4, generator=gen(5), dtype=torch.float64) * 10
+    assert torch.equal(run_sampler("euler_cfg_pp", plain, x, sigmas), sample_euler(plain, x, sigmas)) or \
+        torch.allclose(run_sampler("euler_cfg_pp", plain, x, sigmas), sample_euler(plain, x, sigmas), atol=1e-12)
+    torch.testing.assert_close(run_sampler("dpmpp_2m_cfg_pp", plain, x, sigmas), sample_dpmpp_2m(plain, x, sigmas),
+                               atol=1e-12, rtol=0)
+
+    def two(x, s, uncond_sink=None):
+        uncond_sink += [x, x]
+        return x
+    with pytest.raises(ValueError, match="one unconditional"):
+        run_sampler("euler_cfg_pp", two, x, sigmas)
 
 
 # ---------------------------------------------------------------- PG's class-posterior kernel on a class subset

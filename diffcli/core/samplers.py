@@ -10,6 +10,7 @@ very tensor the next step continues from, so a callback that changes it in place
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -235,14 +236,26 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback: Callback = None
 
 # ---------------------------------------------------------------- CFG++ (Chung et al. 2024)
 
+def _takes_keyword(fn, name: str) -> bool:
+    """Does `fn` take the keyword `name` (by name or through **kwargs)? Every combinator does; a bare function of
+    (x, sigma) does not, and is then its own unconditional model."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.kind is p.VAR_KEYWORD or p.name == name for p in params)
+
+
 def _guided_and_uncond(model, x, sigma, extra_args, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """One evaluation: the guided x0_hat and the unconditional one the CFG combinator hands back through
-    `denoisers.UNCOND_SINK` (a list it appends D_u to)."""
+    `denoisers.UNCOND_SINK` (a list it appends D_u to). A denoiser with no CFG combinator appends nothing: it is its
+    own unconditional model (D_u = D, and the CFG++ step is the plain one); several D_u (views) are refused."""
     sink: list[torch.Tensor] = []
-    denoised = model(x, sigma * x.new_ones([x.shape[0]]), **extra_args, **{UNCOND_SINK: sink})
-    if len(sink) != 1:
-        raise ValueError(f"{name} needs one unconditional x0_hat from a CFG denoiser per evaluation (got {len(sink)})")
-    return denoised, sink[0]
+    reports = _takes_keyword(model, UNCOND_SINK)
+    denoised = model(x, sigma * x.new_ones([x.shape[0]]), **extra_args, **({UNCOND_SINK: sink} if reports else {}))
+    if len(sink) > 1:
+        raise ValueError(f"{name} needs one unconditional x0_hat per evaluation (got {len(sink)})")
+    return denoised, sink[0] if sink else denoised
 
 
 @torch.no_grad()
