@@ -6,7 +6,7 @@ import torch
 
 from diffcli.backends import pipelines
 from diffcli.core import attention
-from diffcli.core.guidance import Guidance, Pag, Seg, classifier_free
+from diffcli.core.guidance import Guidance, Pag, Seg
 from diffcli.core.query_blur import parse_blur
 from diffcli.core.samplers import sample_euler
 from diffcli.shared.devices import PerSampleRandn
