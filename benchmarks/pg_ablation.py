@@ -1,7 +1,9 @@
 """Particle guidance on a digit model, unconditional: distinct classes per joint batch of 8 and FID, per setting.
 
 Each setting is `name:key=value,...` with keys factor, kernel (rbf | x0 | classifier | posterior), grad (exact | skip),
-bw (bandwidth multiple), smin / smax (the sigma window), sampler, steps. For each, --batches joint batches of
+bw (bandwidth multiple), smin / smax (the sigma window), classes (--pg-classes: the posterior kernel's classes a
+particle runs after the first evaluation), sampler, steps. The last column is each setting's seconds a batch over
+the first setting's, measured in this one run. For each, --batches joint batches of
 --n particles (batch b uses seeds n*b .. n*b+n-1, the same for every setting) are judged by the shipped digit
 classifier exactly as `diffcli eval --digits` does (images rounded to uint8 first): distinct predicted classes per
 batch, mean and standard error over batches. With --fid N, the first N samples (N/n batches, the --batches ones
@@ -45,7 +47,7 @@ from diffcli.sample import SHIPPED_CHECKPOINT  # noqa: E402
 
 KEYS = {"factor": ("pg_factor", float), "kernel": ("kernel", str), "grad": ("pg_grad", str),
         "bw": ("pg_bandwidth", float), "smin": ("pg_sigma_min", float), "smax": ("pg_sigma_max", float),
-        "sampler": ("sampler", str), "steps": ("steps", int)}
+        "sampler": ("sampler", str), "steps": ("steps", int), "classes": ("pg_classes", int)}
 
 
 def parse_setting(text: str, base: dict) -> tuple[str, dict]:
@@ -97,8 +99,10 @@ def main() -> None:
     total = max(args.batches, math.ceil(args.fid / args.n))
     results = []  # (kernel, factor, modes, s.e., FID or None)
     print(f"{args.checkpoint}: {total} joint batches of {args.n}, unconditional, modes over the first {args.batches}")
-    print("| setting | modes (of %d) | +- s.e. | all distinct | FID (%d) | classes in FID set | s/batch |" % (args.n, args.fid))
-    print("| --- | ---: | ---: | ---: | ---: | --- | ---: |")
+    print("| setting | modes (of %d) | +- s.e. | all distinct | FID (%d) | classes in FID set | s/batch | x first |"
+          % (args.n, args.fid))
+    print("| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |")
+    first = None
     for text in args.settings:
         name, values = parse_setting(text, base)
         cfg = PGConfig(n=args.n, **values)
@@ -123,8 +127,10 @@ def main() -> None:
             fid = f"{frechet_distance(feats_n, *ref):.2f}"
             counts = torch.bincount(torch.cat(preds)[:args.fid], minlength=10)
             shares = " ".join(str(int(c)) for c in counts)
+        seconds = (time.time() - start) / total
+        first = first or seconds
         print(f"| {name} | {m.mean():.2f} | {se:.2f} | {(m == args.n).mean():.2f} | {fid} | {shares} | "
-              f"{(time.time() - start) / total:.2f} |", flush=True)
+              f"{seconds:.2f} | {seconds / first:.2f} |", flush=True)
         results.append((cfg.kernel, cfg.pg_factor, m.mean(), se, float(fid) if fid else None))
     if args.plot:
         plot(results, args, args.plot)

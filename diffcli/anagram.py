@@ -30,7 +30,7 @@ from .shared.fields import check_fields, opt, redefault
 from .runner import Command, RunContext, generating
 from .options import (FlowOptions, GuidanceOptions, SamplingOptions, apply_flow_options, default_cfg,
                       check_guidance, check_particles, check_pipeline_steps,
-                      check_sampling, guidance_of, record as options_record, seg_layers)
+                      check_sampling, cost_of, guidance_of, record as options_record, seg_layers)
 from .core.sync import CASES, NOISES, rows_of, sample_views
 from .data.prompt_files import key_line, resolve_prompts_file
 from .core.views import PIXEL_ONLY, VIEWS, ViewOptions, ViewSet, check_factorized, frame, make_view
@@ -173,7 +173,7 @@ def validate(cfg: AnagramConfig) -> list[Job]:
     # noise_level: and below the stage II scheduler's steps (`load`)
     check_fields(cfg, ["sr_steps", "view_batch", "frames", "noise_level", "seed", "view_seed"])
     check_sampling(cfg, pipeline=True)
-    check_guidance(cfg)
+    check_guidance(cfg, views=True)
     check_particles(cfg, 1, pipeline=True, what="the number of canvases a prompt set (anagram draws one)")
     check_fields(cfg, ["sr_cfg", "skew", "inner_angle", "sync", "noise"])
     if cfg.prompts and cfg.prompts_file:
@@ -394,7 +394,8 @@ def _run(cfg: AnagramConfig, jobs: list, out: Path, overwrite: bool, resume: boo
                      resume=resume, label="anagram", work=lambda task: per_job, finish=lambda done: write_run_json(
                          out, "anagram", record, device, record_path=record_file, status="complete", model=cfg.model,
                          sr_model=cfg.sr_model, world_size=dist.world, size=list(size), jobs=[asdict(j) for j in jobs],
-                         files=files, animations=anim.name))
+                         files=files, animations=anim.name,
+                         cost=cost_of(cfg, cfg.cfg, cfg.sampler, cfg.steps, views=len(cfg.views))))
     return {"out": str(out), "run_record": str(record_file), "animations": str(anim), "images": len(files),
             "pairs": len(jobs), "skipped": done.skipped, "main": dist.main}
 

@@ -64,8 +64,9 @@ def parse_labels(spec: str | None, num_classes: int, n: int) -> list[int] | None
 def resolve(cfg: DrawOptions, meta: dict[str, Any]) -> DrawOptions:
     """The model's defaults for --sampler/--steps; a sampler or schedule option of the other process is refused."""
     if meta["kind"] == "blurring":
-        if cfg.seg_on or cfg.pg_factor:
-            raise DiffcliError("SEG and PG guide EDM denoisers; a blurring-diffusion model takes CFG only")
+        if cfg.seg_on or cfg.pg_factor or cfg.pag_on or cfg.cfg_rule != "cfg":
+            raise DiffcliError("SEG, PAG, PG and the CFG rules guide EDM denoisers; a blurring-diffusion model takes "
+                               "plain CFG only")
         if cfg.sampler not in (None, *BLURRING_SAMPLERS):
             raise DiffcliError(f"--sampler {cfg.sampler} is an EDM sampler; a blurring model samples with "
                                f"{', '.join(BLURRING_SAMPLERS)} (its own reverse process, --steps default {BLURRING_STEPS})")
@@ -128,8 +129,9 @@ def check_posterior_kernel(opts: GuidanceOptions, meta: dict[str, Any] | None) -
                            "classes (use --kernel x0 or rbf)")
     if getattr(opts, "labels", None) is not None:
         raise DiffcliError("--kernel posterior spreads unconditional particles over the classes; drop --labels")
-    if opts.seg_on:
-        raise DiffcliError("--kernel posterior runs every class as its own pass and takes no SEG (--blur)")
+    if opts.seg_on or opts.pag_on or opts.cfg_rule != "cfg":
+        raise DiffcliError("--kernel posterior runs every class as its own pass and takes no SEG (--blur), PAG "
+                           "(--pag-scale) or --cfg-rule")
 
 
 def sample_batches(model, meta: dict[str, Any], cfg: DrawOptions, device: torch.device,

@@ -1,4 +1,5 @@
-"""The settings every generating command shares, written once: guidance (CFG, SEG, PG) and sampling.
+"""The settings every generating command shares, written once: guidance (CFG and its rules, SEG, PAG, PG) and
+sampling.
 
 Each group is a dataclass whose field names are the Python API's keyword arguments; each field declares its
 command-line option once (`opt`: flags, help, range, choices, help panel; `seg_scale` is `--seg-scale`, `blurs` is
@@ -9,7 +10,7 @@ message.
 
 The guidance stack, in the order every command applies it (see `guidance.stack`):
 
-    CFG and SEG (uncond, cond, perturbed passes as ONE network batch)
+    CFG (or its rule: APG, CFG-Zero*), SEG and PAG (uncond, cond, seg, pag passes as ONE network batch)
       -> the scheduler's limits on x0_hat (IF: dynamic thresholding)
       -> PG (a repulsion across the batch of particles)
       -> view synchronization (panorama, anagram)
@@ -17,22 +18,23 @@ The guidance stack, in the order every command applies it (see `guidance.stack`)
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
 
 from .core import attention
-from .core.guidance import PG, REGIONS, Guidance, Seg
+from .core.guidance import PG, REGIONS, Apg, Guidance, Pag, Rule, Seg, ZeroStar
 from .core.particles import DIGIT_KERNELS, KERNELS, PG_GRADS, PIPELINE_KERNELS, KernelGrad, describe as describe_kernels
 from .core.query_blur import SPEC_FORMS, Blur, parse_blur
-from .core.samplers import SAMPLERS, SCHEDULES, SamplerKnobs, describe as describe_samplers, describe_schedules
+from .core.samplers import CFG_PP, SAMPLERS, nfe, SCHEDULES, SamplerKnobs, describe as describe_samplers, describe_schedules
 from .shared.errors import DiffcliError
 from .shared.fields import check_fields, opt
-from .shared.limits import RHO_MAX, SCALE_MAX, STEPS_MAX, count
+from .shared.limits import BATCH_MAX, RHO_MAX, SCALE_MAX, STEPS_MAX, count
 
 DEFAULT_BLUR = "gaussian_-1_9999999"  # the official SEG default: infinite blur (the query's spatial mean)
 DEFAULT_SEG_SCALE = 3.0               # the official SEG default, used when a blur is given without a scale
+CFG_RULES = ("cfg", "apg", "zero-star")  # how the CFG passes combine (guidance.Apg, guidance.ZeroStar)
 
 
 def split_list(values: list[str] | None) -> list[str]:
@@ -46,11 +48,12 @@ class GuidanceOptions:
     # CFG scale w in D_u + w (D_c - D_u); None: the command's default
     cfg: float | None = opt(None, "--cfg", "--guidance", panel="guidance", check="finite", high=SCALE_MAX,
                             help="CFG scale w: D_u + w (D_c - D_u); 1 = conditional only, 0 = unconditional (with SEG "
-                                 "on, 0 or 1 = SEG without CFG, as the official SEG code). Same as the 002 seed's alpha.")
+                                 "on, 0 or 1 = SEG without CFG, as the official SEG code). Same as the 002 seed's alpha. Cost: 2 "
+                                 "network rows per sample per evaluation, one batch (1 at w = 0 or 1).")
     # s in + s (D_c - D_seg); None: 3 if a blur is given, else SEG off
     seg_scale: float | None = opt(None, "--seg-scale", panel="guidance", check="finite", high=SCALE_MAX,
                                   help="SEG: s in D_c + s (D_c - D_seg); 0 = off (default: 3 when --blur is given, "
-                                       "else off).")
+                                       "else off). Cost: one more row per sample on guided steps, same batch.")
     # SEG query blur specs; None: infinite blur when SEG is on
     blurs: list[str] | None = opt(None, "--blur", panel="guidance",
                                   help=f"SEG query blur: {SPEC_FORMS}. Turns SEG on (default infinite blur).")
@@ -64,9 +67,36 @@ class GuidanceOptions:
                              help="SEG: perturb only at noise levels sigma <= this.")
     sigma_end: float = opt(0.0, "--sigma-end", panel="guidance", check="finite",
                            help="SEG: perturb only at noise levels sigma >= this.")
+    pag_scale: float = opt(0.0, "--pag-scale", panel="guidance", check="finite", high=SCALE_MAX,
+                           help="PAG (perturbed-attention guidance): p in + p (D_c - D_pag), D_pag = the conditional "
+                                "pass with identity self-attention (output = V) in --pag-layers; 0 = off. Cost: one "
+                                "more network row per sample, in the same batch.")
+    # None: the --layers list (so `--pag-scale 3 --layers up` works); a list: PAG's own layers, SEG keeps --layers
+    pag_layers: list[str] | None = opt(None, "--pag-layers", panel="guidance",
+                                       help="PAG: self-attention layers made identity, named as --layers (default: "
+                                            "the --layers list). Give both to run SEG and PAG on different layers.")
+    cfg_rule: str = opt("cfg", "--cfg-rule", panel="guidance", choices=CFG_RULES,
+                        help="How the CFG passes combine: cfg = D_u + w (D_c - D_u); apg = adaptive projected "
+                             "guidance (Sadat 2024) on x0_hat, D_c + (w - 1) (diff_orth + eta diff_par); zero-star = "
+                             "CFG-Zero* (Fan 2025) on eps, the unconditional eps scaled by its optimal alpha, the "
+                             "first --zero-init-steps at eps = 0. apg and zero-star run both passes (2 rows) at any w.")
+    apg_eta: float | None = opt(None, "--apg-eta", panel="guidance", check="finite", high=1.0,
+                                help="APG: weight of the update's part parallel to D_c (default 0: orthogonal only; "
+                                     "1 with no threshold and momentum = CFG).")
+    apg_norm_threshold: float | None = opt(None, "--apg-norm-threshold", panel="guidance", check="finite",
+                                           high=SCALE_MAX,
+                                           help="APG: cap on the per-sample norm of D_c - D_u (default 0 = no cap).")
+    apg_momentum: float | None = opt(None, "--apg-momentum", panel="guidance", check="finite", low=-1.0, above=True,
+                                     high=0.99,
+                                     help="APG: momentum beta of the running D_c - D_u, kept per sample and per run, "
+                                          "reset each run (default 0 = none; the paper uses -0.5).")
+    zero_init_steps: int | None = opt(None, "--zero-init-steps", panel="guidance", check="count", low=0,
+                                      high=STEPS_MAX,
+                                      help="CFG-Zero*: the first steps whose eps is 0 (x kept; default 1).")
     pg_factor: float = opt(0.0, "--pg-factor", panel="guidance", check="finite", high=SCALE_MAX,
                            help="PG: lambda in dx/dsigma = (x - D)/sigma + lambda sigma grad_x sum_j k(x_i, x_j) over "
-                                "the batch; > 0 repels, 0 = off.")
+                                "the batch; > 0 repels, 0 = off. Cost: kernels on x0_hat with --pg-grad exact add a backward "
+                                "pass per evaluation; --kernel posterior runs classes + 1 rows per sample.")
     kernel: str = opt("rbf", "--kernel", panel="guidance", choices=tuple(KERNELS),
                       help=f"PG kernel. {describe_kernels()}.")
     # kernels on x0_hat: through the network (exact) or c_skip I (skip)
@@ -77,6 +107,10 @@ class GuidanceOptions:
     pg_bandwidth: float = opt(1.0, "--pg-bandwidth", panel="guidance", check="finite", above=True, high=SCALE_MAX,
                               help="PG: kernel bandwidth as a multiple of the median heuristic (< 1: only near "
                                    "neighbours repel).")
+    pg_classes: int = opt(0, "--pg-classes", panel="guidance", check="count", low=0, high=BATCH_MAX,
+                          help="PG --kernel posterior: after the window's first evaluation (every class), each particle "
+                               "runs only the K classes that held most of its posterior mass at the previous one "
+                               "(K + 1 network rows a particle instead of classes + 1); 0 = every class.")
     pg_sigma_min: float = opt(0.0, "--pg-sigma-min", panel="guidance", check="finite",
                               help="PG acts only at noise levels sigma >= this.")
     pg_sigma_max: float = opt(math.inf, "--pg-sigma-max", panel="guidance", check="finite", allow_inf=True,
@@ -94,6 +128,13 @@ class GuidanceOptions:
 
     def blur_specs(self) -> list[str]:
         return split_list(self.blurs) or [DEFAULT_BLUR]
+
+    @property
+    def pag_on(self) -> bool:
+        return self.pag_scale > 0
+
+    def pag_layer_names(self) -> list[str]:
+        return split_list(self.pag_layers) if self.pag_layers is not None else split_list(self.layers)
 
 
 def _knob(name: str, **meta: Any) -> Any:
@@ -121,12 +162,21 @@ class SamplingOptions(SamplerKnobs):
                      help="Karras schedule exponent.")
 
 
-def check_guidance(opts: GuidanceOptions, *, many_blurs: bool = False) -> list[Blur]:
+def check_guidance(opts: GuidanceOptions, *, many_blurs: bool = False, views: bool = False) -> list[Blur]:
     """Validate the guidance settings; returns the parsed SEG blurs (empty when SEG is off).
 
-    Only `diffcli seg` runs one pass per blur (`many_blurs`); elsewhere one blur is one setting.
+    Only `diffcli seg` runs one pass per blur (`many_blurs`); elsewhere one blur is one setting. `views`: the
+    command synchronizes views (panorama, anagram), which the CFG++ samplers do not take.
     """
-    check_fields(opts, ["cfg", "seg_scale", "pg_factor", "sigma_start", "sigma_end", "pg_sigma_min", "pg_sigma_max"])
+    check_cfg_pp(opts, views)
+    check_fields(opts, ["cfg", "seg_scale", "pag_scale", "cfg_rule", "apg_eta", "apg_norm_threshold", "apg_momentum",
+                        "zero_init_steps", "pg_factor", "sigma_start", "sigma_end", "pg_sigma_min", "pg_sigma_max"])
+    for name, rule in (("apg_eta", "apg"), ("apg_norm_threshold", "apg"), ("apg_momentum", "apg"),
+                       ("zero_init_steps", "zero-star")):
+        if getattr(opts, name) is not None and opts.cfg_rule != rule:
+            raise DiffcliError(f"--{name.replace('_', '-')} goes with --cfg-rule {rule} (got --cfg-rule {opts.cfg_rule})")
+    if opts.pag_layers is not None and not split_list(opts.pag_layers):
+        raise DiffcliError("--pag-layers needs at least one of down, mid, up or an indexed layer (d4, m0, u1)")
     if opts.sigma_end > opts.sigma_start:
         raise DiffcliError(f"need --sigma-end <= --sigma-start (got {opts.sigma_end} and {opts.sigma_start})")
     if opts.pg_sigma_min > opts.pg_sigma_max:
@@ -137,11 +187,28 @@ def check_guidance(opts: GuidanceOptions, *, many_blurs: bool = False) -> list[B
                            "(thirds of the steps, begin = noisiest)")
     if not split_list(opts.layers):
         raise DiffcliError("--layers needs at least one of down, mid, up or an indexed layer (d4, m0, u1)")
-    check_fields(opts, ["kernel", "pg_grad", "pg_bandwidth"])
+    check_fields(opts, ["kernel", "pg_grad", "pg_bandwidth", "pg_classes"])
+    if opts.pg_classes and opts.kernel != "posterior":
+        raise DiffcliError(f"--pg-classes goes with --kernel posterior (got --kernel {opts.kernel})")
     blurs = [parse_blur(spec) for spec in opts.blur_specs()]
     if len(blurs) > 1 and not many_blurs:
         raise DiffcliError(f"{len(blurs)} --blur specs: this command runs one blur (diffcli seg runs one pass per blur)")
     return blurs if opts.seg_on else []
+
+
+def check_cfg_pp(opts: GuidanceOptions, views: bool = False) -> None:
+    """The CFG++ samplers (`samplers.CFG_PP`) renoise with the unconditional x0_hat of ONE CFG denoiser: the scale
+    is the paper's lambda in [0, 1], no PG (its push would enter the renoising), no view synchronization."""
+    sampler = getattr(opts, "sampler", None)
+    if sampler not in CFG_PP:
+        return
+    if opts.cfg is not None and not 0.0 <= opts.cfg <= 1.0:
+        raise DiffcliError(f"--sampler {sampler} takes a CFG scale in [0, 1] (CFG++'s lambda), got --cfg {opts.cfg:g}")
+    if opts.pg_factor:
+        raise DiffcliError(f"--sampler {sampler} renoises with the unconditional x0_hat and takes no PG (--pg-factor)")
+    if views:
+        raise DiffcliError(f"--sampler {sampler} needs one unconditional x0_hat per step; synchronized views have "
+                           "one per view: choose another sampler")
 
 
 def check_particles(opts: GuidanceOptions, n: int, pipeline: bool, what: str = "--n") -> None:
@@ -218,9 +285,30 @@ def group_fields(*groups: type) -> list[str]:
 # ---------------------------------------------------------------- options -> guidance terms
 
 def seg_layers(net: torch.nn.Module, opts: GuidanceOptions, option: str = "layers") -> list[str]:
-    """The module paths SEG would perturb in `net` (a family's `attention`; [] with SEG off): commands call it
-    before writing anything, so a model without such layers is refused in one line that names the valid ones."""
-    return attention.resolve_layers(net, split_list(opts.layers), option) if opts.seg_on else []
+    """The module paths SEG (and PAG) would perturb in `net` (a family's `attention`; [] with both off): commands
+    call it before writing anything, so a model without such layers is refused in one line that names the valid
+    ones."""
+    paths = attention.resolve_layers(net, split_list(opts.layers), option) if opts.seg_on else []
+    if opts.pag_on:
+        flag = "--pag-layers" if opts.pag_layers is not None else option
+        paths += [p for p in attention.resolve_layers(net, opts.pag_layer_names(), flag) if p not in paths]
+    return paths
+
+
+def pag_of(opts: GuidanceOptions) -> Pag | None:
+    """The PAG of a command's options; None when --pag-scale is 0."""
+    return Pag(opts.pag_scale, opts.pag_layer_names()) if opts.pag_on else None
+
+
+def rule_of(opts: GuidanceOptions) -> Rule | None:
+    """The CFG rule of a command's options (APG, CFG-Zero*), each option at its default where not given; None for
+    plain CFG."""
+    if opts.cfg_rule == "apg":
+        return Apg(0.0 if opts.apg_eta is None else opts.apg_eta, opts.apg_norm_threshold or 0.0,
+                   opts.apg_momentum or 0.0)
+    if opts.cfg_rule == "zero-star":
+        return ZeroStar(1 if opts.zero_init_steps is None else opts.zero_init_steps)
+    return None
 
 
 def seg_of(opts: GuidanceOptions, blur: Blur | None) -> Seg | None:
@@ -240,14 +328,37 @@ def pg_of(opts: GuidanceOptions, kernel: tuple[KernelGrad, bool] | None, sigma_d
         return None
     grad, on_denoised = kernel
     return PG(opts.pg_factor, grad, on_denoised, opts.pg_sigma_min, opts.pg_sigma_max, opts.pg_grad == "exact",
-              sigma_data, classes if opts.kernel == "posterior" else 0)
+              sigma_data, classes if opts.kernel == "posterior" else 0, opts.pg_classes)
 
 
 def guidance_of(opts: GuidanceOptions, cfg: float, blur: Blur | None = None,
                 kernel: tuple[KernelGrad, bool] | None = None, sigma_data: float = 0.5, classes: int = 0) -> Guidance:
     """The one place a command's options become its guidance terms: CFG at scale `cfg` (the command's default
     already applied), SEG (`seg_of`) with `blur`, default the options' one blur, and PG (`pg_of`) with its
-    `kernel`. Every generating command and `drawing` build their guidance here."""
+    `kernel`, PAG (`pag_of`) and the CFG rule (`rule_of`: APG, CFG-Zero*). Every generating command and `drawing`
+    build their guidance here."""
     if blur is None and opts.seg_on:
         blur = check_guidance(opts)[0]
-    return Guidance(cfg, seg_of(opts, blur), pg_of(opts, kernel, sigma_data, classes))
+    return Guidance(cfg, seg_of(opts, blur), pg_of(opts, kernel, sigma_data, classes), pag_of(opts), rule_of(opts))
+
+
+def cost_of(opts: GuidanceOptions, cfg: float, sampler: str | None, steps: int | None, classes: int = 0,
+            views: int = 1, evaluations: int | None = None) -> dict[str, Any]:
+    """What a run's guidance costs, for run.json: network rows per sample of one evaluation on a guided step, by
+    pass (CFG 2, CFG + SEG 3, + PAG 4; every pass of one network in ONE batch), evaluations per sample (the
+    sampler's NFE times the `views` each image denoises at each step: panorama windows, anagram views), and their
+    product. Steps outside SEG's regions or window, or outside PG's window, run fewer rows: the figures are the
+    guided steps' (an upper bound). PG with an exact kernel gradient adds one backward pass per evaluation."""
+    guidance = guidance_of(replace(opts, pg_factor=0.0, blurs=split_list(opts.blurs)[:1] or None), cfg)
+    if opts.pg_factor and opts.kernel == "posterior" and classes:
+        rows = {"classes": min(opts.pg_classes or classes, classes), "null": 1}
+    else:
+        rows = guidance.rows()
+        if sampler in CFG_PP and "uncond" not in rows:
+            rows = {"uncond": 1, **rows}  # CFG++ reads D_u whatever the scale
+    if evaluations is None and sampler is not None and steps:
+        evaluations = nfe(sampler, steps) * views
+    per_eval = sum(rows.values())
+    return {"rows_per_evaluation": per_eval, "rows": rows, "evaluations_per_sample": evaluations,
+            "rows_per_sample": None if evaluations is None else per_eval * evaluations,
+            "backward_pass": bool(opts.pg_factor) and KERNELS[opts.kernel].backward and opts.pg_grad == "exact"}

@@ -28,7 +28,7 @@ from .shared.fields import check_fields, opt, redefault
 from .runner import Command, RunContext, generating
 from .options import (FlowOptions, GuidanceOptions, SamplingOptions, apply_flow_options, default_cfg,
                       check_guidance, check_particles, check_pipeline_steps,
-                      check_sampling, guidance_of, record as options_record, seg_layers)
+                      check_sampling, cost_of, guidance_of, record as options_record, seg_layers)
 from .core.sync import CASES, NOISES, rows_of, sample_views
 from .data.prompt_files import key_line, resolve_prompts_file
 from .core.views import ViewSet, windows
@@ -242,7 +242,7 @@ def validate(cfg: PanoramaConfig) -> list[Job]:
     check_image_size(cfg.height, cfg.width)
     check_fields(cfg, ["view_batch", "decode_batch", "seed"])
     check_sampling(cfg, pipeline=True)
-    check_guidance(cfg)
+    check_guidance(cfg, views=True)
     check_particles(cfg, 1, pipeline=True, what="the number of canvases a prompt (panorama draws one)")
     check_fields(cfg, ["sync", "noise", "bootstrap"])
     jobs = jobs_of(cfg)
@@ -439,7 +439,8 @@ def _run(cfg: PanoramaConfig, jobs: list[Job], out: Path, overwrite: bool, resum
                         decode_tiles=len(p.tiles), files=files, circular=cfg.circular,
                         prompts=[{"prompt": j.prompt, "eval_pos": j.eval_pos, "stem": j.stem,
                                   **({"regions": [r.record() for r in j.regions]} if j.regions else {})}
-                                 for j in jobs]))
+                                 for j in jobs],
+                        cost=cost_of(cfg, cfg.cfg, cfg.sampler, cfg.steps, views=len(p.views))))
     return {"out": str(out), "run_record": str(record_file), "images": len(jobs), "crops": len(files) - len(jobs),
             "windows": len(p.views), "skipped": done.skipped, "main": dist.main}
 

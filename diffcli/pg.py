@@ -30,7 +30,7 @@ from .shared.limits import BATCH_MAX, SIDE_MAX, check_image_size, seed as check_
 from .shared.fields import check_fields, opt, redefault
 from .runner import Command, RunContext, generating
 from .options import (FlowOptions, GuidanceOptions, SamplingOptions, apply_flow_options, default_cfg,
-                      check_guidance, check_particles, check_pipeline_steps, check_sampling, group_fields, guidance_of, record as options_record, seg_layers)
+                      check_guidance, check_particles, check_pipeline_steps, check_sampling, cost_of, group_fields, guidance_of, record as options_record, seg_layers)
 from .core.particles import KernelGrad
 from .drawing import (GRID_MAX, DrawOptions, digit_kernel, model_contexts, parse_labels, sample_images, sample_names,
                       samples_record, sequence_pictures)
@@ -358,6 +358,13 @@ def _run(cfg: PGConfig, out: Path, overwrite: bool, resume: bool, dist: Dist, op
     return write_outputs(cfg, done, out, folders, labels, contexts, meta, classifier, record, dist, nfe_each)
 
 
+def run_scale(cfg: PGConfig, meta: dict[str, Any]) -> float:
+    """The CFG scale a set ran at (for its cost record): a digit model's `digit_scale`, a pipeline's default 7.5."""
+    if "num_classes" in meta:
+        return digit_scale(cfg, meta) or 0.0 if meta["num_classes"] else 1.0
+    return DEFAULT_CFG["pipeline"] if cfg.cfg is None else cfg.cfg
+
+
 def write_outputs(cfg: PGConfig, done: Done, out: Path, folders: dict[str, Path], labels: list[int] | None,
                   contexts: list | None, meta: dict[str, Any], classifier, record: dict[str, Any], dist: Dist,
                   nfe_each: int) -> dict[str, Any]:
@@ -390,6 +397,8 @@ def write_outputs(cfg: PGConfig, done: Done, out: Path, folders: dict[str, Path]
                 metrics[name] = sequence_compare_metrics(seq["sequence"], images, cfg.n)
         write_run_json(folder, "pg", {**record, "pg_factor": factor}, device, model=meta,
                        nfe_per_sample=nfe_each * (2 if cfg.cfg not in (None, 0.0, 1.0) else 1),
+                       cost=cost_of(replace(cfg, pg_factor=factor), run_scale(cfg, meta), cfg.sampler, cfg.steps,
+                                    meta.get("num_classes") or 0, evaluations=nfe_each),
                        samples=samples, **seq)
         if cfg.compare and not contexts:
             if latents is not None:

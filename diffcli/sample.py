@@ -22,10 +22,12 @@ from .shared.dist import Dist
 from .shared.tasks import Done, Task, run_tasks
 from .backends.models import check_record
 from .backends.pipelines import load_family
-from .shared.limits import (BATCH_MAX, N_MAX, PIXELS_MAX, SIGMA_LIMIT, finite,
+from .shared.limits import (BATCH_MAX, N_MAX, PIXELS_MAX, SIDE_MAX, SIGMA_LIMIT, finite,
                             seed as check_seed)
 from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_sampling,
-                      record as options_record, seg_layers)
+                      cost_of, group_fields, record as options_record, seg_layers)
+from .shared.names import check_file_names, read_prompts_file
+from .text_images import PipelineRun, check_prompts, planned_files, run_prompts
 from .core.draw import net_group
 from .core.samplers import SAMPLERS, nfe
 from .core.blurring import (SAMPLERS as BLURRING_SAMPLERS, BlurSchedule, blurred_mean, check_blur_sigma, diffuse,
@@ -90,8 +92,39 @@ class ShowForward:
     gif: bool = False
 
 
-def validate(cfg: SampleConfig) -> None:
+@dataclass(kw_only=True)
+class PipelinePrompts:
+    """`diffcli sample "a cat" --model PIPE`: text-to-image on a diffusers pipeline (SD 1.x/2.x, SDXL), the run of
+    `diffcli seg` (`text_images.run_prompts`) with SEG off unless asked."""
+    prompt: str | None = opt(None, argument=True, panel="input", help="With --model: the text prompt (or --prompts-file).")
+    prompts_file: Path | None = opt(None, "--prompts-file", panel="input",
+                                    help="With --model: one prompt a line (blank lines and # comments skipped).")
+    model: str | None = opt(None, "--model", panel="model",
+                            help="Sample a diffusers pipeline instead (SD 1.x/2.x or SDXL: a hub id in the cache or a "
+                                 "local folder): --n images per prompt, one batch; defaults --cfg 7.5, euler (DDIM), "
+                                 "50 steps, SEG and PAG off.")
+    height: int | None = opt(None, panel="sampling", check="count", high=SIDE_MAX,
+                             help="With --model: image height (default: the model's native size).")
+    width: int | None = opt(None, panel="sampling", check="count", high=SIDE_MAX,
+                            help="With --model: image width (non-square allowed).")
+    negative_prompt: str | None = opt(None, "--negative-prompt", panel="input",
+                                      help="With --model: the prompt of the unconditional CFG branch (default: empty).")
+
+
+@dataclass(kw_only=True)
+class SampleCli(ShowForward, PipelinePrompts):
+    """The command line's fields beyond SampleConfig: --show-forward and the pipeline prompts."""
+
+
+PIPELINE_DEFAULTS = {"cfg": 7.5, "sampler": "euler", "steps": 50}  # as `diffcli pg` on pipelines: SD's usual CFG
+DIGIT_ONLY = ("labels", "sigma_min", "sigma_max", "nrow", "context", "data_root")  # None unless given
+
+
+def validate(cfg: SampleConfig | PipelineRun) -> None:
     """Every option checked before a model loads or a file is written (ranges: the fields' declarations)."""
+    if isinstance(cfg, PipelineRun):
+        check_prompts(cfg)
+        return
     check_fields(cfg, ["n", "batch_size", "seed", "nrow", "sigma_min", "sigma_max"])
     if cfg.sampler is not None and cfg.sampler not in (*SAMPLERS, *BLURRING_SAMPLERS):
         raise DiffcliError(f"unknown sampler {cfg.sampler!r}; choose one of {', '.join(SAMPLERS)} (EDM models) "
@@ -165,6 +198,8 @@ def _run(cfg: SampleConfig, out: Path, overwrite: bool, resume: bool, dist: Dist
                 save_image(out / name, picture)
         write_run_json(out, "sample", record, device, status="complete", model=meta, world_size=dist.world, **seq,
                        nfe_per_sample=nfe(cfg.sampler, cfg.steps) * (2 if cfg.cfg not in (None, 0.0, 1.0) else 1),
+                       cost=cost_of(cfg, 1.0 if cfg.cfg is None or labels is None else cfg.cfg, cfg.sampler, cfg.steps,
+                                    meta.get("num_classes") or 0),
                        samples=samples_record(names, labels, cfg.seed))
 
     # each sample's progress: cfg.steps a sample drawn (a PG block draws all of its samples)
@@ -248,9 +283,17 @@ def show_forward(image: Path, out: Path, overwrite: bool, checkpoint: str | None
 
 # ---------------------------------------------------------------- the command
 
-def build(values: dict[str, Any]) -> SampleConfig | ShowForward:
+def build(values: dict[str, Any]) -> SampleConfig | ShowForward | PipelineRun:
     """The command line's values -> the config: --show-forward pictures the forward process instead of sampling;
-    --blur-sigma-max goes only with it; no --checkpoint means the shipped model."""
+    --blur-sigma-max goes only with it; --model samples a pipeline (a prompt or --prompts-file); no --checkpoint
+    means the shipped model."""
+    prompts = {name: values.pop(name) for name in ("prompt", "prompts_file", "model", "height", "width",
+                                                   "negative_prompt")}
+    if prompts["model"] is not None:
+        return pipeline_run(values, prompts)
+    given = [name for name in ("prompt", "prompts_file", "height", "width", "negative_prompt") if prompts[name] is not None]
+    if given:
+        raise DiffcliError(f"--{given[0].replace('_', '-')} goes with --model PIPE (text-to-image on a pipeline)")
     image, blur_sigma_max = values.pop("show_forward"), values.pop("blur_sigma_max")
     if image is not None:
         return ShowForward(show_forward=image, blur_sigma_max=blur_sigma_max, checkpoint=values["checkpoint"],
@@ -262,8 +305,44 @@ def build(values: dict[str, Any]) -> SampleConfig | ShowForward:
     return SampleConfig(**{**values, "checkpoint": values["checkpoint"] or str(SHIPPED_CHECKPOINT)})
 
 
-def main(cfg: SampleConfig | ShowForward, ctx: RunContext) -> dict[str, Any]:
+def pipeline_run(values: dict[str, Any], prompts: dict[str, Any]) -> PipelineRun:
+    """`sample --model PIPE`: the shared guidance and sampling options (pipeline defaults where not given), --n and
+    --seed, the prompts; an option of diffcli models only, or --show-forward, is refused in one line."""
+    if prompts["prompt"] is not None and prompts["prompts_file"] is not None:
+        raise DiffcliError("give a prompt or --prompts-file, not both")
+    if values["checkpoint"] is not None:
+        raise DiffcliError("--checkpoint samples a diffcli model and --model a pipeline: give one")
+    for name in ("show_forward", "blur_sigma_max", *DIGIT_ONLY):
+        if values.get(name) is not None:
+            raise DiffcliError(f"--{name.replace('_', '-')} is for diffcli models; --model samples a pipeline")
+    for name in ("strip", "gif", "clip_denoised"):
+        if values.get(name):
+            raise DiffcliError(f"--{name.replace('_', '-')} is for diffcli models; --model samples a pipeline")
+    text = ([prompts["prompt"]] if prompts["prompt"] is not None else
+            read_prompts_file(prompts["prompts_file"]) if prompts["prompts_file"] is not None else [])
+    shared = {name: values[name] for name in group_fields(GuidanceOptions, SamplingOptions)}
+    shared.update({k: v for k, v in PIPELINE_DEFAULTS.items() if shared[k] is None})
+    return PipelineRun(**shared, prompts=text, model=prompts["model"], n=values["n"], seed=values["seed"],
+                       height=prompts["height"], width=prompts["width"], negative_prompt=prompts["negative_prompt"],
+                       dtype=values["dtype"])
+
+
+def run_pipeline(cfg: PipelineRun, out: Path, overwrite: bool, device_name: str | None, options: dict[str, Any],
+                 resume: bool = False) -> dict[str, Any]:
+    """`sample --model`: the text-to-image run `diffcli seg` runs, with this command's defaults."""
+    blurs = check_prompts(cfg)
+    check_file_names(out, planned_files(cfg, blurs))
+    with Dist(device_name) as dist:
+        return run_prompts(cfg, blurs, out, overwrite, resume, dist, options, "sample")
+
+
+def main(cfg: SampleConfig | ShowForward | PipelineRun, ctx: RunContext) -> dict[str, Any]:
     """`diffcli sample`: sample (or picture the forward process) and say what was written."""
+    if isinstance(cfg, PipelineRun):
+        result = run_pipeline(cfg, ctx.out, ctx.overwrite, ctx.device, ctx.options(), resume=ctx.resume)
+        if result["main"]:
+            ctx.echo(f"wrote {result['images']} images, grid.png and run.json to {result['out']}")
+        return result
     if isinstance(cfg, ShowForward):
         result = show_forward(cfg.show_forward, ctx.out, ctx.overwrite, cfg.checkpoint, cfg.blur_sigma_max, cfg.seed,
                               cfg.gif)
@@ -279,7 +358,8 @@ def main(cfg: SampleConfig | ShowForward, ctx: RunContext) -> dict[str, Any]:
 
 
 COMMAND = Command(
-    "sample", SampleConfig, validate, main, build=build, cli=ShowForward,
+    "sample", SampleConfig, validate, main, build=build, cli=SampleCli,
+    notes=lambda values: {"prompts_file": str(values["prompts_file"])} if values.get("prompts_file") else {},
     context=generating("diffcli-out/sample",
                        "Continue an interrupted run in --out: same options, samples already written are skipped."),
     scores=("digits", "fid", "kid"),
@@ -292,6 +372,8 @@ COMMAND = Command(
     Example: diffcli sample --show-forward digit.png --blur-sigma-max 20 --gif --out forward
 
     Example: diffcli sample --checkpoint runs/circle --context 3 --n 8 --out next-frames
+
+    Example: diffcli sample "a cat" --model ./sd-v1-5 --n 4 --pag-scale 3 --out cats  (a pipeline: SEG off by default)
 
     Many GPUs: torchrun --nproc_per_node 4 -m diffcli -- sample --n 50000 --out fid-samples (each rank draws every 4th sample; the -- keeps torchrun off --n).
     """)

@@ -116,9 +116,11 @@ class Family(abc.ABC):
         """The dtype of the sampler's state (float32; flow models float64, see flow_common)."""
         return torch.float32
 
-    def seg_processor(self, state: seg_attention.SegState, name: str, perturb: bool, recorder=None):
-        """The attention processor SEG installs on the module `name` (`attention.installed`'s factory)."""
-        return seg_attention.SegAttnProcessor(state, name, perturb, recorder)
+    def seg_processor(self, state: seg_attention.SegState, name: str, perturb: bool, recorder=None,
+                      identity: bool = False):
+        """The attention processor SEG (`perturb`) and PAG (`identity`) install on the module `name`
+        (`attention.installed`'s factory)."""
+        return seg_attention.SegAttnProcessor(state, name, perturb, recorder, identity=identity)
 
     @abc.abstractmethod
     def check_memory(self, n: int, height: int, width: int, dtype: torch.dtype, device: torch.device | str,

@@ -300,8 +300,8 @@ class FlowPipeline(Family):
         middle block of the whole stack, the default) -> module paths; unknown names list the valid ones."""
         return joint_attention.resolve(joint_attention.layers_of(self.attention), names, option)
 
-    def seg_processor(self, state, name: str, perturb: bool, recorder=None):
-        return joint_attention.processor(self.attention, state, name, perturb, recorder)
+    def seg_processor(self, state, name: str, perturb: bool, recorder=None, identity: bool = False):
+        return joint_attention.processor(self.attention, state, name, perturb, recorder, identity=identity)
 
 
 def dynamic_mu(config: Any, image_seq_len: int, max_shift_default: float = 1.15) -> float:

@@ -1,10 +1,11 @@
-"""Attention processors that blur the query of one batch chunk (SEG's perturbed pass); layer selection.
+"""Attention processors that perturb batch chunks (SEG's blurred query, PAG's identity attention); layer selection.
 
-The UNet runs all passes of a step as one batch of equal chunks (uncond, cond, seg). `SegState` is the only
-channel between the guidance combinator and the processors: it says which roles the chunks of the current
-call have (the perturbed one is always last), which blur to apply (None: behave like the default processor),
-the latent size (to put the tokens of 3-D hidden states back on their h x w grid) and the noise level (for
-metric rows).
+The UNet runs all passes of a step as one batch of equal chunks, in the order (uncond, cond, seg, pag), those a
+step needs. `SegState` is the only channel between the guidance combinator and the processors: it says which
+roles the chunks of the current call have, which blur to apply to the "seg" chunk (None: behave like the default
+processor), whether the "pag" chunk (always last) takes identity attention, the latent size (to put the tokens
+of 3-D hidden states back on their h x w grid) and the noise level (for metric rows). A processor applies each
+perturbation only on the layers chosen for it, so SEG and PAG may perturb different layers in one batch.
 
 Three UNet families carry self-attention, each with its own attention flavour; one processor serves them all:
   - SD 1.x/2.x and SDXL (UNet2DConditionModel with transformer blocks): the `attn1` layers, (B, N, C) tokens
@@ -13,7 +14,9 @@ Three UNet families carry self-attention, each with its own attention flavour; o
     (B, C, H, W) maps (group norm, residual and output rescale inside the layer), the grid is the map's own;
   - DeepFloyd IF (UNet2DConditionModel with SimpleCrossAttn blocks): the blocks' `attentions.<i>` with added
     key/value projections, joint self+cross attention over [text, image] keys; the query is the image's.
-Whatever the flavour, `seg_attention` is the one place that blurs the last chunk's query.
+Whatever the flavour, `seg_attention` is the one place that blurs a chunk's query and `identity_attention` the one
+place that replaces a chunk's attention by its own values (output = V, PAG); `perturbed_attention` routes the
+chunks to them. Joint-attention processors (SD3/Flux) can call `identity_attention` on their image rows.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ BLOCKS = {"d": "down", "m": "mid", "u": "up"}
 class SegState:
     roles: tuple[str, ...] = ("cond",)
     blur: Blur | None = None  # set only while a call carries a perturbed chunk
+    identity: bool = False  # set only while a call carries a PAG chunk (the last one): identity attention there
     latent_hw: tuple[int, int] = (0, 0)  # the grid of 3-D (B, N, C) tokens; 4-D maps carry their own
     sigma: float = 0.0
 
@@ -174,6 +178,43 @@ def seg_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blur: Blur 
     return F.scaled_dot_product_attention(torch.cat([q[:-c], q_seg]), k, v, attn_mask=mask)
 
 
+def identity_attention(v_self: torch.Tensor) -> torch.Tensor:
+    """PAG's perturbed self-attention (Ahn et al. 2024): the attention map replaced by the identity, so each token's
+    output is its own value, softmax(Q K^T) V -> V. `v_self` (B, heads, N, d): the values of the tokens that are
+    also the queries (for joint attention, the image rows only; text rows are not the identity's)."""
+    return v_self
+
+
+def perturbed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, roles: tuple[str, ...],
+                        blur: Blur | None, identity: bool, hw: tuple[int, int] | None = None,
+                        mask: torch.Tensor | None = None, v_self: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of (B, heads, N, d) q/k/v whose batch is the equal chunks `roles` (uncond, cond, seg, pag order).
+
+    Without a "pag" chunk this is exactly `seg_attention` (the "seg" chunk, last, blurred by `blur`). With one (the
+    last chunk): the chunks before it as `seg_attention` (the "seg" chunk, then last of them, blurred), and the
+    "pag" chunk with identity attention when `identity` (this layer is a PAG layer), else plain attention.
+    `v_self`: the values of the query tokens (default `v`; joint attention passes its image rows).
+    """
+    if not roles or roles[-1] != "pag":
+        return seg_attention(q, k, v, blur, max(len(roles), 1), hw, mask)
+    b = q.shape[0]
+    if b % len(roles):
+        raise ValueError(f"a batch of {b} does not split into {len(roles)} equal chunks")
+    c = b // len(roles)
+    rest = roles[:-1]
+    parts = []
+    if rest:
+        seg_blur = blur if rest[-1] == "seg" else None
+        parts.append(seg_attention(q[:-c], k[:-c], v[:-c], seg_blur, len(rest), hw,
+                                   None if mask is None else mask[:-c]))
+    if identity:
+        parts.append(identity_attention((v if v_self is None else v_self)[-c:]))
+    else:
+        parts.append(F.scaled_dot_product_attention(q[-c:], k[-c:], v[-c:],
+                                                    attn_mask=None if mask is None else mask[-c:]))
+    return torch.cat(parts)
+
+
 def _tokens(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) maps -> (B, H*W, C) tokens (raster order); (B, N, C) tokens stay as they are."""
     return x.flatten(2).transpose(1, 2) if x.ndim == 4 else x
@@ -184,7 +225,8 @@ def _split_heads(t: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
 
 
 class SegAttnProcessor:
-    """diffusers' default attention with the last chunk's query blurred when asked; blur None reproduces it.
+    """diffusers' default attention with the "seg" chunk's query blurred and/or the "pag" chunk's attention made the
+    identity when asked (`perturb`: this layer is a SEG layer, `identity`: a PAG layer); neither reproduces it.
 
     One processor for every self-attention layer `self_attention_layers` returns: plain attention as
     AttnProcessor2_0 (SD/SDXL `attn1` on (B, N, C) tokens, diffcli's nets on (B, C, H, W) maps), added-KV joint
@@ -192,8 +234,15 @@ class SegAttnProcessor:
     hidden states, and the latent's (`SegState.latent_hw`) downsampled to the token count for 3-D ones.
     """
 
-    def __init__(self, state: SegState, name: str, perturb: bool, recorder: list[dict[str, Any]] | None = None):
+    def __init__(self, state: SegState, name: str, perturb: bool, recorder: list[dict[str, Any]] | None = None,
+                 identity: bool = False):
         self.state, self.name, self.perturb, self.recorder = state, name, perturb, recorder
+        self.identity = identity
+
+    @property
+    def pag(self) -> bool:
+        """Does this call take identity attention on its last ("pag") chunk here?"""
+        return self.identity and self.state.identity
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
@@ -239,7 +288,8 @@ class SegAttnProcessor:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        y = seg_attention(q, k, v, blur, len(self.state.roles), hw, mask)
+        y = perturbed_attention(q, k, v, self.state.roles, blur, self.pag, hw, mask,
+                                v_self=v if context is tokens else None)
         y = y.transpose(1, 2).reshape(b, -1, heads * head_dim).to(q.dtype)
         y = attn.to_out[1](attn.to_out[0](y))
         if x.ndim == 4:
@@ -269,7 +319,8 @@ class SegAttnProcessor:
         if not attn.only_cross_attention:
             k, v = torch.cat([k, attn.to_k(tokens)], 1), torch.cat([v, attn.to_v(tokens)], 1)
         q, k, v = (_split_heads(t, heads, head_dim) for t in (q, k, v))
-        y = seg_attention(q, k, v, blur, len(self.state.roles), hw, mask)
+        # the identity map is over the image's own tokens: their values are the last n rows of v
+        y = perturbed_attention(q, k, v, self.state.roles, blur, self.pag, hw, mask, v_self=v[:, :, -n:])
         y = y.transpose(1, 2).reshape(b, n, -1)
         y = attn.to_out[1](attn.to_out[0](y))
         return y.transpose(1, 2).reshape(x.shape) + x
@@ -288,22 +339,25 @@ class SegAttnProcessor:
 
 @contextlib.contextmanager
 def installed(unet: torch.nn.Module, state: SegState, perturbed: list[str], tracked: list[str] = (),
-              recorder: list[dict[str, Any]] | None = None, factory=None) -> Iterator[None]:
-    """Put SEG processors on the perturbed (and, with a recorder, the tracked) layers; restore the old ones after.
+              recorder: list[dict[str, Any]] | None = None, identity: list[str] = (), factory=None) -> Iterator[None]:
+    """Put processors on the perturbed (SEG), `identity` (PAG) and, with a recorder, the tracked layers; restore the
+    old ones after. A layer in both lists gets one processor doing both (on different chunks).
 
     Layers neither perturbed nor tracked keep their own processor, so unselected layers cost nothing extra.
-    `factory(state, path, perturb, recorder)` makes a processor (default `SegAttnProcessor`; transformer families
+    `factory(state, path, perturb, recorder, identity=)` makes a processor (default `SegAttnProcessor`; transformer families
     give their joint-attention one, `joint_attention.JointSegProcessor`).
     """
     make = factory or SegAttnProcessor
     if factory is None and joint_attention.is_joint(unet):
-        make = lambda state_, path, perturb, rec: joint_attention.processor(unet, state_, path, perturb, rec)  # noqa: E731
+        make = lambda state_, path, perturb, rec, identity=False: joint_attention.processor(  # noqa: E731
+            unet, state_, path, perturb, rec, identity=identity)
     modules = dict(unet.named_modules())
-    paths = list(dict.fromkeys([*perturbed, *(tracked if recorder is not None else ())]))
+    paths = list(dict.fromkeys([*perturbed, *identity, *(tracked if recorder is not None else ())]))
     old = {p: modules[p].processor for p in paths}
     try:
         for p in paths:
-            modules[p].set_processor(make(state, p, p in perturbed, recorder if p in tracked else None))
+            modules[p].set_processor(make(state, p, p in perturbed, recorder if p in tracked else None,
+                                          identity=p in identity))
         yield
     finally:
         for p, proc in old.items():

@@ -16,6 +16,12 @@ class Denoiser(Protocol):
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor: ...
 
 
+# The one channel from a CFG combinator to a sampler that needs the unconditional x0_hat (the CFG++ samplers): the
+# sampler calls D(x, sigma, uncond_sink=[]) and the combinator appends D_u to that list (guidance.classifier_free,
+# guidance.perturbed_guidance). Wrappers pass keywords through; a denoiser that appends nothing has no D_u.
+UNCOND_SINK = "uncond_sink"
+
+
 def expand_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     """Scalar or per-sample sigma -> shape (N, 1, 1, ...) broadcastable against x."""
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)

@@ -1,7 +1,7 @@
 """Guidance combinators: functions that take a denoiser and return a denoiser, and the one stack of them.
 
-`stack` applies CFG and SEG (their passes as ONE network batch), the scheduler's limits on x0_hat, then PG,
-in that order, for every command and for the Python API; synchronization (diffcli.core.sync) wraps the result.
+`stack` applies CFG (or its APG / CFG-Zero* rule), SEG and PAG (their passes as ONE network batch), the scheduler's
+limits on x0_hat, then PG, in that order, for every command and for the Python API; synchronization (diffcli.core.sync) wraps the result.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from . import attention
-from .denoisers import expand_sigma
+from .denoisers import UNCOND_SINK, expand_sigma
 from .particles import class_posterior, posterior_push
 from .query_blur import Blur
 
@@ -32,21 +32,37 @@ def cat_cond(*conds: Any) -> Any:
     raise TypeError(f"cannot batch conditioning of type {type(first).__name__}")
 
 
-def classifier_free(model, scale: float, cond: dict[str, Any], uncond: dict[str, Any]):
+def classifier_free(model, scale: float, cond: dict[str, Any], uncond: dict[str, Any], rule=None):
     """CFG: D_u + w (D_c - D_u), both passes as ONE batch.
 
     w = 1 is the plain conditional model (one pass), w = 0 the unconditional one. The 002 seed's
-    alpha in (1 - alpha) D_u + alpha D_c is the same number: w = alpha.
+    alpha in (1 - alpha) D_u + alpha D_c is the same number: w = alpha. `rule(d_u, d_c, x, sigma)` replaces the
+    combination (APG, CFG-Zero*; both passes run whatever w). A caller that passes `uncond_sink=[...]` (the CFG++
+    samplers) gets D_u appended to it: the unconditional pass runs then even at w = 1.
     """
-    if scale == 1.0:
-        return lambda x, sigma, **kw: model(x, sigma, **cond, **kw)
-    if scale == 0.0:
-        return lambda x, sigma, **kw: model(x, sigma, **uncond, **kw)
+    if rule is None and scale in (0.0, 1.0):
+        one = cond if scale == 1.0 else uncond
+
+        def single(x: torch.Tensor, sigma: torch.Tensor, **kw: Any) -> torch.Tensor:
+            sink = kw.pop(UNCOND_SINK, None)
+            if sink is None or scale == 0.0:
+                out = model(x, sigma, **one, **kw)
+                if sink is not None:
+                    sink.append(out)
+                return out
+            d_u, d_c = model(torch.cat([x, x]), torch.cat([sigma, sigma]), **cat_cond(uncond, cond), **kw).chunk(2)
+            sink.append(d_u)
+            return d_c
+
+        return single
     both = cat_cond(uncond, cond)
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor, **kw: Any) -> torch.Tensor:
+        sink = kw.pop(UNCOND_SINK, None)
         d_u, d_c = model(torch.cat([x, x]), torch.cat([sigma, sigma]), **both, **kw).chunk(2)
-        return d_u + scale * (d_c - d_u)
+        if sink is not None:
+            sink.append(d_u)
+        return d_u + scale * (d_c - d_u) if rule is None else rule(d_u, d_c, x, sigma)
 
     return denoise
 
@@ -61,28 +77,143 @@ def smoothed_energy(model, seg_scale: float, guidance: float, cond: dict[str, An
     of a step go through the model as ONE batch, the perturbed chunk last. As the official code, guidance w of 0
     or 1 means SEG without CFG (the conditional pass only); s = 0 is plain CFG.
     """
-    use_cfg = guidance not in (0.0, 1.0)
-    plain = classifier_free(model, guidance if use_cfg else 1.0, cond, uncond)
-    roles = ("uncond", "cond", "seg") if use_cfg else ("cond", "seg")
-    batched = cat_cond(*(uncond if role == "uncond" else cond for role in roles))
+    return perturbed_guidance(model, guidance, cond, uncond, state, seg_scale=seg_scale, blur_at=blur_at)
+
+
+def perturbed_guidance(model, guidance: float, cond: dict[str, Any], uncond: dict[str, Any], state,
+                       seg_scale: float = 0.0, blur_at: Callable[[torch.Tensor], Any] | None = None,
+                       pag_scale: float = 0.0, pag_at: Callable[[torch.Tensor], bool] | None = None,
+                       rule: "Callable | None" = None):
+    """CFG with SEG and PAG in ONE network batch: D = D_u + w (D_c - D_u) + s (D_c - D_seg) + p (D_c - D_pag).
+
+    The batch's chunks are, of (uncond, cond, seg, pag), those this step needs; `state` (`attention.SegState`)
+    tells the processors their roles, the blur of the "seg" chunk (`blur_at(sigma)`, None on unguided steps) and
+    whether the "pag" chunk takes identity attention (`pag_at(sigma)`, default every step while p > 0). As the
+    official SEG code, w of 0 or 1 means no CFG pass (the conditional pass only, D_c + ...). `rule` replaces the
+    CFG combination D_u + w (D_c - D_u) (APG, CFG-Zero*: `Rule.combiner`), called as rule(d_u, d_c, x, sigma).
+    With p = 0 this is exactly `smoothed_energy`'s denoiser, with s = 0 too exactly `classifier_free`.
+    """
+    use_cfg = guidance not in (0.0, 1.0) or rule is not None
+    plain = classifier_free(model, guidance if use_cfg else 1.0, cond, uncond, rule)
+    batches: dict[tuple[str, ...], Any] = {}
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor, **kw: Any) -> torch.Tensor:
-        blur = blur_at(sigma) if seg_scale else None
+        blur = blur_at(sigma) if seg_scale and blur_at is not None else None
+        pag = bool(pag_scale) and (pag_at is None or pag_at(sigma))
         state.latent_hw, state.sigma = tuple(x.shape[-2:]), float(torch.as_tensor(sigma).flatten()[0])
-        if blur is None:
-            state.roles, state.blur = roles[:-1], None
+        if blur is None and not pag:
+            state.roles, state.blur, state.identity = ("uncond",) * use_cfg + ("cond",), None, False
             return plain(x, sigma, **kw)
+        sink = kw.pop(UNCOND_SINK, None)
+        has_u = use_cfg or sink is not None  # a CFG++ sampler needs D_u even without CFG
+        roles = ("uncond",) * has_u + ("cond",) + ("seg",) * (blur is not None) + ("pag",) * pag
+        if roles not in batches:
+            batches[roles] = cat_cond(*(uncond if role == "uncond" else cond for role in roles))
         k = len(roles)
-        state.roles, state.blur = roles, blur
+        state.roles, state.blur, state.identity = roles, blur, pag
         try:
-            parts = model(torch.cat([x] * k), torch.cat([sigma] * k), **batched, **kw).chunk(k)
+            parts = model(torch.cat([x] * k), torch.cat([sigma] * k), **batches[roles], **kw).chunk(k)
         finally:
-            state.blur = None  # a later call that forgets to set it must not blur
-        d_c, d_seg = parts[-2], parts[-1]
-        guided = parts[0] + guidance * (d_c - parts[0]) if use_cfg else d_c
-        return guided + seg_scale * (d_c - d_seg)
+            state.blur, state.identity = None, False  # a later call that forgets to set them must not perturb
+        d_c = parts[has_u]
+        if rule is not None:
+            guided = rule(parts[0], d_c, x, sigma)
+        else:
+            guided = parts[0] + guidance * (d_c - parts[0]) if use_cfg else d_c
+        if sink is not None:
+            sink.append(parts[0])
+        if blur is not None:
+            guided = guided + seg_scale * (d_c - parts[has_u + 1])
+        if pag:
+            guided = guided + pag_scale * (d_c - parts[-1])
+        return guided
 
     return denoise
+
+
+# ---------------------------------------------------------------- CFG rules: APG and CFG-Zero*
+
+def apg_update(d_c: torch.Tensor, d_u: torch.Tensor, eta: float, norm_threshold: float,
+               running: torch.Tensor | None = None, momentum: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """APG's guidance direction (Sadat et al. 2024), per sample (norms and projections over all but dim 0).
+
+    diff = D_c - D_u, with momentum folded in: running = diff + momentum * running (the previous running value,
+    None on the first call); its norm capped at `norm_threshold` (> 0); then split into its parts parallel and
+    orthogonal to D_c, the parallel part (what oversaturates) scaled by eta. Returns (update, running). The
+    projection runs in float64 (as the reference code).
+    """
+    diff = d_c - d_u
+    if momentum and running is not None:
+        diff = diff + momentum * running
+    running = diff
+    dims = list(range(1, diff.ndim))
+    if norm_threshold > 0:
+        diff = diff * torch.minimum(torch.ones_like(diff),
+                                    norm_threshold / diff.norm(p=2, dim=dims, keepdim=True))
+    v0, v1 = diff.double(), torch.nn.functional.normalize(d_c.double(), dim=dims)
+    parallel = (v0 * v1).sum(dim=dims, keepdim=True) * v1
+    orthogonal = (v0 - parallel).to(diff.dtype)
+    return orthogonal + eta * parallel.to(diff.dtype), running
+
+
+def zero_star_alpha(d_c: torch.Tensor, d_u: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """CFG-Zero*'s optimized scale (Fan et al. 2025) per sample: s* = <v_c, v_u> / ||v_u||^2 (float32), shaped to
+    broadcast over the sample."""
+    c, u = d_c.flatten(1).float(), d_u.flatten(1).float()
+    alpha = (c * u).sum(1, keepdim=True) / ((u * u).sum(1, keepdim=True) + eps)
+    return alpha.to(d_c.dtype).view(-1, *(1,) * (d_c.ndim - 1))
+
+
+@dataclass
+class Apg:
+    """APG (Sadat et al. 2024) in place of CFG's combination, on x0_hat as the paper applies it:
+    D = D_c + (w - 1) (diff_orth + eta diff_par), diff = D_c - D_u (with momentum, norm-capped at `norm_threshold`).
+
+    The momentum is state across steps, kept per denoiser: `combiner()` starts a fresh running average, so each
+    run (each network batch's sampling) starts at zero and each sample (row) keeps its own. With eta = 1, no
+    threshold and no momentum it is CFG. Every evaluation (Heun's corrector too) updates the average, as the
+    reference updates it at every guider call.
+    """
+    eta: float = 0.0
+    norm_threshold: float = 0.0
+    momentum: float = 0.0
+    name = "apg"
+
+    def combiner(self, scale: float, sigmas: torch.Tensor | None = None):
+        state: dict[str, torch.Tensor | None] = {"running": None}
+
+        def combine(d_u: torch.Tensor, d_c: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            update, state["running"] = apg_update(d_c, d_u, self.eta, self.norm_threshold, state["running"],
+                                                  self.momentum)
+            return d_c + (scale - 1.0) * update
+
+        return combine
+
+
+@dataclass
+class ZeroStar:
+    """CFG-Zero* (Fan et al. 2025) in place of CFG's combination, on the noise prediction eps = (x - D) / sigma
+    (what an SD UNet predicts): eps = a eps_u + w (eps_c - a eps_u), a = `zero_star_alpha`; the first
+    `zero_init_steps` steps predict eps = 0 (D = x: the step leaves x where it is)."""
+    zero_init_steps: int = 1
+    name = "zero-star"
+
+    def combiner(self, scale: float, sigmas: torch.Tensor | None = None):
+        if self.zero_init_steps and sigmas is None:
+            raise ValueError("CFG-Zero*'s zero-init steps need the run's sigmas")
+
+        def combine(d_u: torch.Tensor, d_c: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            if self.zero_init_steps and step_index(sigmas, sigma) < self.zero_init_steps:
+                return x.clone()
+            s = expand_sigma(sigma, x)
+            eps_c, eps_u = (x - d_c) / s, (x - d_u) / s
+            eps_u = eps_u * zero_star_alpha(eps_c, eps_u)
+            return x - s * (eps_u + scale * (eps_c - eps_u))
+
+        return combine
+
+
+Rule = Apg | ZeroStar
 
 
 def particle_guidance(model, factor: float, kernel_grad, sigma_min: float = 0.0, sigma_max: float = float("inf"),
@@ -129,31 +260,47 @@ def particle_guidance(model, factor: float, kernel_grad, sigma_min: float = 0.0,
 
 
 def class_particle_guidance(model, factor: float, classes: int, uncond: dict[str, Any], sigma_min: float = 0.0,
-                            sigma_max: float = float("inf")):
+                            sigma_max: float = float("inf"), support: int = 0):
     """PG with the class-posterior kernel of a class-conditional model (labels 0..classes-1, `classes` the null
     label): D'(x_i) = D_null(x_i) - factor * sum_c p_i(c) q_i(c) (D_c(x_i) - D_bar_i) (particles.posterior_push),
     the posterior p read from the same denoisers (particles.class_posterior). Inside the sigma window every class
     and the null label run as ONE network batch (classes + 1 times the rows); outside it, only the null pass.
     `uncond` is the batch's conditioning without labels (a next-frame model's context rides along).
+
+    `support` = k in 1..classes-1: after the window's first evaluation (all classes), each particle runs only the k
+    classes that carried the most of its posterior mass at the previous evaluation (k + 1 rows a particle); its
+    posterior is then over those k, zero elsewhere, and q_i(c) the other particles' mass on particle i's classes.
+    The state (the last posterior) lives in this denoiser: one per run, reset with it. 0: every class, every time.
     """
     def null(n: int, device) -> dict[str, Any]:
         return {**uncond, "class_labels": torch.full((n,), classes, device=device, dtype=torch.long)}
 
     if factor == 0.0:
         return lambda x, sigma, **kw: model(x, sigma, **null(x.shape[0], x.device), **kw)
+    last: dict[str, torch.Tensor] = {}
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor, **kw: Any) -> torch.Tensor:
-        n, k = x.shape[0], classes + 1
+        n = x.shape[0]
         s = float(torch.as_tensor(sigma).flatten()[0])
         if not sigma_min <= s <= sigma_max:
             return model(x, sigma, **null(n, x.device), **kw)
-        labels = torch.arange(k, device=x.device).repeat_interleave(n)  # chunk c: label c; the last: null
-        every = {**cat_cond(*([uncond] * k)), "class_labels": labels}
+        if not support or support >= classes or "p" not in last or last["p"].shape[0] != n:
+            picked = torch.arange(classes, device=x.device).expand(n, classes)
+        else:
+            picked = last["p"].topk(support, dim=1).indices.sort(dim=1).values   # (N, k), each particle's own
+        k = picked.shape[1] + 1
+        labels = torch.cat([picked.T.reshape(-1), torch.full((n,), classes, device=x.device)])  # chunk j: class j
+        every = {**cat_cond(*([uncond] * k)), "class_labels": labels.long()}
         out = model(torch.cat([x] * k), expand_sigma(sigma, x).flatten().repeat(k), **every, **kw)
-        out = out.view(k, n, *x.shape[1:]).transpose(0, 1)   # (N, classes + 1, ...)
-        d_classes, d_null = out[:, :classes], out[:, classes]
+        out = out.view(k, n, *x.shape[1:]).transpose(0, 1)   # (N, k, ...)
+        d_classes, d_null = out[:, :-1], out[:, -1]
         p = class_posterior(d_classes, d_null)
-        return d_null - factor * posterior_push(p, d_classes)
+        full = p.new_zeros(n, classes).scatter(1, picked, p)
+        last["p"] = full
+        if picked.shape[1] == classes:
+            return d_null - factor * posterior_push(p, d_classes)
+        q = (full.sum(0, keepdim=True) - full).gather(1, picked)
+        return d_null - factor * posterior_push(p, d_classes, q)
 
     return denoise
 
@@ -228,23 +375,44 @@ class PG:
     exact: bool = False    # kernels on x0_hat: the gradient through the network (a backward pass) or c_skip I
     sigma_data: float = 0.5
     classes: int = 0       # > 0: the class-posterior kernel over this many classes (class_particle_guidance)
+    support: int = 0       # the posterior kernel: classes a particle runs after the first evaluation (0: all)
+
+
+@dataclass
+class Pag:
+    """PAG for one run (Ahn et al. 2024): the scale p in + p (D_c - D_pag) and the self-attention layers whose
+    attention becomes the identity (output = V) in the perturbed pass. `state` is shared with SEG's when both run
+    (`Guidance` sees to it): one set of processors, one batch."""
+    scale: float
+    layers: list[str]
+    state: attention.SegState = field(default_factory=attention.SegState)
 
 
 def stack(model, cfg: float, cond: dict[str, Any], uncond: dict[str, Any], sigmas: torch.Tensor,
-          seg: Seg | None = None, limit: Callable | None = None, pg: PG | None = None):
-    """The guided denoiser every command samples: CFG (+ SEG in the same batch) -> `limit` -> PG.
+          seg: Seg | None = None, limit: Callable | None = None, pg: PG | None = None, pag: Pag | None = None,
+          rule: Rule | None = None):
+    """The guided denoiser every command samples: CFG (+ SEG, PAG in the same batch; APG or CFG-Zero* as `rule`)
+    -> `limit` -> PG.
 
-    `seg` None or scale 0 is exactly `classifier_free`, PG None or factor 0 exactly no PG, so switching a method
-    off reproduces the command without it bit for bit. `limit` is a combinator for the scheduler's bounds on
-    x0_hat (pipelines.clip_x0); PG comes after it so the bounds never cut the repulsion. PG with the class-posterior
-    kernel (`pg.classes`) runs the model's class passes itself: unconditional sampling, no SEG, no limit.
+    `seg` None or scale 0 is exactly `classifier_free`, PG None or factor 0 exactly no PG, `pag` None or scale 0
+    and `rule` None exactly without them, so switching a method off reproduces the command without it bit for bit.
+    `limit` is a combinator for the scheduler's bounds on x0_hat (pipelines.clip_x0); PG comes after it so the
+    bounds never cut the repulsion. PG with the class-posterior kernel (`pg.classes`) runs the model's class passes
+    itself: unconditional sampling, no SEG, no limit.
     """
     if pg is not None and pg.classes:
-        return class_particle_guidance(model, pg.factor, pg.classes, uncond, pg.sigma_min, pg.sigma_max)
-    if seg is None or seg.scale == 0:
-        denoiser = classifier_free(model, cfg, cond, uncond)
-    else:
+        return class_particle_guidance(model, pg.factor, pg.classes, uncond, pg.sigma_min, pg.sigma_max, pg.support)
+    combine = None if rule is None else rule.combiner(cfg, sigmas)
+    seg_on, pag_on = seg is not None and seg.scale != 0, pag is not None and pag.scale != 0
+    if not seg_on and not pag_on:
+        denoiser = classifier_free(model, cfg, cond, uncond, combine)
+    elif not pag_on and combine is None:
         denoiser = smoothed_energy(model, seg.scale, cfg, cond, uncond, seg.state, seg.schedule(sigmas))
+    else:
+        state = seg.state if seg_on else pag.state
+        denoiser = perturbed_guidance(model, cfg, cond, uncond, state,
+                                      seg.scale if seg_on else 0.0, seg.schedule(sigmas) if seg_on else None,
+                                      pag.scale if pag_on else 0.0, rule=combine)
     if limit is not None:
         denoiser = limit(denoiser)
     if pg is not None:
@@ -255,23 +423,54 @@ def stack(model, cfg: float, cond: dict[str, Any], uncond: dict[str, Any], sigma
 
 @dataclass
 class Guidance:
-    """The guidance terms of one run: the CFG scale, SEG (None: off) and PG (None: off).
+    """The guidance terms of one run: the CFG scale, its rule (None: plain CFG; `Apg`, `ZeroStar`), SEG, PAG and PG
+    (None: off).
 
-    Each term says what it puts in the network for the run (`installed`: SEG's query-blurring processors on its
-    layers; CFG and PG install nothing) and how it wraps the denoiser (`denoiser`: `stack`, in its one order).
-    A term switched off is absent, so the run is bit for bit the run without it.
+    Each term says what it puts in the network for the run (`installed`: SEG's query-blurring and PAG's identity
+    processors on their layers, one processor per layer and one shared state, so SEG and PAG may pick different
+    layers and still ride in one batch; CFG, its rules and PG install nothing) and how it wraps the denoiser
+    (`denoiser`: `stack`, in its one order). A term switched off is absent, so the run is bit for bit the run
+    without it. `rows()` is what one evaluation costs: network rows per sample.
     """
     cfg: float = 1.0
     seg: Seg | None = None
     pg: PG | None = None
+    pag: Pag | None = None
+    rule: Rule | None = None
+
+    def __post_init__(self) -> None:
+        if self.seg is not None and self.pag is not None:
+            self.pag.state = self.seg.state  # one set of processors reads one state
+
+    def rows(self) -> dict[str, int]:
+        """Network rows per sample of one evaluation on a guided step, by pass: cond 1, uncond 1 with CFG (w not 0
+        or 1, or a rule), seg 1, pag 1; the class-posterior PG kernel: one row per class and the null label."""
+        if self.pg is not None and self.pg.classes:
+            return {"classes": self.pg.classes, "null": 1}
+        perturbed = (self.seg is not None and self.seg.scale != 0) or (self.pag is not None and self.pag.scale != 0)
+        if self.rule is not None or (self.cfg not in (0.0, 1.0)):
+            rows = {"uncond": 1, "cond": 1}
+        else:
+            rows = {"uncond" if self.cfg == 0.0 and not perturbed else "cond": 1}
+        if self.seg is not None and self.seg.scale != 0:
+            rows["seg"] = 1
+        if self.pag is not None and self.pag.scale != 0:
+            rows["pag"] = 1
+        return rows
 
     @contextlib.contextmanager
     def installed(self, net: torch.nn.Module) -> Iterator[None]:
         """What the terms install in `net` (the module holding the attention layers) for the duration."""
-        with self.seg.installed(net) if self.seg is not None else contextlib.nullcontext():
+        if self.pag is None or self.pag.scale == 0:
+            with self.seg.installed(net) if self.seg is not None else contextlib.nullcontext():
+                yield
+            return
+        seg = attention.resolve_layers(net, self.seg.layers) if self.seg is not None else []
+        with attention.installed(net, self.pag.state, seg, identity=attention.resolve_layers(net, self.pag.layers)):
             yield
 
     def denoiser(self, model, cond: dict[str, Any], uncond: dict[str, Any], sigmas: torch.Tensor | None,
                  limit: Callable | None = None):
         """`model` guided by the terms (see `stack`)."""
-        return stack(model, self.cfg, cond, uncond, sigmas, seg=self.seg, limit=limit, pg=self.pg)
+        return stack(model, self.cfg, cond, uncond, sigmas, seg=self.seg, limit=limit, pg=self.pg, pag=self.pag,
+                     rule=self.rule)

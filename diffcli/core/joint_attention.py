@@ -11,9 +11,9 @@ blur of the logits (docs/seg.md writes it out; tests check both statements on a 
 The processors compute q, k, v exactly as diffusers' `JointAttnProcessor2_0` (SD3: [image, text] along the
 sequence) and `FluxAttnProcessor` (double blocks: [text, image]; single blocks: the concatenated [text, image]
 sequence comes in as hidden_states), then hand the full-sequence (B, heads, L, d) q, k, v and the image part's
-slice to `attend`. `attend` is the one place a perturbation of joint attention goes: SEG's query blur today;
-PAG's identity attention on the image-to-image block (image rows of the perturbed chunk return their own values,
-text rows and columns kept) is a second branch there, with the same inputs.
+slice to `attend`. `attend` is the one place a perturbation of joint attention goes: SEG's query blur of the "seg"
+chunk, and PAG's identity attention on the image-to-image block of the "pag" chunk (as diffusers'
+`PAGJointAttnProcessor2_0`: each image query sees, among the image keys, only its own; text rows and columns kept).
 """
 from __future__ import annotations
 
@@ -45,9 +45,42 @@ def blur_image_queries(q: torch.Tensor, image: slice, grid: tuple[int, int], blu
     return out
 
 
+def identity_mask(length: int, image: slice, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """PAG on joint attention: an additive (L, L) mask that leaves each image query, among the image keys, only its
+    own (-inf elsewhere in the image-to-image block); text rows and columns untouched."""
+    mask = torch.zeros(length, length, dtype=dtype, device=device)
+    block = mask[image, image]
+    block.fill_(float("-inf")).fill_diagonal_(0)
+    return mask
+
+
+def _rows(mask: torch.Tensor | None, part: slice, batch: int) -> torch.Tensor | None:
+    """The rows of an attention mask that go with batch rows `part` (a mask without a batch axis serves all)."""
+    return mask[part] if mask is not None and mask.ndim == 4 and mask.shape[0] == batch else mask
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, image: slice, grid: tuple[int, int],
-           blur: Blur | None, chunks: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Joint attention over (B, heads, L, d) with the perturbation of the last batch chunk (blur None: none)."""
+           blur: Blur | None, roles: tuple[str, ...], identity: bool = False,
+           mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Joint attention over (B, heads, L, d) whose batch is the equal chunks `roles` (uncond, cond, seg, pag order):
+    the last chunk before a "pag" one with its image queries blurred (blur None: none), the "pag" chunk with
+    identity attention on the image-to-image block when `identity` (this layer is a PAG layer)."""
+    chunks, b = max(len(roles), 1), q.shape[0]
+    if roles and roles[-1] == "pag":
+        if b % chunks:
+            raise ValueError(f"a batch of {b} does not split into {chunks} equal chunks")
+        c = b // chunks
+        parts = []
+        if len(roles) > 1:
+            head = slice(0, b - c)
+            parts.append(attend(q[head], k[head], v[head], image, grid, blur, roles[:-1], False,
+                                _rows(mask, head, b)))
+        tail = _rows(mask, slice(b - c, b), b)
+        if identity:
+            pag = identity_mask(q.shape[2], image, q.dtype, q.device)
+            tail = pag if tail is None else tail + pag
+        parts.append(F.scaled_dot_product_attention(q[b - c:], k[b - c:], v[b - c:], attn_mask=tail))
+        return torch.cat(parts)
     if blur is not None:
         q = blur_image_queries(q, image, grid, blur, chunks)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -61,9 +94,10 @@ class JointSegProcessor:
     grid the denoiser sees) divided by the transformer's `patch`.
     """
 
-    def __init__(self, state, name: str, perturb: bool, layout: str, patch: int, plain=None):
+    def __init__(self, state, name: str, perturb: bool, layout: str, patch: int, plain=None, identity: bool = False):
         self.state, self.name, self.perturb, self.layout, self.patch = state, name, perturb, layout, patch
         self.plain = plain  # the module's own processor: what runs when this call perturbs nothing (bit for bit)
+        self.identity = identity  # a PAG layer
 
     def grid(self) -> tuple[int, int]:
         lh, lw = self.state.latent_hw
@@ -72,9 +106,16 @@ class JointSegProcessor:
     def blur(self) -> Blur | None:
         return self.state.blur if self.perturb else None
 
+    def pag(self) -> bool:
+        """Does this call's "pag" chunk take identity attention here?"""
+        return self.identity and getattr(self.state, "identity", False)
+
+    def roles(self) -> tuple[str, ...]:
+        return tuple(self.state.roles)
+
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None, *args, **kwargs):
-        if self.blur() is None and self.plain is not None:
+        if self.blur() is None and not self.pag() and self.plain is not None:
             if self.layout == "image_text":
                 return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
             return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
@@ -101,7 +142,7 @@ class JointSegProcessor:
             if attn.norm_added_k is not None:
                 ck = attn.norm_added_k(ck)
             q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-        y = attend(q, k, v, slice(0, n), self.grid(), self.blur(), len(self.state.roles))
+        y = attend(q, k, v, slice(0, n), self.grid(), self.blur(), self.roles(), self.pag())
         y = y.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[-1]).to(q.dtype)
         out, ctx = (y[:, :n], y[:, n:]) if context is not None else (y, None)
         out = attn.to_out[1](attn.to_out[0](out))
@@ -130,7 +171,7 @@ class JointSegProcessor:
         length = q.shape[1]
         image = slice(text, length) if self.layout == "text_image" else slice(length - h * w, length)
         y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), image, (h, w), self.blur(),
-                   len(self.state.roles), mask)
+                   self.roles(), self.pag(), mask)
         y = y.transpose(1, 2).flatten(2, 3).to(q.dtype)
         if context is not None and attn.added_kv_proj_dim is not None:
             ctx, out = y.split_with_sizes([text, y.shape[1] - text], dim=1)
@@ -160,7 +201,8 @@ def layers_of(net: torch.nn.Module) -> dict[str, list[str]]:
             for attr, kind in kinds.items() if hasattr(net, attr)}
 
 
-def processor(net: torch.nn.Module, state, path: str, perturb: bool, recorder=None) -> JointSegProcessor:
+def processor(net: torch.nn.Module, state, path: str, perturb: bool, recorder=None,
+              identity: bool = False) -> JointSegProcessor:
     """The processor for the module at `path` of a joint transformer (`attention.installed`'s factory there)."""
     if recorder is not None:
         raise DiffcliError("--metrics tracks UNet attention blocks; transformer models have no such tracking yet")
@@ -170,7 +212,7 @@ def processor(net: torch.nn.Module, state, path: str, perturb: bool, recorder=No
     else:  # Flux: double blocks attend over [text, image], single blocks get [text, image] as one sequence
         layout = "text_image" if path.startswith("transformer_blocks") else "single"
     plain = dict(net.named_modules())[path].processor
-    return JointSegProcessor(state, path, perturb, layout, TRANSFORMERS[name][1], plain)
+    return JointSegProcessor(state, path, perturb, layout, TRANSFORMERS[name][1], plain, identity)
 
 
 # ---------------------------------------------------------------- layer names

@@ -177,7 +177,7 @@ def class_posterior(d_classes: torch.Tensor, d_null: torch.Tensor, iters: int = 
     return w.to(d_null.dtype)
 
 
-def posterior_push(p: torch.Tensor, d_classes: torch.Tensor) -> torch.Tensor:
+def posterior_push(p: torch.Tensor, d_classes: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
     """sigma^2 grad_{x_i} sum_{j != i} k(x_i, x_j) for k = sum_c p(c|x_i) p(c|x_j), the chance two particles share a
     class, through the model's implicit classifier: grad_x log p(c|x) = (D_c - D_bar)/sigma^2, D_bar = sum_c p_c D_c
     (the posterior mix, equal to the unconditional denoiser for exact ones). So
@@ -187,8 +187,12 @@ def posterior_push(p: torch.Tensor, d_classes: torch.Tensor) -> torch.Tensor:
     in denoiser units (the sigma^2 of PG cancels): PG pulls each particle away from the classes it shares with the
     others, along the model's own class directions (not a classifier's gradient, which leaves the data). A
     particle alone in its class, or the batch in distinct classes, gets no push.
+
+    `q` (N, K) given: the other particles' mass on each particle's K classes, when each particle runs its own subset
+    of the classes (`guidance.class_particle_guidance` with `support`); default: from `p`, the same K classes for all.
     """
-    q = p.sum(0, keepdim=True) - p                       # the other particles' class mass, (N, K)
+    if q is None:
+        q = p.sum(0, keepdim=True) - p                   # the other particles' class mass, (N, K)
     weights = (p * q)[(...,) + (None,) * (d_classes.ndim - 2)]
     d_bar = (p[(...,) + (None,) * (d_classes.ndim - 2)] * d_classes).sum(1, keepdim=True)
     return (weights * (d_classes - d_bar)).sum(1)

@@ -10,6 +10,7 @@ very tensor the next step continues from, so a callback that changes it in place
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -17,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from ..shared import registries
+from .denoisers import UNCOND_SINK
 from ..shared.registries import having
 
 Callback = Callable[[dict[str, Any]], None] | None
@@ -232,6 +234,70 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback: Callback = None
     return x
 
 
+# ---------------------------------------------------------------- CFG++ (Chung et al. 2024)
+
+def _takes_keyword(fn, name: str) -> bool:
+    """Does `fn` take the keyword `name` (by name or through **kwargs)? Every combinator does; a bare function of
+    (x, sigma) does not, and is then its own unconditional model."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.kind is p.VAR_KEYWORD or p.name == name for p in params)
+
+
+def _guided_and_uncond(model, x, sigma, extra_args, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One evaluation: the guided x0_hat and the unconditional one the CFG combinator hands back through
+    `denoisers.UNCOND_SINK` (a list it appends D_u to). A denoiser with no CFG combinator appends nothing: it is its
+    own unconditional model (D_u = D, and the CFG++ step is the plain one); several D_u (views) are refused."""
+    sink: list[torch.Tensor] = []
+    reports = _takes_keyword(model, UNCOND_SINK)
+    denoised = model(x, sigma * x.new_ones([x.shape[0]]), **extra_args, **({UNCOND_SINK: sink} if reports else {}))
+    if len(sink) > 1:
+        raise ValueError(f"{name} needs one unconditional x0_hat per evaluation (got {len(sink)})")
+    return denoised, sink[0] if sink else denoised
+
+
+@torch.no_grad()
+def sample_euler_cfg_pp(model, x, sigmas, extra_args=None, callback: Callback = None):
+    """CFG++ Euler (Chung et al. 2024): denoise with the guided x0_hat, renoise along the unconditional direction,
+    x_next = D_cfg + sigma_next (x - D_u) / sigma; the guidance scale lives in [0, 1] (the paper's lambda). With
+    D_cfg = D_u (scale 0) it is Euler on the unconditional model."""
+    extra_args = extra_args or {}
+    for i in range(len(sigmas) - 1):
+        denoised, uncond = _guided_and_uncond(model, x, sigmas[i], extra_args, "euler_cfg_pp")
+        x = denoised + sigmas[i + 1] * to_d(x, sigmas[i], uncond)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_cfg_pp(model, x, sigmas, extra_args=None, callback: Callback = None):
+    """CFG++ DPM-Solver++(2M): with t = -log(sigma), h = t_next - t, r = h_prev / h, a step is
+    x_next = D_cfg + e^(-h) (x - D_u) + (1 - e^(-h)) / (2r) (D_cfg - D_u,prev): the denoised part and the second-
+    order correction from the guided x0_hat, the renoising from the unconditional one (the previous step's D_u in
+    the correction). First step and the step to sigma = 0: first order (Euler CFG++). With D_cfg = D_u it is
+    `sample_dpmpp_2m` on the unconditional model."""
+    extra_args = extra_args or {}
+    prev_u, h_prev = None, None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised, uncond = _guided_and_uncond(model, x, sigma, extra_args, "dpmpp_2m_cfg_pp")
+        if sigma_next == 0:
+            x, h = denoised.clone(), None
+        else:
+            h = sigma.log() - sigma_next.log()
+            x_next = denoised + (sigma_next / sigma) * (x - uncond)
+            if prev_u is not None and h_prev > 0:
+                x_next = x_next - torch.expm1(-h) * (h / (2 * h_prev)) * (denoised - prev_u)
+            x = x_next
+        prev_u, h_prev = uncond, h
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+    return x
+
+
 # ---------------------------------------------------------------- the registry
 
 @dataclass(frozen=True)
@@ -265,6 +331,13 @@ SAMPLERS: dict[str, Sampler] = {
                                knobs={"eta": 1.0}, noise=True),
     "dpmpp_2m": Sampler(sample_dpmpp_2m, "DPM-Solver++(2M), multistep 2nd order"),
 }
+# CFG++: the guided x0_hat denoises, the unconditional one renoises (they read D_u from the CFG combinator)
+SAMPLERS.update({
+    "euler_cfg_pp": Sampler(sample_euler_cfg_pp, "CFG++ Euler (Chung 2024): renoise with the unconditional x0_hat; "
+                                                 "CFG scale in [0, 1]"),
+    "dpmpp_2m_cfg_pp": Sampler(sample_dpmpp_2m_cfg_pp, "CFG++ DPM-Solver++(2M); CFG scale in [0, 1]"),
+})
+CFG_PP = ("euler_cfg_pp", "dpmpp_2m_cfg_pp")  # the samplers that need the unconditional x0_hat
 # the samplers that take eta, at their own default (what `eta=None` means): DDIM is deterministic unless asked,
 # Euler ancestral is ancestral unless asked (eta = 0 makes it plain Euler)
 ETA_DEFAULTS = {name: s.knobs["eta"] for name, s in SAMPLERS.items() if "eta" in s.knobs}
