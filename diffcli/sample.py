@@ -24,7 +24,7 @@ from .backends.models import check_record
 from .backends.pipelines import load_family
 from .shared.limits import (BATCH_MAX, N_MAX, PIXELS_MAX, SIDE_MAX, SIGMA_LIMIT, finite,
                             seed as check_seed)
-from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_sampling,
+from .options import (FlowOptions, GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_sampling,
                       cost_of, group_fields, record as options_record, seg_layers)
 from .shared.names import check_file_names, read_prompts_file
 from .text_images import PipelineRun, check_prompts, planned_files, run_prompts
@@ -112,11 +112,13 @@ class PipelinePrompts:
 
 
 @dataclass(kw_only=True)
-class SampleCli(ShowForward, PipelinePrompts):
-    """The command line's fields beyond SampleConfig: --show-forward and the pipeline prompts."""
+class SampleCli(ShowForward, PipelinePrompts, FlowOptions):
+    """The command line's fields beyond SampleConfig: --show-forward, the pipeline prompts and the flow-model
+    options."""
 
 
-PIPELINE_DEFAULTS = {"cfg": 7.5, "sampler": "euler", "steps": 50}  # as `diffcli pg` on pipelines: SD's usual CFG
+PIPELINE_DEFAULTS = {"sampler": "euler", "steps": 50}
+PIPELINE_CFG = 7.5  # as `diffcli pg` on pipelines: SD's usual CFG (1, off, on guidance-distilled Flux)
 DIGIT_ONLY = ("labels", "sigma_min", "sigma_max", "nrow", "context", "data_root")  # None unless given
 
 
@@ -288,10 +290,11 @@ def build(values: dict[str, Any]) -> SampleConfig | ShowForward | PipelineRun:
     --blur-sigma-max goes only with it; --model samples a pipeline (a prompt or --prompts-file); no --checkpoint
     means the shipped model."""
     prompts = {name: values.pop(name) for name in ("prompt", "prompts_file", "model", "height", "width",
-                                                   "negative_prompt")}
+                                                   "negative_prompt", "guidance_embed", "offload")}
     if prompts["model"] is not None:
         return pipeline_run(values, prompts)
-    given = [name for name in ("prompt", "prompts_file", "height", "width", "negative_prompt") if prompts[name] is not None]
+    given = [name for name in ("prompt", "prompts_file", "height", "width", "negative_prompt", "guidance_embed")
+             if prompts[name] is not None] + ["offload"] * prompts["offload"]
     if given:
         raise DiffcliError(f"--{given[0].replace('_', '-')} goes with --model PIPE (text-to-image on a pipeline)")
     image, blur_sigma_max = values.pop("show_forward"), values.pop("blur_sigma_max")
@@ -324,7 +327,7 @@ def pipeline_run(values: dict[str, Any], prompts: dict[str, Any]) -> PipelineRun
     shared.update({k: v for k, v in PIPELINE_DEFAULTS.items() if shared[k] is None})
     return PipelineRun(**shared, prompts=text, model=prompts["model"], n=values["n"], seed=values["seed"],
                        height=prompts["height"], width=prompts["width"], negative_prompt=prompts["negative_prompt"],
-                       dtype=values["dtype"])
+                       dtype=values["dtype"], guidance_embed=prompts["guidance_embed"], offload=prompts["offload"])
 
 
 def run_pipeline(cfg: PipelineRun, out: Path, overwrite: bool, device_name: str | None, options: dict[str, Any],
@@ -333,7 +336,7 @@ def run_pipeline(cfg: PipelineRun, out: Path, overwrite: bool, device_name: str 
     blurs = check_prompts(cfg)
     check_file_names(out, planned_files(cfg, blurs))
     with Dist(device_name) as dist:
-        return run_prompts(cfg, blurs, out, overwrite, resume, dist, options, "sample")
+        return run_prompts(cfg, blurs, out, overwrite, resume, dist, options, "sample", default_cfg=PIPELINE_CFG)
 
 
 def main(cfg: SampleConfig | ShowForward | PipelineRun, ctx: RunContext) -> dict[str, Any]:

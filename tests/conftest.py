@@ -86,6 +86,13 @@ def call_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     return proc
 
 
+def pixels(path):
+    """An image's mode, size and pixels, not the settings it carries (they name the command line, which differs)."""
+    from PIL import Image
+    with Image.open(path) as im:
+        return im.mode, im.size, im.tobytes()
+
+
 def write_digit_folder(root: Path, classes: int = 3, per_class: int = 6, size: int = 8, seed: int = 0) -> Path:
     """A labelled image folder: class k is a bright bar at a class-specific row, plus noise."""
     from PIL import Image

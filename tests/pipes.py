@@ -158,10 +158,10 @@ def tiny_flow_vae():
                          use_quant_conv=False, use_post_quant_conv=False)
 
 
-def build_tiny_sd3(root: Path) -> Path:
+def build_tiny_sd3(root: Path, qk_norm: str | None = "rms_norm") -> Path:
     """SD3-shaped: two CLIP encoders with projection and no T5 (SD3 runs without it: zero T5 embeddings), an MMDiT
-    of 2 joint blocks with RMS QK-norm, patch 2 over a 16 px image (latent 8x8, 4x4 tokens), the scheduler's
-    shift 3."""
+    of 2 joint blocks with RMS QK-norm (SD3.5's; `qk_norm=None`: SD3 medium's none), patch 2 over a 16 px image
+    (latent 8x8, 4x4 tokens), the scheduler's shift 3."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
     tokenizer, vocab = tiny_tokenizer(root / "tok")
@@ -171,7 +171,7 @@ def build_tiny_sd3(root: Path) -> Path:
     transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
                                         caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=16,
-                                        qk_norm="rms_norm")
+                                        qk_norm=qk_norm)
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
                                     vae=tiny_flow_vae(), text_encoder=enc1, tokenizer=tokenizer, text_encoder_2=enc2,
                                     tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)

@@ -73,8 +73,8 @@ def test_flux_infinite_blur_is_the_mean_of_the_rotated_image_queries(tiny_flux, 
     seen = []
     original = joint_attention.attend
 
-    def spy(q, k, v, image, grid, blur, chunks, mask=None):
-        out = original(q, k, v, image, grid, blur, chunks, mask)
+    def spy(q, k, v, image, grid, blur, roles, identity=False, mask=None):
+        out = original(q, k, v, image, grid, blur, roles, identity, mask)
         seen.append((q, k, v, image, out))
         return out
 
@@ -140,3 +140,63 @@ def test_seg_command_on_flow_models(tiny_sd3, tiny_flux, tmp_path):
     bad = call_cli("seg", "a cat", "--model", tiny_flux, *common[:4], "--width", "18", "--device", "cpu",
                    "--out", tmp_path / "bad3")
     assert bad.returncode != 0 and "multiple of 4 px" in bad.stderr and not (tmp_path / "bad3").exists()
+
+
+def test_pag_on_sd3_joint_attention_equals_diffusers_pag_pipeline(tmp_path):
+    """PAG on SD3's joint blocks (identity on the image-to-image block, text rows and columns kept) with CFG, in one
+    batch of three chunks: equal to diffusers' StableDiffusion3PAGPipeline on the same layer, scales and noise.
+    diffusers' PAG joint processors skip QK-norm (SD3.5 has it), so the reference model is SD3 medium's shape,
+    without QK-norm; ours applies the norm where the model has one, as the model's own processor does."""
+    from diffusers import StableDiffusion3PAGPipeline
+    from diffcli.core.guidance import Guidance, Pag
+    from diffcli.core.samplers import run_sampler
+    from pipes import build_tiny_sd3
+    from test_flow import _Fixed
+    path = build_tiny_sd3(tmp_path, qk_norm=None)
+    fam = family(path)
+    ref_pipe = StableDiffusion3PAGPipeline.from_pretrained(str(path), pag_applied_layers=["blocks.1"],
+                                                           text_encoder_3=None, tokenizer_3=None)
+    h, w, steps, cfg, pag = 16, 32, 4, 4.0, 3.0
+    fam.check_size(h, w)
+    noise = torch.randn(2, *fam.latent_shape(h, w), generator=torch.Generator().manual_seed(4))
+    want = ref_pipe(prompt=["a cat", "a dog"], height=h, width=w, num_inference_steps=steps, guidance_scale=cfg,
+                    pag_scale=pag, latents=noise.clone(), output_type="latent").images
+    cond, uncond = fam.encode_prompts(["a cat", "a dog"], None, h, w)
+    sigmas = fam.sigmas(steps)
+
+    def ours(guidance):
+        model = guidance.denoiser(fam.denoiser(), cond, uncond, sigmas)
+        with guidance.installed(fam.attention), torch.no_grad():
+            x = fam.initial_latents(_Fixed(noise), noise.shape[1:], sigmas[0])
+            return run_sampler("euler", model, x, sigmas).float()
+
+    torch.testing.assert_close(ours(Guidance(cfg, pag=Pag(pag, ["j1"]))), want, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(ours(Guidance(cfg)), want, atol=1e-3)  # PAG changed the result: the test means something
+
+
+@pytest.mark.parametrize("which", ["tiny_sd3", "tiny_flux"])
+def test_pag_and_seg_on_joint_attention_ride_in_one_batch(which, request):
+    """CFG + SEG + PAG on a transformer: one network call of four chunks; the seg chunk (not the pag one) is blurred
+    and the pag chunk takes identity attention, each only on its own layers."""
+    from diffcli.core.guidance import Guidance, Pag, Seg
+    fam = family(request.getfixturevalue(which))
+    x, sigma, cond, uncond = inputs(fam)
+    sigmas = torch.tensor([2.0, 0.0], dtype=torch.float64)
+    blur = parse_blur("gaussian_-1_9999999")
+    first, last = ("j0", "j1") if which == "tiny_sd3" else ("d0", "s1")
+    model, calls = fam.denoiser(), []
+    counted = lambda x, s, **kw: calls.append(x.shape[0]) or model(x, s, **kw)  # noqa: E731
+
+    def run(guidance):
+        calls.clear()
+        with guidance.installed(fam.attention), torch.no_grad():
+            return guidance.denoiser(counted, cond, uncond, sigmas)(x, sigma)
+
+    seg, pag = Seg(2.0, blur, [first]), Pag(3.0, [last])
+    both = run(Guidance(4.0, seg=seg, pag=pag))
+    assert calls == [8]
+    plain = run(Guidance(4.0))
+    seg_only = run(Guidance(4.0, seg=Seg(2.0, blur, [first])))
+    pag_only = run(Guidance(4.0, pag=Pag(3.0, [last])))
+    torch.testing.assert_close(both - plain, (seg_only - plain) + (pag_only - plain), atol=1e-6, rtol=1e-5)
+    assert (seg_only - plain).abs().max() > 1e-4 and (pag_only - plain).abs().max() > 1e-4

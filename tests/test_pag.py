@@ -107,7 +107,8 @@ def test_seg_command_runs_pag_alone_and_with_seg_on_other_layers(tiny_sd, tmp_pa
     assert pag["perturbed_layers"] == [] and pag["pag_layers"] and all("mid_block" in p for p in pag["pag_layers"])
     assert pag["cost"]["rows"] == {"uncond": 1, "cond": 1, "pag": 1} and pag["cost"]["evaluations_per_sample"] == 2
     assert all("up_blocks" in p for p in both["pag_layers"]) and both["cost"]["rows_per_evaluation"] == 4
-    image = lambda d: (tmp_path / d / "a_cat_seed0.png").read_bytes()  # noqa: E731
+    from conftest import pixels
+    image = lambda d: pixels(tmp_path / d / "a_cat_seed0.png")  # noqa: E731
     assert image("cfg0") == image("cfg") != image("pag")
     proc = call_cli("seg", "a cat", *common, "--pag-scale", "3", "--pag-layers", "u9", "--out", tmp_path / "bad")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "--pag-layers 'u9'" in proc.stderr
@@ -128,15 +129,15 @@ def test_pag_on_if_and_our_unets_changes_the_result(tiny_if, tmp_path):
 
 
 def test_sample_takes_pipelines_as_seg_does(tiny_sd, tmp_path):
-    """`sample "a cat" --model PIPE` is seg's run with SEG off: the same bytes as `seg --seg-scale 0`, PAG included;
+    """`sample "a cat" --model PIPE` is seg's run with SEG off: the same pixels as `seg --seg-scale 0`, PAG included;
     options of diffcli models are refused in one line."""
     import json
-    from conftest import call_cli
+    from conftest import call_cli, pixels
     common = ("--model", tiny_sd, "--steps", "2", "--n", "2", "--cfg", "4", "--pag-scale", "2", "--device", "cpu")
     call_cli("sample", "a cat", *common, "--out", tmp_path / "sample", check=True)
     call_cli("seg", "a cat", *common, "--seg-scale", "0", "--out", tmp_path / "seg", check=True)
     for name in ("a_cat_seed0.png", "a_cat_seed1.png", "grid.png"):
-        assert (tmp_path / "sample" / name).read_bytes() == (tmp_path / "seg" / name).read_bytes()
+        assert pixels(tmp_path / "sample" / name) == pixels(tmp_path / "seg" / name)
     record = json.loads((tmp_path / "sample" / "run.json").read_text())
     assert record["command"] == "sample" and record["cost"]["rows"] == {"uncond": 1, "cond": 1, "pag": 1}
     for bad, message in ((("--labels", "3"), "--labels is for diffcli models"),
@@ -145,4 +146,20 @@ def test_sample_takes_pipelines_as_seg_does(tiny_sd, tmp_path):
         assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     proc = call_cli("sample", "a cat", "--out", tmp_path / "bad")
     assert proc.returncode == 2 and "--prompt goes with --model" in proc.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_sample_takes_flow_pipelines_with_their_options(tiny_flux, tmp_path):
+    """`sample --model FLUX`: guidance-distilled, so CFG is off unless asked (one network row a step), and
+    --guidance-embed reaches the network; both flags are refused on diffcli models in one line."""
+    import json
+    from conftest import call_cli, pixels
+    common = ("a cat", "--model", tiny_flux, "--steps", "2", "--height", "16", "--width", "16", "--device", "cpu")
+    call_cli("sample", *common, "--out", tmp_path / "a", check=True)
+    call_cli("sample", *common, "--guidance-embed", "6", "--out", tmp_path / "b", check=True)
+    record = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert record["cost"]["rows"] == {"cond": 1}
+    assert pixels(tmp_path / "a" / "a_cat_seed0.png") != pixels(tmp_path / "b" / "a_cat_seed0.png")
+    proc = call_cli("sample", "--n", "2", "--guidance-embed", "3", "--out", tmp_path / "bad")
+    assert proc.returncode == 2 and "--guidance-embed goes with --model" in proc.stderr
     assert not (tmp_path / "bad").exists()

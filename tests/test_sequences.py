@@ -9,18 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import call_cli, write_idx
+from conftest import pixels, call_cli, write_idx
 from diffcli.shared.errors import DiffcliError
 from diffcli.data.contexts import read_context
 from diffcli.data.sequences import (SequenceSpec, centroid, check_spec, circle_shifts, draw_track, iou, make_dataset,
                                     make_item, sequence_metrics)
-
-
-def pixels(path):
-    """An image's mode, size and pixels, not the settings it carries (they name the command line, which differs)."""
-    from PIL import Image
-    with Image.open(path) as im:
-        return im.mode, im.size, im.tobytes()
 
 
 SIZE = 16  # frames; digits are 8 px

@@ -6,15 +6,8 @@ import json
 
 import pytest
 
-from conftest import invoke_cli
+from conftest import pixels, invoke_cli
 from diffcli import cli
-
-
-def pixels(path):
-    """An image's mode, size and pixels, not the settings it carries (they name the command line, which differs)."""
-    from PIL import Image
-    with Image.open(path) as im:
-        return im.mode, im.size, im.tobytes()
 
 
 BASE = ["sample", "--n", "4", "--steps", "3", "--labels", "1,7", "--sampler", "euler"]
