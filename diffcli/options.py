@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .core import attention
-from .core.guidance import PG, REGIONS, Guidance, Seg
+from .core.guidance import PG, REGIONS, Autoguide, Guidance, Seg
 from .core.particles import DIGIT_KERNELS, KERNELS, PG_GRADS, PIPELINE_KERNELS, KernelGrad, describe as describe_kernels
 from .core.query_blur import SPEC_FORMS, Blur, parse_blur
 from .core.samplers import SAMPLERS, SCHEDULES, SamplerKnobs, describe as describe_samplers, describe_schedules
@@ -33,6 +33,7 @@ from .shared.limits import RHO_MAX, SCALE_MAX, STEPS_MAX, count
 
 DEFAULT_BLUR = "gaussian_-1_9999999"  # the official SEG default: infinite blur (the query's spatial mean)
 DEFAULT_SEG_SCALE = 3.0               # the official SEG default, used when a blur is given without a scale
+DEFAULT_AG_SCALE = 2.0                # autoguidance's w when --ag-model is given without --ag-scale (edm2: 2 - 3)
 
 
 def split_list(values: list[str] | None) -> list[str]:
@@ -59,11 +60,11 @@ class GuidanceOptions:
                                  "(repeatable or comma-separated).")
     regions: list[str] = opt(None, "--regions", factory=lambda: [",".join(REGIONS)], panel="guidance",
                              help="SEG: thirds of the steps that run the perturbed pass (begin = noisiest).")
-    # SEG acts only at sigma <= sigma_start and sigma >= sigma_end
-    sigma_start: float = opt(math.inf, "--sigma-start", panel="guidance", check="finite", allow_inf=True,
-                             help="SEG: perturb only at noise levels sigma <= this.")
-    sigma_end: float = opt(0.0, "--sigma-end", panel="guidance", check="finite",
-                           help="SEG: perturb only at noise levels sigma >= this.")
+    # SEG's guidance interval (sigma_end, sigma_start]; --sigma-start/--sigma-end: the names before the one scheme
+    sigma_start: float = opt(math.inf, "--seg-sigma-max", "--sigma-start", panel="guidance", check="finite",
+                             allow_inf=True, help="SEG's interval: perturb only at noise levels sigma <= this.")
+    sigma_end: float = opt(0.0, "--seg-sigma-min", "--sigma-end", panel="guidance", check="finite",
+                           help="SEG's interval: perturb only at noise levels sigma > this.")
     pg_factor: float = opt(0.0, "--pg-factor", panel="guidance", check="finite", high=SCALE_MAX,
                            help="PG: lambda in dx/dsigma = (x - D)/sigma + lambda sigma grad_x sum_j k(x_i, x_j) over "
                                 "the batch; > 0 repels, 0 = off.")
@@ -78,9 +79,27 @@ class GuidanceOptions:
                               help="PG: kernel bandwidth as a multiple of the median heuristic (< 1: only near "
                                    "neighbours repel).")
     pg_sigma_min: float = opt(0.0, "--pg-sigma-min", panel="guidance", check="finite",
-                              help="PG acts only at noise levels sigma >= this.")
+                              help="PG's interval: PG acts only at noise levels sigma > this.")
     pg_sigma_max: float = opt(math.inf, "--pg-sigma-max", panel="guidance", check="finite", allow_inf=True,
-                              help="PG acts only at noise levels sigma <= this.")
+                              help="PG's interval: PG acts only at noise levels sigma <= this.")
+    cfg_sigma_min: float = opt(0.0, "--cfg-sigma-min", panel="guidance", check="finite",
+                               help="CFG's interval (Kynkaeaeniemi et al. 2024): CFG acts only at sigma > this; "
+                                    "elsewhere the conditional pass alone.")
+    cfg_sigma_max: float = opt(math.inf, "--cfg-sigma-max", panel="guidance", check="finite", allow_inf=True,
+                               help="CFG's interval: CFG acts only at noise levels sigma <= this.")
+    # autoguidance (Karras et al. 2024): D_guide + w (D_main - D_guide), the guide a weaker model of the same data
+    ag_model: str | None = opt(None, "--ag-model", panel="guidance",
+                               help="Autoguidance: the guide, a smaller or shorter-trained model with the same "
+                                    "conditioning: a diffcli EDM checkpoint (file, run folder, RUN@STEP, a shipped "
+                                    "name such as mnist-edm-guide) for digit models; a sibling pipeline with the same "
+                                    "latent space and text encoder for pipelines. Costs one guide pass a network pass.")
+    ag_scale: float | None = opt(None, "--ag-scale", panel="guidance", check="finite", high=SCALE_MAX,
+                                 help=f"Autoguidance: w in D_guide + w (D_main - D_guide); 1 = off (default "
+                                      f"{DEFAULT_AG_SCALE:g} with --ag-model).")
+    ag_sigma_min: float = opt(0.0, "--ag-sigma-min", panel="guidance", check="finite",
+                              help="Autoguidance's interval: it acts only at noise levels sigma > this.")
+    ag_sigma_max: float = opt(math.inf, "--ag-sigma-max", panel="guidance", check="finite", allow_inf=True,
+                              help="Autoguidance's interval: it acts only at noise levels sigma <= this.")
 
     @property
     def seg_on(self) -> bool:
@@ -94,6 +113,23 @@ class GuidanceOptions:
 
     def blur_specs(self) -> list[str]:
         return split_list(self.blurs) or [DEFAULT_BLUR]
+
+    @property
+    def ag_strength(self) -> float:
+        """Autoguidance's w; 1 (off) without --ag-model."""
+        if self.ag_model is None:
+            return 1.0
+        return DEFAULT_AG_SCALE if self.ag_scale is None else self.ag_scale
+
+    @property
+    def ag_on(self) -> bool:
+        return self.ag_strength != 1.0
+
+
+# the options of guidance intervals and autoguidance: a run record holds them only where they are set, so records of
+# runs without them read as they did before these options existed
+RECORDED_WHEN_SET = {"cfg_sigma_min": 0.0, "cfg_sigma_max": math.inf, "ag_model": None, "ag_scale": None,
+                     "ag_sigma_min": 0.0, "ag_sigma_max": math.inf}
 
 
 def _knob(name: str, **meta: Any) -> Any:
@@ -126,11 +162,17 @@ def check_guidance(opts: GuidanceOptions, *, many_blurs: bool = False) -> list[B
 
     Only `diffcli seg` runs one pass per blur (`many_blurs`); elsewhere one blur is one setting.
     """
-    check_fields(opts, ["cfg", "seg_scale", "pg_factor", "sigma_start", "sigma_end", "pg_sigma_min", "pg_sigma_max"])
+    check_fields(opts, ["cfg", "seg_scale", "pg_factor", "sigma_start", "sigma_end", "pg_sigma_min", "pg_sigma_max",
+                        "cfg_sigma_min", "cfg_sigma_max", "ag_scale", "ag_sigma_min", "ag_sigma_max"])
     if opts.sigma_end > opts.sigma_start:
-        raise DiffcliError(f"need --sigma-end <= --sigma-start (got {opts.sigma_end} and {opts.sigma_start})")
-    if opts.pg_sigma_min > opts.pg_sigma_max:
-        raise DiffcliError(f"need --pg-sigma-min <= --pg-sigma-max (got {opts.pg_sigma_min} and {opts.pg_sigma_max})")
+        raise DiffcliError(f"need --sigma-end <= --sigma-start (SEG's interval --seg-sigma-min, --seg-sigma-max; got "
+                           f"{opts.sigma_end} and {opts.sigma_start})")
+    for term in ("pg", "cfg", "ag"):
+        lo, hi = getattr(opts, f"{term}_sigma_min"), getattr(opts, f"{term}_sigma_max")
+        if lo > hi:
+            raise DiffcliError(f"need --{term}-sigma-min <= --{term}-sigma-max (got {lo} and {hi})")
+    if opts.ag_scale is not None and opts.ag_model is None:
+        raise DiffcliError("--ag-scale needs --ag-model (the guide network)")
     regions = split_list(opts.regions)
     if not regions or any(r not in REGIONS for r in regions):
         raise DiffcliError(f"--regions {','.join(opts.regions)!r}: choose any of {','.join(REGIONS)} "
@@ -156,8 +198,10 @@ def check_particles(opts: GuidanceOptions, n: int, pipeline: bool, what: str = "
 
 
 def record(config: Any) -> dict[str, Any]:
-    """A config as run.json stores it: infinities (no limit) as null, so the file is strict JSON."""
-    return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(config).items()}
+    """A config as run.json stores it: infinities (no limit) as null, so the file is strict JSON; the interval and
+    autoguidance options only where set (`RECORDED_WHEN_SET`)."""
+    return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(config).items()
+            if not (k in RECORDED_WHEN_SET and v == RECORDED_WHEN_SET[k])}
 
 
 def check_sampling(opts: SamplingOptions, pipeline: bool | None = None) -> None:
@@ -211,11 +255,22 @@ def pg_of(opts: GuidanceOptions, kernel: tuple[KernelGrad, bool] | None, sigma_d
               sigma_data, classes if opts.kernel == "posterior" else 0)
 
 
+def ag_of(opts: GuidanceOptions, guide: tuple[Any, torch.nn.Module | None] | None) -> Autoguide | None:
+    """The autoguidance of a command's options with its loaded guide (denoiser, the module holding its attention
+    layers); None when off (no --ag-model, or --ag-scale 1)."""
+    if guide is None or not opts.ag_on:
+        return None
+    return Autoguide(guide[0], opts.ag_strength, opts.ag_sigma_min, opts.ag_sigma_max, guide[1])
+
+
 def guidance_of(opts: GuidanceOptions, cfg: float, blur: Blur | None = None,
-                kernel: tuple[KernelGrad, bool] | None = None, sigma_data: float = 0.5, classes: int = 0) -> Guidance:
+                kernel: tuple[KernelGrad, bool] | None = None, sigma_data: float = 0.5, classes: int = 0,
+                guide: tuple[Any, torch.nn.Module | None] | None = None) -> Guidance:
     """The one place a command's options become its guidance terms: CFG at scale `cfg` (the command's default
-    already applied), SEG (`seg_of`) with `blur`, default the options' one blur, and PG (`pg_of`) with its
-    `kernel`. Every generating command and `drawing` build their guidance here."""
+    already applied) on its interval, SEG (`seg_of`) with `blur`, default the options' one blur, PG (`pg_of`) with
+    its `kernel`, and autoguidance (`ag_of`) with the `guide` the command loaded. Every generating command and
+    `drawing` build their guidance here."""
     if blur is None and opts.seg_on:
         blur = check_guidance(opts)[0]
-    return Guidance(cfg, seg_of(opts, blur), pg_of(opts, kernel, sigma_data, classes))
+    return Guidance(cfg, seg_of(opts, blur), pg_of(opts, kernel, sigma_data, classes), ag_of(opts, guide),
+                    (opts.cfg_sigma_min, opts.cfg_sigma_max))
