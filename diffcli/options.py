@@ -263,6 +263,18 @@ def ag_of(opts: GuidanceOptions, guide: tuple[Any, torch.nn.Module | None] | Non
     return Autoguide(guide[0], opts.ag_strength, opts.ag_sigma_min, opts.ag_sigma_max, guide[1])
 
 
+def pipeline_guide(opts: GuidanceOptions, family: Any, device: torch.device,
+                   dtype: torch.dtype | None = None) -> tuple[Any, torch.nn.Module] | None:
+    """Autoguidance's guide for a pipeline command (--ag-model: a sibling pipeline, `pipelines.load_guide`) as
+    `guidance_of` takes it: (its denoiser, the module holding its attention layers); None when AG is off. Commands
+    call it before writing anything."""
+    if opts.ag_model is None or not opts.ag_on:
+        return None
+    from .backends.pipelines import load_guide
+    guide = load_guide(opts.ag_model, family, device, dtype)
+    return guide.denoiser(), guide.attention
+
+
 def guidance_of(opts: GuidanceOptions, cfg: float, blur: Blur | None = None,
                 kernel: tuple[KernelGrad, bool] | None = None, sigma_data: float = 0.5, classes: int = 0,
                 guide: tuple[Any, torch.nn.Module | None] | None = None) -> Guidance:

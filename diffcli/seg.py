@@ -7,6 +7,7 @@ writes the outputs.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from .shared.fields import check_fields, opt, redefault
 from .shared.names import read_prompts_file
 from .runner import Command, RunContext, generating
 from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_pipeline_steps,
+                      pipeline_guide,
                       check_sampling, guidance_of, record as options_record, split_list)
 from .core.query_blur import Blur
 from .core.samplers import run_sampler
@@ -181,6 +183,9 @@ def _run(cfg: SegConfig, blurs: list[Blur], out: Path, overwrite: bool, resume: 
     family.check_memory(cfg.n, height, width, dtype, device, "a prompt's images (one network batch)", "lower --n")
     perturbed = family.layers(split_list(cfg.layers), "--layers") if blurs[0] is not None else []
     tracked = family.layers([cfg.track_block], "--track-block") if cfg.metrics else []
+    guide = pipeline_guide(cfg, family, device, dtype)
+    guide_perturbed = attention.resolve_layers(guide[1], split_list(cfg.layers), "--layers") \
+        if guide is not None and perturbed else []
     record = {**options_record(cfg), **options}
     out = dist.begin(out, overwrite, resume, "seg", record)  # nothing is written before this line
 
@@ -188,7 +193,7 @@ def _run(cfg: SegConfig, blurs: list[Blur], out: Path, overwrite: bool, resume: 
     guided = guided_steps(sigmas, split_list(cfg.regions), cfg.sigma_start, cfg.sigma_end) if perturbed else []
     seeds = [cfg.seed + i for i in range(cfg.n)]
     kernel = pipelines.pipeline_kernel(family, cfg)
-    guides = {spec_of(b): guidance_of(cfg, cfg.cfg, b, kernel, family.sigma_data) for b in blurs}
+    guides = {spec_of(b): guidance_of(cfg, cfg.cfg, b, kernel, family.sigma_data, guide=guide) for b in blurs}
     state = next((g.seg.state for g in guides.values() if g.seg is not None), attention.SegState())
     for g in guides.values():
         if g.seg is not None:
@@ -232,7 +237,8 @@ def _run(cfg: SegConfig, blurs: list[Blur], out: Path, overwrite: bool, resume: 
                        guided_steps=[i for i, g in enumerate(guided) if g],
                        blurs={spec_of(b): str(folders[spec_of(b)].relative_to(out)) for b in blurs}, images=files)
 
-    with attention.installed(family.attention, state, perturbed, tracked, recorder):
+    with attention.installed(family.attention, state, perturbed, tracked, recorder), \
+            attention.installed(guide[1], state, guide_perturbed) if guide_perturbed else contextlib.nullcontext():
         done = run_tasks(dist, tasks, draw, resume=resume, label="seg", work=lambda task: cfg.steps * len(blurs),
                          finish=finish)
     return {"out": str(out), "images": sum(len(f) for f in files.values()), "blurs": len(blurs),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +145,33 @@ def test_bad_guides_are_refused_before_writing(tmp_path, tmp_path_factory, tiny_
 
 def test_intervals_everywhere_by_default():
     assert inside(80.0) and inside(0.002) and math.isinf(SampleConfig(n=1).cfg_sigma_max)
+
+
+# ---------------------------------------------------------------- pipelines: a smaller sibling as the guide
+
+@pytest.fixture(scope="module")
+def narrow_sd(tmp_path_factory) -> Path:
+    """The tiny SD's sibling: the same VAE, text encoder and latent space, a narrower UNet (8, 16), other weights."""
+    from pipes import build_tiny_sd
+    return build_tiny_sd(tmp_path_factory.mktemp("narrow-sd"), widths=(8, 16), seed=1)
+
+
+def _seg(tmp_path, sd, name, *extra):
+    out = tmp_path / name
+    call_cli("seg", "a cat", "--model", sd, "--n", 2, "--steps", 3, "--seg-scale", "0", "--out", out, "--device", "cpu",
+             *extra, check=True)
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.png"))}
+
+
+def test_pipeline_guide_is_a_smaller_sibling(tmp_path, tiny_sd, narrow_sd, tiny_sdxl):
+    plain = _seg(tmp_path, tiny_sd, "plain")
+    assert _seg(tmp_path, tiny_sd, "off", "--ag-model", narrow_sd, "--ag-scale", "1") == plain
+    assert _seg(tmp_path, tiny_sd, "self", "--ag-model", tiny_sd, "--ag-scale", "2") == plain
+    assert _seg(tmp_path, tiny_sd, "ag", "--ag-model", narrow_sd, "--ag-scale", "2") != plain
+    # SEG on both networks, AG and CFG in one run
+    _seg(tmp_path, tiny_sd, "seg", "--ag-model", narrow_sd, "--seg-scale", "3", "--blur", "gaussian_-1_9999999")
+    out = tmp_path / "bad"
+    proc = call_cli("seg", "a cat", "--model", tiny_sd, "--n", 1, "--steps", 2, "--ag-model", tiny_sdxl, "--out", out,
+                    "--device", "cpu")
+    assert proc.returncode != 0 and "the guide must share the model's latent space" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
