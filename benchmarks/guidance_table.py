@@ -61,6 +61,25 @@ def parse_row(row: str, guide: str | None) -> dict:
     return kw
 
 
+@torch.no_grad()
+def step_cost(model, guide_spec: str, device: torch.device, batch: int = 64, reps: int = 20) -> tuple[float, float]:
+    """Seconds of one plain network evaluation and of one autoguided one (main + guide pass) on a batch, timed
+    alternately (ABAB...) so that a busy machine slows both alike: medians."""
+    from diffcli.backends.pipelines import load_family
+    from diffcli.core.guidance import autoguided
+    guide = load_family(guide_spec, device, checkpoint=True).model
+    x, sigma = torch.randn(batch, 1, 28, 28), torch.full((batch,), 1.0)
+    y = torch.arange(batch) % 10
+    ag = autoguided(model, guide, 2.0)
+    times: dict[str, list[float]] = {"plain": [], "ag": []}
+    for _ in range(reps):
+        for name, fn in (("plain", model), ("ag", ag)):
+            t0 = time.perf_counter()
+            fn(x, sigma, class_labels=y)
+            times[name].append(time.perf_counter() - t0)
+    return float(np.median(times["plain"])), float(np.median(times["ag"]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="none,cfg2,ag2", help="comma-separated rows (module docstring)")
@@ -73,10 +92,16 @@ def main() -> None:
     ap.add_argument("--save-features", default=None, metavar="DIR", help="write DIR/ROW.npz (paired bootstrap)")
     ap.add_argument("--grid", default=None, metavar="PNG", help="also write the first 20 samples of each row, a row each")
     ap.add_argument("--data-root", type=Path, default=DEFAULT_ROOT, help="MNIST folder (benchmarks/mnist_data.py)")
+    ap.add_argument("--cost", action="store_true", help="first time one autoguided network evaluation against a plain "
+                                                              "one (batch 64, the --guide)")
     ap.add_argument("--smoke", action="store_true", help="tiny settings: only checks that the script runs")
     args = ap.parse_args()
     device = torch.device("cpu")
     model, meta = load_model(args.checkpoint, device)
+    if args.cost or args.smoke:
+        plain, ag = step_cost(model, args.guide or args.checkpoint, device, reps=2 if args.smoke else 20)
+        print(f"one network evaluation, batch 64: plain {1000 * plain:.1f} ms, autoguided (main + guide) "
+              f"{1000 * ag:.1f} ms: AG step / plain step = {ag / plain:.2f}\n", flush=True)
     classifier = load_classifier()
     if args.smoke:  # tests/test_benchmarks.py: the shipped model as its own guide, 4 samples, 2 steps, no data
         args.n, args.steps, args.guide = 4, 2, args.guide or args.checkpoint
