@@ -175,3 +175,12 @@ def test_pipeline_guide_is_a_smaller_sibling(tmp_path, tiny_sd, narrow_sd, tiny_
                     "--device", "cpu")
     assert proc.returncode != 0 and "the guide must share the model's latent space" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_the_shipped_guide_guides_the_shipped_model(tmp_path):
+    """`--ag-model mnist-edm-guide`: the shipped name resolves, fits the shipped model, and changes its samples."""
+    def draw(name, *extra):
+        out = tmp_path / name
+        call_cli("sample", "--n", 2, "--steps", 2, "--seed", 3, "--out", out, "--device", "cpu", *extra, check=True)
+        return [p.read_bytes() for p in sorted(out.glob("0*.png"))]
+    assert draw("ag", "--ag-model", "mnist-edm-guide", "--ag-scale", "2") != draw("plain")
