@@ -131,7 +131,8 @@ def main() -> None:
               flush=True)
         if args.save_features:
             Path(args.save_features).mkdir(parents=True, exist_ok=True)
-            np.savez(Path(args.save_features) / f"{row}.npz", feats=feats, pred=pred.numpy(), labels=np.array(labels))
+            name = re.sub(r"[^\w.@\[\]+-]+", "_", row)  # a guide's path inside the row: one file name
+            np.savez(Path(args.save_features) / f"{name}.npz", feats=feats, pred=pred.numpy(), labels=np.array(labels))
         pictures.append(images[:20])
     if args.grid or args.smoke:
         from diffcli.shared.images import save_grid
