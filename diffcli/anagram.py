@@ -151,6 +151,8 @@ def read_pairs(path: str) -> list[Job]:
 
 def validate(cfg: AnagramConfig) -> list[Job]:
     """Everything checkable before a model is loaded; returns the prompt sets to run."""
+    if cfg.ag_model is not None:
+        raise DiffcliError("--ag-model: autoguidance runs in sample, seg and pg; anagram does not take it yet")
     unknown = [v for v in cfg.views if v not in VIEWS]
     if unknown:
         raise DiffcliError(f"unknown view(s) {', '.join(unknown)}; choose from {', '.join(VIEWS)}")

@@ -64,9 +64,9 @@ def parse_labels(spec: str | None, num_classes: int, n: int) -> list[int] | None
 def resolve(cfg: DrawOptions, meta: dict[str, Any]) -> DrawOptions:
     """The model's defaults for --sampler/--steps; a sampler or schedule option of the other process is refused."""
     if meta["kind"] == "blurring":
-        if cfg.seg_on or cfg.pg_factor or cfg.pag_on or cfg.cfg_rule != "cfg":
-            raise DiffcliError("SEG, PAG, PG and the CFG rules guide EDM denoisers; a blurring-diffusion model takes "
-                               "plain CFG only")
+        if cfg.seg_on or cfg.pg_factor or cfg.pag_on or cfg.cfg_rule != "cfg" or cfg.ag_model is not None:
+            raise DiffcliError("SEG, PAG, PG, autoguidance and the CFG rules guide EDM denoisers; a blurring-diffusion "
+                               "model takes plain CFG only")
         if cfg.sampler not in (None, *BLURRING_SAMPLERS):
             raise DiffcliError(f"--sampler {cfg.sampler} is an EDM sampler; a blurring model samples with "
                                f"{', '.join(BLURRING_SAMPLERS)} (its own reverse process, --steps default {BLURRING_STEPS})")
@@ -103,6 +103,29 @@ def check_against_model(cfg: DrawOptions, meta: dict[str, Any]) -> list[int] | N
     return labels
 
 
+GUIDE_FACTS = ("image_size", "channels", "num_classes", "context_frames")  # what a guide must share with its model
+
+
+def load_guide(cfg: GuidanceOptions, meta: dict[str, Any], device: torch.device,
+               dtype: torch.dtype | None = None) -> tuple[Any, torch.nn.Module] | None:
+    """The autoguidance guide --ag-model names (a diffcli EDM checkpoint: a file, a run folder, RUN@STEP or a shipped
+    name), loaded as `options.guidance_of` takes it: (its denoiser, the module holding its attention layers); None
+    without --ag-model or at --ag-scale 1. Refused in one line before anything is written: a model that is not an
+    EDM one, or whose image size, channels, classes or context frames differ from the main model's."""
+    if cfg.ag_model is None or not cfg.ag_on:
+        return None
+    if meta["kind"] != "edm":
+        raise DiffcliError("autoguidance guides EDM denoisers; a blurring-diffusion model takes CFG only")
+    from .backends.pipelines import load_family
+    family = load_family(cfg.ag_model, device, dtype, checkpoint=True, kinds=("edm",))
+    differ = [f"{k} {family.meta.get(k) or 0} (the model: {meta.get(k) or 0})" for k in GUIDE_FACTS
+              if (family.meta.get(k) or 0) != (meta.get(k) or 0)]
+    if differ:
+        raise DiffcliError(f"--ag-model {cfg.ag_model}: the guide must draw what the model draws, with the same "
+                           f"conditioning; its {', '.join(differ)}")
+    return family.model, family.attention
+
+
 def digit_kernel(opts: GuidanceOptions, device: torch.device, classifier: str | Path | None = None,
                  meta: dict[str, Any] | None = None) -> tuple[KernelGrad, bool] | None:
     """The PG kernel a digit model's command asks for (--kernel, --pg-bandwidth); the classifier kernel loads the
@@ -137,6 +160,7 @@ def check_posterior_kernel(opts: GuidanceOptions, meta: dict[str, Any] | None) -
 def sample_batches(model, meta: dict[str, Any], cfg: DrawOptions, device: torch.device,
                    indices: Sequence[int] | None = None, on_step: Callable[[int], None] | None = None,
                    kernel: tuple[KernelGrad, bool] | None = None, context: torch.Tensor | None = None,
+                   guide: tuple[Any, torch.nn.Module] | None = None,
                    ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
     """Yields (sample indices, images (B,C,H,W) in [-1,1], x0_hat strip or None) per batch (`core.draw.batches`).
 
@@ -146,7 +170,7 @@ def sample_batches(model, meta: dict[str, Any], cfg: DrawOptions, device: torch.
     cfg.strip or cfg.gif) comes with the batch that holds index 0. Each batch samples `guidance.stack`: CFG and SEG
     (`--blur`, on the net's self-attention) in one network batch, then PG with `kernel` (particles.make_kernel;
     default the RBF on x) across the batch. Next-frame models take `context` (C_ctx, H, W) in [-1, 1], shared by
-    every sample.
+    every sample. `guide`: autoguidance's guide (`load_guide`; loaded here from cfg.ag_model when not given).
     """
     cfg = resolve(cfg, meta)
     labels = check_against_model(cfg, meta)
@@ -156,7 +180,8 @@ def sample_batches(model, meta: dict[str, Any], cfg: DrawOptions, device: torch.
     # resolve() refused SEG and PG for blurring models; CFG applies only where there are labels
     guidance = guidance_of(cfg, 1.0 if cfg.cfg is None or labels is None else cfg.cfg,
                            kernel=digit_kernel(cfg, device, meta=meta) if kernel is None else kernel,
-                           classes=meta["num_classes"])
+                           classes=meta["num_classes"],
+                           guide=load_guide(cfg, meta, device, next(model.parameters()).dtype) if guide is None else guide)
     edm = meta["kind"] != "blurring"
     with guidance.installed(DiffcliModel(model, meta).attention):
         yield from draw_batches(

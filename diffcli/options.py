@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .core import attention
-from .core.guidance import PG, REGIONS, Apg, Guidance, Pag, Rule, Seg, ZeroStar
+from .core.guidance import PG, REGIONS, Apg, Autoguide, Guidance, Pag, Rule, Seg, ZeroStar
 from .core.particles import DIGIT_KERNELS, KERNELS, PG_GRADS, PIPELINE_KERNELS, KernelGrad, describe as describe_kernels
 from .core.query_blur import SPEC_FORMS, Blur, parse_blur
 from .core.samplers import CFG_PP, SAMPLERS, nfe, SCHEDULES, SamplerKnobs, describe as describe_samplers, describe_schedules
@@ -35,6 +35,7 @@ from .shared.limits import BATCH_MAX, RHO_MAX, SCALE_MAX, STEPS_MAX, count
 DEFAULT_BLUR = "gaussian_-1_9999999"  # the official SEG default: infinite blur (the query's spatial mean)
 DEFAULT_SEG_SCALE = 3.0               # the official SEG default, used when a blur is given without a scale
 CFG_RULES = ("cfg", "apg", "zero-star")  # how the CFG passes combine (guidance.Apg, guidance.ZeroStar)
+DEFAULT_AG_SCALE = 2.0                # autoguidance's w when --ag-model is given without --ag-scale (edm2: 2 - 3)
 
 
 def split_list(values: list[str] | None) -> list[str]:
@@ -62,11 +63,11 @@ class GuidanceOptions:
                                  "(repeatable or comma-separated).")
     regions: list[str] = opt(None, "--regions", factory=lambda: [",".join(REGIONS)], panel="guidance",
                              help="SEG: thirds of the steps that run the perturbed pass (begin = noisiest).")
-    # SEG acts only at sigma <= sigma_start and sigma >= sigma_end
-    sigma_start: float = opt(math.inf, "--sigma-start", panel="guidance", check="finite", allow_inf=True,
-                             help="SEG: perturb only at noise levels sigma <= this.")
-    sigma_end: float = opt(0.0, "--sigma-end", panel="guidance", check="finite",
-                           help="SEG: perturb only at noise levels sigma >= this.")
+    # SEG's guidance interval (sigma_end, sigma_start]; --sigma-start/--sigma-end: the names before the one scheme
+    sigma_start: float = opt(math.inf, "--seg-sigma-max", "--sigma-start", panel="guidance", check="finite",
+                             allow_inf=True, help="SEG's interval: perturb only at noise levels sigma <= this.")
+    sigma_end: float = opt(0.0, "--seg-sigma-min", "--sigma-end", panel="guidance", check="finite",
+                           help="SEG's interval: perturb only at noise levels sigma > this.")
     pag_scale: float = opt(0.0, "--pag-scale", panel="guidance", check="finite", high=SCALE_MAX,
                            help="PAG (perturbed-attention guidance): p in + p (D_c - D_pag), D_pag = the conditional "
                                 "pass with identity self-attention (output = V) in --pag-layers; 0 = off. Cost: one "
@@ -112,9 +113,31 @@ class GuidanceOptions:
                                "runs only the K classes that held most of its posterior mass at the previous one "
                                "(K + 1 network rows a particle instead of classes + 1); 0 = every class.")
     pg_sigma_min: float = opt(0.0, "--pg-sigma-min", panel="guidance", check="finite",
-                              help="PG acts only at noise levels sigma >= this.")
+                              help="PG's interval: PG acts only at noise levels sigma > this.")
     pg_sigma_max: float = opt(math.inf, "--pg-sigma-max", panel="guidance", check="finite", allow_inf=True,
-                              help="PG acts only at noise levels sigma <= this.")
+                              help="PG's interval: PG acts only at noise levels sigma <= this.")
+    cfg_sigma_min: float = opt(0.0, "--cfg-sigma-min", panel="guidance", check="finite",
+                               help="CFG's interval (Kynkaeaeniemi et al. 2024): CFG acts only at sigma > this; "
+                                    "elsewhere the conditional pass alone.")
+    cfg_sigma_max: float = opt(math.inf, "--cfg-sigma-max", panel="guidance", check="finite", allow_inf=True,
+                               help="CFG's interval: CFG acts only at noise levels sigma <= this.")
+    # autoguidance (Karras et al. 2024): D_guide + w (D_main - D_guide), the guide a weaker model of the same data
+    ag_model: str | None = opt(None, "--ag-model", panel="guidance",
+                               help="Autoguidance: the guide, a smaller or shorter-trained model with the same "
+                                    "conditioning: a diffcli EDM checkpoint (file, run folder, RUN@STEP, a shipped "
+                                    "name such as mnist-edm-guide) for digit models; a sibling pipeline with the same "
+                                    "latent space and text encoder for pipelines. Costs one guide pass a network pass.")
+    ag_scale: float | None = opt(None, "--ag-scale", panel="guidance", check="finite", high=SCALE_MAX,
+                                 help=f"Autoguidance: w in D_guide + w (D_main - D_guide); 1 = off (default "
+                                      f"{DEFAULT_AG_SCALE:g} with --ag-model).")
+    pag_sigma_min: float = opt(0.0, "--pag-sigma-min", panel="guidance", check="finite",
+                               help="PAG's interval: the identity-attention pass runs only at noise levels sigma > this.")
+    pag_sigma_max: float = opt(math.inf, "--pag-sigma-max", panel="guidance", check="finite", allow_inf=True,
+                               help="PAG's interval: it runs only at noise levels sigma <= this.")
+    ag_sigma_min: float = opt(0.0, "--ag-sigma-min", panel="guidance", check="finite",
+                              help="Autoguidance's interval: it acts only at noise levels sigma > this.")
+    ag_sigma_max: float = opt(math.inf, "--ag-sigma-max", panel="guidance", check="finite", allow_inf=True,
+                              help="Autoguidance's interval: it acts only at noise levels sigma <= this.")
 
     @property
     def seg_on(self) -> bool:
@@ -135,6 +158,23 @@ class GuidanceOptions:
 
     def pag_layer_names(self) -> list[str]:
         return split_list(self.pag_layers) if self.pag_layers is not None else split_list(self.layers)
+
+    @property
+    def ag_strength(self) -> float:
+        """Autoguidance's w; 1 (off) without --ag-model."""
+        if self.ag_model is None:
+            return 1.0
+        return DEFAULT_AG_SCALE if self.ag_scale is None else self.ag_scale
+
+    @property
+    def ag_on(self) -> bool:
+        return self.ag_strength != 1.0
+
+
+# the options of guidance intervals and autoguidance: a run record holds them only where they are set, so records of
+# runs without them read as they did before these options existed
+RECORDED_WHEN_SET = {"cfg_sigma_min": 0.0, "cfg_sigma_max": math.inf, "pag_sigma_min": 0.0, "pag_sigma_max": math.inf, "ag_model": None, "ag_scale": None,
+                     "ag_sigma_min": 0.0, "ag_sigma_max": math.inf}
 
 
 def _knob(name: str, **meta: Any) -> Any:
@@ -170,7 +210,9 @@ def check_guidance(opts: GuidanceOptions, *, many_blurs: bool = False, views: bo
     """
     check_cfg_pp(opts, views)
     check_fields(opts, ["cfg", "seg_scale", "pag_scale", "cfg_rule", "apg_eta", "apg_norm_threshold", "apg_momentum",
-                        "zero_init_steps", "pg_factor", "sigma_start", "sigma_end", "pg_sigma_min", "pg_sigma_max"])
+                        "zero_init_steps", "pg_factor", "sigma_start", "sigma_end", "pg_sigma_min", "pg_sigma_max",
+                        "cfg_sigma_min", "cfg_sigma_max", "pag_sigma_min", "pag_sigma_max", "ag_scale",
+                        "ag_sigma_min", "ag_sigma_max"])
     for name, rule in (("apg_eta", "apg"), ("apg_norm_threshold", "apg"), ("apg_momentum", "apg"),
                        ("zero_init_steps", "zero-star")):
         if getattr(opts, name) is not None and opts.cfg_rule != rule:
@@ -178,9 +220,14 @@ def check_guidance(opts: GuidanceOptions, *, many_blurs: bool = False, views: bo
     if opts.pag_layers is not None and not split_list(opts.pag_layers):
         raise DiffcliError("--pag-layers needs at least one of down, mid, up or an indexed layer (d4, m0, u1)")
     if opts.sigma_end > opts.sigma_start:
-        raise DiffcliError(f"need --sigma-end <= --sigma-start (got {opts.sigma_end} and {opts.sigma_start})")
-    if opts.pg_sigma_min > opts.pg_sigma_max:
-        raise DiffcliError(f"need --pg-sigma-min <= --pg-sigma-max (got {opts.pg_sigma_min} and {opts.pg_sigma_max})")
+        raise DiffcliError(f"need --sigma-end <= --sigma-start (SEG's interval --seg-sigma-min, --seg-sigma-max; got "
+                           f"{opts.sigma_end} and {opts.sigma_start})")
+    for term in ("pg", "cfg", "pag", "ag"):
+        lo, hi = getattr(opts, f"{term}_sigma_min"), getattr(opts, f"{term}_sigma_max")
+        if lo > hi:
+            raise DiffcliError(f"need --{term}-sigma-min <= --{term}-sigma-max (got {lo} and {hi})")
+    if opts.ag_scale is not None and opts.ag_model is None:
+        raise DiffcliError("--ag-scale needs --ag-model (the guide network)")
     regions = split_list(opts.regions)
     if not regions or any(r not in REGIONS for r in regions):
         raise DiffcliError(f"--regions {','.join(opts.regions)!r}: choose any of {','.join(REGIONS)} "
@@ -223,11 +270,12 @@ def check_particles(opts: GuidanceOptions, n: int, pipeline: bool, what: str = "
 
 
 def record(config: Any) -> dict[str, Any]:
-    """A config as run.json stores it: infinities (no limit) as null, so the file is strict JSON. The flow-model
-    options (`FlowOptions`) are recorded only where set, so the records of UNet runs read as they always did."""
-    flow = {f.name: f.default for f in fields(FlowOptions)}
+    """A config as run.json stores it: infinities (no limit) as null, so the file is strict JSON. The interval and
+    autoguidance options (`RECORDED_WHEN_SET`) and the flow-model options (`FlowOptions`) only where set, so the
+    records of runs without them read as they did before these options existed."""
+    unset = {**RECORDED_WHEN_SET, **{f.name: f.default for f in fields(FlowOptions)}}
     return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(config).items()
-            if not (k in flow and v == flow[k])}
+            if not (k in unset and v == unset[k])}
 
 
 @dataclass(kw_only=True)
@@ -297,7 +345,9 @@ def seg_layers(net: torch.nn.Module, opts: GuidanceOptions, option: str = "layer
 
 def pag_of(opts: GuidanceOptions) -> Pag | None:
     """The PAG of a command's options; None when --pag-scale is 0."""
-    return Pag(opts.pag_scale, opts.pag_layer_names()) if opts.pag_on else None
+    if not opts.pag_on:
+        return None
+    return Pag(opts.pag_scale, opts.pag_layer_names(), sigma_min=opts.pag_sigma_min, sigma_max=opts.pag_sigma_max)
 
 
 def rule_of(opts: GuidanceOptions) -> Rule | None:
@@ -331,15 +381,37 @@ def pg_of(opts: GuidanceOptions, kernel: tuple[KernelGrad, bool] | None, sigma_d
               sigma_data, classes if opts.kernel == "posterior" else 0, opts.pg_classes)
 
 
+def ag_of(opts: GuidanceOptions, guide: tuple[Any, torch.nn.Module | None] | None) -> Autoguide | None:
+    """The autoguidance of a command's options with its loaded guide (denoiser, the module holding its attention
+    layers); None when off (no --ag-model, or --ag-scale 1)."""
+    if guide is None or not opts.ag_on:
+        return None
+    return Autoguide(guide[0], opts.ag_strength, opts.ag_sigma_min, opts.ag_sigma_max, guide[1])
+
+
+def pipeline_guide(opts: GuidanceOptions, family: Any, device: torch.device,
+                   dtype: torch.dtype | None = None) -> tuple[Any, torch.nn.Module] | None:
+    """Autoguidance's guide for a pipeline command (--ag-model: a sibling pipeline, `pipelines.load_guide`) as
+    `guidance_of` takes it: (its denoiser, the module holding its attention layers); None when AG is off. Commands
+    call it before writing anything."""
+    if opts.ag_model is None or not opts.ag_on:
+        return None
+    from .backends.pipelines import load_guide
+    guide = load_guide(opts.ag_model, family, device, dtype)
+    return guide.denoiser(), guide.attention
+
+
 def guidance_of(opts: GuidanceOptions, cfg: float, blur: Blur | None = None,
-                kernel: tuple[KernelGrad, bool] | None = None, sigma_data: float = 0.5, classes: int = 0) -> Guidance:
+                kernel: tuple[KernelGrad, bool] | None = None, sigma_data: float = 0.5, classes: int = 0,
+                guide: tuple[Any, torch.nn.Module | None] | None = None) -> Guidance:
     """The one place a command's options become its guidance terms: CFG at scale `cfg` (the command's default
-    already applied), SEG (`seg_of`) with `blur`, default the options' one blur, and PG (`pg_of`) with its
-    `kernel`, PAG (`pag_of`) and the CFG rule (`rule_of`: APG, CFG-Zero*). Every generating command and `drawing`
-    build their guidance here."""
+    already applied) on its interval, SEG (`seg_of`) with `blur`, default the options' one blur, PG (`pg_of`) with
+    its `kernel`, PAG (`pag_of`), the CFG rule (`rule_of`: APG, CFG-Zero*) and autoguidance (`ag_of`) with the
+    `guide` the command loaded. Every generating command and `drawing` build their guidance here."""
     if blur is None and opts.seg_on:
         blur = check_guidance(opts)[0]
-    return Guidance(cfg, seg_of(opts, blur), pg_of(opts, kernel, sigma_data, classes), pag_of(opts), rule_of(opts))
+    return Guidance(cfg, seg_of(opts, blur), pg_of(opts, kernel, sigma_data, classes), pag_of(opts), rule_of(opts),
+                    ag_of(opts, guide), (opts.cfg_sigma_min, opts.cfg_sigma_max))
 
 
 def cost_of(opts: GuidanceOptions, cfg: float, sampler: str | None, steps: int | None, classes: int = 0,
@@ -348,7 +420,8 @@ def cost_of(opts: GuidanceOptions, cfg: float, sampler: str | None, steps: int |
     pass (CFG 2, CFG + SEG 3, + PAG 4; every pass of one network in ONE batch), evaluations per sample (the
     sampler's NFE times the `views` each image denoises at each step: panorama windows, anagram views), and their
     product. Steps outside SEG's regions or window, or outside PG's window, run fewer rows: the figures are the
-    guided steps' (an upper bound). PG with an exact kernel gradient adds one backward pass per evaluation."""
+    guided steps' (an upper bound). PG with an exact kernel gradient adds one backward pass per evaluation;
+    autoguidance runs every row again on the guide network (`guide_rows_per_evaluation`)."""
     guidance = guidance_of(replace(opts, pg_factor=0.0, blurs=split_list(opts.blurs)[:1] or None), cfg)
     if opts.pg_factor and opts.kernel == "posterior" and classes:
         rows = {"classes": min(opts.pg_classes or classes, classes), "null": 1}
@@ -359,6 +432,8 @@ def cost_of(opts: GuidanceOptions, cfg: float, sampler: str | None, steps: int |
     if evaluations is None and sampler is not None and steps:
         evaluations = nfe(sampler, steps) * views
     per_eval = sum(rows.values())
+    guide = per_eval if opts.ag_on else 0
     return {"rows_per_evaluation": per_eval, "rows": rows, "evaluations_per_sample": evaluations,
+            **({"guide_rows_per_evaluation": guide} if guide else {}),
             "rows_per_sample": None if evaluations is None else per_eval * evaluations,
             "backward_pass": bool(opts.pg_factor) and KERNELS[opts.kernel].backward and opts.pg_grad == "exact"}

@@ -224,6 +224,8 @@ def jobs_of(cfg: PanoramaConfig) -> list[Job]:
 
 def validate(cfg: PanoramaConfig) -> list[Job]:
     """Everything checkable before a model is loaded; returns the prompts to run."""
+    if cfg.ag_model is not None:
+        raise DiffcliError("--ag-model: autoguidance runs in sample, seg and pg; panorama does not take it yet")
     for name in ("height", "width"):
         v = getattr(cfg, name)
         if v < 8 or v % 8:

@@ -30,10 +30,10 @@ from .shared.limits import BATCH_MAX, SIDE_MAX, check_image_size, seed as check_
 from .shared.fields import check_fields, opt, redefault
 from .runner import Command, RunContext, generating
 from .options import (FlowOptions, GuidanceOptions, SamplingOptions, apply_flow_options, default_cfg,
-                      check_guidance, check_particles, check_pipeline_steps, check_sampling, cost_of, group_fields, guidance_of, record as options_record, seg_layers)
+                      check_guidance, check_particles, check_pipeline_steps, check_sampling, cost_of, group_fields, guidance_of, pipeline_guide, record as options_record, seg_layers)
 from .core.particles import KernelGrad
-from .drawing import (GRID_MAX, DrawOptions, digit_kernel, model_contexts, parse_labels, sample_images, sample_names,
-                      samples_record, sequence_pictures)
+from .drawing import (GRID_MAX, DrawOptions, digit_kernel, load_guide, model_contexts, parse_labels, sample_images,
+                      sample_names, samples_record, sequence_pictures)
 from .core.samplers import nfe, run_sampler
 
 
@@ -195,7 +195,8 @@ def plot_embedding(path: Path, feats: dict[str, torch.Tensor], classes: dict[str
 @torch.no_grad()
 def sample_pipeline(pipe, cfg: PGConfig, factor: float, device: torch.device,
                     on_step: Callable[[int], None] | None = None,
-                    kernel: tuple[KernelGrad, bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    kernel: tuple[KernelGrad, bool] | None = None,
+                    guide: tuple[Any, torch.nn.Module] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(images (N,3,H,W) in [-1,1], final latents): the pipeline's sigmas (or Karras), the guidance stack (CFG, SEG
     with --blur, PG on the latent), any sampler, VAE decode."""
     family = pipelines.pipeline_family(pipe)
@@ -204,7 +205,7 @@ def sample_pipeline(pipe, cfg: PGConfig, factor: float, device: torch.device,
     cond, uncond = family.encode_prompts([cfg.prompt] * cfg.n, cfg.negative_prompt, height, width, device)
     opts = replace(cfg, pg_factor=factor)
     guidance = guidance_of(opts, default_cfg(family, cfg.cfg, DEFAULT_CFG["pipeline"]), kernel=kernel,
-                           sigma_data=family.sigma_data)
+                           sigma_data=family.sigma_data, guide=guide)
     denoiser = guidance.denoiser(family.denoiser(), cond, uncond, sigmas)
     rng = PerSampleRandn([cfg.seed + i for i in range(cfg.n)], device)
     x = family.initial_latents(rng, family.latent_shape(height, width), sigmas[0])
@@ -310,19 +311,25 @@ def _run(cfg: PGConfig, out: Path, overwrite: bool, resume: bool, dist: Dist, op
         check_pipeline_steps(pipe.pipe, cfg.steps or DEFAULT_STEPS["pipeline"], cfg.schedule)
         pipe.check_memory(cfg.n, height, width, dtype, device, "the particles (one network batch)", "lower --n")
         seg_layers(pipe.attention, cfg, "--layers")
+        guide = pipeline_guide(cfg, pipe, device, dtype)
+        if guide is not None:
+            seg_layers(guide[1], cfg, "--layers")
         labels, meta = None, {"kind": pipe.kind, "model": cfg.model}
         image_features = None
         if cfg.kernel == "clip" and cfg.pg_factor:
             from .backends.clip_model import image_features_fn, load_clip
             image_features = image_features_fn(load_clip(cfg.clip_model, cfg.clip_pretrained, device))
         kernel = pipelines.pipeline_kernel(pipe, cfg, image_features)
-        draw = lambda factor, j, step: sample_pipeline(pipe, cfg, factor, device, step, kernel)
+        draw = lambda factor, j, step: sample_pipeline(pipe, cfg, factor, device, step, kernel, guide)
         nfe_each = nfe(cfg.sampler, cfg.steps or DEFAULT_STEPS["pipeline"])
     else:
         ours = pipelines.load_family(cfg.checkpoint or SHIPPED_MODEL, device, dtype, checkpoint=True)
         model, meta = ours.model, ours.meta
         digit_scale(cfg, meta)
         seg_layers(ours.attention, cfg, "--layers")
+        guide = load_guide(cfg, meta, device, dtype)  # the digit path loads it again (cached): checked here, early
+        if guide is not None:
+            seg_layers(guide[1], cfg, "--layers")
         labels = None if cfg.labels is None else parse_labels(cfg.labels, meta["num_classes"], cfg.n)
         contexts = model_contexts(cfg, meta, many=True)
         check_seed("seed", cfg.seed, cfg.n * len(contexts or [None]))

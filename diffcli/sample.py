@@ -32,8 +32,8 @@ from .core.draw import net_group
 from .core.samplers import SAMPLERS, nfe
 from .core.blurring import (SAMPLERS as BLURRING_SAMPLERS, BlurSchedule, blurred_mean, check_blur_sigma, diffuse,
                             schedule_of)
-from .drawing import (GRID_MAX, check_against_model, model_contexts, resolve, sample_batches, sample_names, samples_record,
-                      sequence_pictures)
+from .drawing import (GRID_MAX, check_against_model, load_guide, model_contexts, resolve, sample_batches, sample_names,
+                      samples_record, sequence_pictures)
 
 from .shared.shipped import SHIPPED_MODEL as SHIPPED_CHECKPOINT  # the built-in model; every shipped path is in shipped.py
 
@@ -160,6 +160,9 @@ def _run(cfg: SampleConfig, out: Path, overwrite: bool, resume: bool, dist: Dist
                         "lower --batch-size")
     if meta["kind"] == "edm":
         seg_layers(family.attention, cfg, "--layers")
+    guide = load_guide(cfg, meta, device, dtype)
+    if guide is not None:
+        seg_layers(guide[1], cfg, "--layers")
     ctx = (model_contexts(cfg, meta) or [None])[0]
     record = {**options_record(cfg), **options}
     names = sample_names(cfg.n, labels, cfg.seed)
@@ -185,7 +188,7 @@ def _run(cfg: SampleConfig, out: Path, overwrite: bool, resume: bool, dist: Dist
         # their missing samples
         todo = [i for task in mine for i, f in zip(task.item, task.files) if pg or f in task.missing]
         for idx, images, strip in sample_batches(model, meta, cfg, device, todo, on_step=advance,
-                                                 context=None if ctx is None else ctx.frames):
+                                                 context=None if ctx is None else ctx.frames, guide=guide):
             yield from ((out / names[i], save_image, img, sample_facts(i)) for i, img in zip(idx, images))
             if strip is not None:
                 yield from process_outputs(out, strip, cfg.strip, cfg.gif)

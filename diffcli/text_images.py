@@ -8,6 +8,7 @@ The commands differ only in their defaults (seg: SEG on; sample: SEG off) and in
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,7 +31,7 @@ from .core.guidance import Guidance, guided_steps, step_index
 from .shared.limits import BATCH_MAX, N_MAX, SIDE_MAX, check_image_size
 from .shared.fields import check_fields, opt
 from .options import (FlowOptions, GuidanceOptions, SamplingOptions, apply_flow_options, check_guidance,
-                      check_particles, check_pipeline_steps, check_sampling, cost_of, default_cfg as resolve_cfg, guidance_of,
+                      check_particles, check_pipeline_steps, check_sampling, cost_of, default_cfg as resolve_cfg, guidance_of, pipeline_guide,
                       record as options_record, split_list)
 from .core.query_blur import Blur
 from .core.samplers import run_sampler
@@ -145,6 +146,11 @@ def run_prompts(cfg, blurs: list[Blur | None], out: Path, overwrite: bool, resum
     if cfg.metrics and not family.tracks_metrics:
         raise DiffcliError(f"--metrics tracks UNet attention blocks; a {family.kind} has no such tracking yet")
     tracked = family.layers([cfg.track_block], "--track-block") if cfg.metrics else []
+    guide = pipeline_guide(cfg, family, device, dtype)  # autoguidance's sibling pipeline: its layers perturbed alike
+    guide_perturbed = attention.resolve_layers(guide[1], split_list(cfg.layers), "--layers") \
+        if guide is not None and perturbed else []
+    guide_identity = attention.resolve_layers(guide[1], cfg.pag_layer_names(), "--pag-layers") \
+        if guide is not None and identity else []
     record = {**options_record(cfg), **options}
     out = dist.begin(out, overwrite, resume, command, record)  # nothing is written before this line
 
@@ -152,7 +158,7 @@ def run_prompts(cfg, blurs: list[Blur | None], out: Path, overwrite: bool, resum
     guided = guided_steps(sigmas, split_list(cfg.regions), cfg.sigma_start, cfg.sigma_end) if perturbed else []
     seeds = [cfg.seed + i for i in range(cfg.n)]
     kernel = pipelines.pipeline_kernel(family, cfg)
-    guides = {spec_of(b): guidance_of(cfg, cfg.cfg, b, kernel, family.sigma_data) for b in blurs}
+    guides = {spec_of(b): guidance_of(cfg, cfg.cfg, b, kernel, family.sigma_data, guide=guide) for b in blurs}
     state = attention.SegState()
     for g in guides.values():  # one set of processors serves every blur (and PAG)
         for term in (g.seg, g.pag):
@@ -203,7 +209,9 @@ def run_prompts(cfg, blurs: list[Blur | None], out: Path, overwrite: bool, resum
                        blurs={spec_of(b): str(folders[spec_of(b)].relative_to(out)) for b in blurs}, images=files)
 
     with attention.installed(family.attention, state, perturbed, tracked, recorder, identity=identity,
-                             factory=family.seg_processor):
+                             factory=family.seg_processor), \
+            attention.installed(guide[1], state, guide_perturbed, identity=guide_identity) \
+            if guide_perturbed or guide_identity else contextlib.nullcontext():
         done = run_tasks(dist, tasks, draw, resume=resume, label=command, work=lambda task: cfg.steps * len(blurs),
                          finish=finish)
     return {"out": str(out), "images": sum(len(f) for f in files.values()), "blurs": len(blurs),

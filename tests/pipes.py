@@ -41,13 +41,14 @@ def tiny_scheduler():
                          set_alpha_to_one=False, steps_offset=1)
 
 
-def build_tiny_sd(root: Path, mid_attention: bool = True) -> Path:
-    """SD 1.x-shaped: 16 px images (latent 8x8, VAE factor 2), self-attention in the down/mid/up blocks."""
+def build_tiny_sd(root: Path, mid_attention: bool = True, widths: tuple[int, int] = (16, 32), seed: int = 0) -> Path:
+    """SD 1.x-shaped: 16 px images (latent 8x8, VAE factor 2), self-attention in the down/mid/up blocks. Other
+    `widths` (and `seed`) give a sibling with the same latent space and text conditioning (an autoguidance guide)."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
     tokenizer, vocab = tiny_tokenizer(root / "tok")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=widths,
                                 layers_per_block=1, norm_num_groups=8, cross_attention_dim=16, attention_head_dim=4,
                                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),

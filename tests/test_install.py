@@ -23,7 +23,7 @@ from diffcli.shared.errors import DiffcliError
 
 # what the build reads; tests/ and benchmarks/ stay out of the copy and must stay out of the wheel
 BUILD_INPUTS = ("pyproject.toml", "README.md", "diffcli", "checkpoints", "prompts")
-CARDS = ("circle-jumping.md", "mnist-edm.md", "mnist-classifier.md", "mnist-blurring.md")
+CARDS = ("circle-jumping.md", "mnist-edm.md", "mnist-edm-guide.md", "mnist-classifier.md", "mnist-blurring.md")
 PROMPT_SETS = ["ambiguous_image_prompts.json", "wide_image_prompts.json"]
 
 # run first in every child: the checkout's own editable install (a finder on sys.meta_path) must not be the

@@ -201,6 +201,46 @@ def load_family(spec: str, device: torch.device | str | None = None, dtype: torc
     return fam
 
 
+def sibling_differences(main: Any, guide: Any) -> list[str]:
+    """What keeps pipeline `guide` from guiding pipeline `main` (autoguidance): each difference in words; [] for a
+    sibling with the same latent space (family, latent channels, VAE scaling) and the same text conditioning (the
+    UNet's cross-attention width, SDXL's added conditioning). The UNets may differ in width and depth, and the
+    noise tables too (each adapter maps the one VE sigma to its own timesteps)."""
+    a, b = pipeline_family(main), pipeline_family(guide)
+    if a.name != b.name:
+        return [f"family {b.name} (the model: {a.name})"]
+    out = []
+    ua, ub = main.unet.config, guide.unet.config
+    for key, what in (("in_channels", "latent channels"), ("out_channels", "output channels"),
+                      ("cross_attention_dim", "text embedding width (cross_attention_dim)"),
+                      ("addition_embed_type", "added conditioning"),
+                      ("projection_class_embeddings_input_dim", "added conditioning width"),
+                      ("encoder_hid_dim", "text projection width")):
+        if ua.get(key) != ub.get(key):
+            out.append(f"{what} {ub.get(key)} (the model: {ua.get(key)})")
+    va, vb = getattr(main, "vae", None), getattr(guide, "vae", None)
+    if (va is None) != (vb is None):
+        out.append("a VAE where the model has none" if vb is not None else "no VAE where the model has one")
+    elif va is not None:
+        for key in ("latent_channels", "scaling_factor", "shift_factor"):
+            if va.config.get(key) != vb.config.get(key):
+                out.append(f"VAE {key} {vb.config.get(key)} (the model: {va.config.get(key)})")
+    return out
+
+
+def load_guide(spec: str, main: Family, device: torch.device | str | None = None,
+               dtype: torch.dtype | None = None) -> Family:
+    """Autoguidance's guide for pipeline `main`: a smaller sibling pipeline (`sibling_differences`), refused in one
+    line that says what differs."""
+    guide = load_family(spec, device, dtype, kind="autoguidance guide")
+    differ = sibling_differences(main.pipe, guide.pipe) if hasattr(main, "pipe") and hasattr(guide, "pipe") else \
+        [f"kind {guide.kind} (the model: {main.kind})"]
+    if differ:
+        raise DiffcliError(f"--ag-model {spec}: the guide must share the model's latent space and text conditioning; "
+                           f"its {', '.join(differ)}")
+    return guide
+
+
 # ---------------------------------------------------------------- a loaded pipeline's questions, by function
 
 def family(pipe) -> str:

@@ -48,7 +48,8 @@ def draw_batches(model, meta: dict[str, Any], indices: Sequence[int], device: to
             y = torch.tensor([labels[i] for i in idx], device=device)
             both = ({"class_labels": y, **cond}, {"class_labels": torch.full_like(y, model.null_label), **cond})
         net = fixed_groups(model, idx, group)
-        denoiser = guidance.denoiser(net, *both, None if blurring else sigmas)
+        grouped = guidance.with_guide(lambda guide: fixed_groups(guide, idx, group))  # the guide's rows as the net's
+        denoiser = grouped.denoiser(net, *both, None if blurring else sigmas)
         keep = trajectory and 0 in idx
         # blurring: the state z_t itself, from the noise at t = 1 (x0_hat would divide by d_t ~ 0.001)
         frames: list[torch.Tensor] = [x[:8].clamp(-1, 1).cpu()] if blurring and keep else []

@@ -1,13 +1,19 @@
 """Guidance combinators: functions that take a denoiser and return a denoiser, and the one stack of them.
 
-`stack` applies CFG (or its APG / CFG-Zero* rule), SEG and PAG (their passes as ONE network batch), the scheduler's
-limits on x0_hat, then PG, in that order, for every command and for the Python API; synchronization (diffcli.core.sync) wraps the result.
+`stack` applies autoguidance to the network (every pass the other terms make runs on the autoguided network),
+then CFG (or its APG / CFG-Zero* rule), SEG and PAG (their passes as ONE network batch), the scheduler's limits on
+x0_hat, then PG, in that order, for every command and for the Python API; synchronization (diffcli.core.sync)
+wraps the result.
+
+Every term has a guidance interval (Kynkaeaeniemi et al. 2024): it acts only at noise levels sigma in (lo, hi]
+(`inside`) and is off elsewhere (CFG: the conditional pass alone; AG: the main network alone). The default
+(0, inf] is every step, so a term without an interval is exactly the term as it was.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 import torch
@@ -32,14 +38,35 @@ def cat_cond(*conds: Any) -> Any:
     raise TypeError(f"cannot batch conditioning of type {type(first).__name__}")
 
 
-def classifier_free(model, scale: float, cond: dict[str, Any], uncond: dict[str, Any], rule=None):
+def level(sigma: torch.Tensor | float) -> float:
+    """The one noise level of a call (a batch shares it)."""
+    return float(torch.as_tensor(sigma).flatten()[0])
+
+
+def inside(sigma: torch.Tensor | float, lo: float = 0.0, hi: float = math.inf) -> bool:
+    """Is this call's noise level in the guidance interval (lo, hi]?"""
+    return lo < level(sigma) <= hi
+
+
+def everywhere(lo: float, hi: float) -> bool:
+    """An interval that holds every noise level a sampler evaluates (sigma > 0)."""
+    return lo <= 0.0 and math.isinf(hi)
+
+
+def classifier_free(model, scale: float, cond: dict[str, Any], uncond: dict[str, Any], rule=None, lo: float = 0.0,
+                    hi: float = math.inf):
     """CFG: D_u + w (D_c - D_u), both passes as ONE batch.
 
     w = 1 is the plain conditional model (one pass), w = 0 the unconditional one. The 002 seed's
     alpha in (1 - alpha) D_u + alpha D_c is the same number: w = alpha. `rule(d_u, d_c, x, sigma)` replaces the
     combination (APG, CFG-Zero*; both passes run whatever w). A caller that passes `uncond_sink=[...]` (the CFG++
-    samplers) gets D_u appended to it: the unconditional pass runs then even at w = 1.
+    samplers) gets D_u appended to it: the unconditional pass runs then even at w = 1. With an interval (lo, hi]
+    CFG acts only there; elsewhere the conditional pass alone runs (w = 1).
     """
+    if not everywhere(lo, hi) and (scale != 1.0 or rule is not None):
+        guided = classifier_free(model, scale, cond, uncond, rule)
+        plain = classifier_free(model, 1.0, cond, uncond)
+        return lambda x, sigma, **kw: (guided if inside(sigma, lo, hi) else plain)(x, sigma, **kw)
     if rule is None and scale in (0.0, 1.0):
         one = cond if scale == 1.0 else uncond
 
@@ -68,22 +95,24 @@ def classifier_free(model, scale: float, cond: dict[str, Any], uncond: dict[str,
 
 
 def smoothed_energy(model, seg_scale: float, guidance: float, cond: dict[str, Any], uncond: dict[str, Any],
-                    state, blur_at: Callable[[torch.Tensor], Any]):
+                    state, blur_at: Callable[[torch.Tensor], Any], cfg_lo: float = 0.0, cfg_hi: float = math.inf):
     """SEG (Hong 2024): D_c + s (D_c - D_seg), plus the CFG term (D = D_u + w (D_c - D_u) + s (D_c - D_seg)).
 
     D_seg is the same model with the query of chosen self-attention layers blurred. `state`
     (`attention.SegState`) tells the processors the roles of the batch chunks and the blur; `blur_at(sigma)`
     gives the blur for this step, or None outside the guided steps, where only the CFG passes run. All passes
     of a step go through the model as ONE batch, the perturbed chunk last. As the official code, guidance w of 0
-    or 1 means SEG without CFG (the conditional pass only); s = 0 is plain CFG.
+    or 1 means SEG without CFG (the conditional pass only); s = 0 is plain CFG. CFG's interval (cfg_lo, cfg_hi]:
+    outside it the step runs as w = 1 (SEG without CFG).
     """
-    return perturbed_guidance(model, guidance, cond, uncond, state, seg_scale=seg_scale, blur_at=blur_at)
+    return perturbed_guidance(model, guidance, cond, uncond, state, seg_scale=seg_scale, blur_at=blur_at,
+                              cfg_lo=cfg_lo, cfg_hi=cfg_hi)
 
 
 def perturbed_guidance(model, guidance: float, cond: dict[str, Any], uncond: dict[str, Any], state,
                        seg_scale: float = 0.0, blur_at: Callable[[torch.Tensor], Any] | None = None,
                        pag_scale: float = 0.0, pag_at: Callable[[torch.Tensor], bool] | None = None,
-                       rule: "Callable | None" = None):
+                       rule: "Callable | None" = None, cfg_lo: float = 0.0, cfg_hi: float = math.inf):
     """CFG with SEG and PAG in ONE network batch: D = D_u + w (D_c - D_u) + s (D_c - D_seg) + p (D_c - D_pag).
 
     The batch's chunks are, of (uncond, cond, seg, pag), those this step needs; `state` (`attention.SegState`)
@@ -91,8 +120,13 @@ def perturbed_guidance(model, guidance: float, cond: dict[str, Any], uncond: dic
     whether the "pag" chunk takes identity attention (`pag_at(sigma)`, default every step while p > 0). As the
     official SEG code, w of 0 or 1 means no CFG pass (the conditional pass only, D_c + ...). `rule` replaces the
     CFG combination D_u + w (D_c - D_u) (APG, CFG-Zero*: `Rule.combiner`), called as rule(d_u, d_c, x, sigma).
-    With p = 0 this is exactly `smoothed_energy`'s denoiser, with s = 0 too exactly `classifier_free`.
+    With p = 0 this is exactly `smoothed_energy`'s denoiser, with s = 0 too exactly `classifier_free`. CFG's
+    interval (cfg_lo, cfg_hi]: outside it the step runs as w = 1 (the perturbed terms without CFG).
     """
+    if not everywhere(cfg_lo, cfg_hi) and (guidance not in (0.0, 1.0) or rule is not None):
+        guided = perturbed_guidance(model, guidance, cond, uncond, state, seg_scale, blur_at, pag_scale, pag_at, rule)
+        plain = perturbed_guidance(model, 1.0, cond, uncond, state, seg_scale, blur_at, pag_scale, pag_at)
+        return lambda x, sigma, **kw: (guided if inside(sigma, cfg_lo, cfg_hi) else plain)(x, sigma, **kw)
     use_cfg = guidance not in (0.0, 1.0) or rule is not None
     plain = classifier_free(model, guidance if use_cfg else 1.0, cond, uncond, rule)
     batches: dict[tuple[str, ...], Any] = {}
@@ -226,7 +260,7 @@ def particle_guidance(model, factor: float, kernel_grad, sigma_min: float = 0.0,
     dx/dsigma, which attracts). Every sampler runs it unchanged; the batch is the particle set.
 
     `kernel_grad` maps (N, ...) -> (N, ...) (see diffcli.core.particles). PG acts only where
-    sigma_min <= sigma <= sigma_max (the guidance schedule). With `on_denoised` the kernel reads x0_hat
+    sigma_min < sigma <= sigma_max (its guidance interval). With `on_denoised` the kernel reads x0_hat
     instead of x (features of noise say nothing), and its gradient comes back to x through the denoiser:
     `exact` by one vector-Jacobian product through the network (J_D(x)^T grad, a backward pass per step), else
     through the Jacobian D has for Gaussian data of std sigma_data, sigma_data^2 / (sigma^2 + sigma_data^2) I
@@ -238,8 +272,7 @@ def particle_guidance(model, factor: float, kernel_grad, sigma_min: float = 0.0,
         return model
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor, **kw: Any) -> torch.Tensor:
-        s = float(torch.as_tensor(sigma).flatten()[0])  # one noise level for the whole particle set
-        if not sigma_min <= s <= sigma_max:
+        if not inside(sigma, sigma_min, sigma_max):  # one noise level for the whole particle set
             return model(x, sigma, **kw)
         sigma_b = expand_sigma(sigma, x)
         if on_denoised and exact:
@@ -281,8 +314,7 @@ def class_particle_guidance(model, factor: float, classes: int, uncond: dict[str
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor, **kw: Any) -> torch.Tensor:
         n = x.shape[0]
-        s = float(torch.as_tensor(sigma).flatten()[0])
-        if not sigma_min <= s <= sigma_max:
+        if not inside(sigma, sigma_min, sigma_max):
             return model(x, sigma, **null(n, x.device), **kw)
         if not support or support >= classes or "p" not in last or last["p"].shape[0] != n:
             picked = torch.arange(classes, device=x.device).expand(n, classes)
@@ -305,6 +337,38 @@ def class_particle_guidance(model, factor: float, classes: int, uncond: dict[str
     return denoise
 
 
+def autoguided(model, guide, scale: float, lo: float = 0.0, hi: float = math.inf):
+    """Autoguidance (Karras et al. 2024): D = D_guide + w (D_main - D_guide), edm2's `gnet(x).lerp(net(x), w)`.
+
+    `guide` is a weaker denoiser of the same data and conditioning (a smaller, shorter-trained model); it gets
+    exactly the call `model` gets (the same x, sigma and conditioning), so every pass another term makes (CFG's
+    unconditional one, SEG's perturbed one) runs on the autoguided network. Acts at sigma in (lo, hi]; elsewhere
+    `model` alone. w = 1 returns `model` itself (no guide pass), so switching it off is bit for bit the run without.
+    """
+    if scale == 1.0:
+        return model
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor, **kw: Any) -> torch.Tensor:
+        d_main = model(x, sigma, **kw)
+        if not inside(sigma, lo, hi):
+            return d_main
+        return guide(x, sigma, **kw).to(d_main.dtype).lerp(d_main, scale)
+
+    return denoise
+
+
+@dataclass
+class Autoguide:
+    """Autoguidance settings: the guide denoiser (same interface and conditioning as the main one), the scale w and
+    the interval (sigma_min, sigma_max]. `net`: the guide's module that holds its attention layers, where SEG
+    installs its processors too (so SEG's perturbed pass is perturbed in both networks)."""
+    guide: Callable[..., torch.Tensor]
+    scale: float
+    sigma_min: float = 0.0
+    sigma_max: float = math.inf
+    net: torch.nn.Module | None = None
+
+
 # ---------------------------------------------------------------- SEG: which steps are guided, with which blur
 
 def region(step: int, steps: int) -> str:
@@ -314,9 +378,9 @@ def region(step: int, steps: int) -> str:
 
 def guided_steps(sigmas: torch.Tensor, regions: list[str], sigma_start: float = math.inf,
                  sigma_end: float = 0.0) -> list[bool]:
-    """Per step: does it run the perturbed pass? Inside the chosen regions AND the noise window [end, start]."""
+    """Per step: does it run the perturbed pass? Inside the chosen regions AND the guidance interval (end, start]."""
     levels = sigmas[:-1].tolist()
-    return [region(i, len(levels)) in regions and sigma_end <= s <= sigma_start for i, s in enumerate(levels)]
+    return [region(i, len(levels)) in regions and sigma_end < s <= sigma_start for i, s in enumerate(levels)]
 
 
 def step_index(sigmas: torch.Tensor, sigma: torch.Tensor | float) -> int:
@@ -386,33 +450,47 @@ class Pag:
     scale: float
     layers: list[str]
     state: attention.SegState = field(default_factory=attention.SegState)
+    sigma_min: float = 0.0  # the interval (sigma_min, sigma_max] where the pag chunk runs
+    sigma_max: float = math.inf
+
+    def at(self) -> Callable[[torch.Tensor], bool] | None:
+        """Per call: does the pag chunk run? None: every step."""
+        if everywhere(self.sigma_min, self.sigma_max):
+            return None
+        return lambda sigma: inside(sigma, self.sigma_min, self.sigma_max)
 
 
 def stack(model, cfg: float, cond: dict[str, Any], uncond: dict[str, Any], sigmas: torch.Tensor,
           seg: Seg | None = None, limit: Callable | None = None, pg: PG | None = None, pag: Pag | None = None,
-          rule: Rule | None = None):
-    """The guided denoiser every command samples: CFG (+ SEG, PAG in the same batch; APG or CFG-Zero* as `rule`)
-    -> `limit` -> PG.
+          rule: Rule | None = None, ag: Autoguide | None = None, cfg_interval: tuple[float, float] = (0.0, math.inf)):
+    """The guided denoiser every command samples: AG on the network -> CFG (+ SEG, PAG in the same batch; APG or
+    CFG-Zero* as `rule`) -> `limit` -> PG.
 
     `seg` None or scale 0 is exactly `classifier_free`, PG None or factor 0 exactly no PG, `pag` None or scale 0
-    and `rule` None exactly without them, so switching a method off reproduces the command without it bit for bit.
-    `limit` is a combinator for the scheduler's bounds on x0_hat (pipelines.clip_x0); PG comes after it so the
-    bounds never cut the repulsion. PG with the class-posterior kernel (`pg.classes`) runs the model's class passes
-    itself: unconditional sampling, no SEG, no limit.
+    and `rule` None exactly without them, AG None or scale 1 exactly the main network, the CFG interval (0, inf]
+    exactly CFG at every step, so switching a method off reproduces the command without it bit for bit. `limit` is
+    a combinator for the scheduler's bounds on x0_hat (pipelines.clip_x0); PG comes after it so the bounds never
+    cut the repulsion. PG with the class-posterior kernel (`pg.classes`) runs the model's class passes itself:
+    unconditional sampling, no SEG, no limit.
     """
+    if ag is not None:
+        model = autoguided(model, ag.guide, ag.scale, ag.sigma_min, ag.sigma_max)
     if pg is not None and pg.classes:
         return class_particle_guidance(model, pg.factor, pg.classes, uncond, pg.sigma_min, pg.sigma_max, pg.support)
     combine = None if rule is None else rule.combiner(cfg, sigmas)
     seg_on, pag_on = seg is not None and seg.scale != 0, pag is not None and pag.scale != 0
     if not seg_on and not pag_on:
-        denoiser = classifier_free(model, cfg, cond, uncond, combine)
+        denoiser = classifier_free(model, cfg, cond, uncond, combine, *cfg_interval)
     elif not pag_on and combine is None:
-        denoiser = smoothed_energy(model, seg.scale, cfg, cond, uncond, seg.state, seg.schedule(sigmas))
+        denoiser = smoothed_energy(model, seg.scale, cfg, cond, uncond, seg.state, seg.schedule(sigmas),
+                                   *cfg_interval)
     else:
         state = seg.state if seg_on else pag.state
         denoiser = perturbed_guidance(model, cfg, cond, uncond, state,
                                       seg.scale if seg_on else 0.0, seg.schedule(sigmas) if seg_on else None,
-                                      pag.scale if pag_on else 0.0, rule=combine)
+                                      pag.scale if pag_on else 0.0, pag.at() if pag_on else None, rule=combine,
+                                      cfg_lo=cfg_interval[0],
+                                      cfg_hi=cfg_interval[1])
     if limit is not None:
         denoiser = limit(denoiser)
     if pg is not None:
@@ -423,20 +501,22 @@ def stack(model, cfg: float, cond: dict[str, Any], uncond: dict[str, Any], sigma
 
 @dataclass
 class Guidance:
-    """The guidance terms of one run: the CFG scale, its rule (None: plain CFG; `Apg`, `ZeroStar`), SEG, PAG and PG
-    (None: off).
+    """The guidance terms of one run: the CFG scale, its rule (None: plain CFG; `Apg`, `ZeroStar`) and interval,
+    SEG, PAG, PG and autoguidance (None: off).
 
     Each term says what it puts in the network for the run (`installed`: SEG's query-blurring and PAG's identity
     processors on their layers, one processor per layer and one shared state, so SEG and PAG may pick different
-    layers and still ride in one batch; CFG, its rules and PG install nothing) and how it wraps the denoiser
-    (`denoiser`: `stack`, in its one order). A term switched off is absent, so the run is bit for bit the run
-    without it. `rows()` is what one evaluation costs: network rows per sample.
+    layers and still ride in one batch, in the guide's network too under AG; CFG, its rules, PG and AG install
+    nothing) and how it wraps the denoiser (`denoiser`: `stack`, in its one order). A term switched off is absent,
+    so the run is bit for bit the run without it. `rows()` is what one evaluation costs: network rows per sample.
     """
     cfg: float = 1.0
     seg: Seg | None = None
     pg: PG | None = None
     pag: Pag | None = None
     rule: Rule | None = None
+    ag: Autoguide | None = None
+    cfg_interval: tuple[float, float] = (0.0, math.inf)  # CFG acts at sigma in (lo, hi]
 
     def __post_init__(self) -> None:
         if self.seg is not None and self.pag is not None:
@@ -461,6 +541,16 @@ class Guidance:
     @contextlib.contextmanager
     def installed(self, net: torch.nn.Module) -> Iterator[None]:
         """What the terms install in `net` (the module holding the attention layers) for the duration."""
+        nets = [net]
+        if self.ag is not None and self.ag.net is not None and (self.seg is not None or self.pag is not None):
+            nets.append(self.ag.net)  # the guide's perturbed passes are perturbed too
+        with contextlib.ExitStack() as stack_:
+            for n in nets:
+                stack_.enter_context(self._installed_in(n))
+            yield
+
+    @contextlib.contextmanager
+    def _installed_in(self, net: torch.nn.Module) -> Iterator[None]:
         if self.pag is None or self.pag.scale == 0:
             with self.seg.installed(net) if self.seg is not None else contextlib.nullcontext():
                 yield
@@ -469,8 +559,13 @@ class Guidance:
         with attention.installed(net, self.pag.state, seg, identity=attention.resolve_layers(net, self.pag.layers)):
             yield
 
+    def with_guide(self, wrap: Callable[[Callable], Callable]) -> "Guidance":
+        """The same terms with the guide denoiser wrapped (as the caller wraps its main network, e.g. in fixed
+        batch groups); itself without AG."""
+        return self if self.ag is None else replace(self, ag=replace(self.ag, guide=wrap(self.ag.guide)))
+
     def denoiser(self, model, cond: dict[str, Any], uncond: dict[str, Any], sigmas: torch.Tensor | None,
                  limit: Callable | None = None):
         """`model` guided by the terms (see `stack`)."""
         return stack(model, self.cfg, cond, uncond, sigmas, seg=self.seg, limit=limit, pg=self.pg, pag=self.pag,
-                     rule=self.rule)
+                     rule=self.rule, ag=self.ag, cfg_interval=self.cfg_interval)
