@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_TRAIN, call_cli, write_digit_folder
+from conftest import TINY_TRAIN, call_cli, pixels, write_digit_folder
 from diffcli.backends.models import load_model
 from diffcli.core.guidance import Autoguide, autoguided, classifier_free, inside, stack
 from diffcli.drawing import sample_images
@@ -63,7 +63,7 @@ def test_cfg_interval_is_cfg_inside_and_conditional_outside():
     main = _net(0)
     x = torch.randn(3, 4)
     cond, uncond = {"class_labels": torch.tensor([1, 2, 3])}, {"class_labels": torch.full((3,), 10)}
-    full, windowed = classifier_free(main, 3.0, cond, uncond), classifier_free(main, 3.0, cond, uncond, 0.5, 2.0)
+    full, windowed = classifier_free(main, 3.0, cond, uncond), classifier_free(main, 3.0, cond, uncond, lo=0.5, hi=2.0)
     for s, guided in ((0.4, False), (0.5, False), (1.0, True), (2.0, True), (2.1, False)):
         sigma = torch.full((3,), s)
         expect = full(x, sigma) if guided else main(x, sigma, **cond)
@@ -83,7 +83,7 @@ def _sample(tmp_path, run, name, *extra):
     out = tmp_path / name
     call_cli("sample", "--checkpoint", run, "--n", 4, "--steps", 3, "--seed", 5, "--out", out, "--device", "cpu",
              *extra, check=True)
-    return {p.name: p.read_bytes() for p in sorted(out.glob("*.png"))}, json.loads((out / "run.json").read_text())
+    return {p.name: pixels(p) for p in sorted(out.glob("*.png"))}, json.loads((out / "run.json").read_text())
 
 
 def test_ag_off_and_identical_guide_give_the_plain_run_bit_for_bit(tmp_path, tiny_run, guide_run):
@@ -160,7 +160,7 @@ def _seg(tmp_path, sd, name, *extra):
     out = tmp_path / name
     call_cli("seg", "a cat", "--model", sd, "--n", 2, "--steps", 3, "--seg-scale", "0", "--out", out, "--device", "cpu",
              *extra, check=True)
-    return {p.name: p.read_bytes() for p in sorted(out.glob("*.png"))}
+    return {p.name: pixels(p) for p in sorted(out.glob("*.png"))}
 
 
 def test_pipeline_guide_is_a_smaller_sibling(tmp_path, tiny_sd, narrow_sd, tiny_sdxl):
@@ -182,5 +182,5 @@ def test_the_shipped_guide_guides_the_shipped_model(tmp_path):
     def draw(name, *extra):
         out = tmp_path / name
         call_cli("sample", "--n", 2, "--steps", 2, "--seed", 3, "--out", out, "--device", "cpu", *extra, check=True)
-        return [p.read_bytes() for p in sorted(out.glob("0*.png"))]
+        return [pixels(p) for p in sorted(out.glob("0*.png"))]
     assert draw("ag", "--ag-model", "mnist-edm-guide", "--ag-scale", "2") != draw("plain")
