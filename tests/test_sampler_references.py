@@ -187,11 +187,11 @@ def diffusers_loop(pipe, scheduler, cond, latents):
 
 
 def ours_on(pipe, scheduler, cond, latents, name):
-    """Our sampler on the scheduler's own sigmas, VE state = VP latents * sqrt(1 + sigma^2)."""
+    """Our sampler on the scheduler's own sigmas, VE state = VP latents * sqrt(1 + sigma^2) (both ways)."""
     sig = torch.as_tensor(scheduler.sigmas, dtype=torch.float32)
     x = latents * (1 + sig[0] ** 2).sqrt()
     model = pipelines.denoiser(pipe)
-    return run_sampler(name, lambda x, s: model(x, s, **cond), x, sig)
+    return run_sampler(name, lambda x, s: model(x, s, **cond), x, sig) / (1 + sig[-1] ** 2).sqrt()
 
 
 @pytest.mark.parametrize("kind,name,config", [

@@ -254,8 +254,8 @@ def schedule_sigmas(name: str, levels: NoiseLevels, steps: int, rho: float = 7.0
 
 
 def refuses(name: str, levels: NoiseLevels) -> str | None:
-    """Why a schedule cannot apply to these levels (one line), or None."""
-    needs = SCHEDULES[name].needs
+    """Why a schedule cannot apply to these levels (one line), or None (an unknown name: `schedule_sigmas` says)."""
+    needs = SCHEDULES[name].needs if name in SCHEDULES else None
     if needs == "own" and levels.own is None:
         return f"--schedule {name} needs a pipeline's scheduler; this model has none (try karras)"
     if needs == "ays" and levels.ays not in AYS_TABLES:

@@ -1,6 +1,7 @@
 """Device, dtype, seeds."""
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -100,5 +101,7 @@ class BrownianNoise:
         a, b = torch.as_tensor(sigma), torch.as_tensor(sigma_next)
         sign = 1.0 if a < b else -1.0  # W(b) - W(a), the tree wants its times ascending
         lo, hi = (a, b) if a < b else (b, a)
-        w = torch.stack([tree(lo, hi) for tree in self.trees]) * sign
+        with warnings.catch_warnings():  # a level a rounding below the range's end (exp(log sigma)): harmless
+            warnings.filterwarnings("ignore", "Should have t")
+            w = torch.stack([tree(lo, hi) for tree in self.trees]) * sign
         return w / (b - a).abs().sqrt()
