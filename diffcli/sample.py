@@ -27,7 +27,7 @@ from .shared.limits import (BATCH_MAX, N_MAX, PIXELS_MAX, SIGMA_LIMIT, finite,
 from .options import (GuidanceOptions, SamplingOptions, check_guidance, check_particles, check_sampling,
                       record as options_record, seg_layers)
 from .core.draw import net_group
-from .core.samplers import SAMPLERS, nfe
+from .core.samplers import SAMPLERS, nfe_record
 from .core.blurring import (SAMPLERS as BLURRING_SAMPLERS, BlurSchedule, blurred_mean, check_blur_sigma, diffuse,
                             schedule_of)
 from .drawing import (GRID_MAX, check_against_model, model_contexts, resolve, sample_batches, sample_names, samples_record,
@@ -156,7 +156,7 @@ def _run(cfg: SampleConfig, out: Path, overwrite: bool, resume: bool, dist: Dist
             for name, picture in pictures.items():
                 save_image(out / name, picture)
         write_run_json(out, "sample", record, device, status="complete", model=meta, world_size=dist.world, **seq,
-                       nfe_per_sample=nfe(cfg.sampler, cfg.steps) * (2 if cfg.cfg not in (None, 0.0, 1.0) else 1),
+                       **nfe_record(cfg.sampler, cfg.steps, 2 if cfg.cfg not in (None, 0.0, 1.0) else 1),
                        samples=samples_record(names, labels, cfg.seed))
 
     # each sample's progress: cfg.steps a sample drawn (a PG block draws all of its samples)

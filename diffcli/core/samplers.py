@@ -788,6 +788,14 @@ def nfe(sampler: str, steps: int) -> int | None:
     return steps if entry is None else entry.nfe(steps)
 
 
+def nfe_record(sampler: str, steps: int, passes: int = 1) -> dict[str, Any]:
+    """What a run record says of a sampler's cost: network evaluations a sample (`passes` network passes an
+    evaluation, e.g. 2 with CFG), null for dpm_adaptive, whose count varies with the model and the batch. (The
+    evaluations a step are the sampler's record, SAMPLERS[name].evals_per_step: the config's sampler names it.)"""
+    count = nfe(sampler, steps)
+    return {"nfe_per_sample": None if count is None else count * passes}
+
+
 def run_sampler(name: str, model, x, sigmas, extra_args=None, callback: Callback = None,
                 noise: Noise = torch.randn_like, eta: float | None = None, s_churn: float = 0.0,
                 s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0):
