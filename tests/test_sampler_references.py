@@ -296,3 +296,21 @@ def test_every_schedule_descends_to_zero(name, steps):
         sig = schedule_sigmas(name, levels, steps, 1.0 if name == "polyexponential" else 7.0)
         assert sig[-1] == 0 and bool((sig[:-1] > 0).all()) and bool((sig[1:] < sig[:-1]).all())
         assert len(sig) == steps + 1 or name == "beta"  # beta drops repeated timesteps
+
+
+# ---------------------------------------------------------------- the command line
+
+def test_sample_takes_any_schedule_and_records_the_nfe(tmp_path, tiny_run):
+    import json
+    from conftest import call_cli
+
+    call_cli("sample", "--checkpoint", tiny_run, "--n", 2, "--steps", 3, "--sampler", "dpmpp_3m_sde", "--schedule",
+             "exponential", "--out", tmp_path / "a", "--device", "cpu", check=True)
+    record = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert record["nfe_per_sample"] == 3 and "exponential" in json.dumps(record)
+    call_cli("sample", "--checkpoint", tiny_run, "--n", 2, "--steps", 3, "--sampler", "dpm_adaptive",
+             "--out", tmp_path / "b", "--device", "cpu", check=True)
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["nfe_per_sample"] is None
+    proc = call_cli("sample", "--checkpoint", tiny_run, "--n", 2, "--schedule", "ays", "--out", tmp_path / "c")
+    assert proc.returncode != 0 and "--schedule ays needs a diffusers pipeline" in proc.stderr
+    assert not (tmp_path / "c").exists()
