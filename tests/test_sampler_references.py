@@ -314,3 +314,14 @@ def test_sample_takes_any_schedule_and_records_the_nfe(tmp_path, tiny_run):
     proc = call_cli("sample", "--checkpoint", tiny_run, "--n", 2, "--schedule", "ays", "--out", tmp_path / "c")
     assert proc.returncode != 0 and "--schedule ays needs a diffusers pipeline" in proc.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_flow_levels_carry_the_shift():
+    """sigma = t / (1 - t) of the shifted grid: simple/sgm_uniform on them are the flow models' shifted schedules."""
+    plain, shifted = NoiseLevels.flow(1.0), NoiseLevels.flow(3.0)
+    t = shifted.sigmas_table() / (1 + shifted.sigmas_table())
+    u = plain.sigmas_table() / (1 + plain.sigmas_table())
+    torch.testing.assert_close(t, 3 * u / (1 + 2 * u))
+    mid = schedule_sigmas("sgm_uniform", shifted, 4).double()
+    t_mid = mid / (1 + mid)
+    assert t_mid[0].item() == pytest.approx(float(t[-1]), rel=1e-6) and mid[-1] == 0

@@ -48,6 +48,15 @@ class NoiseLevels:
         table = t / (1 - t)
         return cls(float(table.min()), float(table.max()), table, **kw)
 
+    @classmethod
+    def flow(cls, shift: float = 1.0, size: int = TABLE_SIZE, **kw) -> "NoiseLevels":
+        """A flow-matching model's levels under a time shift (SD3: 3): t in (0, 1] on `size` even steps, shifted
+        t' = shift t / (1 + (shift - 1) t) as FlowMatchEulerDiscreteScheduler does, sigma = t' / (1 - t'); t' = 1
+        (pure noise, sigma infinite) is left out, so the top level is the grid's next one."""
+        t = torch.arange(1, size, dtype=torch.float64) / size
+        shifted = shift * t / (1 + (shift - 1) * t)
+        return cls.from_flow_times(shifted, shift=shift, **kw)
+
     def sigmas_table(self) -> torch.Tensor:
         """The ascending discrete table (float64); a continuous model's is log-uniform between its ends."""
         if self.table is not None:
