@@ -160,7 +160,8 @@ def plot(rows: list[tuple], floor: float, n: int, path: str) -> None:
     for key in dict.fromkeys((r[0], r[1]) for r in rows):
         pts = [(r[3], r[4]) for r in rows if (r[0], r[1]) == key]
         ax.plot(*zip(*pts), marker="o", label=" ".join(key))
-    ax.axhline(floor, color="grey", ls="--", lw=1, label=f"real vs real, n={n}")
+    if floor == floor:  # a partial run (replot of its log) has no floor
+        ax.axhline(floor, color="grey", ls="--", lw=1, label=f"real vs real, n={n}")
     ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="FID (mnist features)", title="shipped MNIST EDM model")
     ticks = sorted({r[3] for r in rows})
     ax.set_xticks(ticks, labels=[str(t) for t in ticks])
@@ -171,13 +172,18 @@ def plot(rows: list[tuple], floor: float, n: int, path: str) -> None:
 
 
 def replot(table: str, path: str) -> None:
-    """Redraw the plot from this script's printed output (no resampling)."""
+    """Redraw the plot from this script's printed output (no resampling): its Markdown table, or, for a run still
+    going, its stderr lines ("SAMPLER SCHEDULE STEPS steps: NFE n, FID f, ..."); several files joined by commas."""
     import re
-    text = open(table).read()
+    text = "\n".join(open(name).read() for name in table.split(","))
     rows = [(m[0], m[1], int(m[2]), int(m[3]), float(m[4])) for m in
             re.findall(r"\| (\w+) \| (\w+) \| (\d+) \| (\d+) \| ([\d.]+) \|", text)]
-    n, floor = re.search(r"floor \(real vs real\): (\d+) t10k digits vs the 5k: ([\d.]+)", text).groups()
-    plot(rows, float(floor), int(n), path)
+    rows += [(m[0], m[1], int(m[2]), int(m[3]), float(m[4])) for m in
+             re.findall(r"^(\w+) (\w+) (\d+) steps: NFE (\d+), FID ([\d.]+)", text, re.M)]
+    rows = sorted(dict.fromkeys(rows), key=lambda r: (r[0], r[1], r[3]))
+    floor = re.search(r"floor \(real vs real\): (\d+) t10k digits vs the 5k: ([\d.]+)", text)
+    n, level = (int(floor[1]), float(floor[2])) if floor else (1000, float("nan"))
+    plot(rows, level, n, path)
 
 
 if __name__ == "__main__":
