@@ -21,6 +21,7 @@ from .core.blurring import DEFAULT_STEPS as BLURRING_STEPS, SAMPLERS as BLURRING
 from .core.draw import draw_batches
 from .core.particles import KernelGrad, classifier_features, make_kernel, posterior_push
 from .core.samplers import SAMPLERS
+from .core.schedules import NoiseLevels, refuses
 from .data import sequences as sq
 from .data.contexts import resolve_contexts
 from .options import GuidanceOptions, SamplingOptions, guidance_of
@@ -70,8 +71,9 @@ def resolve(cfg: DrawOptions, meta: dict[str, Any]) -> DrawOptions:
         if cfg.sampler not in (None, *BLURRING_SAMPLERS):
             raise DiffcliError(f"--sampler {cfg.sampler} is an EDM sampler; a blurring model samples with "
                                f"{', '.join(BLURRING_SAMPLERS)} (its own reverse process, --steps default {BLURRING_STEPS})")
-        if cfg.sigma_min is not None or cfg.sigma_max is not None:
-            raise DiffcliError("--sigma-min/--sigma-max set an EDM schedule; a blurring model runs t from 1 to 0 in --steps")
+        if cfg.sigma_min is not None or cfg.sigma_max is not None or cfg.schedule not in (None, "karras"):
+            raise DiffcliError("--sigma-min/--sigma-max/--schedule set an EDM schedule; a blurring model runs t from 1 "
+                               "to 0 in --steps")
         if cfg.clip_denoised and meta["blur_sigma_max"] > 0:
             # x0_hat = IDCT(u_x_hat) divides eps_hat's error by alpha_t = a_t d_t (down to ~7e-6 at high frequencies);
             # clamping that in pixel space pushes the amplified error into every frequency (tests/test_blurring.py)
@@ -87,6 +89,9 @@ def resolve(cfg: DrawOptions, meta: dict[str, Any]) -> DrawOptions:
     if cfg.sampler in BLURRING_SAMPLERS:
         raise DiffcliError(f"--sampler {cfg.sampler} is the blurring-diffusion sampler; an EDM model samples with "
                            f"{', '.join(SAMPLERS)}")
+    refusal = cfg.schedule and refuses(cfg.schedule, NoiseLevels(low, high))
+    if refusal:
+        raise DiffcliError(refusal)
     return replace(cfg, sampler=cfg.sampler or "heun", steps=cfg.steps or 18)
 
 
@@ -190,7 +195,8 @@ def sample_batches(model, meta: dict[str, Any], cfg: DrawOptions, device: torch.
             sigma_max=(cfg.sigma_max or meta["sigma_max"]) if edm else None, rho=cfg.rho, knobs=cfg.knobs(),
             seed=cfg.seed, batch_size=cfg.batch_size, labels=labels,
             guidance=guidance,
-            trajectory=cfg.strip or cfg.gif, clip_denoised=cfg.clip_denoised, on_step=on_step, context=context)
+            trajectory=cfg.strip or cfg.gif, clip_denoised=cfg.clip_denoised, on_step=on_step, context=context,
+            schedule=cfg.schedule)
 
 
 def sample_images(model, meta: dict[str, Any], cfg: DrawOptions, device: torch.device,

@@ -27,7 +27,8 @@ from .core import attention
 from .core.guidance import PG, REGIONS, Apg, Autoguide, Guidance, Pag, Rule, Seg, ZeroStar
 from .core.particles import DIGIT_KERNELS, KERNELS, PG_GRADS, PIPELINE_KERNELS, KernelGrad, describe as describe_kernels
 from .core.query_blur import SPEC_FORMS, Blur, parse_blur
-from .core.samplers import CFG_PP, SAMPLERS, nfe, SCHEDULES, SamplerKnobs, describe as describe_samplers, describe_schedules
+from .core.samplers import (CFG_PP, ETA_DEFAULTS, SAMPLERS, SCHEDULES, SamplerKnobs, describe as describe_samplers,
+                            describe_schedules, nfe)
 from .shared.errors import DiffcliError
 from .shared.fields import check_fields, opt
 from .shared.limits import BATCH_MAX, RHO_MAX, SCALE_MAX, STEPS_MAX, count
@@ -191,15 +192,18 @@ class SamplingOptions(SamplerKnobs):
     s_tmax: float = _knob("s_tmax", allow_inf=True, help="stochastic_heun: EDM S_tmax.")
     s_noise: float = _knob("s_noise", high=SCALE_MAX, help="stochastic_heun: noise scale S_noise (euler_ancestral keeps 1).")
     eta: float | None = _knob("eta", high=SCALE_MAX,
-                              help="ddim: 0 deterministic (default), 1 ancestral; euler_ancestral: default 1.")
+                              help="Noise of the ancestral/SDE samplers, each at its own default when not given: "
+                                   + ", ".join(f"{k} {v:g}" for k, v in ETA_DEFAULTS.items()) + ".")
     sampler: str | None = opt(None, "--sampler", panel="sampling", help=f"{describe_samplers()}.")
     steps: int | None = opt(None, "--steps", panel="sampling", check="count", low=1, high=STEPS_MAX,
-                            help="Sampling steps (heun: 2*steps-1 network evaluations).")
-    # pipelines: scheduler (its own timesteps, the default) or karras
+                            help="Sampling steps (heun, dpm_2, dpmpp_sde, the 2S/2 ancestral: 2*steps-1 network "
+                                 "evaluations; dpm_adaptive picks its own).")
+    # default: a pipeline's own timesteps ("scheduler"), karras on diffcli models
     schedule: str | None = opt(None, "--schedule", panel="sampling", choices=tuple(SCHEDULES),
-                               help=f"Pipelines: the noise levels. {describe_schedules()}.")
+                               help=f"The noise levels (default: a pipeline's own, karras on diffcli models). "
+                                    f"{describe_schedules()}.")
     rho: float = opt(7.0, "--rho", panel="sampling", check="finite", above=True, high=RHO_MAX,
-                     help="Karras schedule exponent.")
+                     help="Exponent of the karras (and polyexponential) schedule.")
 
 
 def check_guidance(opts: GuidanceOptions, *, many_blurs: bool = False, views: bool = False) -> list[Blur]:
@@ -313,7 +317,8 @@ def check_sampling(opts: SamplingOptions, pipeline: bool | None = None) -> None:
         raise DiffcliError(f"unknown --sampler {opts.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     check_fields(opts, ["steps", "schedule"])
     if pipeline is False and opts.schedule is not None and SCHEDULES[opts.schedule].pipeline_only:
-        raise DiffcliError(f"--schedule {opts.schedule} needs a diffusers pipeline; diffcli models sample on Karras sigmas")
+        raise DiffcliError(f"--schedule {opts.schedule} needs a diffusers pipeline (its scheduler or a published table); "
+                           "diffcli models take the others (default karras)")
     check_fields(opts, ["s_churn", "s_noise", "eta", "s_tmin", "s_tmax", "rho"])
 
 
@@ -430,7 +435,8 @@ def cost_of(opts: GuidanceOptions, cfg: float, sampler: str | None, steps: int |
         if sampler in CFG_PP and "uncond" not in rows:
             rows = {"uncond": 1, **rows}  # CFG++ reads D_u whatever the scale
     if evaluations is None and sampler is not None and steps:
-        evaluations = nfe(sampler, steps) * views
+        count = nfe(sampler, steps)  # None: dpm_adaptive picks its own steps
+        evaluations = None if count is None else count * views
     per_eval = sum(rows.values())
     guide = per_eval if opts.ag_on else 0
     return {"rows_per_evaluation": per_eval, "rows": rows, "evaluations_per_sample": evaluations,

@@ -34,7 +34,7 @@ from .options import (FlowOptions, GuidanceOptions, SamplingOptions, apply_flow_
 from .core.particles import KernelGrad
 from .drawing import (GRID_MAX, DrawOptions, digit_kernel, load_guide, model_contexts, parse_labels, sample_images,
                       sample_names, samples_record, sequence_pictures)
-from .core.samplers import nfe, run_sampler
+from .core.samplers import nfe, nfe_record, run_sampler
 
 
 @dataclass(kw_only=True)
@@ -321,7 +321,7 @@ def _run(cfg: PGConfig, out: Path, overwrite: bool, resume: bool, dist: Dist, op
             image_features = image_features_fn(load_clip(cfg.clip_model, cfg.clip_pretrained, device))
         kernel = pipelines.pipeline_kernel(pipe, cfg, image_features)
         draw = lambda factor, j, step: sample_pipeline(pipe, cfg, factor, device, step, kernel, guide)
-        nfe_each = nfe(cfg.sampler, cfg.steps or DEFAULT_STEPS["pipeline"])
+        nfe_each = (cfg.sampler, cfg.steps or DEFAULT_STEPS["pipeline"])
     else:
         ours = pipelines.load_family(cfg.checkpoint or SHIPPED_MODEL, device, dtype, checkpoint=True)
         model, meta = ours.model, ours.meta
@@ -341,7 +341,7 @@ def _run(cfg: PGConfig, out: Path, overwrite: bool, resume: bool, dist: Dist, op
         # next-frame models: one particle set per context, seeds running on across them
         draw = lambda factor, j, step: (sample_digits(model, meta, cfg, factor, kernel, device, step,
                                                       contexts[j].frames if contexts else None, j * cfg.n), None)
-        nfe_each = nfe(cfg.sampler, cfg.steps or DEFAULT_STEPS["digits"])
+        nfe_each = (cfg.sampler, cfg.steps or DEFAULT_STEPS["digits"])
     record = {**options_record(cfg), **options}
     dist.begin(out, overwrite, resume, "pg", record)  # --resume: the same options as the run in `out`
 
@@ -374,7 +374,7 @@ def run_scale(cfg: PGConfig, meta: dict[str, Any]) -> float:
 
 def write_outputs(cfg: PGConfig, done: Done, out: Path, folders: dict[str, Path], labels: list[int] | None,
                   contexts: list | None, meta: dict[str, Any], classifier, record: dict[str, Any], dist: Dist,
-                  nfe_each: int) -> dict[str, Any]:
+                  nfe_each: tuple[str, int]) -> dict[str, Any]:
     """Rank 0, every set drawn: each folder's samples, grid and run.json, with --compare the side-by-side pictures
     and metrics; then the sets' tensors go."""
     device = dist.device
@@ -403,9 +403,9 @@ def write_outputs(cfg: PGConfig, done: Done, out: Path, folders: dict[str, Path]
             if cfg.compare:
                 metrics[name] = sequence_compare_metrics(seq["sequence"], images, cfg.n)
         write_run_json(folder, "pg", {**record, "pg_factor": factor}, device, model=meta,
-                       nfe_per_sample=nfe_each * (2 if cfg.cfg not in (None, 0.0, 1.0) else 1),
+                       **nfe_record(*nfe_each, 2 if cfg.cfg not in (None, 0.0, 1.0) else 1),
                        cost=cost_of(replace(cfg, pg_factor=factor), run_scale(cfg, meta), cfg.sampler, cfg.steps,
-                                    meta.get("num_classes") or 0, evaluations=nfe_each),
+                                    meta.get("num_classes") or 0, evaluations=nfe(*nfe_each)),
                        samples=samples, **seq)
         if cfg.compare and not contexts:
             if latents is not None:

@@ -29,7 +29,7 @@ from .options import (FlowOptions, GuidanceOptions, SamplingOptions, check_guida
 from .shared.names import check_file_names, read_prompts_file
 from .text_images import PipelineRun, check_prompts, planned_files, run_prompts
 from .core.draw import net_group
-from .core.samplers import SAMPLERS, nfe
+from .core.samplers import SAMPLERS, nfe_record
 from .core.blurring import (SAMPLERS as BLURRING_SAMPLERS, BlurSchedule, blurred_mean, check_blur_sigma, diffuse,
                             schedule_of)
 from .drawing import (GRID_MAX, check_against_model, load_guide, model_contexts, resolve, sample_batches, sample_names,
@@ -202,7 +202,7 @@ def _run(cfg: SampleConfig, out: Path, overwrite: bool, resume: bool, dist: Dist
             for name, picture in pictures.items():
                 save_image(out / name, picture)
         write_run_json(out, "sample", record, device, status="complete", model=meta, world_size=dist.world, **seq,
-                       nfe_per_sample=nfe(cfg.sampler, cfg.steps) * (2 if cfg.cfg not in (None, 0.0, 1.0) else 1),
+                       **nfe_record(cfg.sampler, cfg.steps, 2 if cfg.cfg not in (None, 0.0, 1.0) else 1),
                        cost=cost_of(cfg, 1.0 if cfg.cfg is None or labels is None else cfg.cfg, cfg.sampler, cfg.steps,
                                     meta.get("num_classes") or 0),
                        samples=samples_record(names, labels, cfg.seed))

@@ -180,3 +180,25 @@ def tiny_flux(tmp_path_factory) -> Path:
     """A tiny random guidance-distilled Flux pipeline (tests/pipes.py), built once for the session."""
     from pipes import build_tiny_flux
     return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))
+
+
+K_DIFFUSION_INSTALL = "pip install --no-deps k-diffusion==0.1.1.post1 (with the test extra's torchdiffeq)"
+
+
+@pytest.fixture(scope="session")
+def k_sampling():
+    """k-diffusion's `sampling` module, the reference the samplers are checked against. Its package __init__
+    imports its training stack (wandb, kornia, clip, ...), so the package is installed without dependencies and
+    only `sampling` (with `utils`) is loaded here; a missing install is a failure, not a skip."""
+    import importlib
+    import importlib.util
+    import types
+
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail(f"k-diffusion is not installed: {K_DIFFUSION_INSTALL}")
+    if "k_diffusion.sampling" not in sys.modules:
+        package = types.ModuleType("k_diffusion")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules.setdefault("k_diffusion", package)
+    return importlib.import_module("k_diffusion.sampling")

@@ -53,7 +53,9 @@ def test_a_sampler_reads_exactly_its_knobs(name):
     ref = run()
     for knob, value in CHANGED.items():
         assert (not torch.equal(run(**{knob: value}), ref)) == (knob in SAMPLERS[name].knobs), knob
-    assert set(samplers.takes("eta")) == set(samplers.ETA_DEFAULTS) == {"ddim", "euler_ancestral"}
+    assert set(samplers.takes("eta")) == set(samplers.ETA_DEFAULTS) == {
+        "ddim", "euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde",
+        "res_multistep"}
 
 
 @pytest.mark.parametrize("name", SCHEDULES)

@@ -22,7 +22,7 @@ def test_same_seed_same_bytes(tmp_path, tiny_run):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
 
 
-@pytest.mark.parametrize("sampler", ["heun", "stochastic_heun", "ddim"])
+@pytest.mark.parametrize("sampler", ["heun", "stochastic_heun", "ddim", "dpmpp_2m_sde", "dpmpp_sde"])
 def test_sample_i_does_not_depend_on_batch_size(tiny_run, sampler):
     model, meta = load_model(tiny_run)
     base = dict(n=5, steps=4, sampler=sampler, eta=1.0, seed=11)

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from ..core.denoisers import DiffusersDenoiser, vp_to_ve
-from ..core.samplers import get_sigmas_pipeline
+from ..core.samplers import scheduler_levels
+from ..core.schedules import NoiseLevels, refuses, schedule_sigmas
 from ..shared.cache import cached
 from ..shared.devices import PerSampleRandn
 from ..shared.errors import DiffcliError
@@ -68,17 +69,24 @@ class UNetPipeline(Family):
     def denoiser(self) -> DiffusersDenoiser:
         return DiffusersDenoiser.from_scheduler(self.pipe.unet, self.pipe.scheduler)
 
-    def sigmas(self, steps: int, device: torch.device | str | None = None, schedule: str = "scheduler",
-               rho: float = 7.0) -> torch.Tensor:
-        """The pipeline's sigmas under one of `samplers.SCHEDULES`: "scheduler", the DDIM timesteps of its noise
-        table (ending where its DDIM ends: 0, or the table's first level); "karras", Karras sigmas (exponent `rho`)
-        from the table's largest sigma to its smallest, then 0."""
+    ays: str | None = None  # the Align-Your-Steps table of core.schedules that fits the model (SD: "sd15", SDXL)
+
+    def noise_levels(self) -> NoiseLevels:
+        """The scheduler's noise table, its own DDIM sigmas and the model's AYS table (`core.schedules`)."""
         from diffusers import DDIMScheduler  # deferred like every diffusers import: `diffcli --help` stays fast
 
-        return get_sigmas_pipeline(DDIMScheduler.from_config(self.pipe.scheduler.config), steps, schedule,
-                                   self.device(device), rho)
+        return scheduler_levels(DDIMScheduler.from_config(self.pipe.scheduler.config), self.ays)
 
-    @torch.no_grad()
+    def sigmas(self, steps: int, device: torch.device | str | None = None, schedule: str = "scheduler",
+               rho: float = 7.0) -> torch.Tensor:
+        """The pipeline's sigmas under one of `core.schedules.SCHEDULES` on its `noise_levels`: "scheduler", the
+        DDIM timesteps of its noise table (ending where its DDIM ends: 0, or the table's first level); "karras",
+        Karras sigmas (exponent `rho`) from the table's largest sigma to its smallest, then 0; and so on."""
+        refusal = refuses(schedule, levels := self.noise_levels())
+        if refusal:
+            raise DiffcliError(refusal)
+        return schedule_sigmas(schedule, levels, steps, rho, self.device(device))
+
     def encode_prompts(self, prompts: list[str], negative: str | list[str] | None, height: int, width: int,
                        device: torch.device | str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
         """(cond, uncond) UNet keyword arguments, one row per prompt; `guidance.classifier_free` batches them.

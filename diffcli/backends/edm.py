@@ -9,7 +9,7 @@ import torch
 
 from ..core.blurring import BlurringModel, get_ts
 from ..core.denoisers import EDMPrecond
-from ..core.samplers import get_sigmas_karras
+from ..core.schedules import NoiseLevels, refuses, schedule_sigmas
 from ..shared.devices import PerSampleRandn
 from ..shared.errors import DiffcliError
 from ..shared.limits import check_batch_memory
@@ -50,13 +50,16 @@ class DiffcliModel(Family):
                rho: float = 7.0, sigma_min: float | None = None, sigma_max: float | None = None) -> torch.Tensor:
         """EDM: Karras sigmas between the record's sigma_min and sigma_max (or the given ones), then 0;
         blurring: its times t from 1 to 0."""
-        if schedule != "karras":
-            raise DiffcliError("--schedule scheduler needs a diffusers pipeline; diffcli models sample on Karras sigmas")
         device = device if device is not None else next(self.model.parameters()).device
         if self.name == "blurring":
+            if schedule != "karras":
+                raise DiffcliError("--schedule sets an EDM schedule; a blurring model runs t from 1 to 0 in --steps")
             return get_ts(steps, device)
-        return get_sigmas_karras(steps, sigma_min or self.meta["sigma_min"], sigma_max or self.meta["sigma_max"], rho,
-                                 device=device)
+        levels = NoiseLevels(sigma_min or self.meta["sigma_min"], sigma_max or self.meta["sigma_max"])
+        refusal = refuses(schedule, levels)
+        if refusal:
+            raise DiffcliError(refusal)
+        return schedule_sigmas(schedule, levels, steps, rho, device)
 
     def native_size(self) -> int:
         return self.meta["image_size"]

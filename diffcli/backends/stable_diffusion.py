@@ -11,7 +11,10 @@ from .diffusers_unet import UNetPipeline
 
 
 class StableDiffusion(UNetPipeline):
-    """SD 1.x/2.x (and the fallback for any UNet pipeline with a VAE): CLIP text embeddings, a VAE."""
+    """SD 1.x/2.x (and the fallback for any UNet pipeline with a VAE): CLIP text embeddings, a VAE. `--schedule ays`
+    takes the published SD1.5 table (SD 2.x shares its noise table)."""
+
+    ays = "sd15"
 
     name = "sd"
 
@@ -59,6 +62,7 @@ class StableDiffusionXL(StableDiffusion):
     top-left, target size). We generate at the target size with no crop, as the SDXL pipeline does by default."""
 
     name = "sdxl"
+    ays = "sdxl"
 
     @classmethod
     def matches(cls, pipe: Any) -> bool:

@@ -12,20 +12,21 @@ import torch
 from ..shared.devices import PerSampleRandn
 from .blurring import get_ts, sample_blurring, schedule_of
 from .guidance import Guidance
-from .samplers import get_sigmas_karras, run_sampler
+from .samplers import run_sampler
+from .schedules import NoiseLevels, schedule_sigmas
 
 
 def draw_batches(model, meta: dict[str, Any], indices: Sequence[int], device: torch.device, *,
                  sampler: str | None, steps: int, sigma_min: float | None, sigma_max: float | None, rho: float,
                  knobs: dict[str, Any], seed: int, batch_size: int, labels: list[int] | None, guidance: Guidance,
-                 trajectory: bool = False, clip_denoised: bool = False,
+                 trajectory: bool = False, clip_denoised: bool = False, schedule: str | None = None,
                  on_step: Callable[[int], None] | None = None, context: torch.Tensor | None = None,
                  ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
     """Yields (sample indices, images (B,C,H,W) in [-1,1], trajectory or None) per batch (`batches`).
 
     Sample i starts from seed + i (its initial and per-step noise) with label labels[i] (None: unconditional);
     `guidance` holds the run's terms (CFG against the model's null label, SEG, PG). An EDM model (meta kind "edm") runs `sampler` on
-    Karras sigmas [sigma_max .. sigma_min] (rho, `knobs`), a blurring one its own reverse process in `steps`.
+    `schedule` (one of SCHEDULES, default karras, exponent rho) between sigma_max and sigma_min with `knobs`, a blurring one its own reverse process in `steps`.
     With `trajectory`, the batch that holds index 0 also yields (rows, steps, C, H, W) for its first 8 samples:
     x0_hat after each step then the final image (blurring: z_t from t = 1 to 0). `context`: a next-frame model's
     (C_ctx, H, W), shared by every sample.
@@ -34,7 +35,7 @@ def draw_batches(model, meta: dict[str, Any], indices: Sequence[int], device: to
     if blurring:
         ts, start_scale = get_ts(steps, device), 1.0
     else:
-        sigmas = get_sigmas_karras(steps, sigma_min, sigma_max, rho, device=device)
+        sigmas = schedule_sigmas(schedule or "karras", NoiseLevels(sigma_min, sigma_max), steps, rho, device)
         start_scale = sigmas[0]
     shape = (meta["channels"], meta["image_size"], meta["image_size"])
     group = net_group(device)

@@ -1,6 +1,7 @@
 """Device, dtype, seeds."""
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -68,3 +69,39 @@ class PerSampleRandn:
         if like.shape[0] != len(self.generators):
             raise ValueError(f"batch of {like.shape[0]} but {len(self.generators)} generators")
         return self.randn(like.shape[1:], like.dtype).to(like.device)
+
+    def brownian(self, like: torch.Tensor, sigma_min: torch.Tensor | float, sigma_max: torch.Tensor | float
+                 ) -> "BrownianNoise":
+        """The SDE samplers' noise over [sigma_min, sigma_max]: one Brownian tree per sample, seeded by its seed."""
+        return BrownianNoise(like, sigma_min, sigma_max, self.seeds)
+
+    @property
+    def seeds(self) -> list[int]:
+        return [g.initial_seed() for g in self.generators]
+
+
+class BrownianNoise:
+    """Noise of a Brownian motion W(sigma) on [sigma_min, sigma_max], one torchsde Brownian tree per sample seeded
+    by that sample's seed (its entropy), so a sample's noise never depends on its batch; called with
+    (sigma, sigma_next) it gives (W(sigma_next) - W(sigma)) / sqrt|sigma_next - sigma|, a standard normal per
+    element, and nested or repeated intervals agree with each other as one path. This is k-diffusion's
+    BrownianTreeNoiseSampler with a list of seeds, so the two draw the same noise from the same seeds."""
+
+    def __init__(self, like: torch.Tensor, sigma_min: torch.Tensor | float, sigma_max: torch.Tensor | float,
+                 seeds: Sequence[int]):
+        import torchsde  # deferred: only the SDE samplers need it
+
+        if len(seeds) != like.shape[0]:
+            raise ValueError(f"batch of {like.shape[0]} but {len(seeds)} seeds")
+        t0, t1 = sorted((torch.as_tensor(sigma_min), torch.as_tensor(sigma_max)))
+        w0 = torch.zeros_like(like[0])
+        self.trees = [torchsde.BrownianTree(t0, w0, t1, entropy=int(s)) for s in seeds]
+
+    def __call__(self, sigma: torch.Tensor | float, sigma_next: torch.Tensor | float) -> torch.Tensor:
+        a, b = torch.as_tensor(sigma), torch.as_tensor(sigma_next)
+        sign = 1.0 if a < b else -1.0  # W(b) - W(a), the tree wants its times ascending
+        lo, hi = (a, b) if a < b else (b, a)
+        with warnings.catch_warnings():  # a level a rounding below the range's end (exp(log sigma)): harmless
+            warnings.filterwarnings("ignore", "Should have t")
+            w = torch.stack([tree(lo, hi) for tree in self.trees]) * sign
+        return w / (b - a).abs().sqrt()
