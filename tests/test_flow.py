@@ -147,3 +147,18 @@ def test_flux_without_guidance_embedding(tmp_path):
     fam.check_size(16, 16)
     x = fam.initial_latents(_Fixed(torch.randn(1, 4, 8, 8)), (4, 8, 8), fam.sigmas(2)[0])
     assert torch.isfinite(fam.denoiser()(x, fam.sigmas(2)[:1], **cond)).all()
+
+
+@pytest.mark.parametrize("schedule", ["simple", "sgm_uniform", "beta", "exponential", "kl_optimal"])
+def test_shared_schedules_run_on_flow_levels(tiny_sd3, schedule):
+    """Every shared schedule takes a flow model's levels (its shifted t grid in sigma): descending, inside the
+    scheduler's finite range, ending in 0; Align Your Steps (no published table for SD3) is refused in one line."""
+    fam = family(tiny_sd3)
+    fam.check_size(16, 16)
+    levels = fam.noise_levels()
+    sigmas = fam.sigmas(6, schedule=schedule)
+    assert sigmas[-1] == 0 and len(sigmas) == 7 and bool((sigmas[:-1] > 0).all())
+    assert bool((sigmas[:-1].diff() < 0).all())
+    assert levels.sigma_min * 0.999 <= float(sigmas[-2]) and float(sigmas[0]) <= levels.sigma_max * 1.001
+    with pytest.raises(DiffcliError, match="Align Your Steps"):
+        fam.sigmas(6, schedule="ays")

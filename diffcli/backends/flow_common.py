@@ -20,13 +20,12 @@ prompts become its conditioning, how it decodes, and which of its attention modu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..core import joint_attention
-from ..core.samplers import SCHEDULES, get_sigmas_karras
+from ..core.schedules import NoiseLevels, refuses, schedule_sigmas
 from ..shared.cache import cached
 from ..shared.devices import PerSampleRandn
 from ..shared.errors import DiffcliError
@@ -51,24 +50,6 @@ def t_to_sigma(t: torch.Tensor) -> torch.Tensor:
     """sigma = t / (1 - t) in float64, `SIGMA_T1` at t = 1."""
     t = t.double()
     return torch.where(t >= 1, torch.full_like(t, SIGMA_T1), t / (1 - t).clamp(min=1e-300))
-
-
-@dataclass(frozen=True)
-class NoiseLevels:
-    """A flow model's noise levels in sigma: the range (for schedules such as Karras) and the ascending table of
-    the scheduler's training levels (its shifted t grid mapped to sigma). The shared schedule seam takes such an
-    object; until it lands, `FlowPipeline.sigmas` builds the schedules it knows from it."""
-    sigma_min: float
-    sigma_max: float
-    table: torch.Tensor  # ascending, float64
-
-    @staticmethod
-    def sigma_to_t(sigma: torch.Tensor) -> torch.Tensor:
-        return sigma_to_t(sigma)
-
-    @staticmethod
-    def t_to_sigma(t: torch.Tensor) -> torch.Tensor:
-        return t_to_sigma(t)
 
 
 class FlowDenoiser(torch.nn.Module):
@@ -191,29 +172,36 @@ class FlowPipeline(Family):
         raise NotImplementedError
 
     def noise_levels(self) -> NoiseLevels:
-        """The scheduler's training levels (its shifted t grid; Flux at the current size's shift) in sigma."""
+        """The scheduler's training levels (its shifted t grid; Flux at the current size's shift) in sigma, for the
+        shared schedules (`core.schedules`): the finite ones (t = 1 is sigma = infinity, `SIGMA_T1` stands in)."""
         sched = self.pipe.scheduler
         h, w = self.size_hw or (self.native_size(),) * 2
         ts = self.scheduler_ts(sched.config.num_train_timesteps, h, w)
         table = t_to_sigma(ts[ts > 0].double()).flip(0)
         finite = table[table < SIGMA_T1]
-        return NoiseLevels(float(table[0]), float(finite[-1]) if len(finite) else SIGMA_T1, table)
+        if not len(finite):
+            finite = table
+        return NoiseLevels(float(finite[0]), float(finite[-1]), finite,
+                           own=lambda steps: t_to_sigma(self.scheduler_ts(steps, h, w)),
+                           shift=getattr(sched.config, "shift", None))
 
     def sigmas(self, steps: int, device: torch.device | str | None = None, schedule: str = "scheduler",
                rho: float = 7.0) -> torch.Tensor:
         """"scheduler": the pipeline's own t grid (SD3's shift; Flux's shift from the image token count of the
-        last checked size) as sigmas, starting at `SIGMA_T1` (t = 1) and ending in 0; "karras": Karras sigmas
-        (exponent `rho`) over the scheduler's finite levels (`noise_levels`), then 0."""
-        if schedule not in SCHEDULES:
-            raise DiffcliError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        last checked size) as sigmas, starting at `SIGMA_T1` (t = 1) and ending in 0, in float64; any other of
+        `core.schedules.SCHEDULES` (karras, simple, sgm_uniform, beta, ...) over the scheduler's finite levels
+        (`noise_levels`, the model's shift in them), then 0."""
         device = self.device(device)
         if schedule == "scheduler":
             h, w = self.size_hw or (self.native_size(),) * 2
             return t_to_sigma(self.scheduler_ts(steps, h, w)).to(device=device, dtype=state_dtype(device))
-        if schedule != "karras":  # until the shared schedules take NoiseLevels (the schedule seam)
-            raise DiffcliError(f"--schedule {schedule}: {self.kind} models take scheduler or karras for now")
-        levels = self.noise_levels()
-        return get_sigmas_karras(steps, levels.sigma_min, levels.sigma_max, rho, device).to(state_dtype(device))
+        refusal = refuses(schedule, levels := self.noise_levels())
+        if refusal:
+            raise DiffcliError(refusal)
+        try:
+            return schedule_sigmas(schedule, levels, steps, rho, device).to(state_dtype(device))
+        except ValueError as err:
+            raise DiffcliError(str(err)) from None
 
     # ------------------------------------------------------------ prompts
 
