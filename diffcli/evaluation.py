@@ -11,7 +11,6 @@ gathered values and writes the eval.json one process would (see `run`).
 from __future__ import annotations
 
 import csv
-import json
 import os
 import stat
 from dataclasses import dataclass, replace
@@ -37,6 +36,7 @@ from .data.image_folders import (EVAL_FILE, check_images, conversion_warnings, f
                                  read_digit_samples)
 from .shared.limits import BATCH_MAX, KID_SUBSETS_MAX, N_MAX
 from .shared.fields import check_fields, opt
+from .shared.inputs import read_json
 from .core.metrics import cosine_per_image, digit_record, frechet_distance, group_means, kernel_distance
 
 OTHER_FAMILIES = ("fid", "kid", "digits")  # eval.json keys a CLIP run leaves in place; the rest is the CLIP part
@@ -123,7 +123,7 @@ def merge_eval(folder: str, clip_part: dict[str, Any] | None, families: dict[str
     old: dict[str, Any] = {}
     try:
         if stat.S_ISREG(os.lstat(Path(folder) / EVAL_FILE).st_mode):  # checked up front; never read a FIFO
-            loaded = json.loads((Path(folder) / EVAL_FILE).read_text())
+            loaded = read_json((Path(folder) / EVAL_FILE), "eval.json")
             old = loaded if isinstance(loaded, dict) else {}
     except (OSError, ValueError):
         pass
@@ -226,7 +226,7 @@ def _run(cfg: EvalConfig, dist: Dist) -> dict[str, Any]:
                          f"({rec['n']} samples)")
         out = Path(cfg.folder) / EVAL_FILE
         write_json(out, merge_eval(cfg.folder, clip_part, families), indent=4)
-        return {"eval_file": str(out), "lines": lines, "warnings": notes, "eval": json.loads(out.read_text())}
+        return {"eval_file": str(out), "lines": lines, "warnings": notes, "eval": read_json(out, "eval.json")}
 
     result = dist.main_first(aggregate, failure="rank 0 could not compute the scores (see its message)")
     return {**(result or {}), "main": dist.main}

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 from dataclasses import MISSING, dataclass
@@ -11,6 +10,7 @@ from typing import Any, Iterator, Optional
 from .runner import Command, CommandExit, RunContext
 from .shared.errors import DiffcliError
 from .shared.fields import opt
+from .shared.inputs import read_json
 from .data.image_folders import is_regular
 
 RERUNNABLE = ("train", "sample", "seg", "panorama", "anagram", "pg", "sweep")
@@ -33,7 +33,7 @@ def read_record(path: str | Path) -> dict[str, Any]:
     if not is_regular(path):
         raise DiffcliError(f"no run.json at {path}")
     try:
-        record = json.loads(path.read_text())
+        record = read_json(path, "run record")
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise DiffcliError(f"{path} is not a readable run record: {e}") from None
     if not (isinstance(record, dict) and isinstance(record.get("argv"), list) and isinstance(record.get("command"), str)

@@ -2,7 +2,6 @@
 optional CFG, a denoising strip and GIF; `show_forward` pictures the blurring forward process."""
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -34,6 +33,7 @@ from .drawing import (GRID_MAX, check_against_model, model_contexts, resolve, sa
                       sequence_pictures)
 
 from .shared.shipped import SHIPPED_MODEL as SHIPPED_CHECKPOINT  # the built-in model; every shipped path is in shipped.py
+from .shared.inputs import read_json
 
 
 @dataclass(kw_only=True)
@@ -169,7 +169,7 @@ def check_particle_batches(out: Path, batch_size: int) -> None:
     """--resume with PG: each --batch-size batch is one particle set, so a run resumes only with its own."""
     record = Path(out) / "run.json"
     try:
-        before = json.loads(record.read_text())["options"]["batch_size"] if is_run_record(record) else None
+        before = read_json(record, "run record")["options"]["batch_size"] if is_run_record(record) else None
     except (OSError, ValueError, KeyError, TypeError):
         before = None  # begin_output says what is wrong with the folder
     if before is not None and before != batch_size:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import itertools
-import json
 import math
 import os
 from dataclasses import MISSING, dataclass
@@ -29,6 +28,7 @@ from .shared.files import atomic_path, prepare_out_dir, write_json
 from .shared.images import load_images, save_grid
 from .shared.records import run_record_path
 from .shared.names import safe_name
+from .shared.inputs import read_json
 
 MAX_SETTINGS = 32  # more settings than this need --yes
 SCORES = ("digits", "fid", "kid", "clip")
@@ -136,7 +136,7 @@ def score(folder: Path, clip_app: str | None, scores: dict[str, str | None], fea
     ecfg = EvalConfig(folder=str(folder), app=clip_app if "clip" in scores else None,
                       fid=scores.get("fid"), kid=scores.get("kid"), features=features, digits="digits" in scores)
     result = run_eval(ecfg)
-    return scores_of(result.get("eval") or json.loads((folder / "eval.json").read_text()))
+    return scores_of(result.get("eval") or read_json((folder / "eval.json"), "eval.json"))
 
 
 def written_files(folder: Path, record: dict[str, Any]) -> list[str]:
@@ -265,7 +265,7 @@ def run(cfg: SweepConfig, commands: Commands, out: Path, overwrite: bool, resume
               "features": cfg.features}
     if resume:
         try:
-            before = json.loads(record_path.read_text())
+            before = read_json(record_path, "sweep record")
         except (OSError, ValueError):
             raise DiffcliError(f"--resume: {out} holds no sweep.json of an earlier sweep; start without --resume"
                                ) from None
@@ -281,7 +281,7 @@ def run(cfg: SweepConfig, commands: Commands, out: Path, overwrite: bool, resume
             folder = out / name
             done = folder / ".scored.json"
             if resume and done.is_file():
-                rows.append(json.loads(done.read_text()))
+                rows.append(read_json(done, "scored setting"))
                 continue
             argv = setting_argv(cfg, options, s, folder)
             if run_record_path(folder, beside_record).is_file():
@@ -292,7 +292,7 @@ def run(cfg: SweepConfig, commands: Commands, out: Path, overwrite: bool, resume
             if code:
                 raise DiffcliError(f"setting {name} failed (its message is above); rerun with --resume to continue")
             values = score(folder, commands.spec(cfg.command).clip_app, scores, cfg.features)
-            run_record = json.loads(run_record_path(folder, beside_record).read_text())
+            run_record = read_json(run_record_path(folder, beside_record), "sweep record")
             files = written_files(folder, run_record)
             row = {"setting": s, "folder": name, "scores": values, "files": files}
             if main:
