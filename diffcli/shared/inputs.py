@@ -32,6 +32,20 @@ def shown(value: Any, limit: int = SHOWN_MAX) -> str:
     return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
+MESSAGE_MAX = 600  # characters of one error line; beyond it a message is cut (a value pasted whole into it)
+
+
+_QUOTED = re.compile("'([^'\\n]{%d,})'|\"([^\"\\n]{%d,})\"" % (SHOWN_MAX + 1, SHOWN_MAX + 1))
+
+
+def one_line(message: str, limit: int = MESSAGE_MAX) -> str:
+    """An error message as the one line the user sees: every quoted value cut to a short prefix (`shown`; a value
+    a library or an older check pasted whole), line breaks folded, at most `limit` characters."""
+    text = _QUOTED.sub(lambda m: shown(m.group(1) or m.group(2)), str(message))
+    text = " ".join(text.splitlines())
+    return text if len(text) <= limit else f"{text[:limit]}... (message cut: {len(text)} characters)"
+
+
 _KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
           stat.S_IFSOCK: "a socket"}
 
