@@ -29,8 +29,8 @@ from .core.draw import net_group
 from .core.samplers import SAMPLERS, nfe
 from .core.blurring import (SAMPLERS as BLURRING_SAMPLERS, BlurSchedule, blurred_mean, check_blur_sigma, diffuse,
                             schedule_of)
-from .drawing import (GRID_MAX, check_against_model, model_contexts, resolve, sample_batches, sample_names, samples_record,
-                      sequence_pictures)
+from .drawing import (GRID_MAX, check_against_model, check_model_inputs, model_contexts, resolve, sample_batches,
+                      sample_names, samples_record, sequence_pictures)
 
 from .shared.shipped import SHIPPED_MODEL as SHIPPED_CHECKPOINT  # the built-in model; every shipped path is in shipped.py
 from .shared.inputs import read_json
@@ -101,6 +101,7 @@ def validate(cfg: SampleConfig) -> None:
     check_particles(cfg, min(cfg.n, cfg.batch_size), pipeline=False, what="the batch (--n and --batch-size)")
     if cfg.sigma_min is not None and cfg.sigma_max is not None and not 0 < cfg.sigma_min < cfg.sigma_max:
         raise DiffcliError("need 0 < --sigma-min < --sigma-max")
+    check_model_inputs(cfg.checkpoint, cfg.labels)
 
 
 def run(cfg: SampleConfig, out: Path, overwrite: bool, device_name: str | None, options: dict[str, Any],
