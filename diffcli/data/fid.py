@@ -20,7 +20,7 @@ from ..shared.errors import DiffcliError
 from ..shared.files import check_folder, some_names
 from ..shared.libraries import quiet_libraries, reachable
 from ..shared.dist import Dist
-from .image_folders import SAMPLE_ARTIFACTS, check_images, is_regular, is_sample_folder
+from .image_folders import SAMPLE_ARTIFACTS, check_images, is_regular, is_sample_folder, recorded_samples
 
 FEATURES = ("inception", "mnist")
 # clean-fid's precomputed Inception statistics: name -> (default resolution, default split)
@@ -92,11 +92,18 @@ def feature_files(folder: str, what: str, dist: Dist | None = None) -> tuple[lis
     """clean-fid's file list for a folder, minus the grid/strip `diffcli sample` writes beside its samples."""
     notes: list[str] = []
     files = cleanfid_listing(str(check_folder(folder, what)), notes)
-    if is_sample_folder(folder):
+    listed = recorded_samples(folder)
+    if listed is not None:  # the run record says which images are samples; figures beside them are not
+        keep = {os.path.normpath(os.path.join(folder, f)) for f in listed}
+        extra = [f for f in files if os.path.normpath(f) not in keep]
+    elif is_sample_folder(folder):
         extra = [f for f in files if Path(f).parent == Path(folder) and Path(f).name in SAMPLE_ARTIFACTS]
-        if extra:
-            files = [f for f in files if f not in extra]
-            notes.append(f"left {', '.join(Path(f).name for f in extra)} of `diffcli sample` out of the {what} images")
+    else:
+        extra = []
+    if extra:
+        files = [f for f in files if f not in extra]
+        notes.append(f"left {some_names([os.path.relpath(f, folder) for f in extra])} out of the {what} images "
+                     "(not samples in the folder's run.json)")
     if len(files) < 2:
         raise DiffcliError(f"{what} {folder} has {len(files)} image(s); FID/KID need at least 2")
     check_images([f for f in files if not f.endswith(".npy")], dist)

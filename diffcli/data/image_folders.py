@@ -205,6 +205,22 @@ def is_sample_folder(folder: str) -> bool:
     return isinstance(record, dict) and record.get("command") in ("sample", "seg", "pg")
 
 
+def recorded_samples(folder: str) -> list[str] | None:
+    """The sample images a diffcli run record in `folder` lists (`samples: [{file}]`, relative to the folder), or
+    None without one. THE rule telling samples from figures: what the record lists is a sample; what it does not
+    (grid.png, strip.png, compare.png, embedding.png, landing pictures, another run's subfolder) is not."""
+    if not is_sample_folder(folder):
+        return None
+    try:
+        samples = read_json(Path(folder) / "run.json", "run record").get("samples")
+    except (ValueError, AttributeError):
+        return None
+    if not (isinstance(samples, list) and samples and all(isinstance(s, dict) and isinstance(s.get("file"), str)
+                                                         for s in samples)):
+        return None
+    return [s["file"] for s in samples]
+
+
 def read_digit_samples(folder: str) -> tuple[list[str], list[int] | None, list[str]]:
     """The samples `diffcli sample` recorded in run.json (file, label); without one, every PNG, unlabelled."""
     path = check_folder(folder)
