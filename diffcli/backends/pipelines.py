@@ -8,6 +8,7 @@ of them, so SD 1.x/2.x, SDXL and DeepFloyd IF load, condition and decode one way
 """
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 
 from ..shared.cache import cached
 from ..shared.errors import DiffcliError
+from ..shared.inputs import input_path
 from ..shared.devices import pick_device, pick_dtype
 from ..shared.files import some_names
 from ..core.denoisers import DiffusersDenoiser
@@ -58,6 +60,8 @@ def _load_pipeline(spec: str, device: torch.device | str | None, dtype: torch.dt
     tlog.disable_progress_bar()
     device = pick_device(None if device is None else str(device))
     dtype = pick_dtype(None, device) if dtype is None else dtype
+    if os.path.lexists(spec):  # a local pipeline: a folder that can be read (a loop or a dangling link: one line)
+        input_path(spec, "--model pipeline folder", "folder")
     pickled = pickled_weights(Path(spec)) if Path(spec).is_dir() else []
     if pickled:
         what = "is a pickled weight file" if len(pickled) == 1 else "are pickled weight files"

@@ -16,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from ..shared.images import IMAGE_EXTS, check_image_file
 from ..shared.errors import DiffcliError
 from ..shared.memory import check_memory
+from ..shared.inputs import input_path
 from ..shared.limits import PIXELS_MAX
 from .sequences import KINDS as SEQUENCE_KINDS, SequenceSpec, check_spec, digit_tiles, make_dataset
 
@@ -114,8 +115,7 @@ def _load_cifar10(root: Path, split: str) -> ImageSet:
 
 def _load_folder(path: Path, image_size: int | None, channels: int | None) -> ImageSet:
     """Images in PATH, or in PATH/<class>/ subfolders (then labelled by subfolder)."""
-    if not path.is_dir():
-        raise DiffcliError(f"image folder not found: {path}")
+    input_path(path, "--dataset image folder", "folder")
     subdirs = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
     groups = [(d.name, _image_files(d.rglob("*"))) for d in subdirs]
     groups = [(n, fs) for n, fs in groups if fs]

@@ -18,6 +18,7 @@ import torch
 
 from ..shared.errors import DiffcliError
 from ..shared.files import check_folder, some_names
+from ..shared.inputs import input_path
 from ..shared.libraries import quiet_libraries, reachable
 from ..shared.dist import Dist
 from .image_folders import SAMPLE_ARTIFACTS, check_images, is_regular, is_sample_folder, recorded_samples
@@ -41,6 +42,8 @@ def parse_reference(spec: str, option: str = "reference") -> Reference:
     """A reference folder, or NAME[:RES[:SPLIT]] of a dataset clean-fid has precomputed statistics for.
     `option` names the setting in messages (e.g. fid or kid)."""
     path = Path(spec)
+    if os.path.lexists(spec) and not path.is_file():  # a folder, or a loop, dangling link, device: one line
+        input_path(spec, f"{option} reference folder", "folder")
     if path.is_dir():
         return Reference(spec, folder=spec)
     if path.exists():
