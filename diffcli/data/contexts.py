@@ -5,10 +5,9 @@ model before any output, and its messages name the option.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
-
-import os
 
 import numpy as np
 import torch

@@ -18,6 +18,7 @@ import numpy as np
 from .errors import DiffcliError
 
 SHOWN_MAX = 60                  # characters of a user's value a message quotes
+PATH_SHOWN_MAX = 200            # a path's (its tail says which file)
 JSON_MAX_BYTES = 256 * 2**20    # a JSON file read back (a run.json of 10^6 samples is ~100 MB)
 JSON_MAX_DEPTH = 64             # nesting of a JSON file read back (ours nest 5 deep)
 STREAM_MAX_BYTES = 64 * 2**20   # a prompts file, a pipe or standard input
@@ -61,7 +62,7 @@ def input_path(path: str | os.PathLike, what: str, kind: str = "file", stream: b
     folder), and can be read. A symlink loop, a dangling link, a folder where a file belongs, a device, FIFO or
     socket, an unreadable file: one line naming `what` and the path."""
     text = os.fspath(path)
-    name = f"{what} {shown(text)}"
+    name = f"{what} {shown(text, PATH_SHOWN_MAX)}"
     if not text:
         raise DiffcliError(f"{what}: the path is empty")
     try:
@@ -110,7 +111,12 @@ def read_stream(path: str | os.PathLike, what: str, max_bytes: int = STREAM_MAX_
                 sys.stdin.read(max_bytes + 1).encode("utf-8")
             name = f"{what} (standard input)"
         else:
-            with open(input_path(text, what, "file", stream=True), "rb") as f:
+            # non-blocking open: a named FIFO no one writes to reads as empty instead of hanging (a pipe from
+            # `<(...)` has its writer already); then blocking reads, so a slow writer is waited for
+            fd = os.open(input_path(text, what, "file", stream=True), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            if hasattr(os, "set_blocking"):
+                os.set_blocking(fd, True)
+            with os.fdopen(fd, "rb") as f:
                 data = f.read(max_bytes + 1)
             name = f"{what} {shown(text)}"
     except OSError as e:
