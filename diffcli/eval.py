@@ -49,8 +49,8 @@ def check_summary(summary: Path, folders: list[str]) -> None:
         inside = next((f for f in folders if os.path.commonpath([where, os.path.realpath(f)]) == os.path.realpath(f)),
                       None)
         if inside is not None:
-            raise DiffcliError(f"--summary {shown(str(summary))} would write {table.name} inside the scored folder "
-                               f"{shown(inside)}; put the summary outside the folders")
+            raise DiffcliError(f"--summary {shown(str(summary), 200)} would write {table.name} inside the scored "
+                               f"folder {shown(inside, 200)}; put the summary outside the folders")
 
 
 def main(job: EvalJob, ctx: RunContext) -> dict[str, Any]:

@@ -36,7 +36,8 @@ def shown(value: Any, limit: int = SHOWN_MAX) -> str:
 MESSAGE_MAX = 600  # characters of one error line; beyond it a message is cut (a value pasted whole into it)
 
 
-_QUOTED = re.compile("'([^'\\n]{%d,})'|\"([^\"\\n]{%d,})\"" % (SHOWN_MAX + 1, SHOWN_MAX + 1))
+QUOTED_MAX = 300  # a quoted run longer than this in a message is a value pasted whole (ours quote <= 200 + text)
+_QUOTED = re.compile("'([^'\\n]{%d,})'|\"([^\"\\n]{%d,})\"" % (QUOTED_MAX + 1, QUOTED_MAX + 1))
 
 
 def one_line(message: str, limit: int = MESSAGE_MAX) -> str:
