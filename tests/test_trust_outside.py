@@ -157,7 +157,7 @@ def test_a_prompts_process_substitution_through_the_cli(tmp_path, tiny_sd):
            f"--model {shlex.quote(str(tiny_sd))} --steps 1 --n 1 --out {shlex.quote(str(out))}")
     proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in out.glob("*.png") if p.name != "grid.png")[:2] == ["a_cat.png", "a_dog.png"]
+    assert sorted(p.name for p in out.glob("*.png") if p.name != "grid.png")[:2] == ["a_cat_seed0.png", "a_dog_seed0.png"]
 
 
 def test_a_stream_is_bounded(tmp_path):

@@ -75,7 +75,7 @@ def input_path(path: str | os.PathLike, what: str, kind: str = "file", stream: b
             raise DiffcliError(f"{name} is a dangling symlink (to {shown(os.readlink(text))}, which does not "
                                "exist)") from None
         if e.errno == errno.ENOENT:
-            raise DiffcliError(f"{name} not found") from None
+            raise DiffcliError(f"{what} not found: {shown(text, PATH_SHOWN_MAX)}") from None
         if e.errno == errno.ENOTDIR:
             raise DiffcliError(f"{name} not found (a part of it is a file, not a folder)") from None
         if e.errno == errno.EACCES:
@@ -160,7 +160,7 @@ def parse_json(data: bytes | str, name: str, max_depth: int = JSON_MAX_DEPTH) ->
     try:
         return json.loads(data)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        reason = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
         raise DiffcliError(f"{name} is not valid JSON: {reason}") from None
 
 
