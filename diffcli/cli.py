@@ -12,6 +12,7 @@ from . import anagram, eval as eval_, info, panorama, pg, report, rerun, sample,
 from .cliopts import to_config_values, typer_function
 from .runner import Command, CommandExit, RunContext, execute
 from .shared.errors import DiffcliError
+from .shared.inputs import one_line
 
 try:  # typer >= 0.20 vendors click
     from typer._click import exceptions as click_exceptions
@@ -37,7 +38,7 @@ def debugging() -> bool:
 
 
 def _fail(message: str, code: int) -> int:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {one_line(message)}", err=True)
     return code
 
 
@@ -206,7 +207,7 @@ def run() -> None:
         code = 2
     except click_exc.UsageError as e:  # bad option values, unknown options or commands
         hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
-        typer.echo(f"error: {e.format_message()}{hint}", err=True)
+        typer.echo(f"error: {one_line(e.format_message())}{hint}", err=True)
         code = 2
     except typer.Abort:
         typer.echo("interrupted", err=True)

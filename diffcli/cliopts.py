@@ -25,12 +25,24 @@ def read_config(ctx: typer.Context, param: Any, value: Optional[Path]) -> Option
         return None
     from .shared.configfile import read_options
     try:
-        values = read_options(value, {p.name: [o.lstrip("-") for o in p.opts] for p in ctx.command.params
-                                      if p.name not in ("config", "ctx")})
+        params = [p for p in ctx.command.params if p.name not in ("config", "ctx")]
+        values = read_options(value, {p.name: [o.lstrip("-") for o in p.opts] for p in params},
+                              {p.name: (_kind(p), bool(p.multiple) or p.nargs != 1) for p in params})
     except DiffcliError as e:
         raise typer.BadParameter(str(e), ctx=ctx, param=param) from None
     ctx.default_map = {**(ctx.default_map or {}), **values}
     return value
+
+
+def _kind(param: Any) -> str:
+    """What a --config value of this click parameter must be (configfile.KINDS), from its annotation: flags are
+    booleans; Optional[...] and list[...] count as what they hold."""
+    if getattr(param, "is_flag", False):
+        return "boolean"
+    hint = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    while typing.get_args(hint) and typing.get_origin(hint) in (Union, types.UnionType, list, tuple):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return {bool: "boolean", int: "integer", float: "float", str: "text", Path: "text"}.get(hint, "")
 
 
 CONFIG = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],

@@ -17,6 +17,7 @@ import torch
 
 from .backends.classifier import SHIPPED_CLASSIFIER, load_classifier
 from .backends.edm import DiffcliModel
+from .backends.models import model_file
 from .core.blurring import DEFAULT_STEPS as BLURRING_STEPS, SAMPLERS as BLURRING_SAMPLERS
 from .core.draw import draw_batches
 from .core.particles import KernelGrad, classifier_features, make_kernel, posterior_push
@@ -26,6 +27,7 @@ from .data import sequences as sq
 from .data.contexts import resolve_contexts
 from .options import GuidanceOptions, SamplingOptions, guidance_of
 from .shared.errors import DiffcliError
+from .shared.limits import CLASSES_MAX
 
 
 @dataclass(kw_only=True)
@@ -41,6 +43,16 @@ class DrawOptions(GuidanceOptions, SamplingOptions):
     strip: bool = False
     gif: bool = False
     clip_denoised: bool = False
+
+
+def check_model_inputs(checkpoint: str | None, labels: str | None) -> None:
+    """What `--checkpoint` and `--labels` can be checked for before a model loads (so a sweep refuses a bad grid
+    value before it writes): the model file is there and readable (`models.model_file`), the labels are integers
+    within the largest number of classes a model may have (its own classes are checked once it is loaded)."""
+    if checkpoint is not None:
+        model_file(checkpoint)
+    if labels is not None:
+        parse_labels(labels, CLASSES_MAX, 1)
 
 
 def parse_labels(spec: str | None, num_classes: int, n: int) -> list[int] | None:

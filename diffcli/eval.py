@@ -2,6 +2,7 @@
 several folders."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 from .evaluation import EvalConfig, expand_folders, run_many, validate, write_summary
 from .runner import Command, CommandExit, RunContext
 from .shared.errors import DiffcliError
+from .shared.inputs import shown
 from .shared.fields import opt
 
 @dataclass(kw_only=True)
@@ -34,7 +36,21 @@ class EvalJob:
 def build(values: dict[str, Any]) -> EvalJob:
     """The command line's values -> the folders (globs expanded) and the config of the first."""
     folders, summary = expand_folders(values.pop("folders")), values.pop("summary")
+    if len(folders) > 1:
+        check_summary(summary, folders)
     return EvalJob(EvalConfig(folder=folders[0], **values), folders, summary)
+
+
+def check_summary(summary: Path, folders: list[str]) -> None:
+    """The rule for --summary PATH: PATH.csv and PATH.json lie outside every folder scored (a folder holds its
+    images and its own eval.json, never a table of several: `--summary a/eval.json` would replace a's scores)."""
+    for table in (summary.with_suffix(".csv"), summary.with_suffix(".json")):
+        where = os.path.realpath(table)
+        inside = next((f for f in folders if os.path.commonpath([where, os.path.realpath(f)]) == os.path.realpath(f)),
+                      None)
+        if inside is not None:
+            raise DiffcliError(f"--summary {shown(str(summary), 200)} would write {table.name} inside the scored "
+                               f"folder {shown(inside, 200)}; put the summary outside the folders")
 
 
 def main(job: EvalJob, ctx: RunContext) -> dict[str, Any]:

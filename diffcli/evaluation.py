@@ -11,7 +11,6 @@ gathered values and writes the eval.json one process would (see `run`).
 from __future__ import annotations
 
 import csv
-import json
 import os
 import stat
 from dataclasses import dataclass, replace
@@ -38,6 +37,8 @@ from .data.image_folders import (EVAL_FILE, check_images, conversion_warnings, f
                                  read_digit_samples)
 from .shared.limits import BATCH_MAX, KID_SUBSETS_MAX, N_MAX
 from .shared.fields import check_fields, opt
+from .shared.inputs import read_json, shown
+from .shared.libraries import library_warnings
 from .core.metrics import cosine_per_image, digit_record, frechet_distance, group_means, kernel_distance
 
 OTHER_FAMILIES = ("fid", "kid", "digits", "regions", "seam")  # eval.json keys a CLIP run leaves in place; the rest is the CLIP part
@@ -128,7 +129,7 @@ def merge_eval(folder: str, clip_part: dict[str, Any] | None, families: dict[str
     old: dict[str, Any] = {}
     try:
         if stat.S_ISREG(os.lstat(Path(folder) / EVAL_FILE).st_mode):  # checked up front; never read a FIFO
-            loaded = json.loads((Path(folder) / EVAL_FILE).read_text())
+            loaded = read_json((Path(folder) / EVAL_FILE), "eval.json")
             old = loaded if isinstance(loaded, dict) else {}
     except (OSError, ValueError):
         pass
@@ -232,7 +233,7 @@ def _run(cfg: EvalConfig, dist: Dist) -> dict[str, Any]:
             lines.append(f"seam: the join changes {seam['ratio']:.3f}x as much as neighbouring columns inside "
                          f"({len(seam['images'])} panorama(s))")
         if refs:
-            families.update(fid_kid(cfg, refs, feats, len(gen_files), lines))
+            families.update(fid_kid(cfg, refs, feats, len(gen_files), lines, notes))
         if cfg.digits:
             rec = digit_record(*digit_out, digit_labels)
             families["digits"] = {**rec, "classifier": str(classifier_path)}
@@ -242,7 +243,7 @@ def _run(cfg: EvalConfig, dist: Dist) -> dict[str, Any]:
                          f"({rec['n']} samples)")
         out = Path(cfg.folder) / EVAL_FILE
         write_json(out, merge_eval(cfg.folder, clip_part, families), indent=4)
-        return {"eval_file": str(out), "lines": lines, "warnings": notes, "eval": json.loads(out.read_text())}
+        return {"eval_file": str(out), "lines": lines, "warnings": notes, "eval": read_json(out, "eval.json")}
 
     result = dist.main_first(aggregate, failure="rank 0 could not compute the scores (see its message)")
     return {**(result or {}), "main": dist.main}
@@ -280,8 +281,17 @@ def region_scores(cfg: EvalConfig, crops: list, device: torch.device) -> dict[st
     return {**region_record(crops, cosine_per_image(image_emb, text_emb, index)), "clip_model": clip.weights}
 
 
+def covariance_notes(what: str, n: int, dims: int) -> list[str]:
+    """FID compares covariances of `dims`-dimensional features; n images give one of rank at most n - 1, so with
+    n <= dims it is singular and the FID's matrix square root unstable. One note saying how many are needed."""
+    if n > dims:
+        return []
+    return [f"FID: {what} has {n} images for {dims} feature dimensions, so its covariance is singular and the FID "
+            f"is unstable; it needs more images than feature dimensions: at least {dims + 1} ({dims + 1 - n} more)"]
+
+
 def fid_kid(cfg: EvalConfig, refs: dict[str, Reference], feats: dict[str, np.ndarray], n_images: int,
-            lines: list[str]) -> dict[str, Any]:
+            lines: list[str], notes: list[str] | None = None) -> dict[str, Any]:
     """eval.json's fid and kid families from the folder's features (key "") and each reference folder's."""
     families: dict[str, Any] = {}
     common = {"features": cfg.features, "mode": "clean", "n_images": n_images}
@@ -293,10 +303,18 @@ def fid_kid(cfg: EvalConfig, refs: dict[str, Reference], feats: dict[str, np.nda
         else:
             mu, sigma = reference_statistics(r, "FID")
             n_ref = None
+        notes = notes if notes is not None else []
+        said = covariance_notes("the folder", len(feats[""]), feats[""].shape[1])
+        said += covariance_notes(f"the reference {r.spec}", n_ref, mu.shape[0]) if n_ref is not None else []
         try:
-            value = frechet_distance(feats[""], mu, sigma)
+            with library_warnings(keep=True) as caught:  # scipy's LinAlgWarning says what the notes say
+                value = frechet_distance(feats[""], mu, sigma)
         except ValueError as e:
-            raise DiffcliError(f"FID is numerically undefined here ({e}); use more images") from None
+            raise DiffcliError(f"FID is numerically undefined here ({shown(str(e), 80)}); use more images") from None
+        if caught and not said:
+            said = [f"FID: the covariances' matrix square root was inexact ({shown(str(caught[0].message), 80)}); "
+                    "more images make it stable"]
+        notes += said
         families["fid"] = {"value": value, "reference": r.spec, **common, "n_reference": n_ref}
         lines.append(f"FID {value:.4f} ({cfg.features} features, {n_images} images vs {r.spec})")
     if "kid" in refs:

@@ -5,6 +5,7 @@ of `diffcli.core.samplers`; this module only picks the kernel, the model family 
 """
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -322,6 +323,7 @@ def _run(cfg: PGConfig, out: Path, overwrite: bool, resume: bool, dist: Dist, op
         kernel = pipelines.pipeline_kernel(pipe, cfg, image_features)
         draw = lambda factor, j, step: sample_pipeline(pipe, cfg, factor, device, step, kernel, guide)
         nfe_each = (cfg.sampler, cfg.steps or DEFAULT_STEPS["pipeline"])
+        shape = (cfg.n, 3, height, width)
     else:
         ours = pipelines.load_family(cfg.checkpoint or SHIPPED_MODEL, device, dtype, checkpoint=True)
         model, meta = ours.model, ours.meta
@@ -342,6 +344,7 @@ def _run(cfg: PGConfig, out: Path, overwrite: bool, resume: bool, dist: Dist, op
         draw = lambda factor, j, step: (sample_digits(model, meta, cfg, factor, kernel, device, step,
                                                       contexts[j].frames if contexts else None, j * cfg.n), None)
         nfe_each = (cfg.sampler, cfg.steps or DEFAULT_STEPS["digits"])
+        shape = (cfg.n, meta["channels"], meta["image_size"], meta["image_size"])
     record = {**options_record(cfg), **options}
     dist.begin(out, overwrite, resume, "pg", record)  # --resume: the same options as the run in `out`
 
@@ -359,6 +362,8 @@ def _run(cfg: PGConfig, out: Path, overwrite: bool, resume: bool, dist: Dist, op
             yield path, save_checkpoint, {"images": images, **({"latents": latents} if latents is not None else {})}, \
                 {"pg_set": {"name": name, "index": j}}
 
+    if resume:
+        keep_drawn_sets(tasks, shape, latents=kind == "pipeline")
     done = run_tasks(dist, tasks, draw_sets, resume=resume, label="sampling", work=lambda task: steps)
     if not done.main:
         return {"out": str(out), "n": cfg.n * count, "lines": [], "main": False}
@@ -370,6 +375,31 @@ def run_scale(cfg: PGConfig, meta: dict[str, Any]) -> float:
     if "num_classes" in meta:
         return digit_scale(cfg, meta) or 0.0 if meta["num_classes"] else 1.0
     return DEFAULT_CFG["pipeline"] if cfg.cfg is None else cfg.cfg
+
+
+def keep_drawn_sets(tasks: list[Task], shape: tuple[int, ...], latents: bool) -> None:
+    """--resume: a particle-set file on disk is kept only if it is the one this run draws there: a readable diffcli
+    tensor file naming this set, its `images` of the run's shape (`shape`: N, C, H, W), finite, with `latents` (N
+    rows) exactly for pipelines. Any other (truncated, another run's, edited) is removed and drawn again, so the
+    resumed folder equals the uninterrupted run's. A folder or link in its place is refused."""
+    for task in tasks:
+        (name, _, j), (path,) = task.item, task.files
+        if not os.path.lexists(path):
+            continue
+        if path.is_symlink() or not path.is_file():
+            raise DiffcliError(f"--resume: {path} is not a particle-set file of this run; remove it and resume")
+        try:
+            tensors, set_meta = load_checkpoint(path)
+        except DiffcliError:
+            tensors, set_meta = {}, {}
+        images, lat = tensors.get("images"), tensors.get("latents")
+        good = (set_meta.get("pg_set") == {"name": name, "index": j} and isinstance(images, torch.Tensor)
+                and tuple(images.shape) == tuple(shape) and images.is_floating_point()
+                and bool(torch.isfinite(images).all()) and (lat is not None) == latents
+                and (lat is None or (lat.ndim >= 2 and lat.shape[0] == shape[0] and lat.is_floating_point()))
+                and set(tensors) <= {"images", "latents"})
+        if not good:
+            path.unlink(missing_ok=True)
 
 
 def write_outputs(cfg: PGConfig, done: Done, out: Path, folders: dict[str, Path], labels: list[int] | None,

@@ -4,8 +4,8 @@ how (`image.rerun` in its settings, e.g. sample's --n), and check that the image
 from __future__ import annotations
 
 import contextlib
-import json
 import os
+import shlex
 from pathlib import Path
 from dataclasses import MISSING, dataclass
 from typing import Any, Iterator, Optional
@@ -15,6 +15,7 @@ from .shared.errors import DiffcliError
 from .shared.fields import opt
 from .shared.image_settings import read_settings
 from .data.image_folders import is_regular
+from .shared.inputs import read_json
 
 RERUNNABLE = ("train", "sample", "seg", "panorama", "anagram", "pg", "sweep")
 OUTPUT_FLAGS = ("--out", "--resume", "--overwrite")
@@ -23,7 +24,7 @@ OUTPUT_FLAGS = ("--out", "--resume", "--overwrite")
 def record_and_folder(path: str | Path) -> tuple[Path, Path]:
     """(the run record, the output folder it describes): OUT/run.json, or OUT.run.json beside OUT (panorama,
     anagram); a folder means the record inside it."""
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # `diffcli rerun run.json` inside the run's folder: the folder has a name
     if path.is_dir():
         return path / "run.json", path
     if path.name.endswith(".run.json"):
@@ -33,12 +34,9 @@ def record_and_folder(path: str | Path) -> tuple[Path, Path]:
 
 def read_record(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not is_regular(path):
+    if not os.path.lexists(path):
         raise DiffcliError(f"no run.json at {path}")
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise DiffcliError(f"{path} is not a readable run record: {e}") from None
+    record = read_json(path, "run record")  # the path checked, its size and depth bounded
     if not (isinstance(record, dict) and isinstance(record.get("argv"), list) and isinstance(record.get("command"), str)
             and all(isinstance(a, str) for a in record["argv"])):
         raise DiffcliError(f"{path} is no diffcli run record (it needs command and argv)")
@@ -160,9 +158,12 @@ def main(cfg: RerunConfig, ctx: RunContext) -> int:
     path, folder = record_and_folder(cfg.record)
     data = read_record(path)
     argv = replay_argv(data, ctx.out or folder.with_name(folder.name + "-rerun"))
+    target = Path(argv[-1])
     if ctx.overwrite:
         argv.append("--overwrite")
-    ctx.echo_err(f"diffcli {' '.join(argv)}")
+    elif target.is_dir() and any(target.iterdir()):  # the record's --config may say `overwrite`: only the user may
+        raise DiffcliError(f"output folder {target} is not empty; pass --overwrite or choose another --out")
+    ctx.echo_err(shlex.join(["diffcli", *argv]))
     with working_folder(data):
         code = ctx.commands.run(argv[0], argv[1:])
     if code:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .shared.fields import opt
+from .shared.libraries import library_warnings
 from .shared.records import recording
 
 @dataclass
@@ -91,5 +92,5 @@ class CommandExit(Exception):
 
 def execute(command: Command, cfg: Any, ctx: RunContext) -> Any:
     """Run a command on its config in a context; run records written meanwhile note the context's argv and cwd."""
-    with recording(ctx.argv, ctx.cwd):
+    with recording(ctx.argv, ctx.cwd), library_warnings(show=ctx.debug):  # no library's warning reaches the user
         return command.run(cfg, ctx)

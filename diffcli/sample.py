@@ -2,7 +2,6 @@
 optional CFG, a denoising strip and GIF; `show_forward` pictures the blurring forward process."""
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -32,10 +31,11 @@ from .core.draw import net_group
 from .core.samplers import SAMPLERS, nfe_record
 from .core.blurring import (SAMPLERS as BLURRING_SAMPLERS, BlurSchedule, blurred_mean, check_blur_sigma, diffuse,
                             schedule_of)
-from .drawing import (GRID_MAX, check_against_model, load_guide, model_contexts, resolve, sample_batches, sample_names,
-                      samples_record, sequence_pictures)
+from .drawing import (GRID_MAX, check_against_model, check_model_inputs, load_guide, model_contexts, resolve,
+                      sample_batches, sample_names, samples_record, sequence_pictures)
 
 from .shared.shipped import SHIPPED_MODEL as SHIPPED_CHECKPOINT  # the built-in model; every shipped path is in shipped.py
+from .shared.inputs import read_json
 
 
 @dataclass(kw_only=True)
@@ -136,6 +136,7 @@ def validate(cfg: SampleConfig | PipelineRun) -> None:
     check_particles(cfg, min(cfg.n, cfg.batch_size), pipeline=False, what="the batch (--n and --batch-size)")
     if cfg.sigma_min is not None and cfg.sigma_max is not None and not 0 < cfg.sigma_min < cfg.sigma_max:
         raise DiffcliError("need 0 < --sigma-min < --sigma-max")
+    check_model_inputs(cfg.checkpoint, cfg.labels)
 
 
 def run(cfg: SampleConfig, out: Path, overwrite: bool, device_name: str | None, options: dict[str, Any],
@@ -217,7 +218,7 @@ def check_particle_batches(out: Path, batch_size: int) -> None:
     """--resume with PG: each --batch-size batch is one particle set, so a run resumes only with its own."""
     record = Path(out) / "run.json"
     try:
-        before = json.loads(record.read_text())["options"]["batch_size"] if is_run_record(record) else None
+        before = read_json(record, "run record")["options"]["batch_size"] if is_run_record(record) else None
     except (OSError, ValueError, KeyError, TypeError):
         before = None  # begin_output says what is wrong with the folder
     if before is not None and before != batch_size:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import itertools
-import json
 import math
 import os
 from dataclasses import MISSING, dataclass
@@ -28,9 +27,13 @@ from .shared.errors import DiffcliError
 from .shared.files import atomic_path, prepare_out_dir, write_json
 from .shared.images import load_images, save_figure, save_grid
 from .shared.records import note_run, run_record_path
-from .shared.names import safe_name
+from .shared.names import unique_stems
+from .shared.dist import env_int
+from .shared.limits import WORLD_MAX
+from .shared.inputs import read_json
 
 MAX_SETTINGS = 32  # more settings than this need --yes
+SETTINGS_LIMIT = 10_000  # no sweep runs more (each setting is a whole run); counted before the grid is built
 SCORES = ("digits", "fid", "kid", "clip")
 GRID_SAMPLES = 8  # rows of the side-by-side grid
 RESULTS = ("results.csv", "results.json", "plot.png", "grid.png")
@@ -73,10 +76,24 @@ def parse_grid(specs: list[str], options: dict[str, str]) -> list[tuple[str, lis
             raise DiffcliError(f"--grid {key!r} is no option of this command; valid: {', '.join(sorted(options))}")
         if key in (k for k, _ in grid):
             raise DiffcliError(f"--grid {key!r} given twice; put all its values in one --grid {key}=V1,V2")
+        same = next((k for k, _ in grid if options[k] == options[key]), None)
+        if same is not None:  # two names of one option (cfg and guidance): one would silently win
+            raise DiffcliError(f"--grid {key!r} and {same!r} are the same option {options[key]}; give it once")
         if len(set(vals)) != len(vals):
             raise DiffcliError(f"--grid {key}: a value is repeated ({spec})")
         grid.append((key, vals))
     return grid
+
+
+def count_settings(grid: list[tuple[str, list[str]]], yes: bool) -> int:
+    """How many settings the grid makes, refused before any is built: above MAX_SETTINGS without --yes, above
+    SETTINGS_LIMIT always."""
+    total = math.prod(len(v) for _, v in grid)
+    if total > SETTINGS_LIMIT:
+        raise DiffcliError(f"the grid makes {total:,} settings; a sweep runs at most {SETTINGS_LIMIT:,}")
+    if total > MAX_SETTINGS and not yes:
+        raise DiffcliError(f"the grid makes {total} settings (more than {MAX_SETTINGS}); pass --yes to run them all")
+    return total
 
 
 def settings(grid: list[tuple[str, list[str]]]) -> list[dict[str, str]]:
@@ -85,8 +102,23 @@ def settings(grid: list[tuple[str, list[str]]]) -> list[dict[str, str]]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*(v for _, v in grid))]
 
 
-def setting_name(setting: dict[str, str]) -> str:
-    return safe_name("_".join(f"{k}-{v}" for k, v in setting.items()), 200)
+def setting_names(todo: list[dict[str, str]]) -> list[str]:
+    """Every setting's folder, under the one naming rule (`unique_stems`): names cut to the length limit, or
+    cleaned to the same text, get -2, -3, ... instead of sharing a folder."""
+    return unique_stems(["_".join(f"{k}-{v}" for k, v in s.items()) for s in todo], max_len=200)
+
+
+def scored_row(done: Path, setting: dict[str, str], name: str) -> dict[str, Any] | None:
+    """A setting's `.scored.json` from an earlier run of the sweep, or None when it is missing, unreadable or not
+    this setting's (it is then run with --resume and scored again)."""
+    try:
+        row = read_json(done, "scored setting")
+    except DiffcliError:
+        return None
+    good = (isinstance(row, dict) and row.get("setting") == setting and row.get("folder") == name
+            and isinstance(row.get("scores"), dict) and isinstance(row.get("files"), list)
+            and all(isinstance(f, str) for f in row["files"]))
+    return row if good else None
 
 
 def parse_scores(scores: list[str], command: str, commands: Commands) -> dict[str, str | None]:
@@ -136,7 +168,7 @@ def score(folder: Path, clip_app: str | None, scores: dict[str, str | None], fea
     ecfg = EvalConfig(folder=str(folder), app=clip_app if "clip" in scores else None,
                       fid=scores.get("fid"), kid=scores.get("kid"), features=features, digits="digits" in scores)
     result = run_eval(ecfg)
-    return scores_of(result.get("eval") or json.loads((folder / "eval.json").read_text()))
+    return scores_of(result.get("eval") or read_json((folder / "eval.json"), "eval.json"))
 
 
 def written_files(folder: Path, record: dict[str, Any]) -> list[str]:
@@ -241,30 +273,29 @@ def plan(cfg: SweepConfig, commands: Commands) -> tuple[list[tuple[str, list[str
         raise DiffcliError("give --out, --resume and --overwrite to the sweep, not to the swept command")
     options = commands.options(cfg.command)
     grid = parse_grid(cfg.grid, options)
+    count_settings(grid, cfg.yes)
     todo = settings(grid)
-    if len(todo) > MAX_SETTINGS and not cfg.yes:
-        raise DiffcliError(f"the grid makes {len(todo)} settings (more than {MAX_SETTINGS}); pass --yes to run them all")
     scores = parse_scores(cfg.scores, cfg.command, commands)
     if cfg.features not in ("mnist", "inception"):
         raise DiffcliError(f"--features {cfg.features!r}: choose mnist or inception")
-    for s in todo:
+    for s, name in zip(todo, setting_names(todo)):
         try:
             commands.check(cfg.command, setting_argv(cfg, options, s, Path(os.devnull) / "never"))
         except DiffcliError as e:
-            raise DiffcliError(f"setting {setting_name(s)}: {e}") from None
+            raise DiffcliError(f"setting {name}: {e}") from None
     return grid, todo, scores, options
 
 
 def run(cfg: SweepConfig, commands: Commands, out: Path, overwrite: bool, resume: bool,
         on_setting: Callable[[str], None] | None = None) -> dict[str, Any]:
     grid, todo, scores, options = plan(cfg, commands)
-    main = int(os.environ.get("RANK", "0")) == 0
+    main = env_int("RANK", 0, 0, WORLD_MAX - 1) == 0
     record_path = out / "sweep.json"
     record = {"command": cfg.command, "args": cfg.args, "grid": dict(grid), "scores": cfg.scores,
               "features": cfg.features}
     if resume:
         try:
-            before = json.loads(record_path.read_text())
+            before = read_json(record_path, "sweep record")
         except (OSError, ValueError):
             raise DiffcliError(f"--resume: {out} holds no sweep.json of an earlier sweep; start without --resume"
                                ) from None
@@ -276,12 +307,12 @@ def run(cfg: SweepConfig, commands: Commands, out: Path, overwrite: bool, resume
     note_run("sweep", {"out": str(out), **record}, "none")  # its grid and plot carry the sweep's settings
     rows, beside_record = [], commands.spec(cfg.command).record_beside
     with caching(), Dist(None):  # under torchrun, one process group for every setting's command and score
-        for s in todo:
-            name = setting_name(s)
+        for s, name in zip(todo, setting_names(todo)):
             folder = out / name
             done = folder / ".scored.json"
-            if resume and done.is_file():
-                rows.append(json.loads(done.read_text()))
+            row = scored_row(done, s, name) if resume and os.path.lexists(done) else None
+            if row is not None:
+                rows.append(row)
                 continue
             argv = setting_argv(cfg, options, s, folder)
             if run_record_path(folder, beside_record).is_file():
@@ -292,7 +323,7 @@ def run(cfg: SweepConfig, commands: Commands, out: Path, overwrite: bool, resume
             if code:
                 raise DiffcliError(f"setting {name} failed (its message is above); rerun with --resume to continue")
             values = score(folder, commands.spec(cfg.command).clip_app, scores, cfg.features)
-            run_record = json.loads(run_record_path(folder, beside_record).read_text())
+            run_record = read_json(run_record_path(folder, beside_record), "sweep record")
             files = written_files(folder, run_record)
             row = {"setting": s, "folder": name, "scores": values, "files": files}
             if main:

@@ -32,6 +32,7 @@ from .shared.checkpoints import (add_prefix, flatten_state, load_checkpoint, sav
 from .shared.files import clear_temp_files, prepare_out_dir
 from .shared.images import save_grid, save_image, to_model_range
 from .shared.records import note_run, write_run_json
+from .shared.inputs import read_json
 from .data.datasets import BatchOrder, ImageSet, load_dataset, mnist_digit_tiles
 from .core.denoisers import EDMPrecond
 from .shared.dist import Dist
@@ -481,7 +482,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, dist: Dis
 def _earlier_runs(path: Path) -> list[dict]:
     """The records of the sessions before a resume, so run.json keeps the whole history of the run."""
     try:
-        old = json.loads(path.read_text())
+        old = read_json(path, "run record")
     except (OSError, ValueError):
         return []
     if not isinstance(old, dict):  # a damaged run.json: its history is lost, the run itself is not

@@ -32,7 +32,7 @@ def test_config_values_and_flag_overrides(tmp_path, capsys):
     ("colour = 3\n", "unknown option 'colour'; valid:"),
     ("n = [\n", "is not valid TOML"),
     ("[sample]\nn = 3\n", "is a table"),
-    ('n = "many"\n', "Invalid value for '--n'"),
+    ('n = "many"\n', "n = 'many' is a string; n takes an integer"),
 ])
 def test_bad_configs_are_one_line_and_write_nothing(tmp_path, capsys, text, message):
     config = tmp_path / "c.toml"

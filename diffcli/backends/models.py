@@ -4,6 +4,7 @@ model with its weights, in eval mode.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ import torch
 from ..core.blurring import BlurringModel, schedule_of
 from ..shared.cache import cached
 from ..shared.errors import DiffcliError
+from ..shared.files import some_names
+from ..shared.inputs import input_path, shown
 from ..shared.checkpoints import load_checkpoint, strip_prefix
 from ..core.denoisers import EDMPrecond
 from .nets import UNetF, check_net_config
@@ -115,20 +118,22 @@ def model_file(spec: str | Path) -> Path:
     (`circle-jumping`, `mnist-edm`) where no such file or folder exists."""
     text = str(spec)
     run, sep, step = text.rpartition("@")
-    if sep and run and step.isdigit():
+    if sep and run and step.isdigit() and not os.path.lexists(text):  # a real file or folder NAME@STEP is itself
+        input_path(run, "checkpoint run folder", "folder")
         path = snapshot_path(Path(run), int(step))
-        if not path.is_file():
+        if not os.path.lexists(path):
             have = sorted(int(p.stem.split("-")[1]) for p in (Path(run) / "snapshots").glob("step-*.safetensors")
                           if p.stem.split("-")[1].isdigit())
-            raise DiffcliError(f"{run} has no snapshot of step {int(step)}; "
-                               + (f"it has steps {', '.join(map(str, have))}" if have else
+            raise DiffcliError(f"{shown(run)} has no snapshot of step {int(step)}; "
+                               + (f"it has steps {some_names([str(h) for h in have], 12)}" if have else
                                   "it has none (train with --snapshot-every N)"))
-        return path
+        return input_path(path, "checkpoint", "file")
     path = Path(text)
     shipped = CHECKPOINTS_DIR / (text if text.endswith(".safetensors") else text + ".safetensors")
-    if not path.exists() and path.name == text and shipped.is_file():
+    if not os.path.lexists(path) and path.name == text and shipped.is_file():
         return shipped
-    return path / "model.safetensors" if path.is_dir() else path
+    found = input_path(path, "checkpoint", "any")
+    return input_path(found / "model.safetensors", "checkpoint", "file") if found.is_dir() else found
 
 
 def _load_model(path, device: torch.device | str, kinds: tuple[str, ...]):

@@ -9,6 +9,7 @@ of them, so SD 1.x/2.x, SDXL and DeepFloyd IF load, condition and decode one way
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 
 from ..shared.cache import cached
 from ..shared.errors import DiffcliError
+from ..shared.inputs import input_path
 from ..shared.devices import pick_device, pick_dtype
 from ..shared.files import some_names
 from ..core.denoisers import DiffusersDenoiser
@@ -109,6 +111,8 @@ def _load_pipeline(spec: str, device: torch.device | str | None, dtype: torch.dt
     tlog.disable_progress_bar()
     device = pick_device(None if device is None else str(device))
     dtype = pick_dtype(None, device) if dtype is None else dtype
+    if os.path.lexists(spec):  # a local pipeline: a folder that can be read (a loop or a dangling link: one line)
+        input_path(spec, "--model pipeline folder", "folder")
     check_load_memory(spec, device, dtype, offload)
     pickled = pickled_weights(Path(spec)) if Path(spec).is_dir() else []
     components = {**{k: v for k, v in absent_components(Path(spec)).items() if k != "safety_checker"}, **components}

@@ -5,6 +5,7 @@ model before any output, and its messages name the option.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from ..shared.errors import DiffcliError
 from ..shared.images import check_image_file, to_model_range
 from ..shared.limits import N_MAX, PIXELS_MAX
 from .datasets import mnist_digit_tiles
+from ..shared.inputs import input_path
 from .sequences import SEQUENCE_DIGITS, Context, SequenceItem, make_item, spec_from_record, tiles_of
 
 CONTEXT_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -74,8 +76,7 @@ def read_context(path: str | Path, frames: int, size: int) -> torch.Tensor:
     path = Path(path)
     expect = (f"the model expects {frames} context frame(s) of {size}x{size}: a {frames * size}x{size} PNG "
               f"(frames side by side) or a ({frames}, {size}, {size}) tensor")
-    if not path.is_file():
-        raise DiffcliError(f"context file not found: {path}")
+    input_path(path, "--context file", "file")
     suffix = path.suffix.lower()
     if suffix in CONTEXT_IMAGE_EXTS:
         check_image_file(path, PIXELS_MAX, "context image")  # a decompression bomb is refused from its header
@@ -132,7 +133,9 @@ def resolve_contexts(spec: str, meta: dict[str, Any], data_root: str | None = No
     size = int(meta["image_size"])
     indices = parse_indices(spec)
     if indices is None:
-        if not Path(spec).is_file():
+        if os.path.lexists(spec):
+            input_path(spec, "--context file", "file")
+        else:
             raise DiffcliError(f"--context {spec}: no such file, and not a dataset index (e.g. 3, 0,4,7 or 0:10)")
         return [Context(read_context(spec, frames, size), str(spec))]
     if not indices:

@@ -16,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from ..shared.images import IMAGE_EXTS, check_image_file
 from ..shared.errors import DiffcliError
 from ..shared.memory import check_memory
+from ..shared.inputs import input_path
 from ..shared.limits import PIXELS_MAX
 from .sequences import KINDS as SEQUENCE_KINDS, SequenceSpec, check_spec, digit_tiles, make_dataset
 
@@ -114,8 +115,7 @@ def _load_cifar10(root: Path, split: str) -> ImageSet:
 
 def _load_folder(path: Path, image_size: int | None, channels: int | None) -> ImageSet:
     """Images in PATH, or in PATH/<class>/ subfolders (then labelled by subfolder)."""
-    if not path.is_dir():
-        raise DiffcliError(f"image folder not found: {path}")
+    input_path(path, "--dataset image folder", "folder")
     subdirs = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
     groups = [(d.name, _image_files(d.rglob("*"))) for d in subdirs]
     groups = [(n, fs) for n, fs in groups if fs]
@@ -228,18 +228,28 @@ def _load_sequences(kind: str, root: Path, split: str, frame_size: int | None, c
         raise DiffcliError(f"sequence option {extra[0]!r} does not apply to {kind}")
     if channels not in (None, 1):
         raise DiffcliError(f"{kind} frames are grey (1 channel), not {channels} channels")
-    tiles = mnist_digit_tiles(root, split, spec.digit_size)
-    check_memory(len(tiles) * (spec.context_frames + 1) * spec.frame_size ** 2, "cpu",
-                 f"{len(tiles)} {kind} sequences of {spec.context_frames + 1} {spec.frame_size}-px frames",
+    raw = _load_idx_dataset("mnist", Path(root), split).images  # 28-px digits: small; their count sizes the rest
+    check_memory(len(raw) * (spec.context_frames + 1) * spec.frame_size ** 2 + tiles_bytes(len(raw), spec.digit_size),
+                 "cpu", f"{len(raw)} {kind} sequences of {spec.context_frames + 1} {spec.frame_size}-px frames",
                  "pass a smaller --image-size")
+    tiles = digit_tiles(raw, spec.digit_size)
     context, nxt = make_dataset(spec, tiles)
     record = {**spec.record(), "split": split, "data_root": str(root.resolve()), "sequences": len(nxt)}
     return ImageSet(nxt, None, [], kind, context, record, tiles)
 
 
 def mnist_digit_tiles(root: str | Path, split: str, size: int) -> torch.Tensor:
-    """The MNIST digits under root (torchvision layout) as the sequence sets' (N, size, size) digit tiles."""
-    return digit_tiles(_load_idx_dataset("mnist", Path(root), split).images, size)
+    """The MNIST digits under root (torchvision layout) as the sequence sets' (N, size, size) digit tiles; their
+    memory (the resize works in floats) is checked before any is made."""
+    raw = _load_idx_dataset("mnist", Path(root), split).images
+    check_memory(tiles_bytes(len(raw), size), "cpu", f"{len(raw)} digit tiles of {size} px",
+                 "pass a smaller --image-size")
+    return digit_tiles(raw, size)
+
+
+def tiles_bytes(n: int, size: int) -> int:
+    """What `digit_tiles` allocates for n digits of `size` px: the float resize (4 bytes a pixel) and the result."""
+    return n * size * size * 5
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:

@@ -18,9 +18,10 @@ import torch
 
 from ..shared.errors import DiffcliError
 from ..shared.files import check_folder, some_names
+from ..shared.inputs import input_path
 from ..shared.libraries import quiet_libraries, reachable
 from ..shared.dist import Dist
-from .image_folders import SAMPLE_ARTIFACTS, check_images, is_regular, is_sample_folder
+from .image_folders import SAMPLE_ARTIFACTS, check_images, is_regular, is_sample_folder, recorded_samples
 
 FEATURES = ("inception", "mnist")
 # clean-fid's precomputed Inception statistics: name -> (default resolution, default split)
@@ -41,6 +42,8 @@ def parse_reference(spec: str, option: str = "reference") -> Reference:
     """A reference folder, or NAME[:RES[:SPLIT]] of a dataset clean-fid has precomputed statistics for.
     `option` names the setting in messages (e.g. fid or kid)."""
     path = Path(spec)
+    if os.path.lexists(spec) and not path.is_file():  # a folder, or a loop, dangling link, device: one line
+        input_path(spec, f"{option} reference folder", "folder")
     if path.is_dir():
         return Reference(spec, folder=spec)
     if path.exists():
@@ -92,11 +95,18 @@ def feature_files(folder: str, what: str, dist: Dist | None = None) -> tuple[lis
     """clean-fid's file list for a folder, minus the grid/strip `diffcli sample` writes beside its samples."""
     notes: list[str] = []
     files = cleanfid_listing(str(check_folder(folder, what)), notes)
-    if is_sample_folder(folder):
+    listed = recorded_samples(folder)
+    if listed is not None:  # the run record says which images are samples; figures beside them are not
+        keep = {os.path.normpath(os.path.join(folder, f)) for f in listed}
+        extra = [f for f in files if os.path.normpath(f) not in keep]
+    elif is_sample_folder(folder):
         extra = [f for f in files if Path(f).parent == Path(folder) and Path(f).name in SAMPLE_ARTIFACTS]
-        if extra:
-            files = [f for f in files if f not in extra]
-            notes.append(f"left {', '.join(Path(f).name for f in extra)} of `diffcli sample` out of the {what} images")
+    else:
+        extra = []
+    if extra:
+        files = [f for f in files if f not in extra]
+        notes.append(f"left {some_names([os.path.relpath(f, folder) for f in extra])} out of the {what} images "
+                     "(not samples in the folder's run.json)")
     if len(files) < 2:
         raise DiffcliError(f"{what} {folder} has {len(files)} image(s); FID/KID need at least 2")
     check_images([f for f in files if not f.endswith(".npy")], dist)

@@ -8,7 +8,6 @@ Nothing here opens what is not a regular file: a FIFO would block the reader for
 """
 from __future__ import annotations
 
-import json
 import os
 import stat
 import zlib
@@ -21,6 +20,7 @@ from ..shared.images import IMAGE_EXTS
 from ..shared.errors import DiffcliError
 from ..shared.files import check_folder, some_names
 from ..shared.dist import Dist, read_each
+from ..shared.inputs import read_json
 
 SAMPLE_ARTIFACTS = ("grid.png", "strip.png", "compare.png")  # written beside the samples by sample, seg, pg
 EVAL_FILE = "eval.json"                        # the grader's own output, in the folder it grades
@@ -199,10 +199,26 @@ def is_sample_folder(folder: str) -> bool:
     if not is_regular(run_json):  # never read a FIFO (it would hang) or a folder
         return False
     try:
-        record = json.loads(run_json.read_text())
+        record = read_json(run_json, "run record")
     except (OSError, ValueError):
         return False
     return isinstance(record, dict) and record.get("command") in ("sample", "seg", "pg")
+
+
+def recorded_samples(folder: str) -> list[str] | None:
+    """The sample images a diffcli run record in `folder` lists (`samples: [{file}]`, relative to the folder), or
+    None without one. THE rule telling samples from figures: what the record lists is a sample; what it does not
+    (grid.png, strip.png, compare.png, embedding.png, landing pictures, another run's subfolder) is not."""
+    if not is_sample_folder(folder):
+        return None
+    try:
+        samples = read_json(Path(folder) / "run.json", "run record").get("samples")
+    except (ValueError, AttributeError):
+        return None
+    if not (isinstance(samples, list) and samples and all(isinstance(s, dict) and isinstance(s.get("file"), str)
+                                                         for s in samples)):
+        return None
+    return [s["file"] for s in samples]
 
 
 def read_digit_samples(folder: str) -> tuple[list[str], list[int] | None, list[str]]:
@@ -217,7 +233,7 @@ def read_digit_samples(folder: str) -> tuple[list[str], list[int] | None, list[s
         notes.append(f"no run.json in {folder}: no labels, so no class accuracy ({len(pngs)} PNGs)")
         return [str(path / n) for n in pngs], None, notes
     try:
-        samples = json.loads(run_json.read_text()).get("samples")
+        samples = read_json(run_json, "run record").get("samples")
     except (ValueError, AttributeError):
         raise DiffcliError(f"{run_json} is not a diffcli run record (JSON with a samples list)") from None
     if not (isinstance(samples, list) and samples and all(isinstance(s, dict) and "file" in s for s in samples)):

@@ -5,7 +5,6 @@ import errno
 import json
 import os
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import DiffcliError
+from .inputs import input_path, parse_json
 from .files import atomic_path
 
 
@@ -70,9 +70,7 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], m
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a diffcli safetensors file; refuse pickles and say clearly what is wrong with a bad file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DiffcliError(f"checkpoint not found: {path}")
+    path = input_path(path, "checkpoint", "file")
     with open(path, "rb") as f:
         head = f.read(9)
     # safetensors: a u64 header length, then the JSON header; its first byte is 0x80 for 1 length in 256, so only
@@ -89,10 +87,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise DiffcliError(f"{path} is not a readable safetensors file (truncated or corrupt?): {str(e).splitlines()[0]}") from e
     if meta_text is None:
         raise DiffcliError(f"{path} is a safetensors file but not a diffcli checkpoint (no 'diffcli' metadata)")
-    try:
-        meta = json.loads(meta_text)
-    except ValueError as e:
-        raise DiffcliError(f"{path}: its 'diffcli' metadata is not valid JSON ({e})") from None
+    meta = parse_json(meta_text, f"{path}: its 'diffcli' metadata")
     if not isinstance(meta, dict):
         raise DiffcliError(f"{path}: its 'diffcli' metadata is a JSON {type(meta).__name__}, not an object")
     return tensors, meta

@@ -8,7 +8,6 @@ running a network on whole batches) among the ranks so that rank 0 ends with wha
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import sys
 from datetime import timedelta
@@ -21,6 +20,7 @@ import torch.distributed as torch_dist
 
 from .errors import DiffcliError
 from . import image_settings
+from .inputs import env_number
 from .records import begin_output, note_run, write_run_json
 from .devices import pick_device
 from .limits import WORLD_MAX
@@ -30,21 +30,14 @@ Rows = Any  # a tensor or an array with one row per item, or a tuple of them
 
 TIMEOUT_ENV = "DIFFCLI_DIST_TIMEOUT"  # seconds the torchrun rendezvous waits for every rank to join
 TIMEOUT_DEFAULT = 300.0               # (torch's own wait is 30 minutes)
+TIMEOUT_MIN, TIMEOUT_MAX = 0.001, 1e6  # a timedelta holds ~10^14 s; 10^6 s is 11 days
 
 
 def rendezvous_timeout() -> float:
     """DIFFCLI_DIST_TIMEOUT in seconds (default 300): how long the ranks wait for each other at the start."""
-    text = os.environ.get(TIMEOUT_ENV, "").strip()
-    if not text:
-        return TIMEOUT_DEFAULT
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise DiffcliError(f"{TIMEOUT_ENV}={text!r}: expected a positive number of seconds (how long torchrun ranks "
-                           f"wait for each other at the start; default {TIMEOUT_DEFAULT:g})")
-    return seconds
+    return float(env_number(TIMEOUT_ENV, TIMEOUT_DEFAULT, TIMEOUT_MIN, TIMEOUT_MAX,
+                            meaning=f"seconds torchrun ranks wait for each other at the start; default "
+                                    f"{TIMEOUT_DEFAULT:g}"))
 
 
 def init_group(backend: str, world: int) -> None:
@@ -85,19 +78,8 @@ def _native_stderr_hidden():
 
 
 def env_int(name: str, default: int, low: int, high: int) -> int:
-    """An integer torchrun sets in the environment (WORLD_SIZE, RANK, LOCAL_RANK), checked: a stray or mistyped
-    value is a one-line error naming the variable and its range."""
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or not low <= value <= high:
-        raise DiffcliError(f"environment variable {name}={text[:40]!r}: expected an integer in [{low}, {high}] "
-                           "(torchrun sets it; unset it to run one process)")
-    return value
+    """An integer torchrun sets in the environment (WORLD_SIZE, RANK, LOCAL_RANK), checked (`inputs.env_number`)."""
+    return env_number(name, default, low, high, integer=True, meaning="torchrun sets it; unset it to run one process")
 
 
 class Dist:

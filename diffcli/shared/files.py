@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from .errors import DiffcliError
+from .inputs import input_path, read_json
 
 
 # atomic_path's temp names: `.diffcli.<target name>.<8 random [a-z0-9_]>.tmp` (mkstemp's random part), a form no
@@ -82,24 +83,14 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int = 4) -> None:
 
 
 def read_json_option(path: str, option: str, what: str) -> Any:
-    """A JSON file named by a setting; a missing or malformed file is a one-line error naming the setting."""
-    p = Path(path)
-    if not p.is_file():
-        raise DiffcliError(f"{option} {what} not found: {path}")
-    try:
-        return json.loads(p.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DiffcliError(f"{option} {path} is not valid JSON: {e}") from None
+    """A JSON file named by a setting (a file, a pipe or `-`); a missing, malformed or too deep file is a one-line
+    error naming the setting (`inputs.read_json`)."""
+    return read_json(path, f"{option} {what}", stream=True)
 
 
 def check_folder(path: str | os.PathLike, what: str = "folder") -> Path:
     """An input folder that must exist."""
-    path = Path(path)
-    if not path.exists():
-        raise DiffcliError(f"{what} not found: {path}")
-    if not path.is_dir():
-        raise DiffcliError(f"{what} {path} is not a folder")
-    return path
+    return input_path(path, what, "folder")
 
 
 def some_names(names: Sequence[str], limit: int = 4) -> str:

@@ -23,6 +23,20 @@ def quiet_libraries() -> Iterator[None]:
         logging.disable(logging.NOTSET)
 
 
+@contextlib.contextmanager
+def library_warnings(show: bool = False, keep: bool = False) -> Iterator[list[warnings.WarningMessage]]:
+    """Python warnings raised inside the block (by torch, diffusers, scipy, clean-fid, ...) never reach the user
+    as they are: with `keep` they are collected in the yielded list, for a caller that knows what one means to turn
+    it into a one-line diffcli note (FID's singular covariance); otherwise silenced. `show` (--debug) lets them
+    print as Python would."""
+    if show:
+        yield []
+        return
+    with warnings.catch_warnings(record=keep) as caught:
+        warnings.simplefilter("always" if keep else "ignore")
+        yield caught if caught is not None else []
+
+
 def reachable(url: str, timeout: float = 3.0) -> bool:
     """A quick connection test, so that an offline machine gets our message now, not after minutes of retries."""
     parsed = urlparse(url)

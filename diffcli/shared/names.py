@@ -9,6 +9,7 @@ from typing import Callable, Iterable, Sequence
 
 from .errors import DiffcliError
 from .files import TEMP_NAME_BYTES
+from .inputs import read_stream, shown
 
 
 _RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
@@ -53,14 +54,23 @@ def unique_stems(texts: Sequence[str], files: Callable[[int, str], Iterable[str]
     and nothing is overwritten; names compare as on a case-insensitive file system ('A cat' vs 'a cat')."""
     files = files or (lambda i, stem: [stem])
     claimed: set[str] = set()
-    stems = []
+    # per base: every suffix below it has its first file (the stem's own: `stem`, `stem.png`, `stem.gif`, the same
+    # for every item) taken, so no later item can have it; n copies of one prompt name in O(n), not O(n^2)
+    first_free: dict[str, int] = {}
+    named = lambda base, k: base if k == 1 else f"{base}-{k}"  # noqa: E731
+    stems, bases = [], {}  # bases: text -> (its stem, its key), each text cleaned once
     for i, text in enumerate(texts):
-        base = safe_name(text, max_len)
-        stem, k = base, 2
-        while any(_same_file_key(f) in claimed for f in files(i, stem)):
-            stem, k = f"{base}-{k}", k + 1
-        claimed.update(_same_file_key(f) for f in files(i, stem))
-        stems.append(stem)
+        if text not in bases:
+            bases[text] = (safe_name(text, max_len), _same_file_key(safe_name(text, max_len)))
+        base, key = bases[text]
+        start = k = first_free.get(key, 1)
+        while any(_same_file_key(f) in claimed for f in files(i, named(base, k))):
+            k += 1
+        claimed.update(_same_file_key(f) for f in files(i, named(base, k)))
+        while _same_file_key(next(iter(files(i, named(base, start))))) in claimed:
+            start += 1
+        first_free[key] = start
+        stems.append(named(base, k))
     return stems
 
 
@@ -89,13 +99,10 @@ def check_file_names(folder: str | os.PathLike, names: Iterable[str]) -> None:
 
 
 def read_prompts_file(path: str | os.PathLike) -> list[str]:
-    """One prompt a line; blank lines and `#` comments skipped (for shell scripts looping over prompt sets)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DiffcliError(f"cannot read prompts file {path}: {getattr(e, 'strerror', None) or e}") from None
+    """One prompt a line; blank lines and `#` comments skipped (for shell scripts looping over prompt sets). A file,
+    a pipe (`<(printf ...)`) or `-` (standard input), read once and bounded in size (`inputs.read_stream`)."""
+    text = read_stream(path, "prompts file")
     prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
-        raise DiffcliError(f"prompts file {path} has no prompts (one a line)")
+        raise DiffcliError(f"prompts file {shown(os.fspath(path))} has no prompts (one a line)")
     return prompts

@@ -18,6 +18,7 @@ import torch
 from .errors import DiffcliError
 from .files import clear_temp_files, prepare_out_dir, write_json
 from . import image_settings
+from .inputs import read_json
 
 
 def package_versions(packages: Iterable[str]) -> dict[str, str]:
@@ -107,7 +108,7 @@ def is_run_record(path: str | os.PathLike) -> bool:
     try:
         if not stat.S_ISREG(os.lstat(path).st_mode):
             return False
-        record = json.loads(Path(path).read_text())
+        record = read_json(Path(path), "run record")
     except (OSError, ValueError):
         return False
     return isinstance(record, dict) and {"command", "argv", "options", "versions"} <= set(record)
@@ -159,7 +160,7 @@ def begin_output(out: str | os.PathLike, overwrite: bool, resume: bool, options:
         return prepare_out_dir(out, overwrite)
     try:  # never read a FIFO (it would hang); beside OUT, only our own record
         readable = is_run_record(record) if record_path is not None else stat.S_ISREG(os.stat(record).st_mode)
-        before = json.loads(record.read_text())["options"] if readable else None
+        before = read_json(record, "run record")["options"] if readable else None
     except (OSError, ValueError, KeyError, TypeError):
         before = None
     if not isinstance(before, dict):
