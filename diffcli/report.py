@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import os
 import shlex
 from dataclasses import MISSING, dataclass
@@ -26,6 +25,7 @@ from .runner import Command, RunContext
 from .shared.errors import DiffcliError
 from .shared.fields import opt
 from .shared.files import atomic_path, check_folder
+from .shared import inputs
 from .shared.image_settings import read_settings
 from .shared.images import check_image_file
 from .shared.limits import PIXELS_MAX
@@ -43,14 +43,7 @@ def read_json(path: Path) -> Any:
     command reads JSON."""
     if not path.is_file():
         return None
-    if path.stat().st_size > JSON_MAX_BYTES:
-        raise DiffcliError(f"{path} is {path.stat().st_size} bytes; diffcli report reads at most {JSON_MAX_BYTES}")
-    try:
-        return json.loads(path.read_text())
-    except RecursionError:
-        raise DiffcliError(f"{path} is nested too deeply") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise DiffcliError(f"{path} is not readable JSON: {str(e)[:200]}") from None
+    return inputs.read_json(path, "report input", JSON_MAX_BYTES)
 
 
 def thumbnail(path: Path) -> tuple[str, tuple[int, int]]:

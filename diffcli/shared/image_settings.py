@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import DiffcliError
+from .inputs import parse_json
 
 KEY = "diffcli"             # the JSON chunk
 PARAMETERS_KEY = "parameters"  # the A1111-style chunk other tools read
@@ -173,35 +174,13 @@ def png_info(settings: dict[str, Any] | None, size: tuple[int, int]):
 
 # ---------------------------------------------------------------- reading back
 
-def _depth(obj: Any, limit: int) -> int:
-    """Nesting depth of a parsed JSON value, stopping past `limit` (iterative: no recursion on hostile input)."""
-    deepest, stack = 0, [(obj, 1)]
-    while stack:
-        value, d = stack.pop()
-        deepest = max(deepest, d)
-        if deepest > limit:
-            return deepest
-        if isinstance(value, dict):
-            stack.extend((v, d + 1) for v in value.values())
-        elif isinstance(value, list):
-            stack.extend((v, d + 1) for v in value)
-    return deepest
-
-
 def parse_settings(text: str, where: str) -> dict[str, Any]:
     """The one place a settings chunk becomes a value: bounded in size and nesting, a JSON object with a command
     line, else a one-line error naming `where`."""
     if len(text) > SETTINGS_MAX_BYTES:
         raise DiffcliError(f"{where}: its diffcli settings are {len(text)} bytes; diffcli reads at most "
                            f"{SETTINGS_MAX_BYTES}")
-    try:
-        value = json.loads(text)
-    except RecursionError:
-        raise DiffcliError(f"{where}: its diffcli settings are nested too deeply") from None
-    except ValueError as e:
-        raise DiffcliError(f"{where}: its diffcli settings are not valid JSON ({e})") from None
-    if _depth(value, DEPTH_MAX) > DEPTH_MAX:
-        raise DiffcliError(f"{where}: its diffcli settings are nested deeper than {DEPTH_MAX} levels")
+    value = parse_json(text, f"{where}: its diffcli settings", DEPTH_MAX)
     if not (isinstance(value, dict) and isinstance(value.get("command"), str) and isinstance(value.get("argv"), list)
             and all(isinstance(a, str) for a in value["argv"])):
         raise DiffcliError(f"{where}: its diffcli settings name no command line (command, argv)")
