@@ -51,7 +51,7 @@ def main() -> None:
           f"heun at {args.ref_steps} steps, in grey levels (255 = black to white)\n")
     print("| sampler | steps | NFE | RMS distance | worst sample's RMS | seconds |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for sampler, steps in parse_rows(args.rows, ""):
+    for sampler, steps, *_ in parse_rows(args.rows, ""):
         t0 = time.time()
         per_sample = ((solve(sampler, steps) - ref) * 127.5).pow(2).flatten(1).mean(1)
         print(f"| {sampler} | {steps} | {nfe(sampler, steps)} | {per_sample.mean().sqrt():.2f} | "

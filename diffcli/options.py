@@ -213,6 +213,8 @@ def check_guidance(opts: GuidanceOptions, *, many_blurs: bool = False, views: bo
     command synchronizes views (panorama, anagram), which the CFG++ samplers do not take.
     """
     check_cfg_pp(opts, views)
+    if isinstance(opts, FlowOptions):  # the flow-model options, checked up front with the guidance
+        check_fields(opts, ["guidance_embed"])
     check_fields(opts, ["cfg", "seg_scale", "pag_scale", "cfg_rule", "apg_eta", "apg_norm_threshold", "apg_momentum",
                         "zero_init_steps", "pg_factor", "sigma_start", "sigma_end", "pg_sigma_min", "pg_sigma_max",
                         "cfg_sigma_min", "cfg_sigma_max", "pag_sigma_min", "pag_sigma_max", "ag_scale",

@@ -85,9 +85,11 @@ def is_png(path: str | Path) -> bool:
     path = Path(path)
     if path.suffix.lower() == ".png":
         return True
+    if not is_regular(path):  # never open a FIFO or device to sniff it (opening a FIFO blocks)
+        return False
     try:
         with open(path, "rb") as f:
-            return is_regular(path) and f.read(8) == b"\x89PNG\r\n\x1a\n"
+            return f.read(8) == b"\x89PNG\r\n\x1a\n"
     except OSError:
         return False
 

@@ -303,7 +303,7 @@ BAD = [
     (["train", "--blur-sigma-max", "5"], "--blur-sigma-max is a --process blurring option"),
     (["sample", "--checkpoint", "{blur}", "--sampler", "heun"], "a blurring model samples with ancestral"),
     (["sample", "--checkpoint", "{blur}", "--sampler", "ddim"], "a blurring model samples with ancestral"),
-    (["sample", "--checkpoint", "{blur}", "--sigma-max", "10"], "--sigma-min/--sigma-max set an EDM schedule"),
+    (["sample", "--checkpoint", "{blur}", "--sigma-max", "10"], "--sigma-min/--sigma-max/--schedule set an EDM schedule"),
     (["sample", "--checkpoint", "{edm}", "--sampler", "ancestral"], "an EDM model samples with euler, heun"),
     (["sample", "--checkpoint", "{blur}", "--sampler", "dpm"], "unknown sampler 'dpm'"),
     (["sample", "--checkpoint", "{edm}", "--clip-denoised"], "--clip-denoised is a blurring-model option"),

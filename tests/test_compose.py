@@ -129,7 +129,7 @@ def test_stochastic_sampler_on_a_panorama_is_seeded_and_synchronized(sd):
     (["anagram", "a", "b", "--pg-factor", "2"], "PG needs a batch"),
     (["seg", "a cat", "--kernel", "classifier", "--pg-factor", "2", "--n", "2"], "--kernel classifier is for digit models"),
     (["panorama", "a b", "--blur", "gaussian_-1_2", "--blur", "gaussian_-1_3"], "this command runs one blur"),
-    (["seg", "a cat", "--sampler", "lms"], "unknown --sampler 'lms'"),
+    (["seg", "a cat", "--sampler", "plms"], "unknown --sampler 'plms'"),
     (["seg", "a cat", "--schedule", "cosine"], "unknown --schedule 'cosine'"),
     (["sample", "--schedule", "scheduler"], "--schedule scheduler needs a diffusers pipeline"),
     (["sample", "--pg-factor", "nan"], "--pg-factor must be a finite number"),

@@ -137,7 +137,7 @@ def exact_solution(x: torch.Tensor, sigma_max: float) -> torch.Tensor:
 
 
 ODE_NAMES = [n for n in SAMPLERS if n not in ("lcm", "dpm_adaptive")]
-FIRST_ORDER = ("euler", "ddim", "euler_ancestral")
+FIRST_ORDER = ("euler", "ddim", "euler_ancestral", "euler_cfg_pp")
 
 
 @pytest.mark.parametrize("name", ODE_NAMES)

@@ -201,9 +201,9 @@ class Recorder:
     def __init__(self, fn):
         self.fn, self.inputs = fn, []
 
-    def __call__(self, x, sigma, **kw):
+    def __call__(self, x, sigma):  # a plain denoiser of (x, sigma): to a CFG++ sampler, its own unconditional model
         self.inputs.append(x.clone())
-        return self.fn(x, sigma, **kw)
+        return self.fn(x, sigma)
 
 
 STOCH = {"s_churn": 30.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003}
@@ -229,6 +229,9 @@ DIRECT = {  # what run_sampler(name, ..., eta=None, **STOCH) must run
     "ipndm": lambda m, x, sig, rng: S.sample_ipndm(m, x, sig),
     "deis": lambda m, x, sig, rng: S.sample_deis(m, x, sig),
     "lcm": lambda m, x, sig, rng: S.sample_lcm(m, x, sig, noise=rng),
+    # CFG++ on a denoiser without a CFG step: its own unconditional model (tests/test_guidance_rules.py: with CFG)
+    "euler_cfg_pp": lambda m, x, sig, rng: S.sample_euler_cfg_pp(m, x, sig),
+    "dpmpp_2m_cfg_pp": lambda m, x, sig, rng: S.sample_dpmpp_2m_cfg_pp(m, x, sig),
 }
 
 

@@ -69,7 +69,7 @@ def test_killed_sweep_resumes_to_the_same_table(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("args,message", [
     (["--grid", "colour=1,2"], "--grid 'colour' is no option of this command; valid:"),
-    (["--grid", "sampler=euler,lms"], "setting sampler-lms: unknown sampler 'lms'"),
+    (["--grid", "sampler=euler,plms"], "setting sampler-plms: unknown sampler 'plms'"),
     (["--grid", "cfg=1,2", "--score", "clip"], "--score clip is the 003 CLIP score of panorama and anagram"),
     (["--grid", "seed=" + ",".join(map(str, range(40)))], "40 settings (more than 32); pass --yes"),
     (["--grid", "cfg"], "expected KEY=V1,V2"),

@@ -70,17 +70,18 @@ def check_fields(cfg: Any, names: list[str] | None = None) -> None:
     for name in infos if names is None else names:
         info = infos[name]
         value = getattr(cfg, name)
+        label = info.flag(name)  # the option's first flag: the name the help shows (older names are aliases)
         if info.check == "count":
-            count(name, value, 1 if info.low is None else int(info.low), None if info.high is None else int(info.high))
+            count(label, value, 1 if info.low is None else int(info.low), None if info.high is None else int(info.high))
         elif info.check == "finite":
-            finite(name, value, 0.0 if info.low is None else info.low, info.allow_inf,
+            finite(label, value, 0.0 if info.low is None else info.low, info.allow_inf,
                    high=math.inf if info.high is None else info.high, above=info.above)
         elif info.check == "seed":
             n = getattr(cfg, info.per) if info.per else 1
             if info.high is None:
-                seed(name, value, n)
+                seed(label, value, n)
             else:
-                seed(name, value, n, int(info.high))
+                seed(label, value, n, int(info.high))
         if info.choices is not None and value is not None and value not in info.choices:
             raise DiffcliError(f"unknown {info.flag(name)} {value!r}; choose one of {', '.join(info.choices)}")
 
