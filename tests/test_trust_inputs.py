@@ -110,7 +110,7 @@ NUMBERS = [
     (["sample", "--checkpoint", "{run}", "--nrow", "-1"], "--nrow must be >= 1 and <= 256, got -1"),
     (["sample", "--checkpoint", "{run}", "--cfg", "inf"], "--cfg must be a finite number >= 0 and <= 1000"),
     (["sample", "--checkpoint", "{run}", "--s-noise", "nan"], "--s-noise must be a finite number"),
-    (["sample", "--checkpoint", "{run}", "--sigma-start", "nan"], "--sigma-start must be a number >= 0"),
+    (["sample", "--checkpoint", "{run}", "--sigma-start", "nan"], "--seg-sigma-max must be a number >= 0"),
     (["train", "--dataset", "folder:{digits}", "--ema-halflife-kimg", "nan"], "--ema-halflife-kimg must be a finite number >= 0"),
     (["train", "--dataset", "folder:{digits}", "--lr", "0"], "--lr must be a finite number > 0, got 0"),
     (["train", "--dataset", "folder:{digits}", "--p-uncond", "nan"], "--p-uncond must be a finite number >= 0 and <= 1"),
