@@ -307,17 +307,21 @@ def sample_dpm_2(model, x, sigmas, extra_args=None, callback: Callback = None):
     the full step with the midpoint's slope; Euler on the step to 0 (NFE = 2N - 1)."""
     extra_args = extra_args or {}
     for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        sigma = sigmas[i]
         denoised = _call(model, x, sigma, extra_args)
-        d = to_d(x, sigma, denoised)
-        if sigma_next == 0:
-            x = x + d * (sigma_next - sigma)
-        else:
-            sigma_mid = (sigma.log() + sigma_next.log()).div(2).exp()
-            x_mid = x + d * (sigma_mid - sigma)
-            x = x + to_d(x_mid, sigma_mid, _call(model, x_mid, sigma_mid, extra_args)) * (sigma_next - sigma)
+        x = _dpm_2_step(model, x, sigma, sigmas[i + 1], to_d(x, sigma, denoised), extra_args)
         _step_done(callback, x, i, sigma, denoised)
     return x
+
+
+def _dpm_2_step(model, x, sigma, sigma_to, d, extra_args):
+    """DPM-Solver-2's step from sigma to sigma_to with slope d at x: the midpoint's slope (one more evaluation),
+    Euler when sigma_to = 0."""
+    if sigma_to == 0:
+        return x + d * (sigma_to - sigma)
+    sigma_mid = (sigma.log() + sigma_to.log()).div(2).exp()
+    x_mid = x + d * (sigma_mid - sigma)
+    return x + to_d(x_mid, sigma_mid, _call(model, x_mid, sigma_mid, extra_args)) * (sigma_to - sigma)
 
 
 @torch.no_grad()
@@ -329,13 +333,8 @@ def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback: Callback
         sigma = sigmas[i]
         denoised = _call(model, x, sigma, extra_args)
         sigma_down, sigma_up = get_ancestral_step(sigma, sigmas[i + 1], eta)
-        d = to_d(x, sigma, denoised)
-        if sigma_down == 0:
-            x = x + d * (sigma_down - sigma)
-        else:
-            sigma_mid = (sigma.log() + sigma_down.log()).div(2).exp()
-            x_mid = x + d * (sigma_mid - sigma)
-            x = x + to_d(x_mid, sigma_mid, _call(model, x_mid, sigma_mid, extra_args)) * (sigma_down - sigma)
+        x = _dpm_2_step(model, x, sigma, sigma_down, to_d(x, sigma, denoised), extra_args)
+        if sigma_down != 0:
             x = x + noise(x) * sigma_up
         _step_done(callback, x, i, sigma, denoised)
     return x
