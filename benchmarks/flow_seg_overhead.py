@@ -15,33 +15,20 @@ from __future__ import annotations
 
 import argparse
 import resource
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 from diffcli.backends import pipelines  # noqa: E402
 from diffcli.core import attention  # noqa: E402
 from diffcli.core.guidance import classifier_free, smoothed_energy  # noqa: E402
 from diffcli.core.query_blur import parse_blur  # noqa: E402
 from diffcli.shared.devices import PerSampleRandn  # noqa: E402
-
-
-def interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+from seg_overhead import interleaved  # noqa: E402  (the one interleaved timer)
 
 
 def step_ratios(path: Path, args, device) -> dict[str, float]:
